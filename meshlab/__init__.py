@@ -1,0 +1,1 @@
+"""meshlab: a local multi-node cluster built from network namespaces, for the demo, tests and benchmarks."""

@@ -1,0 +1,1 @@
+"""The per-host node agent: traffic capture, the host proxy, admin endpoint and telemetry."""
