@@ -1,0 +1,210 @@
+"""The `hostmesh` command: one entry point for operators, the lab, the agent and the control plane."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from hostmesh import __version__
+from hostmesh.output import table, to_json
+
+
+class CliError(Exception):
+    """A user-facing failure: printed as `hostmesh: error: ...`, exit code 1."""
+
+
+def _output_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-o", "--output", choices=["table", "json"], default="table",
+                   help="human table (default) or JSON for machines")
+
+
+def _lab_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--name", default=os.environ.get("HOSTMESH_LAB", "lab"),
+                   help="lab name (default: $HOSTMESH_LAB or 'lab')")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hostmesh", description="A service mesh for the per-host deployment pattern.")
+    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("version", help="print the version")
+    _output_flag(p)
+
+    p = sub.add_parser("check", help="preflight: which kernel features and tools this host has")
+    _output_flag(p)
+
+    p = sub.add_parser("demo", help="bring a lab up, show traffic between pods, tear it down")
+    p.add_argument("--keep", action="store_true", help="leave the lab up afterwards")
+    p.add_argument("--name", default="demo", help="lab name for the demo (default: demo)")
+
+    p = sub.add_parser("agent", help="run the node agent (capture + proxy + admin) on this host")
+    p.add_argument("--config", help="bootstrap YAML file; flags override its values")
+    p.add_argument("--node", help="this node's name")
+    p.add_argument("--capture", help="capture mode: iptables or none")
+    p.add_argument("--pod-cidr", action="append", help="a CIDR of this node's pods (repeatable)")
+    p.add_argument("--mesh-cidr", action="append", help="a destination CIDR captured outbound (repeatable)")
+    p.add_argument("--snapshot", help="static snapshot file (JSON) to serve from")
+    p.add_argument("--admin-address", help="admin endpoint address:port (default 127.0.0.1:15000)")
+    p.add_argument("--unknown-destination", help="passthrough (default) or refuse")
+    p.add_argument("--drain-grace", help="how long SIGTERM waits for connections, e.g. 10s")
+    p.add_argument("--state-dir", help="where the agent keeps state (default /var/lib/hostmesh)")
+    p.add_argument("--agent-log-level", help="debug, info, warning or error")
+
+    lab = sub.add_parser("lab", help="a local multi-node cluster made of network namespaces")
+    lsub = lab.add_subparsers(dest="lab_command", required=True, metavar="ACTION")
+    p = lsub.add_parser("up", help="create a lab")
+    _lab_flag(p)
+    p.add_argument("--nodes", type=int, default=2)
+    p.add_argument("--pods-per-node", type=int, default=2)
+    p.add_argument("--no-apps", action="store_true", help="do not start the test app in the pods")
+    p.add_argument("--mesh", action=argparse.BooleanOptionalAction, default=True,
+                   help="start a node agent on every node (default: on)")
+    p.add_argument("--capture", default="iptables", choices=["iptables"], help="capture backend for the agents")
+    _output_flag(p)
+    p = lsub.add_parser("down", help="remove a lab and everything it started")
+    _lab_flag(p)
+    p.add_argument("--all", action="store_true", help="remove every lab and every hm- leftover")
+    _output_flag(p)
+    p = lsub.add_parser("status", help="show a lab's nodes, pods and services")
+    _lab_flag(p)
+    _output_flag(p)
+    p = lsub.add_parser("exec", help="run a command in a pod (node1/pod-1) or node (node1)")
+    _lab_flag(p)
+    p.add_argument("target", help="node1/pod-1 for a pod, node1 for the node itself")
+    p.add_argument("argv", nargs=argparse.REMAINDER, help="-- COMMAND [ARGS...]")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return COMMANDS[args.command](args)
+    except CliError as exc:
+        print(f"hostmesh: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+def _lab_errors():
+    from meshlab.errors import LabError
+    return LabError
+
+
+def cmd_version(args) -> int:
+    if args.output == "json":
+        print(to_json({"version": __version__}))
+    else:
+        print(f"hostmesh {__version__}")
+    return 0
+
+
+def cmd_check(args) -> int:
+    from nodeagent import preflight
+    results = preflight.run_checks()
+    print(preflight.to_json(results) if args.output == "json" else preflight.format_table(results))
+    return preflight.exit_code(results)
+
+
+def cmd_agent(args) -> int:
+    from nodeagent import bootstrap
+    from nodeagent.agent import run_agent
+    from nodeagent.errors import AgentError
+    try:
+        file_values = bootstrap.load_file(args.config) if args.config else {}
+        boot = bootstrap.build(file_values, bootstrap.flag_overrides(args))
+        return run_agent(boot)
+    except AgentError as exc:
+        raise CliError(str(exc)) from None
+
+
+def cmd_lab(args) -> int:
+    from meshlab import lab as labmod
+    LabError = _lab_errors()
+    try:
+        labmod.require_root()
+        return LAB_COMMANDS[args.lab_command](args, labmod)
+    except LabError as exc:
+        raise CliError(str(exc)) from None
+
+
+def lab_up(args, labmod) -> int:
+    status = labmod.Lab(args.name).up(args.nodes, args.pods_per_node, apps=not args.no_apps,
+                                      capture=args.capture if args.mesh else None)
+    if args.output == "json":
+        print(to_json(status))
+    else:
+        print(f"lab {status['name']!r} is up: {len(status['nodes'])} nodes, {len(status['pods'])} pods")
+        print(render_lab_status(status))
+    return 0
+
+
+def lab_down(args, labmod) -> int:
+    if args.all:
+        report = labmod.teardown_all()
+    else:
+        report = labmod.Lab(args.name).down()
+    if args.output == "json":
+        print(to_json(report))
+    else:
+        print(f"removed {len(report['namespaces'])} namespaces, stopped {len(report['processes'])} processes")
+    return 0
+
+
+def lab_status(args, labmod) -> int:
+    status = labmod.Lab(args.name).status()
+    if args.output == "json":
+        print(to_json(status))
+        return 0 if status["up"] else 1
+    if not status["up"]:
+        print(f"lab {args.name!r} is not up")
+        return 1
+    print(render_lab_status(status))
+    return 0
+
+
+def lab_exec(args, labmod) -> int:
+    argv = args.argv[1:] if args.argv[:1] == ["--"] else args.argv
+    if not argv:
+        raise CliError("lab exec needs a command: hostmesh lab exec node1/pod-1 -- COMMAND [ARGS...]")
+    lab = labmod.Lab(args.name)
+    target = lab.target(args.target)
+    full = lab.exec_argv(target, argv)
+    sys.stdout.flush()
+    os.execvp(full[0], full)
+    return 127  # not reached
+
+
+def render_lab_status(status: dict) -> str:
+    nodes = table(["NODE", "ADDRESS", "POD CIDR", "AGENT", "NAMESPACE"],
+                  [[n["name"], n["address"], n["pod_cidr"], "running" if n["agent"] else "-", n["namespace"]]
+                   for n in status["nodes"]])
+    pods = table(["POD", "ADDRESS", "PROCESSES", "NAMESPACE"],
+                 [[f"{p['node']}/{p['name']}", p["address"], p["processes"], p["namespace"]] for p in status["pods"]])
+    out = f"{nodes}\n\n{pods}"
+    if status["services"]:
+        out += "\n\n" + table(["SERVICE", "VIP", "PORTS", "ENDPOINTS"],
+                              [[f"{s['namespace']}/{s['name']}", s["vip"], " ".join(s["ports"]), len(s["endpoints"])]
+                               for s in status["services"]])
+    return out
+
+
+def cmd_demo(args) -> int:
+    from meshlab import demo
+    LabError = _lab_errors()
+    try:
+        return demo.run(args.name, keep=args.keep, out=sys.stdout)
+    except LabError as exc:
+        raise CliError(str(exc)) from None
+
+
+LAB_COMMANDS = {"up": lab_up, "down": lab_down, "status": lab_status, "exec": lab_exec}
+COMMANDS = {"version": cmd_version, "check": cmd_check, "agent": cmd_agent, "lab": cmd_lab, "demo": cmd_demo}
+
+
+if __name__ == "__main__":
+    sys.exit(main())

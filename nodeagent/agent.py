@@ -1,0 +1,263 @@
+"""The node agent's lifecycle: start the proxy, admin endpoint and capture, keep capture
+reconciled, and on SIGTERM drain and remove capture without a trace.
+
+Start order is chosen so that a failure leaves nothing behind: config is validated first,
+then listeners bind (a port in use stops us before any rule exists), then capture is
+installed. Stop order keeps failing closed as long as possible: listeners stop accepting
+while capture is still in place (new connections are refused, never bypassed), existing
+connections drain, and only then is capture removed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import socket
+import time
+from dataclasses import dataclass, field
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Info
+
+from hostmesh import __version__
+from nodeagent import logs
+from nodeagent.admin import AdminInputs, AdminServer
+from nodeagent.bootstrap import Bootstrap
+from nodeagent.capture import Capture, CaptureSpec, make_capture
+from nodeagent.capture.base import so_original_dst
+from nodeagent.configsource import SnapshotFile
+from nodeagent.errors import AgentError
+from nodeagent.proxy import NodeProxy, ProxyInputs, ProxyLimits
+from nodeagent.state import AgentState
+from nodeagent.telemetry import ProxyMetrics
+
+log = logging.getLogger("hostmesh.agent")
+
+RECONCILE_INTERVAL = 10.0
+
+
+class AgentMetrics:
+    """hostmesh_agent_* internals, on the agent's registry."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.ready = Gauge("hostmesh_agent_ready", "1 when the agent is ready to serve mesh traffic",
+                           registry=registry)
+        self.info = Info("hostmesh_agent", "Agent build and node", registry=registry)
+        self.snapshot_version = Info("hostmesh_agent_snapshot", "Version of the snapshot in force",
+                                     registry=registry)
+        self.config_errors = Counter("hostmesh_agent_config_errors_total",
+                                     "Snapshots rejected as invalid (the last good one stays)", registry=registry)
+        self.capture_repairs = Counter("hostmesh_agent_capture_repairs_total",
+                                       "Times reconcile found capture drifted and reinstalled it", registry=registry)
+        self.capture_verify_ok = Gauge("hostmesh_agent_capture_verified",
+                                       "1 when the last capture verification matched the desired state",
+                                       registry=registry)
+
+
+@dataclass
+class Lifecycle:
+    state: str = "STARTING"  # STARTING -> LIVE -> DRAINING -> STOPPED
+    started: float = field(default_factory=time.time)
+    capture_installed: bool = False
+    last_verify: dict | None = None
+
+
+class Agent:
+    def __init__(self, boot: Bootstrap) -> None:
+        self.boot = boot
+        self.registry = CollectorRegistry()
+        self.metrics = AgentMetrics(self.registry)
+        self.metrics.info.info({"version": __version__, "node": boot.node, "capture": boot.capture_mode})
+        self.state = AgentState()
+        self.life = Lifecycle()
+        self.capture: Capture | None = None
+        if boot.capture_mode != "none":
+            self.capture = make_capture(boot.capture_mode, CaptureSpec(
+                pod_cidrs=boot.pod_cidrs, mesh_cidrs=boot.mesh_cidrs, outbound_port=boot.outbound_port,
+                inbound_port=boot.inbound_port, socket_mark=boot.socket_mark))
+        self.source = SnapshotFile(boot.snapshot_file, boot.node, self.state,
+                                   on_error=lambda _msg: self.metrics.config_errors.inc()) \
+            if boot.snapshot_file else None
+        self.proxy = NodeProxy(
+            ProxyInputs(
+                state=self.state, node=boot.node, metrics=ProxyMetrics(self.registry),
+                limits=ProxyLimits(connect_timeout=boot.connect_timeout, idle_timeout=boot.idle_timeout,
+                                   max_connections=boot.max_connections),
+                socket_mark=boot.socket_mark if self.capture else 0,
+                unknown_destination=boot.unknown_destination,
+                original_destination=self.capture.original_destination if self.capture else so_original_dst,
+            ),
+            outbound_port=boot.outbound_port, inbound_port=boot.inbound_port,
+        )
+        self._stop = asyncio.Event()
+        self._tasks: list[asyncio.Task] = []
+        self.admin = AdminServer(self._admin_inputs(), host=boot.admin_host, port=boot.admin_port)
+
+    # ------------------------------------------------------------------ lifecycle
+    async def run(self) -> int:
+        if self.source:
+            self.source.poll()
+            if self.source.last_error and self.state.snapshot is None:
+                raise AgentError(self.source.last_error)
+        await self.proxy.start()
+        try:
+            await self.admin.start()
+        except BaseException:
+            self.proxy.close()
+            raise
+        try:
+            if self.capture:
+                await asyncio.to_thread(self.capture.install)
+                self.life.capture_installed = True
+                self.life.last_verify = (await asyncio.to_thread(self.capture.verify)).to_dict()
+                self.metrics.capture_verify_ok.set(1)
+        except BaseException:
+            self.proxy.close()
+            await self.admin.close()
+            raise
+        self.life.state = "LIVE"
+        self._update_ready()
+        log.info("agent started", extra={"node": self.boot.node, "capture": self.boot.capture_mode,
+                                          "admin": f"{self.boot.admin_host}:{self.admin.bound_port}"})
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._stop.set)
+        if self.source:
+            self._tasks.append(asyncio.create_task(self._watch_config()))
+        if self.capture:
+            self._tasks.append(asyncio.create_task(self._reconcile_capture()))
+        await self._stop.wait()
+        await self.shutdown()
+        return 0
+
+    async def shutdown(self) -> None:
+        log.info("shutting down: draining", extra={"grace": self.boot.drain_grace,
+                                                   "active": self.proxy.active_connections})
+        self.life.state = "DRAINING"
+        self._update_ready()
+        for t in self._tasks:
+            t.cancel()
+        aborted = await self.proxy.drain(self.boot.drain_grace)
+        if self.capture:
+            await asyncio.to_thread(self.capture.remove)
+            self.life.capture_installed = False
+        await self.admin.close()
+        self.life.state = "STOPPED"
+        log.info("agent stopped", extra={"aborted_connections": aborted})
+
+    async def _watch_config(self) -> None:
+        while True:
+            await asyncio.sleep(self.source.interval)
+            if self.source.poll():
+                self.metrics.snapshot_version.info({"version": self.state.snapshot.version})
+            self._update_ready()
+
+    async def _reconcile_capture(self) -> None:
+        while True:
+            await asyncio.sleep(RECONCILE_INTERVAL)
+            try:
+                status = await asyncio.to_thread(self.capture.verify)
+                if not status.ok:
+                    log.warning("capture drifted; reinstalling", extra={"problems": status.problems})
+                    self.metrics.capture_repairs.inc()
+                    await asyncio.to_thread(self.capture.install)
+                    status = await asyncio.to_thread(self.capture.verify)
+                self.life.last_verify = status.to_dict()
+                self.metrics.capture_verify_ok.set(1 if status.ok else 0)
+            except AgentError as exc:
+                log.error("capture reconcile failed", extra={"error": str(exc)})
+                self.metrics.capture_verify_ok.set(0)
+            self._update_ready()
+
+    # ------------------------------------------------------------------ admin views
+    def readiness(self) -> tuple[bool, str]:
+        if self.life.state != "LIVE":
+            return False, f"agent is {self.life.state.lower()}"
+        if self.state.snapshot is None:
+            why = self.source.last_error if self.source and self.source.last_error else "no config received yet"
+            return False, why
+        if self.capture and not self.life.capture_installed:
+            return False, "capture is not installed"
+        if self.capture and self.life.last_verify and not self.life.last_verify.get("ok"):
+            return False, "capture verification failed: " + "; ".join(self.life.last_verify.get("problems", []))
+        return True, "ready"
+
+    def _update_ready(self) -> None:
+        self.metrics.ready.set(1 if self.readiness()[0] else 0)
+
+    def _admin_inputs(self) -> AdminInputs:
+        return AdminInputs(
+            registry=self.registry,
+            server_info=self.server_info,
+            readiness=self.readiness,
+            config_dump=self.config_dump,
+            listeners=self.listeners,
+            clusters=self.clusters,
+            routes=lambda: [],  # L4 only: HTTP routes arrive with the L7 issue
+            certs=lambda: [],  # no identities before the mTLS issue
+            capture=self.capture_view,
+            drain=self.drain_listeners,
+            quit=self._stop.set,
+            set_log_level=logs.set_level,
+        )
+
+    def server_info(self) -> dict:
+        snap = self.state.snapshot
+        return {
+            "version": __version__, "node": self.boot.node, "hostname": socket.gethostname(), "pid": os.getpid(),
+            "state": self.life.state, "uptime_seconds": round(time.time() - self.life.started, 3),
+            "capture_mode": self.boot.capture_mode, "snapshot_version": snap.version if snap else None,
+            "active_connections": self.proxy.active_connections,
+        }
+
+    def config_dump(self) -> dict:
+        snap = self.state.snapshot
+        return {"bootstrap": self.boot.to_dict(), "snapshot": snap.to_dict() if snap else None,
+                "snapshot_error": self.source.last_error if self.source else ""}
+
+    def listeners(self) -> list[dict]:
+        return [
+            {"name": "outbound", "address": f"0.0.0.0:{self.boot.outbound_port}",
+             "active_connections": self.proxy.outbound.active_connections},
+            {"name": "inbound", "address": f"0.0.0.0:{self.boot.inbound_port}",
+             "active_connections": self.proxy.inbound.active_connections},
+            {"name": "admin", "address": f"{self.boot.admin_host}:{self.admin.bound_port}"},
+        ]
+
+    def clusters(self) -> list[dict]:
+        snap = self.state.snapshot
+        if snap is None:
+            return []
+        return [{
+            "name": f"{s.hostname}:{p.port}", "service": s.hostname, "vip": f"{s.cluster_ip}:{p.port}",
+            "endpoints": [{"address": f"{e.address}:{p.target_port}", "node": e.node, "workload": e.workload}
+                          for e in s.endpoints],
+        } for s in snap.services for p in s.ports]
+
+    def capture_view(self) -> dict:
+        if not self.capture:
+            return {"backend": "none", "installed": False}
+        d = self.capture.describe()
+        d["installed"] = self.life.capture_installed
+        d["last_verification"] = self.life.last_verify
+        return d
+
+    async def drain_listeners(self) -> None:
+        """POST /drain: stop accepting and finish what is in flight; the agent keeps running."""
+        self.life.state = "DRAINING"
+        self._update_ready()
+        await self.proxy.drain(self.boot.drain_grace)
+
+
+def run_agent(boot: Bootstrap) -> int:
+    """Run until SIGTERM; errors that stop the start raise AgentError with a clear message."""
+    import uvloop
+
+    logs.setup(boot.log_level)
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        return runner.run(_main(boot))
+
+
+async def _main(boot: Bootstrap) -> int:
+    return await Agent(boot).run()

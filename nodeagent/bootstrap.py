@@ -1,0 +1,243 @@
+"""The agent's bootstrap configuration: a YAML file and/or flags, validated before anything starts.
+
+Every problem is reported at once, each naming its field (``capture.mode: ...``), so a
+malformed bootstrap never gets as far as installing capture rules.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from nodeagent.errors import ConfigError
+
+CAPTURE_MODES = ("iptables", "none")
+UNKNOWN_DESTINATION = ("passthrough", "refuse")
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
+_UNIT = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
+
+
+@dataclass(frozen=True)
+class Bootstrap:
+    node: str
+    capture_mode: str = "iptables"
+    pod_cidrs: tuple[str, ...] = ()
+    mesh_cidrs: tuple[str, ...] = ()
+    admin_host: str = "127.0.0.1"
+    admin_port: int = 15000
+    outbound_port: int = 15001
+    inbound_port: int = 15006
+    socket_mark: int = 0x539
+    unknown_destination: str = "passthrough"
+    connect_timeout: float = 5.0
+    idle_timeout: float = 3600.0
+    max_connections: int = 10000
+    drain_grace: float = 10.0
+    snapshot_file: str = ""
+    state_dir: str = "/var/lib/hostmesh"
+    log_level: str = "info"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "node": self.node,
+            "capture": {"mode": self.capture_mode, "podCIDRs": list(self.pod_cidrs), "meshCIDRs": list(self.mesh_cidrs)},
+            "admin": {"address": f"{self.admin_host}:{self.admin_port}"},
+            "proxy": {
+                "outboundPort": self.outbound_port, "inboundPort": self.inbound_port,
+                "socketMark": self.socket_mark, "unknownDestination": self.unknown_destination,
+                "connectTimeout": self.connect_timeout, "idleTimeout": self.idle_timeout,
+                "maxConnections": self.max_connections,
+            },
+            "drainGrace": self.drain_grace,
+            "snapshotFile": self.snapshot_file,
+            "stateDir": self.state_dir,
+            "logLevel": self.log_level,
+        }
+
+
+# the file's shape: a key maps to its kind, or to a nested section
+_SCHEMA: dict[str, Any] = {
+    "node": str, "snapshotFile": str, "stateDir": str, "logLevel": str, "drainGrace": "duration",
+    "capture": {"mode": str, "podCIDRs": "cidrs", "meshCIDRs": "cidrs"},
+    "admin": {"address": "hostport"},
+    "proxy": {"outboundPort": "port", "inboundPort": "port", "socketMark": "mark",
+              "unknownDestination": str, "connectTimeout": "duration", "idleTimeout": "duration",
+              "maxConnections": "count"},
+}
+
+
+def parse_duration(value: Any, where: str) -> float:
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        seconds = float(value)
+    else:
+        m = _DURATION.match(str(value))
+        if not m:
+            raise ConfigError(f"{where}: {value!r} is not a duration (use e.g. 250ms, 5s, 10m, 1h)")
+        seconds = float(m.group(1)) * _UNIT[m.group(2)]
+    if seconds <= 0:
+        raise ConfigError(f"{where}: must be greater than zero, got {value!r}")
+    return seconds
+
+
+def _check(kind: Any, value: Any, where: str) -> Any:
+    if kind is str:
+        if not isinstance(value, str) or not value:
+            raise ConfigError(f"{where}: must be a non-empty string")
+        return value
+    if kind == "duration":
+        return parse_duration(value, where)
+    if kind in ("port", "count", "mark"):
+        if isinstance(value, str) and kind == "mark":
+            try:
+                value = int(value, 0)
+            except ValueError:
+                raise ConfigError(f"{where}: {value!r} is not a number") from None
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: must be an integer, got {value!r}")
+        lo, hi = {"port": (1, 65535), "count": (1, 1_000_000), "mark": (1, 0xFFFFFFFF)}[kind]
+        if not lo <= value <= hi:
+            raise ConfigError(f"{where}: {value} is out of range {lo}-{hi}")
+        return value
+    if kind == "cidrs":
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: must be a list of CIDRs")
+        out = []
+        for i, c in enumerate(value):
+            try:
+                out.append(str(ipaddress.IPv4Network(str(c), strict=True)))
+            except ValueError as exc:
+                raise ConfigError(f"{where}[{i}]: {c!r} is not an IPv4 CIDR ({exc})") from None
+        return tuple(out)
+    if kind == "hostport":
+        host, sep, port = str(value).rpartition(":")
+        try:
+            ipaddress.IPv4Address(host)
+            p = int(port)
+            if not sep or not 1 <= p <= 65535:
+                raise ValueError
+        except ValueError:
+            raise ConfigError(f"{where}: {value!r} is not an IPv4 address:port") from None
+        return host, p
+    raise AssertionError(kind)
+
+
+def _flatten(doc: dict, schema: dict, prefix: str, errors: list[str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in doc.items():
+        where = f"{prefix}{key}"
+        if key not in schema:
+            errors.append(f"{where}: unknown field (known: {', '.join(sorted(schema))})")
+            continue
+        kind = schema[key]
+        if isinstance(kind, dict):
+            if not isinstance(value, dict):
+                errors.append(f"{where}: must be a mapping")
+                continue
+            out.update(_flatten(value, kind, f"{where}.", errors))
+            continue
+        try:
+            out[where] = _check(kind, value, where)
+        except ConfigError as exc:
+            errors.append(str(exc))
+    return out
+
+
+def load_file(path: str) -> dict[str, Any]:
+    """Read a bootstrap YAML file into flat `section.key` -> value, all errors at once."""
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read bootstrap file: {exc.strerror}") from None
+    try:
+        doc = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1} column {mark.column + 1}" if mark else ""
+        raise ConfigError(f"{path}:{where}: invalid YAML: {getattr(exc, 'problem', exc)}") from None
+    if doc is None:
+        doc = {}
+    if not isinstance(doc, dict):
+        raise ConfigError(f"{path}: the bootstrap file must be a mapping, got {type(doc).__name__}")
+    errors: list[str] = []
+    flat = _flatten(doc, _SCHEMA, "", errors)
+    if errors:
+        raise ConfigError("\n".join(f"{path}: {e}" for e in errors))
+    return flat
+
+
+def build(file_values: dict[str, Any], overrides: dict[str, Any]) -> Bootstrap:
+    """Merge file values with flag overrides (flags win) and validate the whole."""
+    v = {**file_values, **{k: val for k, val in overrides.items() if val is not None}}
+    errors: list[str] = []
+    node = v.get("node")
+    if not node:
+        errors.append("node: is required (--node NAME or 'node:' in the bootstrap file)")
+    mode = v.get("capture.mode", "iptables")
+    if mode not in CAPTURE_MODES:
+        errors.append(f"capture.mode: {mode!r} is not a capture mode (valid: {', '.join(CAPTURE_MODES)})")
+    unknown = v.get("proxy.unknownDestination", "passthrough")
+    if unknown not in UNKNOWN_DESTINATION:
+        errors.append(f"proxy.unknownDestination: {unknown!r} is not valid (valid: {', '.join(UNKNOWN_DESTINATION)})")
+    level = v.get("logLevel", "info")
+    if level not in LOG_LEVELS:
+        errors.append(f"logLevel: {level!r} is not valid (valid: {', '.join(LOG_LEVELS)})")
+    pods, mesh = v.get("capture.podCIDRs", ()), v.get("capture.meshCIDRs", ())
+    if mode != "none" and (not pods or not mesh):
+        errors.append("capture: podCIDRs and meshCIDRs are required when capture is on "
+                      "(which pods are local, and which destinations belong to the mesh)")
+    ports = {k: v.get(k) for k in ("proxy.outboundPort", "proxy.inboundPort") if v.get(k)}
+    admin = v.get("admin.address", ("127.0.0.1", 15000))
+    ports["admin.address"] = admin[1]
+    ports.setdefault("proxy.outboundPort", 15001)
+    ports.setdefault("proxy.inboundPort", 15006)
+    if len(set(ports.values())) != len(ports):
+        errors.append(f"ports must differ: {', '.join(f'{k}={p}' for k, p in ports.items())}")
+    if errors:
+        raise ConfigError("\n".join(errors))
+    b = Bootstrap(node=node)
+    return replace(
+        b, capture_mode=mode, pod_cidrs=tuple(pods), mesh_cidrs=tuple(mesh),
+        admin_host=admin[0], admin_port=admin[1],
+        outbound_port=ports["proxy.outboundPort"], inbound_port=ports["proxy.inboundPort"],
+        socket_mark=v.get("proxy.socketMark", b.socket_mark), unknown_destination=unknown,
+        connect_timeout=v.get("proxy.connectTimeout", b.connect_timeout),
+        idle_timeout=v.get("proxy.idleTimeout", b.idle_timeout),
+        max_connections=v.get("proxy.maxConnections", b.max_connections),
+        drain_grace=v.get("drainGrace", b.drain_grace), snapshot_file=v.get("snapshotFile", ""),
+        state_dir=v.get("stateDir", b.state_dir), log_level=level,
+    )
+
+
+def flag_overrides(args: Any) -> dict[str, Any]:
+    """Turn the CLI's parsed `hostmesh agent` flags into checked `section.key` values."""
+    raw = {
+        "node": args.node, "capture.mode": args.capture, "snapshotFile": args.snapshot,
+        "proxy.unknownDestination": args.unknown_destination, "logLevel": args.agent_log_level,
+        "stateDir": args.state_dir,
+    }
+    checked: dict[str, Any] = {k: v for k, v in raw.items() if v is not None}
+    errors: list[str] = []
+    for key, kind, value, flag in (
+        ("capture.podCIDRs", "cidrs", args.pod_cidr, "--pod-cidr"),
+        ("capture.meshCIDRs", "cidrs", args.mesh_cidr, "--mesh-cidr"),
+        ("admin.address", "hostport", args.admin_address, "--admin-address"),
+        ("drainGrace", "duration", args.drain_grace, "--drain-grace"),
+    ):
+        if value:
+            try:
+                checked[key] = _check(kind, value, flag)
+            except ConfigError as exc:
+                errors.append(str(exc))
+    if errors:
+        raise ConfigError("\n".join(errors))
+    return checked

@@ -1,0 +1,43 @@
+"""Traffic capture: make this node's pod traffic land on the agent's listeners.
+
+    from nodeagent.capture import CaptureSpec, make_capture
+    cap = make_capture("iptables", CaptureSpec(pod_cidrs=("198.18.1.0/24",),
+                                               mesh_cidrs=("198.19.0.0/16", "198.18.0.0/15")))
+    cap.install()            # idempotent reconcile
+    cap.verify().ok          # installed == desired?
+    cap.original_destination(accepted_socket)   # ("198.19.0.10", 80)
+    cap.remove()             # no trace left
+
+Backends live in their own modules behind `Capture` (base.py); `make_capture` picks one.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from nodeagent.capture.base import Capture, CaptureSpec, CaptureStatus, so_original_dst
+from nodeagent.errors import CaptureError
+
+
+def _iptables(spec: CaptureSpec, netns: str | None) -> Capture:
+    from nodeagent.capture.iptables import IptablesCapture
+
+    return IptablesCapture(spec, netns=netns)
+
+
+# mode -> factory; a new backend (ebpf) registers here
+BACKENDS: dict[str, Callable[[CaptureSpec, str | None], Capture]] = {
+    "iptables": _iptables,
+}
+
+
+def make_capture(mode: str, spec: CaptureSpec, *, netns: str | None = None) -> Capture:
+    """The capture backend for `mode`, bound to `spec`, acting in `netns` (None: this namespace)."""
+    factory = BACKENDS.get(mode) if isinstance(mode, str) else None
+    if factory is None:
+        raise CaptureError(f"capture mode {mode!r} is not known; valid modes: {', '.join(sorted(BACKENDS))}")
+    return factory(spec, netns)
+
+
+__all__ = ["BACKENDS", "Capture", "CaptureError", "CaptureSpec", "CaptureStatus", "make_capture",
+           "so_original_dst"]

@@ -1,0 +1,208 @@
+"""Where a captured connection goes: pure decision logic, no I/O.
+
+Given the snapshot a connection took at accept, this node's name and the connection's
+original destination, return one of:
+
+* ``Forward(endpoint, service, workload)`` — dial ``endpoint.address:endpoint.port``;
+* ``Passthrough(ip, port)`` — an address the mesh does not know: dial it unchanged
+  (outbound only, the default; ``unknown_destination="refuse"`` turns it into a refusal);
+* ``Refuse(reason, response_flags)`` — close the connection (RST) without dialing.
+
+Outbound rules (the proxy on the client's node):
+  1. service VIP:port -> one of the service's endpoints for that port, round robin per
+     service port, dialed at ``endpoint.port`` (the resolved target port). A single-port
+     service is served by all its endpoints; for a multi-port service the endpoints
+     serving port *p* are those whose ``port`` equals ``p.target_port``. None ->
+     ``Refuse("no healthy upstream", "UH")``.
+  2. a known workload (pod) address -> that workload at the same port.
+  3. anything else -> ``Passthrough`` or ``Refuse("unknown destination", "NR")``.
+
+Inbound rules (the proxy on the server's node): the destination must be a workload
+scheduled on this node, dialed at the same port; anything else is
+``Refuse(..., "NR")`` — the inbound listener never forwards off-node.
+
+The round-robin state is per proxy (``RoundRobin``), never in the immutable snapshot.
+Decisions are immutable values: swapping the snapshot later changes nothing for a
+connection that already decided.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence, Union
+
+from nodeagent.state import Endpoint, NodeSnapshot, Service, ServicePort, Workload
+from nodeagent.telemetry import UNKNOWN, TcpLabels
+
+PASSTHROUGH = "passthrough"
+REFUSE = "refuse"
+UNKNOWN_DESTINATION_POLICIES = (PASSTHROUGH, REFUSE)
+
+REPORTER_OUTBOUND = "source"
+REPORTER_INBOUND = "destination"
+
+
+@dataclass(frozen=True, slots=True)
+class Forward:
+    endpoint: Endpoint
+    service: Service | None = None
+    workload: Workload | None = None
+
+    @property
+    def address(self) -> tuple[str, int]:
+        return (self.endpoint.address, self.endpoint.port)
+
+
+@dataclass(frozen=True, slots=True)
+class Passthrough:
+    ip: str
+    port: int
+
+    @property
+    def address(self) -> tuple[str, int]:
+        return (self.ip, self.port)
+
+
+@dataclass(frozen=True, slots=True)
+class Refuse:
+    reason: str
+    response_flags: str = "NR"
+    # the service the connection was meant for, when known (labels of UH refusals)
+    service: Service | None = None
+
+    @property
+    def metric_reason(self) -> str:
+        """The ``reason`` label of hostmesh_agent_connections_rejected_total."""
+        return _REFUSE_METRIC_REASONS.get(self.reason, self.reason.replace(" ", "_"))
+
+
+Decision = Union[Forward, Passthrough, Refuse]
+
+NO_HEALTHY_UPSTREAM = "no healthy upstream"
+UNKNOWN_DESTINATION = "unknown destination"
+NOT_LOCAL_WORKLOAD = "destination is not a workload on this node"
+_REFUSE_METRIC_REASONS = {
+    NO_HEALTHY_UPSTREAM: "no_healthy_upstream",
+    UNKNOWN_DESTINATION: "no_route",
+    NOT_LOCAL_WORKLOAD: "not_local_workload",
+}
+
+
+class RoundRobin:
+    """Round-robin choice per key (service + port). Owned by one proxy, one event loop."""
+
+    __slots__ = ("_next",)
+
+    def __init__(self) -> None:
+        self._next: dict[tuple, int] = {}
+
+    def pick(self, key: tuple, endpoints: Sequence[Endpoint]) -> Endpoint:
+        n = len(endpoints)
+        i = self._next.get(key, 0) % n
+        self._next[key] = i + 1
+        return endpoints[i]
+
+    def forget_except(self, keys: set[tuple]) -> None:
+        """Drop the state of keys that no longer exist (after a snapshot swap)."""
+        for key in [k for k in self._next if k not in keys]:
+            del self._next[key]
+
+
+def service_endpoints(service: Service, port: ServicePort) -> tuple[Endpoint, ...]:
+    """The endpoints serving ``port`` of ``service`` (see the module docstring)."""
+    if len(service.ports) == 1:
+        return service.endpoints
+    return tuple(ep for ep in service.endpoints if ep.port == port.target_port)
+
+
+class Destinations:
+    """The decision functions plus per-snapshot lookup caches and the LB state.
+
+    One instance per proxy listener. The caches are rebuilt when a connection brings
+    a different snapshot object than the previous one (snapshots are immutable), so
+    the cost per connection is a few dict lookups.
+    """
+
+    def __init__(self, node: str, *, unknown_destination: str = PASSTHROUGH,
+                 lb: RoundRobin | None = None) -> None:
+        if unknown_destination not in UNKNOWN_DESTINATION_POLICIES:
+            raise ValueError(f"unknown_destination: must be one of {', '.join(UNKNOWN_DESTINATION_POLICIES)}, "
+                             f"got {unknown_destination!r}")
+        self.node = node
+        self.unknown_destination = unknown_destination
+        self.lb = lb if lb is not None else RoundRobin()
+        self._snapshot: NodeSnapshot | None = None
+        self._endpoints: dict[tuple[str, int], tuple[Endpoint, ...]] = {}
+        self._service_of: dict[tuple[str, int], Service] = {}
+
+    # ------------------------------------------------------------------ decisions
+    def outbound(self, snapshot: NodeSnapshot, dst_ip: str, dst_port: int) -> Decision:
+        self._use(snapshot)
+        hit = snapshot.service_by_vip(dst_ip, dst_port)
+        if hit is not None:
+            service, port = hit
+            endpoints = self._endpoints[(dst_ip, dst_port)]
+            if not endpoints:
+                return Refuse(NO_HEALTHY_UPSTREAM, "UH", service)
+            ep = self.lb.pick((service.namespace, service.name, port.port), endpoints)
+            return Forward(ep, service, snapshot.workload_by_ip(ep.address))
+        workload = snapshot.workload_by_ip(dst_ip)
+        if workload is not None:
+            return self._to_workload(workload, dst_ip, dst_port)
+        if self.unknown_destination == REFUSE:
+            return Refuse(UNKNOWN_DESTINATION, "NR")
+        return Passthrough(dst_ip, dst_port)
+
+    def inbound(self, snapshot: NodeSnapshot, dst_ip: str, dst_port: int) -> Decision:
+        self._use(snapshot)
+        workload = snapshot.workload_by_ip(dst_ip)
+        if workload is None or workload.node != self.node:
+            return Refuse(NOT_LOCAL_WORKLOAD, "NR")
+        return self._to_workload(workload, dst_ip, dst_port)
+
+    def _to_workload(self, workload: Workload, ip: str, port: int) -> Forward:
+        ep = Endpoint(address=ip, port=port, node=workload.node, workload=workload.name,
+                      namespace=workload.namespace)
+        return Forward(ep, self._service_of.get((ip, port)), workload)
+
+    # --------------------------------------------------------------------- caches
+    def _use(self, snapshot: NodeSnapshot) -> None:
+        if snapshot is self._snapshot:
+            return
+        endpoints: dict[tuple[str, int], tuple[Endpoint, ...]] = {}
+        service_of: dict[tuple[str, int], Service] = {}
+        keys: set[tuple] = set()
+        for service in snapshot.services:
+            for port in service.ports:
+                eps = service_endpoints(service, port)
+                endpoints[(service.cluster_ip, port.port)] = eps
+                keys.add((service.namespace, service.name, port.port))
+                for ep in eps:
+                    service_of.setdefault((ep.address, ep.port), service)
+        self._snapshot, self._endpoints, self._service_of = snapshot, endpoints, service_of
+        self.lb.forget_except(keys)
+
+
+# ---------------------------------------------------------------------- labels
+
+def connection_labels(snapshot: NodeSnapshot, decision: Decision, src_ip: str, reporter: str) -> TcpLabels:
+    """The metric labels of one connection (computed once, at accept)."""
+    src = snapshot.workload_by_ip(src_ip)
+    service = getattr(decision, "service", None)
+    dst_workload = dst_namespace = UNKNOWN
+    if isinstance(decision, Forward):
+        ep = decision.endpoint
+        if ep.workload:  # the endpoint names its workload: authoritative
+            dst_workload, dst_namespace = ep.workload, ep.namespace
+        elif decision.workload is not None:
+            dst_workload, dst_namespace = decision.workload.name, decision.workload.namespace
+    if service is not None and dst_namespace == UNKNOWN:
+        dst_namespace = service.namespace
+    return TcpLabels(
+        reporter=reporter,
+        source_workload=src.name if src is not None else UNKNOWN,
+        source_namespace=src.namespace if src is not None else UNKNOWN,
+        destination_service=service.hostname if service is not None else UNKNOWN,
+        destination_workload=dst_workload,
+        destination_namespace=dst_namespace,
+    )

@@ -1,0 +1,271 @@
+"""The accept side shared by the outbound and inbound listeners.
+
+A listener owns a listening socket it creates itself (SO_REUSEADDR, backlog 4096), a
+``loop.create_server(..., sock=...)`` server whose protocol is ``relay.Relay``, the set
+of its live connections, and the per-listener decision state (``Destinations``).
+
+On accept (``admit``): connection limit -> original destination (injected function;
+iptables REDIRECT's SO_ORIGINAL_DST by default) -> the snapshot current *now*, kept by
+the connection -> decision -> ``Relay.forward/refuse``. No module-level mutable state:
+everything comes from one ``ProxyInputs``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import socket
+from dataclasses import dataclass, field
+from typing import Callable
+
+from nodeagent.errors import ProxyError
+from nodeagent.proxy.destinations import (PASSTHROUGH, UNKNOWN_DESTINATION_POLICIES, Decision,
+                                          Destinations, Refuse, connection_labels)
+from nodeagent.capture.origdst import so_original_dst
+from nodeagent.proxy.relay import Relay
+from nodeagent.state import AgentState, NodeSnapshot
+from nodeagent.telemetry import ProxyMetrics, TcpLabels
+
+log = logging.getLogger(__name__)
+
+OUTBOUND_PORT = 15001
+INBOUND_PORT = 15006
+
+
+@dataclass(frozen=True)
+class ProxyLimits:
+    """Per-listener limits, each with a safe default."""
+
+    connect_timeout: float = 5.0
+    idle_timeout: float = 3600.0  # 0 disables (not recommended)
+    max_connections: int = 10000  # per listener
+    write_buffer_high: int = 256 * 1024  # per transport; low water = high / 4
+    backlog: int = 4096
+    # how often long connections publish their byte counters (also bounds idle-check lateness)
+    stats_flush_interval: float = 30.0
+
+    def __post_init__(self) -> None:
+        for name in ("connect_timeout", "stats_flush_interval"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"ProxyLimits.{name}: must be > 0, got {getattr(self, name)!r}")
+        if self.idle_timeout < 0:
+            raise ValueError(f"ProxyLimits.idle_timeout: must be >= 0, got {self.idle_timeout!r}")
+        for name in ("max_connections", "write_buffer_high", "backlog"):
+            if not getattr(self, name) >= 1:
+                raise ValueError(f"ProxyLimits.{name}: must be >= 1, got {getattr(self, name)!r}")
+
+    @property
+    def write_buffer_low(self) -> int:
+        return self.write_buffer_high // 4
+
+    @property
+    def tick_interval(self) -> float:
+        if self.idle_timeout:
+            return min(self.stats_flush_interval, self.idle_timeout / 4)
+        return self.stats_flush_interval
+
+
+@dataclass
+class ProxyInputs:
+    """Everything a proxy listener needs, passed in (no globals)."""
+
+    state: AgentState
+    node: str
+    metrics: ProxyMetrics
+    limits: ProxyLimits = field(default_factory=ProxyLimits)
+    socket_mark: int = 0  # SO_MARK on upstream sockets; 0 = don't set (needs CAP_NET_ADMIN)
+    unknown_destination: str = PASSTHROUGH  # "passthrough" | "refuse" (outbound)
+    # accepted socket -> (ip, port) the client dialed; the capture backend provides it
+    original_destination: Callable[[socket.socket], tuple[str, int]] = so_original_dst
+
+    def __post_init__(self) -> None:
+        if self.unknown_destination not in UNKNOWN_DESTINATION_POLICIES:
+            raise ValueError(f"unknown_destination: must be one of {', '.join(UNKNOWN_DESTINATION_POLICIES)}, "
+                             f"got {self.unknown_destination!r}")
+        if not isinstance(self.socket_mark, int) or not 0 <= self.socket_mark <= 0xFFFFFFFF:
+            raise ValueError(f"socket_mark: must be a 32-bit unsigned integer, got {self.socket_mark!r}")
+
+
+def listen_socket(host: str, port: int, backlog: int) -> socket.socket:
+    """A bound, listening, non-blocking TCP socket; failures become a clear ProxyError."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(backlog)
+        sock.setblocking(False)
+    except OSError as exc:
+        sock.close()
+        if exc.errno == errno.EADDRINUSE:
+            why = "address already in use"
+        elif exc.errno in (errno.EACCES, errno.EPERM):
+            why = "permission denied"
+        elif exc.errno == errno.EADDRNOTAVAIL:
+            why = "address not available on this host"
+        else:
+            why = exc.strerror or str(exc)
+        raise ProxyError(f"cannot listen on {host}:{port}: {why}") from None
+    return sock
+
+
+def check_socket_mark(mark: int) -> None:
+    """Fail at startup, not per connection, when SO_MARK cannot be set."""
+    if not mark:
+        return
+    probe = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, mark)
+    except PermissionError:
+        raise ProxyError(f"cannot set socket mark {mark:#x} on upstream sockets: SO_MARK needs "
+                         "CAP_NET_ADMIN or CAP_NET_RAW (grant it to the agent, or set the socket mark to 0 when "
+                         "the capture backend does not rely on it)") from None
+    except OSError as exc:
+        raise ProxyError(f"cannot set socket mark {mark:#x} on upstream sockets: {exc.strerror or exc}") from None
+    finally:
+        probe.close()
+
+
+class ProxyListener:
+    """Base of OutboundProxy and InboundProxy; subclasses implement ``decide``."""
+
+    direction = ""  # "outbound" | "inbound": the metrics' direction label
+    reporter = ""  # Istio reporter label: "source" | "destination"
+
+    def __init__(self, inputs: ProxyInputs, host: str, port: int) -> None:
+        self.inputs = inputs
+        self.host = host
+        self.port = port
+        self.limits = inputs.limits
+        self.metrics = inputs.metrics
+        self.socket_mark = inputs.socket_mark
+        self.original_destination = inputs.original_destination
+        self.tick_interval = inputs.limits.tick_interval
+        self.destinations = Destinations(inputs.node, unknown_destination=inputs.unknown_destination)
+        self.connections: set[Relay] = set()
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.server: asyncio.AbstractServer | None = None
+        self.draining = False
+        self.nodelay_by_loop = False  # uvloop sets TCP_NODELAY on accepted sockets itself
+        self._empty: asyncio.Event | None = None
+        self._no_snapshot = NodeSnapshot(node=inputs.node)
+        self.metrics.track_active(self.direction, self.__len__)
+
+    # --------------------------------------------------------------- lifecycle
+    async def start(self) -> asyncio.AbstractServer:
+        """Bind and start accepting. Raises ProxyError with a clear message."""
+        if self.server is not None:
+            raise ProxyError(f"{self.direction} listener already started on {self.host}:{self.port}")
+        check_socket_mark(self.socket_mark)
+        self.loop = asyncio.get_running_loop()
+        self.nodelay_by_loop = type(self.loop).__module__.startswith("uvloop")
+        sock = listen_socket(self.host, self.port, self.limits.backlog)
+        try:
+            self.server = await self.loop.create_server(
+                lambda: Relay(self), sock=sock, backlog=self.limits.backlog)
+        except BaseException:
+            sock.close()
+            raise
+        self.port = sock.getsockname()[1]  # the real port when asked for 0
+        log.info("%s listener on %s:%d", self.direction, self.host, self.port)
+        return self.server
+
+    @property
+    def address(self) -> tuple[str, int]:
+        return (self.host, self.port)
+
+    def __len__(self) -> int:
+        return len(self.connections)
+
+    @property
+    def active_connections(self) -> int:
+        return len(self.connections)
+
+    async def drain(self, grace: float) -> int:
+        """Stop accepting, let connections finish for up to ``grace`` seconds, abort the rest.
+
+        Returns the number of connections aborted at the deadline.
+        """
+        self.draining = True
+        if self.server is not None:
+            self.server.close()
+        aborted = 0
+        if self.connections:
+            self._empty = asyncio.Event()
+            try:
+                await asyncio.wait_for(self._empty.wait(), grace)
+            except TimeoutError:
+                aborted = len(self.connections)
+                for relay in list(self.connections):
+                    relay.abort("drain")
+                # aborts complete on the next loop iterations (connection_lost callbacks)
+                try:
+                    await asyncio.wait_for(self._empty.wait(), 5.0)
+                except TimeoutError:
+                    log.warning("%s listener: %d connections still closing after drain",
+                                self.direction, len(self.connections))
+        if self.server is not None and not self.connections:
+            try:
+                await asyncio.wait_for(self.server.wait_closed(), 5.0)
+            except TimeoutError:
+                pass
+        return aborted
+
+    def close(self) -> None:
+        """Stop accepting and abort every connection now."""
+        self.draining = True
+        if self.server is not None:
+            self.server.close()
+        for relay in list(self.connections):
+            relay.abort("drain")
+
+    # ------------------------------------------------------------ per connection
+    def decide(self, snapshot: NodeSnapshot, dst_ip: str, dst_port: int) -> Decision:  # pragma: no cover
+        raise NotImplementedError
+
+    def admit(self, relay: Relay) -> None:
+        """Called from Relay.connection_made: decide what happens to a new connection."""
+        if self.draining:
+            self.metrics.rejected(self.direction, "draining")
+            relay.reject()
+            return
+        if len(self.connections) >= self.limits.max_connections:
+            self.metrics.rejected(self.direction, "connection_limit")
+            relay.reject()
+            return
+        relay.tracked = True
+        self.connections.add(relay)
+        transport = relay.transport
+        try:
+            dst_ip, dst_port = self.original_destination(transport.get_extra_info("socket"))
+        except Exception as exc:  # injected by the capture backend: any failure means "unknown"
+            log.debug("%s: no original destination: %s", self.direction, exc)
+            self.metrics.rejected(self.direction, "no_original_destination")
+            relay.refuse(None, "NR")
+            return
+        if dst_port == self.port:
+            local = transport.get_extra_info("sockname")
+            if local is not None and local[0] == dst_ip:
+                self.metrics.rejected(self.direction, "proxy_loop")
+                relay.refuse(None, "NR")
+                return
+        snapshot = self.inputs.state.snapshot or self._no_snapshot
+        decision = self.decide(snapshot, dst_ip, dst_port)
+        peer = transport.get_extra_info("peername")
+        labels = connection_labels(snapshot, decision, peer[0] if peer else "", self.reporter)
+        if isinstance(decision, Refuse):
+            self.metrics.rejected(self.direction, decision.metric_reason)
+            relay.refuse(labels, decision.response_flags)
+            return
+        relay.forward(decision.address, labels)
+
+    def relay_done(self, relay: Relay) -> None:
+        """Called once per tracked connection when both sides are closed."""
+        self.connections.discard(relay)
+        if self._empty is not None and not self.connections:
+            self._empty.set()
+
+    # labels helper for subclasses/tests
+    def labels_for(self, snapshot: NodeSnapshot, decision: Decision, src_ip: str) -> TcpLabels:
+        return connection_labels(snapshot, decision, src_ip, self.reporter)

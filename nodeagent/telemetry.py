@@ -1,0 +1,146 @@
+"""Prometheus metrics of the node agent's data plane, on an injected registry.
+
+Nothing here touches the global ``prometheus_client.REGISTRY``: the agent (or a test)
+creates a ``CollectorRegistry`` and passes it in, so several agents or tests can live in
+one process and the admin endpoint exposes exactly what it was given.
+
+TCP metrics (Istio's names with the ``hostmesh_`` prefix, ARCHITECTURE.md labels):
+
+``hostmesh_tcp_connections_opened_total``, ``hostmesh_tcp_connections_closed_total``,
+``hostmesh_tcp_sent_bytes_total``, ``hostmesh_tcp_received_bytes_total`` with labels
+``reporter, source_workload, source_namespace, source_principal, destination_service,
+destination_workload, destination_namespace, destination_principal, request_protocol,
+response_flags, connection_security_policy``.
+
+* ``reporter`` is Istio's: ``source`` for connections seen by the outbound listener (the
+  proxy on the client's node), ``destination`` for the inbound listener (the proxy on
+  the server's node). A connection between two nodes is therefore counted twice, once
+  per reporter, exactly as Istio does; dashboards pick one reporter.
+* ``sent`` / ``received`` follow Istio: *received* = bytes received from the downstream
+  client (the request direction), *sent* = bytes sent to the downstream client (the
+  response direction).
+* Unknown values are ``unknown``; principals are ``unknown`` until mTLS exists
+  (plaintext, ``connection_security_policy="none"``).
+* ``response_flags`` are Envoy's: ``-`` (none), ``UF`` upstream connection failure
+  (refused, unreachable or connect timeout, as Envoy's tcp_proxy), ``UH`` no healthy
+  upstream, ``NR`` no route (unknown destination refused, inbound to a non-local
+  address), ``UC`` upstream connection termination (reset), ``DC`` downstream
+  connection termination (reset). ``opened`` carries the flags known at accept time
+  (``-`` or the refusal flag); ``closed`` and the byte counters carry the final flags.
+  Bytes of long connections are flushed periodically with the flags known then.
+
+Agent internals: ``hostmesh_agent_tcp_connections_active{direction}`` (a gauge read from
+the listeners on scrape, no per-connection cost), ``hostmesh_agent_connections_rejected_total
+{direction,reason}`` (connections closed right after accept: ``connection_limit``,
+``draining``, ``no_original_destination``, ``proxy_loop``, and the refusal reasons
+``no_route``, ``no_healthy_upstream``, ``not_local_workload``) and
+``hostmesh_agent_connections_terminated_total{direction,reason}`` (connections the
+proxy ended: ``connect_timeout``, ``connect_refused``, ``connect_error``,
+``idle_timeout``, ``upstream_reset``, ``downstream_reset``, ``drain``).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, NamedTuple
+
+from prometheus_client import CollectorRegistry, Counter, Gauge
+
+UNKNOWN = "unknown"
+NO_FLAGS = "-"
+
+
+class TcpLabels(NamedTuple):
+    """The label values of one connection decision, everything but ``response_flags``.
+
+    Computed once per connection (see ``nodeagent.proxy.destinations.connection_labels``);
+    hashable, so it keys the per-series cache below.
+    """
+
+    reporter: str
+    source_workload: str = UNKNOWN
+    source_namespace: str = UNKNOWN
+    source_principal: str = UNKNOWN
+    destination_service: str = UNKNOWN
+    destination_workload: str = UNKNOWN
+    destination_namespace: str = UNKNOWN
+    destination_principal: str = UNKNOWN
+    request_protocol: str = "tcp"
+    connection_security_policy: str = "none"
+
+
+TCP_LABEL_NAMES: tuple[str, ...] = TcpLabels._fields + ("response_flags",)
+
+
+class TcpSeries:
+    """The four counter children of one (labels, response_flags) combination."""
+
+    __slots__ = ("opened", "closed", "sent_bytes", "received_bytes")
+
+    def __init__(self, opened, closed, sent_bytes, received_bytes) -> None:
+        self.opened = opened
+        self.closed = closed
+        self.sent_bytes = sent_bytes
+        self.received_bytes = received_bytes
+
+
+class ProxyMetrics:
+    """All data-plane metrics, registered on ``registry``."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+        names = TCP_LABEL_NAMES
+        self.tcp_connections_opened = Counter(
+            "hostmesh_tcp_connections_opened", "TCP connections opened through the proxy.",
+            names, registry=registry)
+        self.tcp_connections_closed = Counter(
+            "hostmesh_tcp_connections_closed", "TCP connections closed through the proxy.",
+            names, registry=registry)
+        self.tcp_sent_bytes = Counter(
+            "hostmesh_tcp_sent_bytes", "Bytes sent to the downstream client (response direction).",
+            names, registry=registry)
+        self.tcp_received_bytes = Counter(
+            "hostmesh_tcp_received_bytes", "Bytes received from the downstream client (request direction).",
+            names, registry=registry)
+        self.connections_active = Gauge(
+            "hostmesh_agent_tcp_connections_active", "Connections currently held by a proxy listener.",
+            ["direction"], registry=registry)
+        self.connections_rejected = Counter(
+            "hostmesh_agent_connections_rejected", "Connections closed right after accept, by reason.",
+            ["direction", "reason"], registry=registry)
+        self.connections_terminated = Counter(
+            "hostmesh_agent_connections_terminated", "Relayed connections ended by the proxy, by reason.",
+            ["direction", "reason"], registry=registry)
+        self._series: dict[tuple[TcpLabels, str], TcpSeries] = {}
+        self._reasons: dict[tuple[Counter, str, str], object] = {}
+
+    def tcp(self, labels: TcpLabels, response_flags: str = NO_FLAGS) -> TcpSeries:
+        """The counter children for one connection's labels (cached: one dict lookup)."""
+        key = (labels, response_flags)
+        series = self._series.get(key)
+        if series is None:
+            values = (*labels, response_flags)
+            series = TcpSeries(
+                self.tcp_connections_opened.labels(*values),
+                self.tcp_connections_closed.labels(*values),
+                self.tcp_sent_bytes.labels(*values),
+                self.tcp_received_bytes.labels(*values),
+            )
+            self._series[key] = series
+        return series
+
+    def rejected(self, direction: str, reason: str) -> None:
+        self._reason_child(self.connections_rejected, direction, reason).inc()
+
+    def terminated(self, direction: str, reason: str) -> None:
+        self._reason_child(self.connections_terminated, direction, reason).inc()
+
+    def track_active(self, direction: str, count: Callable[[], int]) -> None:
+        """Read the active-connection gauge from ``count()`` at scrape time."""
+        self.connections_active.labels(direction).set_function(count)
+
+    def _reason_child(self, counter: Counter, direction: str, reason: str):
+        key = (counter, direction, reason)
+        child = self._reasons.get(key)
+        if child is None:
+            child = self._reasons[key] = counter.labels(direction, reason)
+        return child

@@ -1,0 +1,65 @@
+"""Shared fixtures: root gating for lab tests and a fresh lab per test module."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import sys
+from pathlib import Path
+
+import pytest
+
+IN_CI = os.environ.get("CI") == "true"
+# the console script installed next to the interpreter running the tests (the venv's)
+HOSTMESH = str(Path(sys.executable).with_name("hostmesh"))
+
+
+def require_root(what: str = "this test") -> None:
+    """Skip when not root, but fail in CI: a CI run must never silently skip the lab."""
+    if os.geteuid() == 0:
+        return
+    msg = f"{what} needs root (network namespaces, iptables, cgroups)"
+    if IN_CI:
+        pytest.fail(f"{msg}, and CI=true: CI must run as root")
+    pytest.skip(msg)
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    if item.get_closest_marker("lab"):
+        require_root(item.nodeid)
+
+
+def unique_lab_name() -> str:
+    return "t" + secrets.token_hex(4)
+
+
+@pytest.fixture(scope="module")
+def lab():
+    """A fresh 2 nodes x 2 pods lab with the test app running in every pod; always removed."""
+    require_root("the lab fixture")
+    from meshlab.lab import Lab
+
+    the_lab = Lab(unique_lab_name())
+    try:
+        the_lab.up(2, 2)
+        yield the_lab
+    finally:
+        the_lab.down()
+
+
+CAPTURE_BACKENDS = ["iptables"]
+
+
+@pytest.fixture(scope="module", params=CAPTURE_BACKENDS)
+def mesh_lab(request):
+    """A 2x2 lab with an agent on every node, once per capture backend; always removed."""
+    require_root("the mesh lab fixture")
+    from meshlab.lab import Lab
+
+    the_lab = Lab(unique_lab_name())
+    the_lab.capture = request.param
+    try:
+        the_lab.up(2, 2, capture=request.param)
+        yield the_lab
+    finally:
+        the_lab.down()

@@ -1,0 +1,243 @@
+"""Transparent capture + the L4 node proxy in the lab, for every capture backend.
+
+A pod's connections to a service VIP or a pod IP go through the node agents without the
+app knowing; the original destination survives; nothing loops; capture fails closed
+when the proxy dies; restarts converge to one copy of the rules; a clean stop leaves no
+trace; long streams arrive intact; half-close works; many connections at once complete.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from meshlab import mesh
+from meshlab.lab import Lab
+from nodeagent.state import Endpoint, Service, ServicePort
+
+pytestmark = pytest.mark.lab
+
+ECHO_VIP = "198.19.0.20"
+DIGEST_VIP = "198.19.0.21"
+ECHO_PORT, DIGEST_PORT = 7000, 7001
+
+
+def curl(lab: Lab, src: str, url: str, *extra: str) -> subprocess.CompletedProcess:
+    return lab.run(src, ["curl", "-sS", "--max-time", "5", *extra, url], timeout=20)
+
+
+def answer(lab: Lab, src: str, url: str) -> dict:
+    r = curl(lab, src, url)
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)
+
+
+def metric_sum(lab: Lab, node: str, name: str, **labels: str) -> float:
+    text = mesh.admin_get(lab, node, "/stats/prometheus").stdout
+    total = 0.0
+    for line in text.splitlines():
+        if not line.startswith(name + "{"):
+            continue
+        if all(f'{k}="{v}"' in line for k, v in labels.items()):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def kill_agent(lab: Lab, node: str, sig: int) -> None:
+    pids = mesh.agent_pids(lab, node)
+    assert pids, f"no agent running on {node}"
+    for pid in pids:
+        os.kill(pid, sig)
+    deadline = time.monotonic() + 15
+    while mesh.agent_pids(lab, node) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not mesh.agent_pids(lab, node), f"agent on {node} did not exit after {signal.Signals(sig).name}"
+
+
+def start_agent(lab: Lab, node: str) -> None:
+    proc = mesh.spawn_agent(lab, node, lab.capture)
+    mesh.wait_ready(lab, node, proc)
+
+
+def nat_rules(lab: Lab, node: str) -> str:
+    out = lab.run(node, ["iptables-save", "-t", "nat"]).stdout
+    return "\n".join(l.split(" [")[0] if l.startswith(":") else l for l in out.splitlines() if not l.startswith("#"))
+
+
+def net_state(lab: Lab, node: str) -> dict:
+    strip = lambda text: "\n".join(l for l in text.splitlines() if not l.startswith("#"))  # noqa: E731
+    return {
+        "iptables": strip(lab.run(node, ["iptables-save"]).stdout),
+        "nft": lab.run(node, ["nft", "list", "ruleset"]).stdout if _has("nft") else "",
+        "rules": lab.run(node, ["ip", "rule"]).stdout,
+        "routes": lab.run(node, ["ip", "route", "show", "table", "all"]).stdout,
+    }
+
+
+def _has(tool: str) -> bool:
+    import shutil
+    return shutil.which(tool) is not None
+
+
+@pytest.fixture(scope="module")
+def tcp_services(mesh_lab):
+    """Echo (7000) and reply-after-EOF (7001) servers on node2/pod-1, behind two VIPs."""
+    lab = mesh_lab
+    target = lab.target("node2/pod-1")
+    ready = [f"{lab.names.run_dir}/tcp-{p}.ready" for p in (ECHO_PORT, DIGEST_PORT)]
+    lab.spawn(target, [sys.executable, "-m", "meshlab.tcptools", "serve", "--port", str(ECHO_PORT),
+                       "--ready-file", ready[0]], "tcp-echo")
+    lab.spawn(target, [sys.executable, "-m", "meshlab.tcptools", "serve", "--port", str(DIGEST_PORT),
+                       "--reply-after-eof", "--ready-file", ready[1]], "tcp-digest")
+    workloads = mesh.lab_workloads(lab)
+    pod = next(w for w in workloads if (w.node, w.address) == ("node2", "198.18.2.1"))
+    ep = lambda port: (Endpoint(address=pod.address, port=port, node=pod.node, workload=pod.name),)  # noqa: E731
+    services = mesh.default_services(workloads) + [
+        Service("tcpecho", "default", ECHO_VIP, (ServicePort(ECHO_PORT, ECHO_PORT),), ep(ECHO_PORT)),
+        Service("tcpdigest", "default", DIGEST_VIP, (ServicePort(DIGEST_PORT, DIGEST_PORT),), ep(DIGEST_PORT)),
+    ]
+    mesh.write_snapshots(lab, services, workloads)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        ok = all(os.path.exists(f) for f in ready) and all(
+            "tcpecho" in mesh.admin_get(lab, n, "/clusters").stdout for n in ("node1", "node2"))
+        if ok:
+            break
+        time.sleep(0.1)
+    else:
+        pytest.fail("tcp test servers or their services did not come up")
+    return lab
+
+
+def test_vip_is_balanced_over_pods_on_both_nodes(mesh_lab):
+    lab = mesh_lab
+    before = metric_sum(lab, "node1", "hostmesh_tcp_connections_opened_total",
+                        destination_service="testapp.default.svc.cluster.local", reporter="source")
+    seen = {(a["node"], a["pod"]) for a in (answer(lab, "node1/pod-1", "http://198.19.0.10/") for _ in range(8))}
+    assert seen == {("node1", "pod-1"), ("node1", "pod-2"), ("node2", "pod-1"), ("node2", "pod-2")}
+    after = metric_sum(lab, "node1", "hostmesh_tcp_connections_opened_total",
+                       destination_service="testapp.default.svc.cluster.local", reporter="source")
+    assert after - before == 8
+
+
+def test_pod_ip_is_captured_and_original_destination_kept(mesh_lab):
+    lab = mesh_lab
+    before_out = metric_sum(lab, "node1", "hostmesh_tcp_connections_opened_total", reporter="source")
+    before_in = metric_sum(lab, "node2", "hostmesh_tcp_connections_opened_total", reporter="destination")
+    a = answer(lab, "node1/pod-1", "http://198.18.2.2:8080/where")
+    # the pod the client dialed answered, on the port it dialed
+    assert (a["node"], a["pod"]) == ("node2", "pod-2")
+    assert a["destination"] == {"address": "198.18.2.2", "port": 8080}
+    # it came through node2's proxy (inbound), not straight from the client pod
+    assert a["source"]["address"] == "198.18.0.12"
+    # counted exactly once on each side: no loop through either proxy
+    assert metric_sum(lab, "node1", "hostmesh_tcp_connections_opened_total", reporter="source") - before_out == 1
+    assert metric_sum(lab, "node2", "hostmesh_tcp_connections_opened_total", reporter="destination") - before_in == 1
+
+
+def test_same_node_pod_to_pod_goes_through_the_proxy_once(mesh_lab):
+    lab = mesh_lab
+    before = metric_sum(lab, "node1", "hostmesh_tcp_connections_opened_total")
+    a = answer(lab, "node1/pod-1", "http://198.18.1.2:8080/")
+    assert (a["node"], a["pod"]) == ("node1", "pod-2")
+    assert a["source"]["address"] == "198.18.0.11"
+    assert metric_sum(lab, "node1", "hostmesh_tcp_connections_opened_total") - before == 1
+
+
+def test_admin_endpoint_shows_the_mesh(mesh_lab):
+    lab = mesh_lab
+    clusters = json.loads(mesh.admin_get(lab, "node1", "/clusters").stdout)
+    testapp = next(c for c in clusters if c["vip"] == "198.19.0.10:80")
+    assert len(testapp["endpoints"]) == 4
+    capture = json.loads(mesh.admin_get(lab, "node1", "/capture").stdout)
+    assert capture["installed"] and capture["last_verification"]["ok"]
+    listeners = {l["name"]: l["address"] for l in json.loads(mesh.admin_get(lab, "node1", "/listeners").stdout)}
+    assert listeners["outbound"].endswith(":15001") and listeners["inbound"].endswith(":15006")
+    info = json.loads(mesh.admin_get(lab, "node1", "/server_info").stdout)
+    assert info["state"] == "LIVE" and info["node"] == "node1"
+    r = mesh.admin_get(lab, "node1", "/drain")  # GET on a mutation
+    assert r.returncode != 0 and "405" in (r.stdout + r.stderr) or "POST" in r.stdout
+
+
+def test_one_gib_stream_is_byte_identical_both_ways(tcp_services):
+    r = tcp_services.run("node1/pod-1", [sys.executable, "-m", "meshlab.tcptools", "stream",
+                                         f"{ECHO_VIP}:{ECHO_PORT}", "--bytes", str(1 << 30)], timeout=240)
+    assert r.returncode == 0, r.stdout + r.stderr
+    out = json.loads(r.stdout)
+    assert out["received"] == 1 << 30 and out["sent_sha256"] == out["received_sha256"]
+
+
+def test_half_close_propagates(tcp_services):
+    r = tcp_services.run("node1/pod-2", [sys.executable, "-m", "meshlab.tcptools", "halfclose",
+                                         f"{DIGEST_VIP}:{DIGEST_PORT}", "--bytes", str(3 << 20)], timeout=60)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert json.loads(r.stdout)["ok"]
+
+
+def test_500_concurrent_connections_complete(tcp_services):
+    r = tcp_services.run("node1/pod-1", [sys.executable, "-m", "meshlab.tcptools", "concurrent",
+                                         f"{ECHO_VIP}:{ECHO_PORT}", "--connections", "500"], timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    out = json.loads(r.stdout)
+    assert out["completed"] == 500, out
+
+
+def test_fail_closed_when_the_proxy_is_sigkilled(mesh_lab):
+    lab = mesh_lab
+    rules = nat_rules(lab, "node1")
+    kill_agent(lab, "node1", signal.SIGKILL)
+    try:
+        assert nat_rules(lab, "node1") == rules  # a crash leaves capture in place
+        served_before = answer(lab, "node2/pod-1", "http://198.18.2.2:8080/")  # node2 still fine
+        for url in ("http://198.19.0.10/", "http://198.18.2.2:8080/", "http://198.18.1.2:8080/"):
+            r = curl(lab, "node1/pod-1", url)
+            # refused (curl exit 7), never answered by going around the dead proxy
+            assert r.returncode == 7, (url, r.returncode, r.stdout)
+        assert served_before["pod"] == "pod-2"
+    finally:
+        start_agent(lab, "node1")
+    assert nat_rules(lab, "node1") == rules
+    assert answer(lab, "node1/pod-1", "http://198.18.2.2:8080/")["pod"] == "pod-2"
+
+
+def test_restart_cycles_converge_to_one_copy_of_the_rules(mesh_lab):
+    lab = mesh_lab
+    clean = nat_rules(lab, "node1")
+    for _ in range(20):
+        kill_agent(lab, "node1", signal.SIGKILL)
+        start_agent(lab, "node1")
+    assert nat_rules(lab, "node1") == clean
+    assert answer(lab, "node1/pod-1", "http://198.19.0.10/")["pod"].startswith("pod-")
+
+
+def test_clean_stop_leaves_no_trace(mesh_lab):
+    """Full iptables-save, nft ruleset, ip rule and all route tables: identical before the
+    agent first started on a node and after it stopped."""
+    fresh = Lab(mesh_lab.name[:-1] + ("x" if mesh_lab.name[-1] != "x" else "y"))
+    fresh.capture = mesh_lab.capture
+    try:
+        fresh.up(2, 1)
+        before = net_state(fresh, "node1")
+        from meshlab import mesh as m
+        workloads = m.lab_workloads(fresh)
+        m.write_snapshots(fresh, m.default_services(workloads), workloads)
+        start_agent(fresh, "node1")
+        assert "HOSTMESH" in net_state(fresh, "node1")["iptables"]
+        assert answer(fresh, "node1/pod-1", "http://198.19.0.10/")["pod"] == "pod-1"
+        kill_agent(fresh, "node1", signal.SIGTERM)
+        assert net_state(fresh, "node1") == before
+    finally:
+        fresh.down()
+
+
+def test_sigterm_then_restart_restores_capture(mesh_lab):
+    lab = mesh_lab
+    kill_agent(lab, "node2", signal.SIGTERM)
+    assert "HOSTMESH" not in net_state(lab, "node2")["iptables"]
+    start_agent(lab, "node2")
+    assert "HOSTMESH" in net_state(lab, "node2")["iptables"]
+    assert answer(lab, "node1/pod-1", "http://198.18.2.1:8080/")["pod"] == "pod-1"
