@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
+from collections import Counter
 from typing import TextIO
 
+from meshlab import mesh
 from meshlab.errors import LabError
 from meshlab.lab import Lab, require_root
+
+VIP_REQUESTS = 12
 
 
 def _request(lab: Lab, source: str, argv: list[str]) -> str:
@@ -17,6 +22,21 @@ def _request(lab: Lab, source: str, argv: list[str]) -> str:
     return proc.stdout
 
 
+def _curl(lab: Lab, source: str, url: str, *extra: str) -> dict:
+    return json.loads(_request(lab, source, ["curl", "-sS", "--max-time", "5", *extra, url]))
+
+
+def _opened(lab: Lab, node: str) -> Counter:
+    """hostmesh_tcp_connections_opened_total by (reporter, destination workload)."""
+    text = mesh.admin_get(lab, node, "/stats/prometheus").stdout
+    out: Counter = Counter()
+    for line in text.splitlines():
+        if line.startswith("hostmesh_tcp_connections_opened_total{"):
+            labels = dict(re.findall(r'(\w+)="([^"]*)"', line))
+            out[(labels["reporter"], labels["destination_workload"])] += float(line.rsplit(" ", 1)[1])
+    return out
+
+
 def run(name: str, *, keep: bool, out: TextIO) -> int:
     require_root()
     lab = Lab(name)
@@ -24,31 +44,56 @@ def run(name: str, *, keep: bool, out: TextIO) -> int:
         raise LabError(f"a lab named {name!r} already exists: 'hostmesh lab down --name {name}' first, "
                        "or pick another with --name")
     say = lambda s="": print(s, file=out, flush=True)  # noqa: E731
-    say(f"== bringing up lab {name!r}: 2 nodes x 2 pods, each pod in its own network namespace and cgroup")
+    say(f"== bringing up lab {name!r}: 2 nodes x 2 pods, a node agent on each node (iptables capture)")
     try:
-        status = lab.up(2, 2)
+        status = lab.up(2, 2, capture="iptables")
         for p in status["pods"]:
-            say(f"   {p['node']}/{p['name']:<6} {p['address']:<14} test app on :8080 (HTTP/1.1, h2c) and :9090 (gRPC)")
+            say(f"   {p['node']}/{p['name']:<6} {p['address']:<11} test app: :8080 HTTP/1.1 + h2c, :9090 gRPC")
+        svc = status["services"][0]
+        say(f"   service {svc['namespace']}/{svc['name']} VIP {svc['vip']} ports {' '.join(svc['ports'])}, "
+            f"{len(svc['endpoints'])} endpoints")
+
         src = "node1/pod-1"
-        rows = []
+        say()
+        say(f"== {src} talks to pods on node2 by pod IP; the app does not know about the mesh")
         for dst in (p for p in status["pods"] if p["node"] == "node2"):
             url = f"http://{dst['address']}:8080/demo"
-            h1 = json.loads(_request(lab, src, ["curl", "-sS", "--max-time", "5", url]))
-            h2 = json.loads(_request(lab, src, ["curl", "-sS", "--max-time", "5", "--http2-prior-knowledge", url]))
+            h1 = _curl(lab, src, url)
+            h2 = _curl(lab, src, url, "--http2-prior-knowledge")
             grpc = json.loads(_request(lab, src, [sys.executable, "-m", "meshlab.probe", "grpc",
                                                    f"{dst['address']}:9090", "--message", "hello"]))
-            rows.append((dst, h1, h2, grpc))
+            say(f"   {dst['address']}:8080 HTTP/1.1 -> {h1['node']}/{h1['pod']} (it saw the connection come from "
+                f"{h1['source']['address']}: node2's proxy)")
+            say(f"   {dst['address']}:8080 HTTP/2   -> {h2['node']}/{h2['pod']} over {h2['protocol']}")
+            say(f"   {dst['address']}:9090 gRPC     -> {grpc['node']}/{grpc['pod']}: {grpc['message']!r}, "
+                f"health {grpc['health']}")
+
+        before = _opened(lab, "node1")
         say()
-        say(f"== traffic from {src} to the pods on node2 (plain routing across the fabric, no mesh yet)")
-        for dst, h1, h2, grpc in rows:
-            say(f"   {dst['address']}:8080 HTTP/1.1 -> answered by {h1['node']}/{h1['pod']}, saw source {h1['source']['address']}")
-            say(f"   {dst['address']}:8080 HTTP/2   -> answered by {h2['node']}/{h2['pod']} over {h2['protocol']}")
-            say(f"   {dst['address']}:9090 gRPC     -> answered by {grpc['node']}/{grpc['pod']}: {grpc['message']!r}")
+        say(f"== {VIP_REQUESTS} requests from {src} to the service VIP http://{svc['vip']}/ (round robin)")
+        answered = Counter()
+        for _ in range(VIP_REQUESTS):
+            a = _curl(lab, src, f"http://{svc['vip']}/")
+            answered[f"{a['node']}/{a['pod']}"] += 1
+        for pod, n in sorted(answered.items()):
+            say(f"   {pod:<12} {'#' * n} {n}")
+
+        after = _opened(lab, "node1")
         say()
-        say("== summary: cross-node pod-to-pod traffic works over HTTP/1.1, h2c and gRPC")
+        say("== node1 agent counters (hostmesh_tcp_connections_opened_total, reporter=source) moved by:")
+        for (reporter, workload), value in sorted(after.items()):
+            delta = value - before.get((reporter, workload), 0)
+            if reporter == "source" and delta:
+                say(f"   destination_workload={workload:<12} +{delta:.0f}")
+        capture = json.loads(mesh.admin_get(lab, "node1", "/capture").stdout)
+        verified = (capture.get("last_verification") or {}).get("ok")
+        say(f"   capture: {capture.get('backend')} installed={capture.get('installed')} verified={verified}")
+        say()
+        say("== summary: pod traffic is captured transparently and balanced by the node proxies")
         if keep:
             say(f"   the lab stays up: 'hostmesh lab status --name {name}', "
-                f"'hostmesh lab exec --name {name} node1/pod-1 -- curl -s http://198.18.2.1:8080/', "
+                f"'hostmesh lab exec --name {name} node1/pod-1 -- curl -s http://{svc['vip']}/', "
+                f"'hostmesh lab exec --name {name} node1 -- curl -s 127.0.0.1:15000/stats/prometheus', "
                 f"'hostmesh lab down --name {name}'")
         return 0
     finally:

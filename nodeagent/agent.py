@@ -250,11 +250,20 @@ class Agent:
         await self.proxy.drain(self.boot.drain_grace)
 
 
+def raise_fd_limit() -> None:
+    """Two sockets per proxied connection: lift the soft fd limit to the hard one, as Envoy advises."""
+    import resource
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
 def run_agent(boot: Bootstrap) -> int:
     """Run until SIGTERM; errors that stop the start raise AgentError with a clear message."""
     import uvloop
 
     logs.setup(boot.log_level)
+    raise_fd_limit()
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         return runner.run(_main(boot))
 

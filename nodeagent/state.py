@@ -64,10 +64,22 @@ class Workload:
 
 
 @dataclass(frozen=True)
+class ConfigObject:
+    """A validated policy or route object carried to the agent as is (kind/namespace/name and
+    its spec as canonical JSON); the features that act on each kind read them from here."""
+
+    kind: str
+    namespace: str
+    name: str
+    spec: str = "{}"
+
+
+@dataclass(frozen=True)
 class NodeSnapshot:
     node: str
     services: tuple[Service, ...] = ()
     workloads: tuple[Workload, ...] = ()
+    config: tuple[ConfigObject, ...] = ()
     version: str = field(default="")
 
     def __post_init__(self) -> None:
@@ -104,6 +116,7 @@ class NodeSnapshot:
             "version": self.version,
             "services": [asdict(s) for s in self.services],
             "workloads": [asdict(w) for w in self.workloads],
+            "config": [asdict(c) for c in self.config],
         }
 
     @classmethod
@@ -112,7 +125,7 @@ class NodeSnapshot:
         errors: list[str] = []
         if not isinstance(data, dict):
             raise ConfigError(f"{source}: expected a mapping at the top level, got {type(data).__name__}")
-        unknown = set(data) - {"node", "version", "services", "workloads"}
+        unknown = set(data) - {"node", "version", "services", "workloads", "config"}
         if unknown:
             errors.append(f"{source}: unknown field(s) {', '.join(sorted(unknown))}")
         node = data.get("node")
@@ -120,6 +133,7 @@ class NodeSnapshot:
             errors.append(f"{source}: node: must be a non-empty string")
         services = tuple(_parse_list(data.get("services", []), _parse_service, f"{source}: services", errors))
         workloads = tuple(_parse_list(data.get("workloads", []), _parse_workload, f"{source}: workloads", errors))
+        config = tuple(_parse_list(data.get("config", []), _parse_config, f"{source}: config", errors))
         seen: set[tuple[str, int]] = set()
         for i, svc in enumerate(services):
             for p in svc.ports:
@@ -129,7 +143,7 @@ class NodeSnapshot:
                 seen.add(key)
         if errors:
             raise ConfigError("\n".join(errors))
-        return cls(node=node, services=services, workloads=workloads)
+        return cls(node=node, services=services, workloads=workloads, config=config)
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
@@ -138,7 +152,7 @@ class NodeSnapshot:
 def content_version(snap: NodeSnapshot) -> str:
     body = json.dumps(
         {"node": snap.node, "services": [asdict(s) for s in snap.services],
-         "workloads": [asdict(w) for w in snap.workloads]},
+         "workloads": [asdict(w) for w in snap.workloads], "config": [asdict(c) for c in snap.config]},
         sort_keys=True, separators=(",", ":"),
     )
     return hashlib.sha256(body.encode()).hexdigest()[:16]
@@ -161,7 +175,7 @@ class AgentState:
 # ---------------------------------------------------------------- parsing helpers
 
 def _parse_list(value: Any, parse_one, where: str, errors: list[str]) -> list:
-    if not isinstance(value, list):
+    if not isinstance(value, (list, tuple)):
         errors.append(f"{where}: must be a list")
         return []
     out = []
@@ -253,7 +267,7 @@ def _parse_workload(d: Any, where: str) -> Workload:
     _require(d, where, {"name", "namespace", "node", "address", "service_account", "labels"},
              {"name", "node", "address"})
     labels = d.get("labels", {})
-    if not isinstance(labels, (dict, list)):
+    if not isinstance(labels, (dict, list, tuple)):
         raise ConfigError(f"{where}.labels: must be a mapping")
     items = labels.items() if isinstance(labels, dict) else labels
     return Workload(
@@ -263,4 +277,21 @@ def _parse_workload(d: Any, where: str) -> Workload:
         address=_ip(d["address"], f"{where}.address"),
         service_account=_str(d.get("service_account", "default"), f"{where}.service_account"),
         labels=tuple(sorted((str(k), str(v)) for k, v in items)),
+    )
+
+
+def _parse_config(d: Any, where: str) -> ConfigObject:
+    _require(d, where, {"kind", "namespace", "name", "spec"}, {"kind", "name"})
+    spec = d.get("spec", "{}")
+    if isinstance(spec, (dict, list)):
+        spec = json.dumps(spec, sort_keys=True, separators=(",", ":"))
+    try:
+        json.loads(spec)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{where}.spec: must be a JSON object") from None
+    return ConfigObject(
+        kind=_str(d["kind"], f"{where}.kind"),
+        namespace=_str(d.get("namespace", "default"), f"{where}.namespace"),
+        name=_str(d["name"], f"{where}.name"),
+        spec=spec,
     )

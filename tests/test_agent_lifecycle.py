@@ -1,0 +1,193 @@
+"""The agent process: bad input fails clearly with nothing installed; readiness follows
+config and capture; config changes apply, broken ones keep the last good snapshot;
+drain and quit through the admin endpoint."""
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from meshlab import mesh
+from meshlab.lab import Lab
+from tests.conftest import HOSTMESH, require_root, unique_lab_name
+
+pytestmark = pytest.mark.lab
+
+
+@pytest.fixture(scope="module")
+def node_lab():
+    require_root("the agent lifecycle tests")
+    lab = Lab(unique_lab_name())
+    try:
+        lab.up(1, 1)
+        workloads = mesh.lab_workloads(lab)
+        mesh.write_snapshots(lab, mesh.default_services(workloads), workloads)
+        yield lab
+    finally:
+        lab.down()
+
+
+def bootstrap(lab: Lab, **changes) -> Path:
+    path = mesh.agent_bootstrap(lab, "node1", "iptables")
+    doc = yaml.safe_load(path.read_text())
+    for key, value in changes.items():
+        section, _, field = key.partition(".")
+        if field:
+            doc.setdefault(section, {})[field] = value
+        elif value is None:
+            doc.pop(section, None)
+        else:
+            doc[section] = value
+    out = path.with_name("agent-test.yaml")
+    out.write_text(yaml.safe_dump(doc))
+    return out
+
+
+def run_agent(lab: Lab, *args: str, env_path: str | None = None) -> subprocess.CompletedProcess:
+    argv = [HOSTMESH, "agent", *args]
+    if env_path is not None:
+        argv = ["env", f"PATH={env_path}", *argv]
+    return lab.run("node1", argv, timeout=60)
+
+
+def no_capture_installed(lab: Lab) -> bool:
+    return "HOSTMESH" not in lab.run("node1", ["iptables-save"]).stdout
+
+
+def start(lab: Lab, cfg: Path) -> subprocess.Popen:
+    return lab.spawn(lab.target("node1"), [HOSTMESH, "agent", "--config", str(cfg)], "agent-test")
+
+
+def wait_for(pred, timeout=15.0, what="condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            return
+        time.sleep(0.05)
+    pytest.fail(f"timed out waiting for {what}")
+
+
+def admin(lab, path, method="GET"):
+    return mesh.admin_get(lab, "node1", path, method)
+
+
+def test_outbound_port_in_use(node_lab):
+    lab = node_lab
+    holder = lab.spawn(lab.target("node1"), [sys.executable, "-c",
+                       "import socket,time; s=socket.socket(); s.bind(('0.0.0.0',15001)); s.listen(); time.sleep(60)"],
+                       "port-holder")
+    try:
+        wait_for(lambda: ":15001" in lab.run("node1", ["ss", "-ltn"]).stdout, what="the port holder")
+        r = run_agent(lab, "--config", str(bootstrap(lab)))
+        assert r.returncode == 1
+        assert "cannot listen on 0.0.0.0:15001: address already in use" in r.stderr
+        assert no_capture_installed(lab)
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_admin_port_in_use(node_lab):
+    lab = node_lab
+    holder = lab.spawn(lab.target("node1"), [sys.executable, "-c",
+                       "import socket,time; s=socket.socket(); s.bind(('127.0.0.1',15000)); s.listen(); time.sleep(60)"],
+                       "port-holder")
+    try:
+        wait_for(lambda: ":15000" in lab.run("node1", ["ss", "-ltn"]).stdout, what="the port holder")
+        r = run_agent(lab, "--config", str(bootstrap(lab)))
+        assert r.returncode == 1
+        assert "admin endpoint: cannot listen on 127.0.0.1:15000: address already in use" in r.stderr
+        assert no_capture_installed(lab)
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+@pytest.mark.parametrize("changes,message", [
+    ({"capture.mode": "ebpf"}, "capture.mode: 'ebpf' is not a capture mode (valid: iptables, none)"),
+    ({"capture.podCIDRs": ["198.18.1.0/33"]}, "capture.podCIDRs[0]: '198.18.1.0/33' is not an IPv4 CIDR"),
+    ({"proxy": {"outboundPort": "x"}}, "proxy.outboundPort: must be an integer, got 'x'"),
+    ({"nodes": "node1"}, "nodes: unknown field"),
+])
+def test_malformed_bootstrap(node_lab, changes, message):
+    r = run_agent(node_lab, "--config", str(bootstrap(node_lab, **changes)))
+    assert r.returncode == 1
+    assert message in r.stderr
+    assert no_capture_installed(node_lab)
+
+
+def test_unknown_flag(node_lab):
+    r = run_agent(node_lab, "--node", "node1", "--frobnicate")
+    assert r.returncode == 2 and "--frobnicate" in r.stderr
+
+
+def test_invalid_snapshot_at_start(node_lab):
+    bad = Path(node_lab.names.run_dir, "config", "bad-snapshot.json")
+    bad.write_text(json.dumps({"node": "node1", "services": [{"name": "x", "cluster_ip": "1.2.3", "ports": []}]}))
+    r = run_agent(node_lab, "--config", str(bootstrap(node_lab, snapshotFile=str(bad))))
+    assert r.returncode == 1
+    assert "services[0].cluster_ip: '1.2.3' is not an IPv4 address" in r.stderr
+    assert no_capture_installed(node_lab)
+
+
+def test_capture_the_host_cannot_provide(node_lab):
+    """Without iptables on PATH the backend cannot install: clear error, nothing installed."""
+    venv_bin = str(Path(HOSTMESH).parent)
+    r = run_agent(node_lab, "--config", str(bootstrap(node_lab)), env_path=f"{venv_bin}:/bin")
+    assert r.returncode == 1
+    assert "iptables" in r.stderr
+    assert no_capture_installed(node_lab)
+
+
+def test_readiness_config_changes_and_quit(node_lab):
+    lab = node_lab
+    snap = Path(lab.names.run_dir, "config", "late-snapshot.json")
+    snap.unlink(missing_ok=True)
+    proc = start(lab, bootstrap(lab, snapshotFile=str(snap)))
+    try:
+        wait_for(lambda: admin(lab, "/healthz").returncode == 0, what="the admin endpoint")
+        r = admin(lab, "/ready")
+        assert r.returncode != 0 and "no config received yet" in r.stdout
+        good = json.loads(Path(lab.names.run_dir, "config", "snapshot-node1.json").read_text())
+        snap.write_text(json.dumps(good))
+        wait_for(lambda: admin(lab, "/ready").returncode == 0, what="ready after the snapshot appeared")
+        version = json.loads(admin(lab, "/server_info").stdout)["snapshot_version"]
+
+        snap.write_text('{"node": "node1", "services": [{"name": "oops"}]}')
+        wait_for(lambda: json.loads(admin(lab, "/config_dump").stdout)["snapshot_error"], what="the error to show")
+        dump = json.loads(admin(lab, "/config_dump").stdout)
+        assert "services[0]: missing field(s) cluster_ip, ports" in dump["snapshot_error"]
+        assert json.loads(admin(lab, "/server_info").stdout)["snapshot_version"] == version
+        assert admin(lab, "/ready").returncode == 0  # the last good snapshot stays in force
+        assert "hostmesh_agent_config_errors_total 1.0" in admin(lab, "/stats/prometheus").stdout
+        answer = lab.run("node1/pod-1", ["curl", "-sS", "--max-time", "5", "http://198.19.0.10/"])
+        assert json.loads(answer.stdout)["pod"] == "pod-1"
+
+        r = admin(lab, "/quitquitquit", "POST")
+        assert r.returncode == 0
+        assert proc.wait(timeout=20) == 0
+        assert no_capture_installed(lab)
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_drain_refuses_new_connections_and_keeps_failing_closed(node_lab):
+    lab = node_lab
+    proc = start(lab, bootstrap(lab))
+    try:
+        wait_for(lambda: admin(lab, "/ready").returncode == 0, what="ready")
+        assert admin(lab, "/drain").returncode != 0  # GET on a mutation is refused (405)
+        assert admin(lab, "/drain", "POST").returncode == 0
+        wait_for(lambda: "draining" in admin(lab, "/ready").stdout, what="draining on /ready")
+        r = lab.run("node1/pod-1", ["curl", "-sS", "--max-time", "5", "http://198.19.0.10/"])
+        assert r.returncode == 7  # refused while draining, never bypassed
+        assert not no_capture_installed(lab)
+    finally:
+        proc.terminate()
+        assert proc.wait(timeout=20) == 0
+    assert no_capture_installed(lab)
