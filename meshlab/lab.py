@@ -2,7 +2,8 @@
 
 Topology (ARCHITECTURE.md, "The lab"):
 
-    hm-<lab>-fabric   bridge br0; one veth per node (n<N>) enslaved to it
+    hm-<lab>-fabric   bridge br0; one veth per node (n<N>) and one for the control plane (cp)
+    hm-<lab>-cp       eth0 198.18.0.2/24: the control plane's host
     hm-<lab>-node<N>  eth0 198.18.0.(10+N)/24 on the fabric, a /32 route per local pod,
                       a /24 route per other node's pod CIDR via that node; ip_forward on
     hm-<lab>-node<N>-pod-<k>
@@ -34,6 +35,8 @@ from meshlab.naming import LabNames
 # (Calico does the same with ee:ee:ee:ee:ee:ee).
 NODE_VETH_MAC = "ee:ee:ee:ee:ee:ee"
 APP_READY_TIMEOUT = 30.0
+# the exec target of the control plane's namespace (198.18.0.2 on the fabric)
+CONTROLPLANE = "controlplane"
 
 
 @dataclass(frozen=True)
@@ -86,12 +89,14 @@ class Lab:
         topo = self.topology()
         if not topo:
             raise LabError(f"lab {self.name!r} is not up (hostmesh lab up --name {self.name})")
+        if spec == CONTROLPLANE:
+            return Target(CONTROLPLANE, None, self.names.controlplane_ns, self.names.controlplane_cgroup)
         node, _, pod = spec.partition("/")
         known = [f"{n}/{p}" for n, pods in topo.items() for p in pods]
         if node not in topo or (pod and pod not in topo[node]):
             raise LabError(
                 f"unknown target {spec!r} in lab {self.name!r}; known pods: {', '.join(known)}; "
-                f"nodes: {', '.join(topo)}"
+                f"nodes: {', '.join(topo)}; and {CONTROLPLANE}"
             )
         if pod:
             return Target(node, pod, self.names.pod_ns(node, pod), self.names.pod_cgroup(node, pod))
@@ -126,6 +131,8 @@ class Lab:
         pod_names = [naming.pod_name(k) for k in range(1, pods + 1)]
 
         system.add_netns(n.fabric_ns)
+        system.add_netns(n.controlplane_ns)
+        cgroups.create(n.controlplane_cgroup)
         for node in node_names:
             system.add_netns(n.node_ns(node))
             cgroups.create(n.node_cgroup(node))
@@ -133,7 +140,9 @@ class Lab:
                 system.add_netns(n.pod_ns(node, pod))
                 cgroups.create(n.pod_cgroup(node, pod))
 
-        fabric = ["link set lo up", "link add br0 type bridge", "link set br0 up"]
+        fabric = ["link set lo up", "link add br0 type bridge", "link set br0 up",
+                  f"link add cp type veth peer name eth0 netns {n.controlplane_ns}",
+                  "link set cp master br0", "link set cp up"]
         for i, node in enumerate(node_names, 1):
             fabric += [
                 f"link add n{i} type veth peer name eth0 netns {n.node_ns(node)}",
@@ -142,6 +151,9 @@ class Lab:
             ]
         system.ip_batch(n.fabric_ns, fabric)
 
+        # the control plane reaches nodes on the fabric; it needs no route to any pod
+        system.ip_batch(n.controlplane_ns, ["link set lo up", f"addr add {naming.CONTROLPLANE_IP}/24 dev eth0",
+                                            "link set eth0 up"])
         for i, node in enumerate(node_names, 1):
             cmds = ["link set lo up", f"addr add {naming.node_ip(i)}/24 dev eth0", "link set eth0 up"]
             cmds += [

@@ -234,46 +234,30 @@ def screen_request(method: str, headers: dict[str, str], loopback_only: bool) ->
 # the dispatcher (pure: no sockets, no event loop)
 
 @dataclass(frozen=True)
-class _Route:
+class Route:
     method: str  # "GET" (HEAD included) or "POST"
     handler: Callable[[str], Response]
     description: str
 
 
-class AdminDispatcher:
-    """Routes (method, path, query) to the `AdminInputs`; never raises."""
+class RouteTable:
+    """Path -> handler dispatch with 404 (listing the paths), 405 + Allow, and 500 on a
+    handler's exception; never raises. Shared by every HTTP endpoint hostmesh serves."""
 
-    def __init__(self, inputs: AdminInputs):
-        self.inputs = inputs
-        i = inputs
-        self._routes: dict[str, _Route] = {
-            "/": _Route("GET", self._index, "this index"),
-            "/healthz": _Route("GET", lambda q: text_response(200, "ok"), "liveness: 200 ok"),
-            "/ready": _Route("GET", self._ready, "readiness: 200, or 503 with the reason"),
-            "/stats/prometheus": _Route("GET", self._metrics, "Prometheus metrics (text format)"),
-            "/metrics": _Route("GET", self._metrics, "alias of /stats/prometheus"),
-            "/config_dump": _Route("GET", self._json_view(i, "config_dump"), "the config in force"),
-            "/clusters": _Route("GET", self._json_view(i, "clusters"), "clusters and endpoints"),
-            "/listeners": _Route("GET", self._json_view(i, "listeners"), "listeners"),
-            "/routes": _Route("GET", self._json_view(i, "routes"), "routes"),
-            "/certs": _Route("GET", self._json_view(i, "certs"), "identities, serials, expiry"),
-            "/capture": _Route("GET", self._json_view(i, "capture"), "traffic capture state"),
-            "/server_info": _Route("GET", self._json_view(i, "server_info"), "version, node, state"),
-            "/logging": _Route("POST", self._logging, "set the log level: ?level=" + "|".join(LOG_LEVELS)),
-            "/drain": _Route("POST", self._drain, "stop accepting new connections, finish the rest"),
-            "/quitquitquit": _Route("POST", self._quit, "shut the agent down"),
-        }
+    def __init__(self, routes: dict[str, Route], name: str = "admin endpoint"):
+        self.routes = routes
+        self.name = name
 
     def paths(self) -> list[dict[str, str]]:
         return [{"path": p, "method": r.method, "description": r.description}
-                for p, r in self._routes.items()]
+                for p, r in self.routes.items()]
 
     def dispatch(self, method: str, path: str, query: str = "") -> Response:
         method = method.upper()
-        route = self._routes.get(path)
+        route = self.routes.get(path)
         if route is None:
             return error_response(404, "not found", path=path,
-                                  paths=[f"{r.method} {p}" for p, r in self._routes.items()])
+                                  paths=[f"{r.method} {p}" for p, r in self.routes.items()])
         allowed = ("GET", "HEAD") if route.method == "GET" else ("POST",)
         if method not in allowed:
             resp = error_response(405, f"{method} not allowed on {path}; use {route.method}",
@@ -282,10 +266,45 @@ class AdminDispatcher:
             return resp
         try:
             return route.handler(query)
-        except Exception as exc:  # a callable of the agent failed: report, keep serving
-            log.exception("admin endpoint: %s %s failed", method, path)
+        except Exception as exc:  # a callable behind the endpoint failed: report, keep serving
+            log.exception("%s: %s %s failed", self.name, method, path)
             detail = f"{type(exc).__name__}: {exc}"
             return error_response(500, "internal error", path=path, detail=detail[:300])
+
+
+def metrics_response(registry: prometheus_client.CollectorRegistry) -> Response:
+    return Response(200, [("Content-Type", METRICS_CONTENT_TYPE)], generate_latest(registry))
+
+
+class AdminDispatcher:
+    """Routes (method, path, query) to the `AdminInputs`; never raises."""
+
+    def __init__(self, inputs: AdminInputs):
+        self.inputs = inputs
+        i = inputs
+        self._table = RouteTable({
+            "/": Route("GET", self._index, "this index"),
+            "/healthz": Route("GET", lambda q: text_response(200, "ok"), "liveness: 200 ok"),
+            "/ready": Route("GET", self._ready, "readiness: 200, or 503 with the reason"),
+            "/stats/prometheus": Route("GET", self._metrics, "Prometheus metrics (text format)"),
+            "/metrics": Route("GET", self._metrics, "alias of /stats/prometheus"),
+            "/config_dump": Route("GET", self._json_view(i, "config_dump"), "the config in force"),
+            "/clusters": Route("GET", self._json_view(i, "clusters"), "clusters and endpoints"),
+            "/listeners": Route("GET", self._json_view(i, "listeners"), "listeners"),
+            "/routes": Route("GET", self._json_view(i, "routes"), "routes"),
+            "/certs": Route("GET", self._json_view(i, "certs"), "identities, serials, expiry"),
+            "/capture": Route("GET", self._json_view(i, "capture"), "traffic capture state"),
+            "/server_info": Route("GET", self._json_view(i, "server_info"), "version, node, state"),
+            "/logging": Route("POST", self._logging, "set the log level: ?level=" + "|".join(LOG_LEVELS)),
+            "/drain": Route("POST", self._drain, "stop accepting new connections, finish the rest"),
+            "/quitquitquit": Route("POST", self._quit, "shut the agent down"),
+        })
+
+    def paths(self) -> list[dict[str, str]]:
+        return self._table.paths()
+
+    def dispatch(self, method: str, path: str, query: str = "") -> Response:
+        return self._table.dispatch(method, path, query)
 
     # -- handlers --------------------------------------------------------------------
 
@@ -299,8 +318,7 @@ class AdminDispatcher:
         return text_response(503, str(reason) or "not ready")
 
     def _metrics(self, query: str) -> Response:
-        body = generate_latest(self.inputs.registry)
-        return Response(200, [("Content-Type", METRICS_CONTENT_TYPE)], body)
+        return metrics_response(self.inputs.registry)
 
     @staticmethod
     def _json_view(inputs: AdminInputs, name: str) -> Callable[[str], Response]:
@@ -688,10 +706,12 @@ class _AdminConnection(asyncio.Protocol):
 class AdminServer:
     """The admin HTTP endpoint: `await start()`, `await close()`."""
 
-    def __init__(self, inputs: AdminInputs, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT,
-                 *, limits: AdminLimits | None = None):
+    def __init__(self, inputs: AdminInputs | None, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT,
+                 *, limits: AdminLimits | None = None, dispatcher: Any = None, name: str = "admin endpoint"):
+        """Serves `AdminDispatcher(inputs)`, or any `dispatcher` with the same `dispatch()`."""
         self.inputs = inputs
-        self.dispatcher = AdminDispatcher(inputs)
+        self.dispatcher = dispatcher if dispatcher is not None else AdminDispatcher(inputs)
+        self.name = name
         self.host = host
         self.port = port
         self.limits = limits or AdminLimits()
@@ -718,7 +738,7 @@ class AdminServer:
 
     async def start(self) -> None:
         if self._server is not None:
-            raise RuntimeError("admin endpoint already started")
+            raise RuntimeError(f"{self.name} already started")
         self._loop = asyncio.get_running_loop()
         self._accepting = True
         try:
@@ -727,10 +747,10 @@ class AdminServer:
                 reuse_address=True, reuse_port=False, backlog=64)
         except OSError as exc:
             self._accepting = False
-            raise ProxyError(f"admin endpoint: cannot listen on {self.address}: {_os_reason(exc)}") from exc
+            raise ProxyError(f"{self.name}: cannot listen on {self.address}: {_os_reason(exc)}") from exc
         sockets = self._server.sockets or ()
         self._bound_port = sockets[0].getsockname()[1] if sockets else self.port
-        log.info("admin endpoint listening on %s", self.address)
+        log.info("%s listening on %s", self.name, self.address)
 
     async def close(self) -> None:
         """Stop listening, let open connections flush, then close them. Follow-up actions
@@ -749,7 +769,7 @@ class AdminServer:
             await asyncio.sleep(0.01)
         for conn in list(self._connections):
             conn.abort()
-        log.info("admin endpoint on %s closed", self.address)
+        log.info("%s on %s closed", self.name, self.address)
 
     # -- used by the connections -----------------------------------------------------
 

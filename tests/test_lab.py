@@ -81,7 +81,7 @@ def test_exec_exit_code_is_the_commands(lab):
 
 
 def test_no_route_out_of_the_lab(lab):
-    for spec in ("node1", "node2", "node1/pod-1", "node2/pod-2"):
+    for spec in ("node1", "node2", "node1/pod-1", "node2/pod-2", "controlplane"):
         routes = lab.run(spec, ["ip", "-4", "route", "show", "table", "all"]).stdout
         assert "default" not in routes, (spec, routes)
         # an address outside the lab is unreachable from everywhere in it
