@@ -53,6 +53,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--state-dir", help="where the agent keeps state (default /var/lib/hostmesh)")
     p.add_argument("--agent-log-level", help="debug, info, warning or error")
 
+    p = sub.add_parser("proxy-config", help="what a node agent has in force (from its admin endpoint)")
+    p.add_argument("what", choices=["listeners", "clusters", "routes", "certs", "capture"])
+    p.add_argument("--node", help="in a lab: the node whose agent to ask (enters its namespace)")
+    p.add_argument("--lab", default=os.environ.get("HOSTMESH_LAB", "lab"), help="lab name (with --node)")
+    p.add_argument("--admin", default="http://127.0.0.1:15000", help="admin endpoint URL (without --node)")
+    _output_flag(p)
+
     lab = sub.add_parser("lab", help="a local multi-node cluster made of network namespaces")
     lsub = lab.add_subparsers(dest="lab_command", required=True, metavar="ACTION")
     p = lsub.add_parser("up", help="create a lab")
@@ -120,6 +127,35 @@ def cmd_agent(args) -> int:
         return run_agent(boot)
     except AgentError as exc:
         raise CliError(str(exc)) from None
+
+
+def cmd_proxy_config(args) -> int:
+    from hostmesh.remote import RemoteError, get_json
+    url = f"{'http://127.0.0.1:15000' if args.node else args.admin.rstrip('/')}/{args.what}"
+    try:
+        data = get_json(url, lab=args.lab if args.node else None, target=args.node)
+    except RemoteError as exc:
+        raise CliError(f"cannot read the agent's {args.what}: {exc}") from None
+    if args.output == "json":
+        print(to_json(data))
+        return 0
+    print(render_proxy_config(args.what, data))
+    return 0
+
+
+def render_proxy_config(what: str, data) -> str:
+    if what == "listeners":
+        return table(["NAME", "ADDRESS", "ACTIVE"], [[l["name"], l["address"], l.get("active_connections", "")]
+                                                     for l in data])
+    if what == "clusters":
+        return table(["CLUSTER", "VIP", "ENDPOINTS"],
+                     [[c["name"], c["vip"], " ".join(e["address"] for e in c["endpoints"]) or "-"] for c in data])
+    if what == "certs":
+        return table(["IDENTITY", "SERIAL", "NOT AFTER"], [[c.get("identity"), c.get("serial"), c.get("not_after")]
+                                                           for c in data]) if data else "no certificates"
+    if what == "routes":
+        return to_json(data) if data else "no routes (L4 only)"
+    return to_json(data)
 
 
 def cmd_lab(args) -> int:
@@ -203,7 +239,7 @@ def cmd_demo(args) -> int:
 
 
 LAB_COMMANDS = {"up": lab_up, "down": lab_down, "status": lab_status, "exec": lab_exec}
-COMMANDS = {"version": cmd_version, "check": cmd_check, "agent": cmd_agent, "lab": cmd_lab, "demo": cmd_demo}
+COMMANDS = {"version": cmd_version, "check": cmd_check, "agent": cmd_agent, "proxy-config": cmd_proxy_config, "lab": cmd_lab, "demo": cmd_demo}
 
 
 if __name__ == "__main__":

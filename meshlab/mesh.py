@@ -41,14 +41,13 @@ def lab_workloads(lab: Lab) -> list[Workload]:
 
 def default_services(workloads: list[Workload]) -> list[Service]:
     """`testapp`: VIP port 80 -> the test app's 8080 and 9090 -> its gRPC port, on every pod."""
-    endpoints = tuple(Endpoint(address=w.address, port=8080, node=w.node, workload=w.name, namespace=w.namespace)
-                      for w in workloads)
-    return [Service(
-        name=DEFAULT_SERVICE_NAME, namespace="default", cluster_ip=DEFAULT_SERVICE_VIP,
-        ports=(ServicePort(port=80, target_port=8080, name="http"),
-               ServicePort(port=9090, target_port=9090, name="grpc", app_protocol="grpc")),
-        endpoints=endpoints,
-    )]
+    ports = (ServicePort(port=80, target_port=8080, name="http"),
+             ServicePort(port=9090, target_port=9090, name="grpc", app_protocol="grpc"))
+    # a multi-port service carries one endpoint per workload and target port
+    endpoints = tuple(Endpoint(address=w.address, port=p.target_port, node=w.node, workload=w.name,
+                               namespace=w.namespace) for p in ports for w in workloads)
+    return [Service(name=DEFAULT_SERVICE_NAME, namespace="default", cluster_ip=DEFAULT_SERVICE_VIP,
+                    ports=ports, endpoints=endpoints)]
 
 
 def config_dir(lab: Lab) -> Path:

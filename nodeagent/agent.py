@@ -29,6 +29,7 @@ from nodeagent.capture.base import so_original_dst
 from nodeagent.configsource import SnapshotFile
 from nodeagent.errors import AgentError
 from nodeagent.proxy import NodeProxy, ProxyInputs, ProxyLimits
+from nodeagent.proxy.destinations import service_endpoints
 from nodeagent.state import AgentState
 from nodeagent.telemetry import ProxyMetrics
 
@@ -231,8 +232,8 @@ class Agent:
             return []
         return [{
             "name": f"{s.hostname}:{p.port}", "service": s.hostname, "vip": f"{s.cluster_ip}:{p.port}",
-            "endpoints": [{"address": f"{e.address}:{p.target_port}", "node": e.node, "workload": e.workload}
-                          for e in s.endpoints],
+            "endpoints": [{"address": f"{e.address}:{e.port}", "node": e.node, "workload": e.workload}
+                          for e in service_endpoints(s, p)],
         } for s in snap.services for p in s.ports]
 
     def capture_view(self) -> dict:

@@ -241,3 +241,28 @@ def test_sigterm_then_restart_restores_capture(mesh_lab):
     start_agent(lab, "node2")
     assert "HOSTMESH" in net_state(lab, "node2")["iptables"]
     assert answer(lab, "node1/pod-1", "http://198.18.2.1:8080/")["pod"] == "pod-1"
+
+
+def test_multi_port_service_reaches_each_port(mesh_lab):
+    """testapp's VIP serves 80 -> 8080 (HTTP) and 9090 -> 9090 (gRPC) on every pod."""
+    r = mesh_lab.run("node1/pod-1", [sys.executable, "-m", "meshlab.probe", "grpc", "198.19.0.10:9090"])
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["health"] == "SERVING"
+    clusters = json.loads(mesh.admin_get(mesh_lab, "node1", "/clusters").stdout)
+    grpc = next(c for c in clusters if c["vip"] == "198.19.0.10:9090")
+    assert sorted(e["address"] for e in grpc["endpoints"]) == [
+        "198.18.1.1:9090", "198.18.1.2:9090", "198.18.2.1:9090", "198.18.2.2:9090"]
+
+
+def test_cli_proxy_config_reads_the_agent(mesh_lab):
+    from tests.conftest import HOSTMESH
+    r = subprocess.run([HOSTMESH, "proxy-config", "listeners", "--lab", mesh_lab.name, "--node", "node2", "-o", "json"],
+                       capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0, r.stderr
+    assert {l["name"] for l in json.loads(r.stdout)} == {"outbound", "inbound", "admin"}
+    r = subprocess.run([HOSTMESH, "proxy-config", "clusters", "--lab", mesh_lab.name, "--node", "node1"],
+                       capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0 and "198.19.0.10:80" in r.stdout
+    r = subprocess.run([HOSTMESH, "proxy-config", "clusters", "--lab", mesh_lab.name, "--node", "node9"],
+                       capture_output=True, text=True, timeout=30)
+    assert r.returncode == 1 and "known pods" in r.stderr
