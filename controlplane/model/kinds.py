@@ -1,0 +1,445 @@
+"""One schema per config kind, built from the validators in `fields.py`.
+
+Each `KindSpec` says which apiVersion serves the kind, how its metadata.name is checked
+and the schema of its spec. Every kind is namespaced (MeshConfig is a singleton: one in
+the whole mesh, in any namespace). Gateway API route schemas live in `routes.py`.
+
+Schemas fill in the defaults the APIs define (Service type/protocol/targetPort/selector,
+Workload serviceAccount/ports, MeshConfig values, loadBalancer.type and preferSameNode,
+AuthorizationPolicy action, forwardOriginalToken), so the canonical spec an agent
+receives is complete where a default exists. Fields whose behaviour has no default
+(timeouts, retries, limits) stay absent when not written.
+
+Cross-object rules (references, duplicates, clusterIP allocation) live in `references.py`.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+from controlplane.model import routes
+from controlplane.model.fields import (
+    CIDR,
+    DNS1035_LABEL,
+    DNS1035_TEXT,
+    DNS1123_SUBDOMAIN,
+    INVALID,
+    SUBDOMAIN_TEXT,
+    Bool,
+    Const,
+    Duration,
+    Either,
+    Enum,
+    Field,
+    Int,
+    IPv4,
+    List,
+    Map,
+    Number,
+    Obj,
+    Problems,
+    Str,
+    at_least_one,
+    describe,
+    dns1035_label,
+    dns_label,
+    dns_subdomain,
+    exactly_one,
+    header_name,
+    label_key,
+    label_value,
+    labels_map,
+    name_problem,
+    optional,
+    port_field,
+    port_name,
+    required,
+    show,
+    token,
+)
+
+SERVICE_API = "v1"
+HOSTMESH_API = "hostmesh.io/v1alpha1"
+GATEWAY_API = "gateway.networking.k8s.io/v1"
+
+DEFAULT_TRUST_DOMAIN = "cluster.local"
+DEFAULT_SERVICE_CIDR = "198.19.0.0/16"
+DEFAULT_CERTIFICATE_TTL = "24h"
+MAX_INT32 = 2**31 - 1
+
+
+def _ns_default(problems: Problems) -> str:
+    return problems.namespace
+
+
+def _lower(s: str) -> str:
+    return s.lower()
+
+
+def _same(s):
+    return s
+
+
+# ---------------------------------------------------------------- shared pieces
+
+def selector_obj() -> Obj:
+    """Istio-style workload selector: {matchLabels: {k: v}}."""
+    return Obj({"matchLabels": required(Map(label_key(), label_value(), max_items=64))},
+               checks=[_non_empty("matchLabels")])
+
+
+def _non_empty(name: str):
+    def check(out, raw, path, problems):
+        if name in out and not out[name]:
+            problems.add(path + (name,), "must not be empty")
+    return check
+
+
+def target_ref() -> Obj:
+    """A policy's target: a Service in the policy's namespace."""
+    return Obj({
+        "group": optional(Enum("", unsupported={"core": 'the core group is written ""'}), default=""),
+        "kind": required(Enum("Service")),
+        "name": required(dns1035_label()),
+    })
+
+
+# ---------------------------------------------------------------- v1 Service
+
+APP_PROTOCOLS = ("tcp", "http", "http2", "grpc", "tls", "https", "kubernetes.io/h2c")
+
+
+def _service_port_defaults(out, raw, path, problems):
+    if "targetPort" not in raw and "port" in out:
+        out["targetPort"] = out["port"]
+
+
+SERVICE_PORT = Obj({
+    "name": optional(dns_label()),
+    "port": required(port_field()),
+    "targetPort": optional(Either(port_field(), port_name())),
+    "protocol": optional(Enum("TCP", unsupported={"UDP": "only TCP is supported",
+                                                  "SCTP": "only TCP is supported"}), default="TCP"),
+    "appProtocol": optional(Enum(*APP_PROTOCOLS)),
+}, checks=[_service_port_defaults])
+
+
+def _cluster_ip_problem(value: str) -> str | None:
+    if value == "None":
+        return 'headless Services (clusterIP: None) are not supported; omit clusterIP to allocate one'
+    if value == "":
+        return None
+    import ipaddress
+    try:
+        ipaddress.IPv4Address(value)
+    except ValueError:
+        return f"{show(value)} is not an IPv4 address"
+    return None
+
+
+def _service_checks(out, raw, path, problems):
+    ports = out.get("ports")
+    if not isinstance(ports, list):
+        return
+    if len(ports) > 1:
+        for i, p in enumerate(ports):
+            if "name" not in p:
+                problems.add(path + ("ports", i, "name"),
+                             "required field is missing (every port of a multi-port Service needs a name)")
+    seen_names: dict[str, int] = {}
+    seen_ports: dict[int, int] = {}
+    for i, p in enumerate(ports):
+        name = p.get("name")
+        if name is not None:
+            if name in seen_names:
+                problems.add(path + ("ports", i, "name"),
+                             f"duplicate port name {show(name)} (also at spec.ports[{seen_names[name]}])")
+            seen_names.setdefault(name, i)
+        if p["port"] in seen_ports:
+            problems.add(path + ("ports", i, "port"),
+                         f"duplicate port {p['port']} (also at spec.ports[{seen_ports[p['port']]}])")
+        seen_ports.setdefault(p["port"], i)
+    if out.get("clusterIP") == "":
+        del out["clusterIP"]
+
+
+SERVICE_SPEC = Obj({
+    "clusterIP": optional(Str(min_len=0, check_fn=_cluster_ip_problem)),
+    "type": optional(Enum("ClusterIP", unsupported={t: "only ClusterIP Services are supported"
+                                                    for t in ("NodePort", "LoadBalancer", "ExternalName")}),
+                     default="ClusterIP"),
+    "selector": optional(labels_map(), default={}),
+    "ports": required(List(SERVICE_PORT, min_items=1, max_items=100)),
+}, checks=[_service_checks])
+
+
+# ---------------------------------------------------------------- hostmesh.io Workload
+
+WORKLOAD_PORT = Obj({
+    "name": required(port_name()),
+    "port": required(port_field()),
+    "protocol": optional(Enum("TCP", unsupported={"UDP": "only TCP is supported",
+                                                  "SCTP": "only TCP is supported"}), default="TCP"),
+})
+
+WORKLOAD_SPEC = Obj({
+    "node": required(dns_subdomain()),
+    "address": required(IPv4()),
+    "serviceAccount": optional(dns_subdomain(), default="default"),
+    "ports": optional(List(WORKLOAD_PORT, max_items=100, unique=("name", _same, "port name")), default=[]),
+}, checks=[lambda out, raw, path, problems: _unique_ports(out, path, problems)])
+
+
+def _unique_ports(out, path, problems):
+    seen: dict[int, int] = {}
+    for i, p in enumerate(out.get("ports") or []):
+        if p["port"] in seen:
+            problems.add(path + ("ports", i, "port"),
+                         f"duplicate port {p['port']} (also at spec.ports[{seen[p['port']]}])")
+        seen.setdefault(p["port"], i)
+
+
+# ---------------------------------------------------------------- TrafficPolicy
+
+RETRY_ON = ("5xx", "gateway-error", "reset", "connect-failure", "retriable-4xx", "refused-stream",
+            "retriable-status-codes", "cancelled", "deadline-exceeded", "internal", "resource-exhausted",
+            "unavailable")
+
+
+def _lb_checks(out, raw, path, problems):
+    t = out.get("type")
+    if t == "RING_HASH" and "ringHash" not in raw:
+        problems.add(path + ("ringHash",), "required when type is RING_HASH")
+    elif "ringHash" in raw and t is not None and t != "RING_HASH":
+        problems.add(path + ("ringHash",), f"must not be set when type is {t}")
+
+
+LOAD_BALANCER = Obj({
+    "type": optional(Enum("ROUND_ROBIN", "LEAST_REQUEST", "RING_HASH", "RANDOM"), default="ROUND_ROBIN"),
+    "ringHash": Obj({
+        "header": header_name(),
+        "cookie": token("a valid cookie name"),
+        "sourceIP": Const(True, "hash on the client address"),
+    }, checks=[exactly_one("header", "cookie", "sourceIP")]),
+    "preferSameNode": optional(Bool(), default=False),
+}, checks=[_lb_checks])
+
+CONNECTION_POOL = Obj({
+    "maxConnections": Int(1, MAX_INT32),
+    "maxPendingRequests": Int(1, MAX_INT32),
+    "maxRequestsPerConnection": Int(1, MAX_INT32),
+    "connectTimeout": Duration(positive=True),
+}, checks=[at_least_one("maxConnections", "maxPendingRequests", "maxRequestsPerConnection", "connectTimeout")])
+
+OUTLIER_DETECTION = Obj({
+    "consecutive5xxErrors": Int(1, MAX_INT32),
+    "interval": Duration(positive=True),
+    "baseEjectionTime": Duration(positive=True),
+    "maxEjectionPercent": Int(0, 100),
+})
+
+RETRIES = Obj({
+    "attempts": required(Int(0, 100)),
+    "perTryTimeout": Duration(positive=True),
+    "retryOn": List(Enum(*RETRY_ON), unique=(None, _same, "condition")),
+})
+
+RATE_LIMIT = Obj({
+    "requestsPerUnit": required(Int(1, MAX_INT32)),
+    "unit": required(Enum("second", "minute", "hour")),
+    "burst": Int(0, MAX_INT32),
+})
+
+_POLICY_SECTIONS = ("loadBalancer", "connectionPool", "outlierDetection", "timeout", "retries", "rateLimit")
+
+TRAFFIC_POLICY_SPEC = Obj({
+    "targetRef": required(target_ref()),
+    "loadBalancer": LOAD_BALANCER,
+    "connectionPool": CONNECTION_POOL,
+    "outlierDetection": OUTLIER_DETECTION,
+    "timeout": Duration(),
+    "retries": RETRIES,
+    "rateLimit": RATE_LIMIT,
+}, checks=[at_least_one(*_POLICY_SECTIONS)])
+
+
+# ---------------------------------------------------------------- FaultInjection
+
+FAULT_SPEC = Obj({
+    "targetRef": required(target_ref()),
+    "delay": Obj({"percentage": required(Number(0, 100)), "fixedDelay": required(Duration(positive=True))}),
+    "abort": Obj({"percentage": required(Number(0, 100)), "httpStatus": Int(200, 599), "grpcStatus": Int(0, 16)},
+                 checks=[exactly_one("httpStatus", "grpcStatus")]),
+}, checks=[at_least_one("delay", "abort")])
+
+
+# ---------------------------------------------------------------- AuthorizationPolicy
+
+_STRINGS = List(Str(max_len=1024), min_items=1)
+_METHOD = token("an HTTP method (like GET)")
+
+
+def _path_pattern_problem(v: str) -> str | None:
+    if not (v.startswith(("/", "*")) or v.endswith("*")):
+        return f"{show(v)} is not a path: it must start with '/' or use a '*' prefix/suffix wildcard"
+    return None
+
+
+_PATHS = List(Str(max_len=1024, check_fn=_path_pattern_problem), min_items=1)
+_IP_BLOCKS = List(CIDR(address_ok=True), min_items=1)
+_PORTS = List(port_field(), min_items=1)
+
+SOURCE = Obj({
+    "principals": _STRINGS, "notPrincipals": _STRINGS,
+    "namespaces": _STRINGS, "notNamespaces": _STRINGS,
+    "ipBlocks": _IP_BLOCKS, "notIpBlocks": _IP_BLOCKS,
+}, checks=[at_least_one("principals", "notPrincipals", "namespaces", "notNamespaces", "ipBlocks", "notIpBlocks")])
+
+OPERATION = Obj({
+    "methods": List(_METHOD, min_items=1), "notMethods": List(_METHOD, min_items=1),
+    "paths": _PATHS, "notPaths": _PATHS,
+    "ports": _PORTS, "notPorts": _PORTS,
+}, checks=[at_least_one("methods", "notMethods", "paths", "notPaths", "ports", "notPorts")])
+
+AUTHZ_RULE = Obj({
+    "from": List(Obj({"source": required(SOURCE)}), min_items=1),
+    "to": List(Obj({"operation": required(OPERATION)}), min_items=1),
+})
+
+AUTHZ_SPEC = Obj({
+    "selector": selector_obj(),
+    "action": optional(Enum("ALLOW", "DENY"), default="ALLOW"),
+    "rules": List(AUTHZ_RULE),
+})
+
+
+# ---------------------------------------------------------------- PeerAuthentication
+
+MTLS = Obj({"mode": required(Enum("STRICT", "PERMISSIVE", unsupported={
+    "DISABLE": "hostmesh always offers mTLS; use PERMISSIVE to accept plaintext",
+    "UNSET": "omit mtls to inherit instead"}))})
+
+
+class _PortKey(Field):
+    """A map key that is a port number (YAML `8080:` is an integer key)."""
+
+    def check(self, value, path, problems):
+        if isinstance(value, str) and value.isdigit():
+            value = int(value)
+        if isinstance(value, bool) or not isinstance(value, int):
+            problems.add(path, f"keys must be port numbers, got {describe(value)}")
+            return INVALID
+        return port_field().check(value, path, problems)
+
+
+def _peer_checks(out, raw, path, problems):
+    if "portLevelMtls" in raw and "selector" not in raw:
+        problems.add(path + ("portLevelMtls",), "requires a selector (port-level settings apply to selected workloads)")
+
+
+PEER_AUTHN_SPEC = Obj({
+    "selector": selector_obj(),
+    "mtls": MTLS,
+    "portLevelMtls": Map(_PortKey(), MTLS, max_items=64, key_out=lambda k: str(int(k))),
+}, checks=[at_least_one("mtls", "portLevelMtls"), _peer_checks])
+
+
+# ---------------------------------------------------------------- RequestAuthentication
+
+def _https_url_problem(v: str) -> str | None:
+    try:
+        parts = urlsplit(v)
+    except ValueError:
+        parts = None
+    if parts is None or parts.scheme != "https" or not parts.hostname:
+        return f"{show(v)} is not an https:// URL"
+    return None
+
+
+def _jwks_problem(v: str) -> str | None:
+    try:
+        doc = json.loads(v)
+    except ValueError as exc:
+        return f"is not valid JSON: {exc}"
+    if not isinstance(doc, dict) or not isinstance(doc.get("keys"), list):
+        return 'must be a JSON Web Key Set: a JSON object with a "keys" list'
+    return None
+
+
+JWT_RULE = Obj({
+    "issuer": required(Str(max_len=1024)),
+    "jwksUri": Str(max_len=2048, check_fn=_https_url_problem),
+    "jwks": Str(max_len=65536, check_fn=_jwks_problem),
+    "audiences": List(Str(max_len=1024), unique=(None, _same, "audience")),
+    "forwardOriginalToken": optional(Bool(), default=False),
+    "fromHeaders": List(Obj({"name": required(header_name()), "prefix": Str(min_len=0, max_len=256)}),
+                        min_items=1, unique=("name", _lower, "header")),
+}, checks=[exactly_one("jwksUri", "jwks")])
+
+REQUEST_AUTHN_SPEC = Obj({
+    "selector": selector_obj(),
+    "jwtRules": required(List(JWT_RULE, min_items=1, max_items=64, unique=("issuer", _same, "issuer"))),
+})
+
+
+# ---------------------------------------------------------------- MeshConfig
+
+MESH_CONFIG_SPEC = Obj({
+    "trustDomain": optional(Str(max_len=255, rule=DNS1123_SUBDOMAIN,
+                                rule_text="a valid trust domain (lowercase DNS name like cluster.local)"),
+                            default=DEFAULT_TRUST_DOMAIN),
+    "serviceCIDR": optional(CIDR(max_prefix=28), default=DEFAULT_SERVICE_CIDR),
+    "certificateTTL": optional(Duration(minimum=60), default=DEFAULT_CERTIFICATE_TTL),
+    "outboundTrafficPolicy": optional(Obj({"mode": required(Enum("ALLOW_ANY", "REGISTRY_ONLY"))}),
+                                      default={"mode": "ALLOW_ANY"}),
+})
+
+
+# ---------------------------------------------------------------- the registry
+
+@dataclass(frozen=True)
+class KindSpec:
+    api_version: str
+    kind: str
+    spec: Obj
+    name_rule: Callable[[str], str | None] = lambda v: name_problem(v, DNS1123_SUBDOMAIN, 253, SUBDOMAIN_TEXT)
+    spec_required: bool = True
+    carried: bool = True   # carried to agents as a ConfigObject (Service/Workload travel as their own types)
+
+
+def _service_name(v: str) -> str | None:
+    return name_problem(v, DNS1035_LABEL, 63, DNS1035_TEXT)
+
+
+def _mesh_config_name(v: str) -> str | None:
+    return None if v == "default" else f'MeshConfig is a singleton and must be named "default", got {show(v)}'
+
+
+KINDS: dict[str, KindSpec] = {k.kind: k for k in (
+    KindSpec(SERVICE_API, "Service", SERVICE_SPEC, name_rule=_service_name, carried=False),
+    KindSpec(HOSTMESH_API, "Workload", WORKLOAD_SPEC, carried=False),
+    KindSpec(GATEWAY_API, "HTTPRoute", routes.HTTP_ROUTE_SPEC),
+    KindSpec(GATEWAY_API, "GRPCRoute", routes.GRPC_ROUTE_SPEC),
+    KindSpec(HOSTMESH_API, "TrafficPolicy", TRAFFIC_POLICY_SPEC),
+    KindSpec(HOSTMESH_API, "FaultInjection", FAULT_SPEC),
+    KindSpec(HOSTMESH_API, "AuthorizationPolicy", AUTHZ_SPEC),
+    KindSpec(HOSTMESH_API, "PeerAuthentication", PEER_AUTHN_SPEC),
+    KindSpec(HOSTMESH_API, "RequestAuthentication", REQUEST_AUTHN_SPEC),
+    # a namespaced singleton (one in the whole mesh, in any namespace; like Istio's root-namespace
+    # config): agents' ConfigObjects always carry a namespace
+    KindSpec(HOSTMESH_API, "MeshConfig", MESH_CONFIG_SPEC, name_rule=_mesh_config_name, spec_required=False),
+)}
+
+API_VERSIONS = tuple(dict.fromkeys(k.api_version for k in KINDS.values()))
+
+
+def known_kinds_text() -> str:
+    return ", ".join(f"{k.api_version} {k.kind}" for k in KINDS.values())
+
+
+NAMESPACE_FIELD: Field = dns_label()
+LABELS_FIELD: Field = labels_map()
+ANNOTATIONS_FIELD: Field = Map(label_key(), Str(min_len=0, max_len=262144))

@@ -1,0 +1,199 @@
+"""Header helpers for forwarding HTTP messages: pure functions, no I/O.
+
+Header lists are ``list[tuple[bytes, bytes]]`` with *lowercase* names (what
+``http1`` emits and what HTTP/2 requires); values have no leading/trailing whitespace.
+Every function returns a new list and leaves its input alone.
+
+Hop-by-hop fields (RFC 9110 section 7.6.1): an intermediary removes the ``Connection``
+field, every field named by one of its options, and the fields known to be
+connection-specific whether or not they are listed: ``Keep-Alive``, ``Proxy-Connection``,
+``TE``, ``Transfer-Encoding``, ``Upgrade``. Here, in addition:
+
+* ``TE: trailers`` is kept as ``te: trailers`` (the only TE value HTTP/2 allows; gRPC
+  requires it end to end, and Envoy keeps it the same way); any other TE coding is dropped.
+* ``Upgrade`` is kept only when the caller passes a WebSocket-style upgrade through
+  (``upgrade=True``); the HTTP/1 codec then writes its own ``connection: upgrade``.
+* ``HTTP2-Settings`` is always removed (h2c upgrades are never passed on).
+* Framing is the codec's job: ``Content-Length`` is *not* removed here (it is end-to-end
+  information for HTTP/2 and for HEAD responses), the HTTP/1 serializer rewrites it.
+* A ``Connection`` option naming a field that is meant for all recipients (``host``,
+  ``content-length``, the ``x-forwarded-*`` fields, ``x-request-id``, pseudo-headers) is
+  ignored rather than obeyed: a client must not be able to make the mesh delete what it
+  or an earlier hop set (the "hop-by-hop header abuse" attack). Envoy rejects such
+  requests instead; ignoring is friendlier and just as safe.
+
+Forwarding fields:
+
+* ``x-forwarded-for``: the client address is appended (existing values are kept and
+  joined into one field, in order).
+* ``x-forwarded-proto``: kept when present (an edge proxy knows better), else set.
+* ``x-forwarded-host``: only when the routing layer rewrites Host (``forwarded_host``).
+* ``x-request-id``: a valid incoming id is kept (the first valid one; duplicates dropped),
+  else a UUID4 is generated (``new_id`` is injectable for tests).
+* ``via``: not added by default — Envoy and the other meshes do not either, and the mesh
+  aims to be invisible (RFC 9110 7.6.3 asks proxies to add it; pass ``via=`` to comply).
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+from collections.abc import Callable, Iterable
+
+Headers = list[tuple[bytes, bytes]]
+
+HOP_BY_HOP = frozenset({
+    b"connection", b"keep-alive", b"proxy-connection", b"te", b"transfer-encoding",
+    b"upgrade", b"http2-settings",
+})
+
+# never removed because a Connection option names them
+PROTECTED = frozenset({
+    b"host", b"content-length", b"x-forwarded-for", b"x-forwarded-proto",
+    b"x-forwarded-host", b"x-request-id",
+})
+
+_REQUEST_ID = re.compile(rb"[A-Za-z0-9._:+/=@-]{1,128}")
+
+
+def list_tokens(value: bytes) -> list[bytes]:
+    """The lowercase members of a comma-separated list field (empty members skipped)."""
+    return [t for t in (p.strip(b" \t").lower() for p in value.split(b",")) if t]
+
+
+def connection_options(headers: Iterable[tuple[bytes, bytes]]) -> set[bytes]:
+    """All options of all ``Connection`` fields, lowercased."""
+    opts: set[bytes] = set()
+    for name, value in headers:
+        if name == b"connection":
+            opts.update(list_tokens(value))
+    return opts
+
+
+def strip_hop_by_hop(headers: Iterable[tuple[bytes, bytes]], *, upgrade: bool = False) -> Headers:
+    """``headers`` without hop-by-hop fields (see the module doc); keeps ``te: trailers``.
+
+    ``upgrade=True`` keeps the ``upgrade`` field (WebSocket passthrough).
+    """
+    headers = headers if isinstance(headers, list) else list(headers)
+    nominated = connection_options(headers)
+    nominated.difference_update(PROTECTED)
+    nominated = {n for n in nominated if not n.startswith(b":")}
+    out: Headers = []
+    te_trailers = False
+    for name, value in headers:
+        if name in HOP_BY_HOP:
+            if name == b"te":
+                if b"trailers" in (t.split(b";", 1)[0].strip() for t in list_tokens(value)):
+                    te_trailers = True
+                continue
+            if name == b"upgrade" and upgrade:
+                out.append((name, value))
+            continue
+        if name in nominated:
+            continue
+        out.append((name, value))
+    if te_trailers:  # RFC 9110 asks senders of TE to list it in Connection: that is normal
+        out.append((b"te", b"trailers"))
+    return out
+
+
+def append_forwarded_for(headers: Iterable[tuple[bytes, bytes]], client: str | bytes) -> Headers:
+    """Append ``client`` to ``x-forwarded-for`` (all existing values joined into one field)."""
+    client_b = client.encode("ascii") if isinstance(client, str) else client
+    out: Headers = []
+    chain: list[bytes] = []
+    for name, value in headers:
+        if name == b"x-forwarded-for":
+            v = value.strip(b" \t")
+            if v:
+                chain.append(v)
+        else:
+            out.append((name, value))
+    chain.append(client_b)
+    out.append((b"x-forwarded-for", b", ".join(chain)))
+    return out
+
+
+def _uuid4() -> bytes:
+    return str(uuid.uuid4()).encode("ascii")
+
+
+def valid_request_id(value: bytes) -> bool:
+    return _REQUEST_ID.fullmatch(value) is not None
+
+
+def ensure_request_id(headers: Iterable[tuple[bytes, bytes]],
+                      new_id: Callable[[], bytes] = _uuid4) -> tuple[Headers, bytes]:
+    """Keep the first valid ``x-request-id`` (drop the others) or add a new one.
+
+    Returns ``(headers, request_id)``.
+    """
+    out: Headers = []
+    rid: bytes | None = None
+    for name, value in headers:
+        if name == b"x-request-id":
+            if rid is None and valid_request_id(value):
+                rid = value
+            continue
+        out.append((name, value))
+    if rid is None:
+        rid = new_id()
+    out.append((b"x-request-id", rid))
+    return out, rid
+
+
+def prepare_request(headers: Iterable[tuple[bytes, bytes]], *, client: str | bytes | None,
+                    proto: str | bytes = b"http", upgrade: bool = False,
+                    forwarded_host: bytes | None = None, via: bytes | None = None,
+                    new_id: Callable[[], bytes] = _uuid4) -> tuple[Headers, bytes]:
+    """Everything a forwarded request needs, in one call.
+
+    Strips hop-by-hop fields (keeping ``upgrade`` when ``upgrade``), appends ``client`` to
+    ``x-forwarded-for`` (when given), sets ``x-forwarded-proto`` if absent, sets
+    ``x-forwarded-host`` to ``forwarded_host`` when the caller rewrote Host (an existing
+    one is kept), appends ``via`` when given, and keeps or creates ``x-request-id``.
+    Returns ``(headers, request_id)``.
+    """
+    out = strip_hop_by_hop(headers, upgrade=upgrade)
+    if client is not None:
+        out = append_forwarded_for(out, client)
+    names = {n for n, _ in out}
+    if b"x-forwarded-proto" not in names:
+        out.append((b"x-forwarded-proto", proto.encode("ascii") if isinstance(proto, str) else proto))
+    if forwarded_host is not None and b"x-forwarded-host" not in names:
+        out.append((b"x-forwarded-host", forwarded_host))
+    if via is not None:
+        out = add_via(out, via)
+    return ensure_request_id(out, new_id)
+
+
+def prepare_response(headers: Iterable[tuple[bytes, bytes]], *, upgrade: bool = False,
+                     via: bytes | None = None) -> Headers:
+    """A forwarded response's headers: hop-by-hop fields stripped (``upgrade`` for a 101)."""
+    out = strip_hop_by_hop(headers, upgrade=upgrade)
+    if via is not None:
+        out = add_via(out, via)
+    return out
+
+
+def add_via(headers: Iterable[tuple[bytes, bytes]], via: bytes) -> Headers:
+    """Append a ``via`` member (e.g. ``b"1.1 hostmesh"``), joining existing ones."""
+    out: Headers = []
+    chain: list[bytes] = []
+    for name, value in headers:
+        if name == b"via":
+            chain.append(value)
+        else:
+            out.append((name, value))
+    chain.append(via)
+    out.append((b"via", b", ".join(chain)))
+    return out
+
+
+def get(headers: Iterable[tuple[bytes, bytes]], name: bytes) -> bytes | None:
+    """The first value of ``name`` (lowercase), or None."""
+    for n, v in headers:
+        if n == name:
+            return v
+    return None
