@@ -136,7 +136,7 @@ def run(seconds: int) -> list[dict]:
         services = [Service("iperf", "default", IPERF_VIP, (ServicePort(IPERF_PORT, IPERF_PORT),), ep(IPERF_PORT)),
                     Service("web", "default", WEB_VIP, (ServicePort(80, WEB_PORT),), ep(WEB_PORT))]
         mesh.write_snapshots(lab, services, workloads)
-        proc = mesh.spawn_agent(lab, "node1", "iptables")
+        proc = mesh.spawn_agent(lab, "node1", "iptables", static=True)
         mesh.wait_ready(lab, "node1", proc)
         results.append(measure(lab, "hostmesh", (IPERF_VIP, IPERF_PORT), f"http://{WEB_VIP}/", seconds))
         stop_agent(lab)

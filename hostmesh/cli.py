@@ -46,12 +46,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--capture", help="capture mode: iptables or none")
     p.add_argument("--pod-cidr", action="append", help="a CIDR of this node's pods (repeatable)")
     p.add_argument("--mesh-cidr", action="append", help="a destination CIDR captured outbound (repeatable)")
-    p.add_argument("--snapshot", help="static snapshot file (JSON) to serve from")
+    p.add_argument("--control-plane", help="the control plane's gRPC address, HOST:PORT (port 15010)")
+    p.add_argument("--snapshot", help="static snapshot file (JSON) to serve from instead of a control plane")
     p.add_argument("--admin-address", help="admin endpoint address:port (default 127.0.0.1:15000)")
     p.add_argument("--unknown-destination", help="passthrough (default) or refuse")
     p.add_argument("--drain-grace", help="how long SIGTERM waits for connections, e.g. 10s")
     p.add_argument("--state-dir", help="where the agent keeps state (default /var/lib/hostmesh)")
     p.add_argument("--agent-log-level", help="debug, info, warning or error")
+
+    p = sub.add_parser("controlplane", help="run the control plane (config dir -> snapshots -> gRPC)")
+    p.add_argument("--config-dir", required=True, help="directory of YAML config objects (watched)")
+    p.add_argument("--grpc-address", default="0.0.0.0:15010", help="discovery + certificates (default 0.0.0.0:15010)")
+    p.add_argument("--http-address", default="0.0.0.0:15014", help="/metrics, /ready, /debug (default 0.0.0.0:15014)")
+
+    p = sub.add_parser("status", help="control plane reachable? config valid? each node's acked version")
+    p.add_argument("--controlplane", default="http://127.0.0.1:15014", help="the control plane's HTTP URL")
+    p.add_argument("--lab", help="ask the control plane of this lab (enters its namespace)")
+    _output_flag(p)
 
     p = sub.add_parser("proxy-config", help="what a node agent has in force (from its admin endpoint)")
     p.add_argument("what", choices=["listeners", "clusters", "routes", "certs", "capture"])
@@ -69,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-apps", action="store_true", help="do not start the test app in the pods")
     p.add_argument("--mesh", action=argparse.BooleanOptionalAction, default=True,
                    help="start a node agent on every node (default: on)")
-    p.add_argument("--capture", default="iptables", choices=["iptables"], help="capture backend for the agents")
+    p.add_argument("--capture", default="iptables", choices=["iptables", "ebpf", "auto"], help="capture backend for the agents")
     _output_flag(p)
     p = lsub.add_parser("down", help="remove a lab and everything it started")
     _lab_flag(p)
@@ -127,6 +138,45 @@ def cmd_agent(args) -> int:
         return run_agent(boot)
     except AgentError as exc:
         raise CliError(str(exc)) from None
+
+
+def cmd_controlplane(args) -> int:
+    from controlplane.errors import ControlPlaneError
+    from controlplane.process import run_controlplane
+    from nodeagent import bootstrap
+    from nodeagent.errors import AgentError
+    if not os.path.isdir(args.config_dir):
+        raise CliError(f"--config-dir {args.config_dir}: not a directory")
+    try:
+        http = bootstrap.parse_host_port(args.http_address, "--http-address")
+        bootstrap.parse_host_port(args.grpc_address, "--grpc-address")
+        return run_controlplane(args.config_dir, args.grpc_address, http, args.log_level)
+    except (AgentError, ControlPlaneError, OSError) as exc:
+        raise CliError(str(exc)) from None
+
+
+def cmd_status(args) -> int:
+    from hostmesh.remote import RemoteError, get_json
+    base = "http://198.18.0.2:15014" if args.lab else args.controlplane.rstrip("/")
+    where = {"lab": args.lab, "target": "controlplane"} if args.lab else {}
+    try:
+        config = get_json(f"{base}/debug/config", **where)
+        agents = get_json(f"{base}/debug/agents", **where)
+    except RemoteError as exc:
+        raise CliError(f"control plane not reachable: {exc}") from None
+    if args.output == "json":
+        print(to_json({"reachable": True, "config": config, "agents": agents}))
+    else:
+        state = "valid" if config["valid"] else f"INVALID ({len(config['errors'])} errors; last good config in force)"
+        print(f"control plane {base}: reachable, config {state}, model {config.get('model_version')}")
+        for e in config["errors"]:
+            print(f"  error: {e['message']}")
+        print()
+        print(table(["NODE", "CONNECTED", "LATEST", "ACKED", "IN SYNC", "LAST NACK"],
+                    [[a["node"], "yes" if a.get("connected") else "no", a.get("latest_version", ""),
+                      a.get("acked_version", ""), "yes" if a.get("in_sync") else "no",
+                      a.get("last_nack_error") or ""] for a in agents]))
+    return 0 if config["valid"] and all(a.get("in_sync") for a in agents) else 1
 
 
 def cmd_proxy_config(args) -> int:
@@ -239,7 +289,8 @@ def cmd_demo(args) -> int:
 
 
 LAB_COMMANDS = {"up": lab_up, "down": lab_down, "status": lab_status, "exec": lab_exec}
-COMMANDS = {"version": cmd_version, "check": cmd_check, "agent": cmd_agent, "proxy-config": cmd_proxy_config, "lab": cmd_lab, "demo": cmd_demo}
+COMMANDS = {"version": cmd_version, "check": cmd_check, "agent": cmd_agent, "controlplane": cmd_controlplane, "status": cmd_status,
+            "proxy-config": cmd_proxy_config, "lab": cmd_lab, "demo": cmd_demo}
 
 
 if __name__ == "__main__":

@@ -249,7 +249,10 @@ class Lab:
             n["agent"] = mesh.agent_running(self, n["name"])
         return {
             "name": self.name, "up": bool(topo), "nodes": nodes, "pods": pods,
-            "services": mesh.read_services(self), "controlplane": None, "run_dir": self.names.run_dir,
+            "services": mesh.read_services(self), "run_dir": self.names.run_dir,
+            "controlplane": {"address": naming.CONTROLPLANE_IP, "grpc": mesh.CP_GRPC, "http": mesh.CP_HTTP,
+                             "config_dir": str(mesh.cp_config_dir(self)),
+                             "running": mesh.controlplane_running(self)} if topo else None,
         }
 
     # ------------------------------------------------------------------ down

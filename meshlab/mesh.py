@@ -1,8 +1,10 @@
-"""The mesh side of a lab: the default Service, per-node agent config, and starting the agents.
+"""The mesh side of a lab: the control plane, its config directory, and the node agents.
 
-Until the control plane lands, the lab renders each node's snapshot itself (services with
-their endpoints, and the workloads) into the lab's run dir; agents read it from there and
-pick up changes to it.
+`lab up` writes the lab's desired state as YAML objects (a Workload per pod, the default
+`testapp` Service) into a config directory the user can edit, runs `hostmesh controlplane`
+in the lab's control-plane namespace (198.18.0.2) and an agent on every node connected to
+it. Tests and benchmarks that need no control plane can instead render static snapshot
+files (`write_snapshots`) and start agents with `static=True`.
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ DEFAULT_SERVICE_NAME = "testapp"
 DEFAULT_SERVICE_VIP = "198.19.0.10"
 AGENT_READY_TIMEOUT = 20.0
 ADMIN = "127.0.0.1:15000"
+CP_GRPC = f"{naming.CONTROLPLANE_IP}:15010"
+CP_HTTP = f"http://{naming.CONTROLPLANE_IP}:15014"
 
 
 def lab_workloads(lab: Lab) -> list[Workload]:
@@ -51,7 +55,69 @@ def default_services(workloads: list[Workload]) -> list[Service]:
 
 
 def config_dir(lab: Lab) -> Path:
+    """Agent bootstrap files and static snapshots (not the control plane's config)."""
     return Path(lab.names.run_dir, "config")
+
+
+def cp_config_dir(lab: Lab) -> Path:
+    """The control plane's config directory: edit the YAML here and the mesh follows."""
+    return Path(lab.names.run_dir, "controlplane")
+
+
+def workload_documents(lab: Lab) -> list[dict]:
+    return [{
+        "apiVersion": "hostmesh.io/v1alpha1", "kind": "Workload",
+        "metadata": {"name": w.name, "namespace": w.namespace, "labels": dict(w.labels)},
+        "spec": {"node": w.node, "address": w.address, "serviceAccount": w.service_account,
+                 "ports": [{"name": "http", "port": 8080}, {"name": "grpc", "port": 9090}]},
+    } for w in lab_workloads(lab)]
+
+
+def service_document(name: str, vip: str, selector: dict, ports: list[dict], namespace: str = "default") -> dict:
+    return {"apiVersion": "v1", "kind": "Service", "metadata": {"name": name, "namespace": namespace},
+            "spec": {"clusterIP": vip, "selector": selector, "ports": ports}}
+
+
+def write_config(lab: Lab, filename: str, documents: list[dict]) -> Path:
+    """Write YAML documents into the control plane's config dir atomically (it is watched)."""
+    d = cp_config_dir(lab)
+    d.mkdir(parents=True, exist_ok=True)
+    path = d / filename
+    tmp = d / f".{filename}.tmp"
+    tmp.write_text(yaml.safe_dump_all(documents, sort_keys=False))
+    tmp.replace(path)
+    return path
+
+
+def write_default_config(lab: Lab) -> None:
+    write_config(lab, "workloads.yaml", workload_documents(lab))
+    write_config(lab, "services.yaml", [service_document(
+        DEFAULT_SERVICE_NAME, DEFAULT_SERVICE_VIP, {"app": "testapp"},
+        [{"name": "http", "port": 80, "targetPort": 8080, "appProtocol": "http"},
+         {"name": "grpc", "port": 9090, "targetPort": 9090, "appProtocol": "grpc"}])])
+
+
+def start_controlplane(lab: Lab, timeout: float = AGENT_READY_TIMEOUT) -> subprocess.Popen:
+    from meshlab.lab import CONTROLPLANE
+    argv = [sys.executable, "-m", "hostmesh.cli", "controlplane", "--config-dir", str(cp_config_dir(lab))]
+    proc = lab.spawn(lab.target(CONTROLPLANE), argv, "controlplane")
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc.poll() is not None:
+            raise LabError(f"the control plane exited with {proc.returncode}; "
+                           f"see {lab.names.run_dir}/logs/controlplane.log")
+        r = cp_get(lab, "/ready")
+        if r.returncode == 0:
+            return proc
+        if time.monotonic() > deadline:
+            raise LabError(f"the control plane was not ready within {timeout:g}s: {r.stdout.strip()}")
+        time.sleep(0.1)
+
+
+def cp_get(lab: Lab, path: str) -> subprocess.CompletedProcess:
+    from meshlab.lab import CONTROLPLANE
+    return lab.run(CONTROLPLANE, ["curl", "-sS", "--fail-with-body", "--max-time", "5", f"{CP_HTTP}{path}"],
+                   timeout=10)
 
 
 def write_snapshots(lab: Lab, services: list[Service], workloads: list[Workload]) -> None:
@@ -67,45 +133,61 @@ def write_snapshots(lab: Lab, services: list[Service], workloads: list[Workload]
 
 
 def read_services(lab: Lab) -> list[dict]:
-    """The services as the lab last rendered them (for `lab status`)."""
-    files = sorted(config_dir(lab).glob("snapshot-*.json"))
-    if not files:
-        return []
-    snap = json.loads(files[0].read_text())
+    """The services in force: from the control plane if it runs, else the static snapshots."""
+    snap = None
+    topo = lab.topology()
+    if topo and controlplane_running(lab):
+        r = cp_get(lab, f"/debug/snapshot?node={next(iter(topo))}")
+        if r.returncode == 0:
+            snap = json.loads(r.stdout)
+    if snap is None:
+        files = sorted(config_dir(lab).glob("snapshot-*.json"))
+        if not files:
+            return []
+        snap = json.loads(files[0].read_text())
     return [{"name": s["name"], "namespace": s["namespace"], "vip": s["cluster_ip"],
              "ports": [f"{p['port']}->{p['target_port']}" for p in s["ports"]],
              "endpoints": [e["address"] for e in s["endpoints"]]} for s in snap["services"]]
 
 
-def agent_bootstrap(lab: Lab, node: str, capture: str) -> Path:
+def agent_bootstrap(lab: Lab, node: str, capture: str, *, static: bool = False) -> Path:
     i = naming.node_index(node)
     all_pod_cidrs = [naming.pod_cidr(naming.node_index(n)) for n in lab.topology()]
     doc = {
         "node": node,
         "capture": {"mode": capture, "podCIDRs": [naming.pod_cidr(i)],
-                    "meshCIDRs": [naming.SERVICE_CIDR] + all_pod_cidrs},
+                    "meshCIDRs": [naming.SERVICE_CIDR] + all_pod_cidrs,
+                    # eBPF capture: each pod's cgroup, the pods' gateway on the node, and the
+                    # pin directory name (nodes of all labs share this kernel)
+                    "cgroups": [lab.names.pod_cgroup(node, p) for p in lab.topology()[node]],
+                    "redirectAddress": naming.POD_GATEWAY, "instance": f"{lab.name}-{node}"},
         "admin": {"address": ADMIN},
-        "snapshotFile": str(config_dir(lab) / f"snapshot-{node}.json"),
+        **({"snapshotFile": str(config_dir(lab) / f"snapshot-{node}.json")} if static else {"controlPlane": CP_GRPC}),
         "stateDir": str(Path(lab.names.run_dir, "state", node)),
         "drainGrace": "5s",
     }
     path = config_dir(lab) / f"agent-{node}.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(doc, sort_keys=False))
     return path
 
 
-def start_agents(lab: Lab, capture: str = "iptables") -> dict[str, subprocess.Popen]:
-    """Render the default config, start an agent on every node and wait until all are ready."""
-    workloads = lab_workloads(lab)
-    write_snapshots(lab, default_services(workloads), workloads)
-    procs = {node: spawn_agent(lab, node, capture) for node in lab.topology()}
+def start_agents(lab: Lab, capture: str = "iptables", *, static: bool = False) -> dict[str, subprocess.Popen]:
+    """Start the control plane (unless `static`) and an agent on every node; wait until all are ready."""
+    if static:
+        workloads = lab_workloads(lab)
+        write_snapshots(lab, default_services(workloads), workloads)
+    else:
+        write_default_config(lab)
+        start_controlplane(lab)
+    procs = {node: spawn_agent(lab, node, capture, static=static) for node in lab.topology()}
     for node, proc in procs.items():
         wait_ready(lab, node, proc)
     return procs
 
 
-def spawn_agent(lab: Lab, node: str, capture: str = "iptables") -> subprocess.Popen:
-    cfg = agent_bootstrap(lab, node, capture)
+def spawn_agent(lab: Lab, node: str, capture: str = "iptables", *, static: bool = False) -> subprocess.Popen:
+    cfg = agent_bootstrap(lab, node, capture, static=static)
     argv = [sys.executable, "-m", "hostmesh.cli", "agent", "--config", str(cfg)]
     return lab.spawn(lab.target(node), argv, f"agent-{node}")
 
@@ -126,11 +208,23 @@ def wait_ready(lab: Lab, node: str, proc: subprocess.Popen, timeout: float = AGE
 
 def agent_pids(lab: Lab, node: str) -> list[int]:
     """Agents running in a node's cgroup (found from the kernel, no pid files)."""
+    return _command_pids(lab.names.node_cgroup(node), b"agent")
+
+
+def controlplane_pids(lab: Lab) -> list[int]:
+    return _command_pids(lab.names.controlplane_cgroup, b"controlplane")
+
+
+def controlplane_running(lab: Lab) -> bool:
+    return bool(controlplane_pids(lab))
+
+
+def _command_pids(cgroup: str, word: bytes) -> list[int]:
     from meshlab import cgroups
     pids = []
-    for pid in cgroups.tree_pids(cgroups.cgroup_root() / lab.names.node_cgroup(node)):
+    for pid in cgroups.tree_pids(cgroups.cgroup_root() / cgroup):
         try:
-            if b"agent" in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0"):
+            if word in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0"):
                 pids.append(pid)
         except OSError:
             continue

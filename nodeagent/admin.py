@@ -314,7 +314,7 @@ class AdminDispatcher:
     def _ready(self, query: str) -> Response:
         ready, reason = self.inputs.readiness()
         if ready:
-            return text_response(200, "ready")
+            return text_response(200, str(reason) or "ready")
         return text_response(503, str(reason) or "not ready")
 
     def _metrics(self, query: str) -> Response:

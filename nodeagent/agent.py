@@ -11,6 +11,7 @@ connections drain, and only then is capture removed.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import os
 import signal
@@ -27,10 +28,12 @@ from nodeagent.bootstrap import Bootstrap
 from nodeagent.capture import Capture, CaptureSpec, make_capture
 from nodeagent.capture.base import so_original_dst
 from nodeagent.configsource import SnapshotFile
+from nodeagent.cpclient import ControlPlaneClient
+from nodeagent.persist import SnapshotStore
 from nodeagent.errors import AgentError
 from nodeagent.proxy import NodeProxy, ProxyInputs, ProxyLimits
 from nodeagent.proxy.destinations import service_endpoints
-from nodeagent.state import AgentState
+from nodeagent.state import AgentState, NodeSnapshot
 from nodeagent.telemetry import ProxyMetrics
 
 log = logging.getLogger("hostmesh.agent")
@@ -76,10 +79,18 @@ class Agent:
         if boot.capture_mode != "none":
             self.capture = make_capture(boot.capture_mode, CaptureSpec(
                 pod_cidrs=boot.pod_cidrs, mesh_cidrs=boot.mesh_cidrs, outbound_port=boot.outbound_port,
-                inbound_port=boot.inbound_port, socket_mark=boot.socket_mark))
+                inbound_port=boot.inbound_port, socket_mark=boot.socket_mark, cgroups=boot.capture_cgroups,
+                redirect_address=boot.redirect_address, instance=boot.capture_instance))
+            self.capture.register_metrics(self.registry)
+        # config comes from the control plane; a static snapshot file is kept for tests/benches
         self.source = SnapshotFile(boot.snapshot_file, boot.node, self.state,
                                    on_error=lambda _msg: self.metrics.config_errors.inc()) \
             if boot.snapshot_file else None
+        self.cp = ControlPlaneClient(
+            boot.control_plane, boot.node, self.state,
+            SnapshotStore(os.path.join(boot.state_dir, "snapshot.json")), self.registry,
+            validate=self.validate_snapshot,
+        ) if boot.control_plane and not boot.snapshot_file else None
         self.proxy = NodeProxy(
             ProxyInputs(
                 state=self.state, node=boot.node, metrics=ProxyMetrics(self.registry),
@@ -126,6 +137,8 @@ class Agent:
             loop.add_signal_handler(sig, self._stop.set)
         if self.source:
             self._tasks.append(asyncio.create_task(self._watch_config()))
+        if self.cp:
+            self._tasks.append(asyncio.create_task(self.cp.run()))
         if self.capture:
             self._tasks.append(asyncio.create_task(self._reconcile_capture()))
         await self._stop.wait()
@@ -171,17 +184,34 @@ class Agent:
                 self.metrics.capture_verify_ok.set(0)
             self._update_ready()
 
+    def validate_snapshot(self, snap: NodeSnapshot) -> None:
+        """What only this node can check (the control plane does not know its pod CIDRs):
+        a local workload outside them would never be captured, so the snapshot is NACKed."""
+        if self.capture is None:
+            return
+        nets = [ipaddress.IPv4Network(c) for c in self.boot.pod_cidrs]
+        for w in snap.local_workloads():
+            if not any(ipaddress.IPv4Address(w.address) in n for n in nets):
+                raise ValueError(f"workload {w.namespace}/{w.name}: address {w.address} is outside this node's "
+                                 f"pod CIDRs {', '.join(self.boot.pod_cidrs)}, so its traffic would not be captured")
+
     # ------------------------------------------------------------------ admin views
     def readiness(self) -> tuple[bool, str]:
         if self.life.state != "LIVE":
             return False, f"agent is {self.life.state.lower()}"
         if self.state.snapshot is None:
+            if self.cp:
+                return False, self.cp.status()["message"]
             why = self.source.last_error if self.source and self.source.last_error else "no config received yet"
             return False, why
         if self.capture and not self.life.capture_installed:
             return False, "capture is not installed"
         if self.capture and self.life.last_verify and not self.life.last_verify.get("ok"):
             return False, "capture verification failed: " + "; ".join(self.life.last_verify.get("problems", []))
+        if self.cp:
+            cp = self.cp.status()
+            if cp["stale"]:
+                return True, f"ready; {cp['message']}"
         return True, "ready"
 
     def _update_ready(self) -> None:
@@ -210,12 +240,14 @@ class Agent:
             "state": self.life.state, "uptime_seconds": round(time.time() - self.life.started, 3),
             "capture_mode": self.boot.capture_mode, "snapshot_version": snap.version if snap else None,
             "active_connections": self.proxy.active_connections,
+            "control_plane": self.cp.status()["message"] if self.cp else "static snapshot file",
         }
 
     def config_dump(self) -> dict:
         snap = self.state.snapshot
         return {"bootstrap": self.boot.to_dict(), "snapshot": snap.to_dict() if snap else None,
-                "snapshot_error": self.source.last_error if self.source else ""}
+                "snapshot_error": self.source.last_error if self.source else "",
+                "control_plane": self.cp.status() if self.cp else None}
 
     def listeners(self) -> list[dict]:
         return [

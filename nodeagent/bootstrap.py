@@ -16,7 +16,7 @@ import yaml
 
 from nodeagent.errors import ConfigError
 
-CAPTURE_MODES = ("iptables", "none")
+CAPTURE_MODES = ("iptables", "ebpf", "auto", "none")
 UNKNOWN_DESTINATION = ("passthrough", "refuse")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
@@ -30,6 +30,9 @@ class Bootstrap:
     capture_mode: str = "iptables"
     pod_cidrs: tuple[str, ...] = ()
     mesh_cidrs: tuple[str, ...] = ()
+    capture_cgroups: tuple[str, ...] = ()  # eBPF: cgroup v2 dirs captured outbound (pods, host units)
+    redirect_address: str = ""  # eBPF: where pods reach the node's proxy (their gateway)
+    capture_instance: str = ""  # eBPF: names the pins, /sys/fs/bpf/hostmesh/<instance>
     admin_host: str = "127.0.0.1"
     admin_port: int = 15000
     outbound_port: int = 15001
@@ -41,13 +44,16 @@ class Bootstrap:
     max_connections: int = 10000
     drain_grace: float = 10.0
     snapshot_file: str = ""
+    control_plane: str = ""  # host:port of the control plane's gRPC endpoint
     state_dir: str = "/var/lib/hostmesh"
     log_level: str = "info"
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "node": self.node,
-            "capture": {"mode": self.capture_mode, "podCIDRs": list(self.pod_cidrs), "meshCIDRs": list(self.mesh_cidrs)},
+            "capture": {"mode": self.capture_mode, "podCIDRs": list(self.pod_cidrs), "meshCIDRs": list(self.mesh_cidrs),
+                        "cgroups": list(self.capture_cgroups), "redirectAddress": self.redirect_address,
+                        "instance": self.capture_instance},
             "admin": {"address": f"{self.admin_host}:{self.admin_port}"},
             "proxy": {
                 "outboundPort": self.outbound_port, "inboundPort": self.inbound_port,
@@ -57,6 +63,7 @@ class Bootstrap:
             },
             "drainGrace": self.drain_grace,
             "snapshotFile": self.snapshot_file,
+            "controlPlane": self.control_plane,
             "stateDir": self.state_dir,
             "logLevel": self.log_level,
         }
@@ -64,8 +71,9 @@ class Bootstrap:
 
 # the file's shape: a key maps to its kind, or to a nested section
 _SCHEMA: dict[str, Any] = {
-    "node": str, "snapshotFile": str, "stateDir": str, "logLevel": str, "drainGrace": "duration",
-    "capture": {"mode": str, "podCIDRs": "cidrs", "meshCIDRs": "cidrs"},
+    "node": str, "snapshotFile": str, "controlPlane": "endpoint", "stateDir": str, "logLevel": str, "drainGrace": "duration",
+    "capture": {"mode": str, "podCIDRs": "cidrs", "meshCIDRs": "cidrs", "cgroups": "strings",
+                "redirectAddress": "ipv4", "instance": "instance"},
     "admin": {"address": "hostport"},
     "proxy": {"outboundPort": "port", "inboundPort": "port", "socketMark": "mark",
               "unknownDestination": str, "connectTimeout": "duration", "idleTimeout": "duration",
@@ -117,6 +125,24 @@ def _check(kind: Any, value: Any, where: str) -> Any:
             except ValueError as exc:
                 raise ConfigError(f"{where}[{i}]: {c!r} is not an IPv4 CIDR ({exc})") from None
         return tuple(out)
+    if kind == "strings":
+        if isinstance(value, str) or not isinstance(value, list) or not all(isinstance(x, str) and x for x in value):
+            raise ConfigError(f"{where}: must be a list of non-empty strings")
+        return tuple(value)
+    if kind == "ipv4":
+        try:
+            return str(ipaddress.IPv4Address(str(value)))
+        except ValueError:
+            raise ConfigError(f"{where}: {value!r} is not an IPv4 address") from None
+    if kind == "instance":
+        if not isinstance(value, str) or not re.match(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$", value):
+            raise ConfigError(f"{where}: {value!r} must be 1-64 letters, digits, '.', '_' or '-'")
+        return value
+    if kind == "endpoint":
+        host, sep, port = str(value).rpartition(":")
+        if not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+            raise ConfigError(f"{where}: {value!r} is not a host:port address")
+        return f"{host}:{int(port)}"
     if kind == "hostport":
         host, sep, port = str(value).rpartition(":")
         try:
@@ -202,11 +228,15 @@ def build(file_values: dict[str, Any], overrides: dict[str, Any]) -> Bootstrap:
     ports.setdefault("proxy.inboundPort", 15006)
     if len(set(ports.values())) != len(ports):
         errors.append(f"ports must differ: {', '.join(f'{k}={p}' for k, p in ports.items())}")
+    if not v.get("snapshotFile") and not v.get("controlPlane"):
+        errors.append("controlPlane: is required (--control-plane HOST:PORT), unless a static snapshotFile is given")
     if errors:
         raise ConfigError("\n".join(errors))
     b = Bootstrap(node=node)
     return replace(
         b, capture_mode=mode, pod_cidrs=tuple(pods), mesh_cidrs=tuple(mesh),
+        capture_cgroups=v.get("capture.cgroups", ()), redirect_address=v.get("capture.redirectAddress", ""),
+        capture_instance=v.get("capture.instance", ""),
         admin_host=admin[0], admin_port=admin[1],
         outbound_port=ports["proxy.outboundPort"], inbound_port=ports["proxy.inboundPort"],
         socket_mark=v.get("proxy.socketMark", b.socket_mark), unknown_destination=unknown,
@@ -214,8 +244,14 @@ def build(file_values: dict[str, Any], overrides: dict[str, Any]) -> Bootstrap:
         idle_timeout=v.get("proxy.idleTimeout", b.idle_timeout),
         max_connections=v.get("proxy.maxConnections", b.max_connections),
         drain_grace=v.get("drainGrace", b.drain_grace), snapshot_file=v.get("snapshotFile", ""),
+        control_plane=v.get("controlPlane", ""),
         state_dir=v.get("stateDir", b.state_dir), log_level=level,
     )
+
+
+def parse_host_port(value: str, where: str) -> tuple[str, int]:
+    """'0.0.0.0:15014' -> ('0.0.0.0', 15014); a clear ConfigError otherwise."""
+    return _check("hostport", value, where)
 
 
 def flag_overrides(args: Any) -> dict[str, Any]:
@@ -231,6 +267,7 @@ def flag_overrides(args: Any) -> dict[str, Any]:
         ("capture.podCIDRs", "cidrs", args.pod_cidr, "--pod-cidr"),
         ("capture.meshCIDRs", "cidrs", args.mesh_cidr, "--mesh-cidr"),
         ("admin.address", "hostport", args.admin_address, "--admin-address"),
+        ("controlPlane", "endpoint", args.control_plane, "--control-plane"),
         ("drainGrace", "duration", args.drain_grace, "--drain-grace"),
     ):
         if value:

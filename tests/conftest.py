@@ -47,7 +47,7 @@ def lab():
         the_lab.down()
 
 
-CAPTURE_BACKENDS = ["iptables"]
+CAPTURE_BACKENDS = ["iptables", "ebpf"]
 
 
 @pytest.fixture(scope="module", params=CAPTURE_BACKENDS)

@@ -32,7 +32,7 @@ def node_lab():
 
 
 def bootstrap(lab: Lab, **changes) -> Path:
-    path = mesh.agent_bootstrap(lab, "node1", "iptables")
+    path = mesh.agent_bootstrap(lab, "node1", "iptables", static=True)
     doc = yaml.safe_load(path.read_text())
     for key, value in changes.items():
         section, _, field = key.partition(".")
@@ -108,7 +108,7 @@ def test_admin_port_in_use(node_lab):
 
 
 @pytest.mark.parametrize("changes,message", [
-    ({"capture.mode": "ebpf"}, "capture.mode: 'ebpf' is not a capture mode (valid: iptables, none)"),
+    ({"capture.mode": "magic"}, "capture.mode: 'magic' is not a capture mode (valid: iptables, ebpf, auto, none)"),
     ({"capture.podCIDRs": ["198.18.1.0/33"]}, "capture.podCIDRs[0]: '198.18.1.0/33' is not an IPv4 CIDR"),
     ({"proxy": {"outboundPort": "x"}}, "proxy.outboundPort: must be an integer, got 'x'"),
     ({"nodes": "node1"}, "nodes: unknown field"),

@@ -9,6 +9,7 @@ from nodeagent.errors import ConfigError
 
 GOOD = """
 node: node1
+controlPlane: 198.18.0.2:15010
 capture:
   mode: iptables
   podCIDRs: [198.18.1.0/24]
@@ -50,7 +51,7 @@ def test_flags_override_the_file(tmp_path):
     ("- a\n- b\n", "the bootstrap file must be a mapping, got list"),
     ("node: n1\ncaptrue: {}\n", "captrue: unknown field"),
     ("node: n1\ncapture:\n  mode: magic\n  podCIDRs: [198.18.1.0/24]\n  meshCIDRs: [198.19.0.0/16]\n",
-     "capture.mode: 'magic' is not a capture mode (valid: iptables, none)"),
+     "capture.mode: 'magic' is not a capture mode (valid: iptables, ebpf, auto, none)"),
     ("node: n1\ncapture:\n  podCIDRs: [198.18.1.1/24]\n", "capture.podCIDRs[0]: '198.18.1.1/24' is not an IPv4 CIDR"),
     ("node: n1\nproxy:\n  outboundPort: 70000\n", "proxy.outboundPort: 70000 is out of range 1-65535"),
     ("node: n1\nproxy:\n  connectTimeout: soon\n", "proxy.connectTimeout: 'soon' is not a duration"),
@@ -59,6 +60,8 @@ def test_flags_override_the_file(tmp_path):
     ("node: n1\nproxy: 3\n", "proxy: must be a mapping"),
     ("capture: {mode: none}\n", "node: is required"),
     ("node: n1\n", "capture: podCIDRs and meshCIDRs are required"),
+    ("node: n1\ncapture: {mode: none}\n", "controlPlane: is required (--control-plane HOST:PORT)"),
+    ("node: n1\ncapture: {mode: none}\ncontrolPlane: cp\n", "controlPlane: 'cp' is not a host:port address"),
     ("node: n1\ncapture: {mode: none}\nproxy: {outboundPort: 15000}\n", "ports must differ"),
     ("node: n1\ncapture: {mode: none}\nproxy: {unknownDestination: drop}\n", "'drop' is not valid (valid: passthrough, refuse)"),
 ])
@@ -81,7 +84,7 @@ def test_missing_file_is_named(tmp_path):
 
 
 def test_flag_values_are_checked():
-    args = argparse.Namespace(node="n1", capture=None, snapshot=None, unknown_destination=None,
+    args = argparse.Namespace(node="n1", capture=None, snapshot=None, unknown_destination=None, control_plane=None,
                               agent_log_level=None, state_dir=None, pod_cidr=["198.18.1.0/33"],
                               mesh_cidr=None, admin_address="127.0.0.1:99999", drain_grace=None)
     with pytest.raises(ConfigError) as exc:

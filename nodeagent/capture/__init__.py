@@ -25,9 +25,24 @@ def _iptables(spec: CaptureSpec, netns: str | None) -> Capture:
     return IptablesCapture(spec, netns=netns)
 
 
-# mode -> factory; a new backend (ebpf) registers here
+def _ebpf(spec: CaptureSpec, netns: str | None) -> Capture:
+    from nodeagent.capture.ebpf import EbpfCapture
+
+    return EbpfCapture(spec, netns=netns)
+
+
+def _auto(spec: CaptureSpec, netns: str | None) -> Capture:
+    """eBPF when this host can run it, else iptables; the reason is logged and in describe()."""
+    from nodeagent.capture.ebpf_auto import AutoCapture
+
+    return AutoCapture(spec, netns=netns)
+
+
+# mode -> factory; a new backend registers here
 BACKENDS: dict[str, Callable[[CaptureSpec, str | None], Capture]] = {
     "iptables": _iptables,
+    "ebpf": _ebpf,
+    "auto": _auto,
 }
 
 
@@ -35,7 +50,7 @@ def make_capture(mode: str, spec: CaptureSpec, *, netns: str | None = None) -> C
     """The capture backend for `mode`, bound to `spec`, acting in `netns` (None: this namespace)."""
     factory = BACKENDS.get(mode) if isinstance(mode, str) else None
     if factory is None:
-        raise CaptureError(f"capture mode {mode!r} is not known; valid modes: {', '.join(sorted(BACKENDS))}")
+        raise CaptureError(f"capture mode {mode!r} is not known; valid modes: {', '.join(BACKENDS)}")
     return factory(spec, netns)
 
 

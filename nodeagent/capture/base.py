@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import abc
 import ipaddress
+import re
 import socket
 import time
 from dataclasses import asdict, dataclass, field
@@ -27,6 +28,7 @@ from nodeagent.capture.origdst import so_original_dst
 from nodeagent.errors import CaptureError
 
 MAX_MARK = 0xFFFFFFFF
+_INSTANCE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
 @dataclass(frozen=True)
@@ -39,6 +41,10 @@ class CaptureSpec:
     inbound_port: int = 15006
     socket_mark: int = 0x539            # the proxy's own sockets carry this mark and are never captured
     exclude_inbound_ports: tuple[int, ...] = ()
+    # eBPF backend only (the iptables backend ignores them):
+    cgroups: tuple[str, ...] = ()       # cgroup v2 dirs whose processes are captured outbound (pods, host units)
+    redirect_address: str = ""          # where pods reach the node's proxy (their gateway, e.g. 169.254.1.1)
+    instance: str = ""                  # names this agent's pins: /sys/fs/bpf/hostmesh/<instance>
 
     def __post_init__(self) -> None:
         for name in ("pod_cidrs", "mesh_cidrs"):
@@ -60,12 +66,29 @@ class CaptureSpec:
                 raise CaptureError(f"capture spec: exclude_inbound_ports lists {p} twice")
             seen.add(p)
         object.__setattr__(self, "exclude_inbound_ports", tuple(ports))
+        groups = _seq("cgroups", self.cgroups)
+        for g in groups:
+            if not isinstance(g, str) or not g.strip() or "\0" in g:
+                raise CaptureError(f"capture spec: cgroups entry {g!r} is not a cgroup path")
+        if len(set(groups)) != len(groups):
+            raise CaptureError("capture spec: cgroups lists a cgroup twice")
+        object.__setattr__(self, "cgroups", tuple(groups))
+        if self.redirect_address:
+            try:
+                ipaddress.IPv4Address(self.redirect_address)
+            except ValueError:
+                raise CaptureError(f"capture spec: redirect_address {self.redirect_address!r} is not an "
+                                   f"IPv4 address") from None
+        if not isinstance(self.instance, str) or (self.instance and not _INSTANCE.match(self.instance)):
+            raise CaptureError(f"capture spec: instance {self.instance!r} must be 1-64 letters, digits, "
+                               f"'.', '_' or '-'")
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["pod_cidrs"] = list(self.pod_cidrs)
         d["mesh_cidrs"] = list(self.mesh_cidrs)
         d["exclude_inbound_ports"] = list(self.exclude_inbound_ports)
+        d["cgroups"] = list(self.cgroups)
         return d
 
 
@@ -143,6 +166,9 @@ class Capture(abc.ABC):
     @abc.abstractmethod
     def describe(self) -> dict:
         """JSON-able: backend, spec, what is installed, last verification."""
+
+    def register_metrics(self, registry: Any) -> None:
+        """Add backend-specific metrics to the agent's Prometheus registry (default: none)."""
 
     def original_destination(self, sock: socket.socket) -> tuple[str, int]:
         """Where a redirected connection was originally headed (IPv4 SO_ORIGINAL_DST)."""

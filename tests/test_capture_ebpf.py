@@ -1,0 +1,424 @@
+"""The eBPF capture backend: layout and safety checks (no root), then a 2x2 lab with eBPF agents.
+
+The shared capture suite (tests/test_mesh_l4.py, parametrized over CAPTURE_BACKENDS) covers
+VIP/pod-IP capture, original destination, no loop, fail closed, restart cycles, clean stop,
+integrity, half-close and concurrency for both backends. This file covers what is specific
+to eBPF: what is attached where (bpftool), pins and their adoption across restarts, removal
+without a trace, host cgroups selected for capture, fail-closed inbound, the counters,
+--capture auto and --dump-bpf.
+
+Lab safety: programs are only ever attached to cgroups below hm-<lab>/ and pins only live
+under /sys/fs/bpf/hostmesh/<lab>-<node>/; the module fixture removes the lab (SIGTERM ->
+the agents detach and unpin) and then unpins anything of the lab that is still there.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from meshlab import cgroups as labcg
+from meshlab import mesh
+from meshlab.lab import Lab, Target
+from nodeagent.capture import CaptureSpec, make_capture
+from nodeagent.capture import ebpf_maps as m
+from nodeagent.capture.ebpf_loader import PIN_ROOT, PROGRAMS, BpfLoader
+from nodeagent.errors import CaptureError
+from tests.conftest import require_root, unique_lab_name
+
+BPF_DIR = Path(__file__).resolve().parents[1] / "bpf"
+MESH = ("198.19.0.0/16", "198.18.1.0/24", "198.18.2.0/24")
+
+
+# ======================================================================================
+# no root
+# ======================================================================================
+
+
+def _c_struct_fields(header: str, name: str) -> list[str]:
+    body = re.search(r"struct %s \{(.*?)\};" % name, header, re.S).group(1)
+    body = re.sub(r"/\*.*?\*/", "", body, flags=re.S)
+    return [re.search(r"(\w+)\s*(\[[^\]]*\])?\s*$", decl.strip()).group(1)
+            for decl in body.split(";") if decl.strip()]
+
+
+@pytest.mark.parametrize("cname, ctype", [
+    ("hm_config", m.HmConfig), ("hm_cidr_key", m.HmCidrKey), ("hm_tuple", m.HmTuple),
+    ("hm_origdst", m.HmOrigdst), ("hm_meta", m.HmMeta), ("hm_attachment", m.HmAttachment),
+])
+def test_ctypes_mirror_matches_the_c_header(cname, ctype):
+    header = (BPF_DIR / "lib" / "hostmesh.h").read_text()
+    assert _c_struct_fields(header, cname) == [f[0] for f in ctype._fields_]
+
+
+def test_counter_names_follow_the_c_enum():
+    header = (BPF_DIR / "lib" / "hostmesh.h").read_text()
+    enum = re.search(r"enum hm_counter \{(.*?)\};", header, re.S).group(1)
+    names = [n.lower()[5:] for n in re.findall(r"^\s*(HM_C_\w+)", enum, re.M) if n != "HM_C_MAX"]
+    assert tuple(names) == m.COUNTERS
+    assert f"#define HM_LAYOUT_VERSION {m.HM_LAYOUT_VERSION}" in header
+
+
+def test_every_program_file_has_an_spdx_header_and_no_splicing():
+    for p in PROGRAMS.values():
+        text = (BPF_DIR / p.file).read_text()
+        assert text.startswith("// SPDX-License-Identifier: GPL-2.0"), p.file
+        assert f"int {p.func}(" in text and len(p.func) <= 15
+    for h in (BPF_DIR / "lib").glob("*.h"):
+        assert "SPDX-License-Identifier" in h.read_text().splitlines()[0], h
+
+
+def test_dump_bpf_prints_the_final_source():
+    r = subprocess.run([sys.executable, "-m", "nodeagent.capture.ebpf", "--dump-bpf", "--instance", "x"],
+                       capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0, r.stderr
+    for p in PROGRAMS.values():
+        assert f"bpf/{p.file}" in r.stdout and f"int {p.func}(" in r.stdout
+    assert '#include "lib/' not in r.stdout  # our headers are inlined
+    assert "struct hm_config {" in r.stdout and '-DHM_PIN_DIR="/sys/fs/bpf/hostmesh/x"' in r.stdout
+
+
+def test_spec_fields_for_ebpf_are_validated():
+    with pytest.raises(CaptureError, match="redirect_address"):
+        CaptureSpec(pod_cidrs=("198.18.1.0/24",), mesh_cidrs=MESH, redirect_address="gateway")
+    with pytest.raises(CaptureError, match="instance"):
+        CaptureSpec(pod_cidrs=("198.18.1.0/24",), mesh_cidrs=MESH, instance="../etc")
+    with pytest.raises(CaptureError, match="cgroups"):
+        CaptureSpec(pod_cidrs=("198.18.1.0/24",), mesh_cidrs=MESH, cgroups="hm-lab/node1/pod-1")
+    s = CaptureSpec(pod_cidrs=("198.18.1.0/24",), mesh_cidrs=MESH, cgroups=["a/b"], instance="lab-node1")
+    assert s.cgroups == ("a/b",) and s.to_dict()["cgroups"] == ["a/b"]
+
+
+def test_never_the_root_cgroup_nor_one_containing_the_agent(tmp_path):
+    from nodeagent import cgroups as cgmod
+    from nodeagent.capture.ebpf import EbpfCapture
+    root = cgmod.find_cgroup2_mount()
+    if root is None:
+        pytest.skip("no cgroup v2 mount")
+    for bad in ("/", root, "..", "/etc"):
+        cap = EbpfCapture(CaptureSpec(pod_cidrs=("198.18.1.0/24",), mesh_cidrs=MESH, cgroups=(bad,)),
+                          proxy_cgroup=os.path.join(root, "hm-nolab/node1/system"))
+        with pytest.raises(CaptureError, match="not below the cgroup v2 hierarchy"):
+            cap.capture_cgroups()
+    cap = EbpfCapture(CaptureSpec(pod_cidrs=("198.18.1.0/24",), mesh_cidrs=MESH, cgroups=("hm-nolab/node1",)),
+                      proxy_cgroup=os.path.join(root, "hm-nolab/node1/system"))
+    with pytest.raises(CaptureError, match="contains the agent itself"):
+        cap.capture_cgroups()
+    # the agent's cgroup is only used when it is not the root
+    assert EbpfCapture(CaptureSpec(pod_cidrs=("198.18.1.0/24",), mesh_cidrs=MESH),
+                       proxy_cgroup=root).proxy_cgroup() is None
+
+
+def test_auto_falls_back_to_iptables_with_a_logged_reason(monkeypatch, caplog):
+    from nodeagent.capture import ebpf
+    from nodeagent.capture.ebpf_auto import AutoCapture
+    spec = CaptureSpec(pod_cidrs=("198.18.1.0/24",), mesh_cidrs=MESH)
+    monkeypatch.setattr(ebpf, "probe", lambda spec=None: (False, "bcc is not importable (test)"))
+    with caplog.at_level(logging.WARNING, logger="hostmesh.capture"):
+        cap = make_capture("auto", spec)
+    assert isinstance(cap, AutoCapture) and cap.backend == "iptables"
+    assert "bcc is not importable (test)" in caplog.text and "using iptables" in caplog.text
+    monkeypatch.setattr(ebpf, "probe", lambda spec=None: (True, "eBPF prerequisites present"))
+    assert make_capture("auto", spec).backend == "ebpf"
+
+
+def test_auto_falls_back_when_the_ebpf_install_fails(monkeypatch, caplog):
+    from nodeagent.capture import ebpf
+    from nodeagent.capture.iptables import IptablesCapture
+    spec = CaptureSpec(pod_cidrs=("198.18.1.0/24",), mesh_cidrs=MESH)
+    monkeypatch.setattr(ebpf, "probe", lambda spec=None: (True, "ok"))
+
+    def boom(self):
+        raise CaptureError("ebpf capture: the kernel refused program hm_connect4 (test)")
+
+    installed = []
+    monkeypatch.setattr(ebpf.EbpfCapture, "install", boom)
+    monkeypatch.setattr(IptablesCapture, "install", lambda self: installed.append(self))
+    cap = make_capture("auto", spec)
+    with caplog.at_level(logging.WARNING, logger="hostmesh.capture"):
+        cap.install()
+    assert cap.backend == "iptables" and installed
+    assert "refused program hm_connect4 (test)" in cap.reason and "eBPF install failed" in caplog.text
+
+
+# ======================================================================================
+# the lab (root)
+# ======================================================================================
+
+def _pins_of(lab: Lab) -> list[str]:
+    try:
+        return sorted(d for d in os.listdir(PIN_ROOT) if d.startswith(f"{lab.name}-"))
+    except FileNotFoundError:
+        return []
+
+
+@pytest.fixture(scope="module")
+def L():
+    require_root("the eBPF lab")
+    lab = Lab(unique_lab_name())
+    lab.capture = "ebpf"
+    try:
+        lab.up(2, 2, capture="ebpf")
+        yield lab
+    finally:
+        try:
+            lab.down()
+        finally:
+            left = _pins_of(lab)
+            for inst in left:  # never leak pins, whatever happened
+                BpfLoader(inst).unpin_all()
+    assert not left, f"pins left behind after lab down: {left}"
+
+
+def capture_view(lab: Lab, node: str) -> dict:
+    r = mesh.admin_get(lab, node, "/capture")
+    assert r.returncode == 0, r.stdout + r.stderr
+    return json.loads(r.stdout)
+
+
+def curl(lab: Lab, target: str | Target, url: str, timeout: float = 5) -> subprocess.CompletedProcess:
+    argv = ["curl", "-sS", "--max-time", str(timeout), url]
+    if isinstance(target, Target):
+        return subprocess.run(lab.exec_argv(target, argv), capture_output=True, text=True, timeout=30,
+                              stdin=subprocess.DEVNULL)
+    return lab.run(target, argv, timeout=30)
+
+
+def bpftool_tree(lab: Lab, sub: str = "") -> dict[str, list[str]]:
+    """cgroup path -> sorted '<attach type> <prog name>' under the lab's cgroup dir."""
+    top = labcg.cgroup_root() / lab.names.cgroup_dir / sub
+    out = subprocess.run(["bpftool", "-j", "cgroup", "tree", str(top)], capture_output=True, text=True, check=True)
+    return {c["cgroup"]: sorted(f"{p['attach_type']} {p['name']}" for p in c["programs"])
+            for c in json.loads(out.stdout or "[]")}
+
+
+def kill_agent(lab: Lab, node: str, sig: int) -> None:
+    for pid in mesh.agent_pids(lab, node):
+        os.kill(pid, sig)
+    deadline = time.monotonic() + 15
+    while mesh.agent_pids(lab, node) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not mesh.agent_pids(lab, node)
+
+
+def start_agent(lab: Lab, node: str, capture: str = "ebpf", config: Path | None = None) -> None:
+    if config is None:
+        proc = mesh.spawn_agent(lab, node, capture)
+    else:
+        proc = lab.spawn(lab.target(node), [sys.executable, "-m", "hostmesh.cli", "agent", "--config", str(config)],
+                         f"agent-{node}")
+    mesh.wait_ready(lab, node, proc)
+
+
+def metric(lab: Lab, node: str, name: str, **labels: str) -> float:
+    text = mesh.admin_get(lab, node, "/stats/prometheus").stdout
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in labels.items()):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+@pytest.mark.lab
+def test_programs_sit_only_on_the_lab_cgroups(L):
+    root_progs = subprocess.run(["bpftool", "-j", "cgroup", "show", str(labcg.cgroup_root())],
+                                capture_output=True, text=True, check=True).stdout
+    assert "hm_" not in root_progs  # nothing on the machine's root cgroup
+    top = str(labcg.cgroup_root() / L.names.cgroup_dir)
+    tree = bpftool_tree(L)
+    capture = ["cgroup_inet4_connect hm_connect4", "cgroup_inet6_connect hm_connect6", "cgroup_sock_ops hm_sockops"]
+    want = {f"{top}/{node}/{pod}": capture for node in ("node1", "node2") for pod in ("pod-1", "pod-2")}
+    want.update({f"{top}/{node}/system": ["cgroup_getsockopt hm_getsockopt"] for node in ("node1", "node2")})
+    assert tree == want
+    for node in ("node1", "node2"):
+        tc = L.run(node, ["tc", "filter", "show", "dev", "eth0", "ingress"]).stdout
+        assert f"hostmesh:{L.name}-{node}:" in tc and "hm_tc_inbound" in tc
+        assert "fwmark 0x150060 lookup 15006" in L.run(node, ["ip", "rule"]).stdout
+    assert _pins_of(L) == [f"{L.name}-node1", f"{L.name}-node2"]
+
+
+@pytest.mark.lab
+def test_counters_count_outbound_and_inbound(L):
+    before1, before2 = capture_view(L, "node1")["counters"], capture_view(L, "node2")["counters"]
+    prom_before = metric(L, "node1", "hostmesh_agent_capture_ebpf_events_total", event="connect_redirected")
+    for url in ("http://198.19.0.10/", "http://198.18.2.1:8080/", "http://198.18.1.2:8080/"):
+        r = curl(L, "node1/pod-1", url)
+        assert r.returncode == 0, r.stderr
+    after1, after2 = capture_view(L, "node1")["counters"], capture_view(L, "node2")["counters"]
+    assert after1["connect_redirected"] - before1["connect_redirected"] == 3
+    assert after1["sockops_moved"] - before1["sockops_moved"] == 3
+    assert after1["origdst_hit"] - before1["origdst_hit"] == 3
+    assert after1["connect_error"] == after1["sockops_miss"] == 0
+    assert after2["inbound_assigned"] - before2["inbound_assigned"] >= 1  # the VIP may pick a node1 pod
+    assert after2["inbound_established"] > before2["inbound_established"]
+    assert metric(L, "node1", "hostmesh_agent_capture_ebpf_events_total",
+                  event="connect_redirected") - prom_before == 3
+    view = capture_view(L, "node1")
+    assert view["backend"] == "ebpf" and view["installed"] and view["last_verification"]["ok"]
+    assert view["inbound_listener"] == {**view["inbound_listener"], "found": True, "transparent": True,
+                                        "in_sockmap": True}
+    assert view["original_destination"].startswith("cgroup/getsockopt")
+
+
+@pytest.mark.lab
+def test_restart_adopts_the_pinned_programs_and_maps(L):
+    before = capture_view(L, "node1")
+    pinned_map_ids = {name: m.Map.open_pinned(m.MAPS[name], f"{PIN_ROOT}/{L.name}-node1/{name}") for name in m.MAPS}
+    ids = {name: mp.id for name, mp in pinned_map_ids.items()}
+    for mp in pinned_map_ids.values():
+        mp.close()
+    kill_agent(L, "node1", signal.SIGKILL)
+    start_agent(L, "node1")
+    after = capture_view(L, "node1")
+    assert after["programs_loaded"] == "adopted"
+    assert {k: v["id"] for k, v in after["programs"].items()} == {k: v["id"] for k, v in before["programs"].items()}
+    assert after["attachments"] == before["attachments"] and after["tc"] == before["tc"]
+    again = {name: m.Map.open_pinned(m.MAPS[name], f"{PIN_ROOT}/{L.name}-node1/{name}") for name in m.MAPS}
+    assert {name: mp.id for name, mp in again.items()} == ids
+    for mp in again.values():
+        mp.close()
+    # counters survived the restart (same maps), and capture works with the new listener
+    assert after["counters"]["connect_redirected"] >= before["counters"]["connect_redirected"]
+    r = curl(L, "node1/pod-1", "http://198.18.2.2:8080/")
+    assert r.returncode == 0 and json.loads(r.stdout)["pod"] == "pod-2"
+    assert capture_view(L, "node1")["inbound_listener"]["in_sockmap"]
+
+
+@pytest.mark.lab
+def test_inbound_fails_closed_when_the_agent_is_sigkilled(L):
+    kill_agent(L, "node2", signal.SIGKILL)
+    try:
+        ld = BpfLoader(f"{L.name}-node2")
+        ld.load(compile=False)
+        try:
+            dropped = ld.counters()["inbound_no_listener"]
+            # the node itself is not captured outbound: its connection goes straight to node2,
+            # where the SYN must be dropped, never forwarded to the pod in plaintext
+            r = curl(L, "node1", "http://198.18.2.1:8080/", timeout=2)
+            assert r.returncode != 0 and not r.stdout, (r.returncode, r.stdout)
+            assert ld.counters()["inbound_no_listener"] > dropped
+        finally:
+            ld.close()
+    finally:
+        start_agent(L, "node2")
+    r = curl(L, "node1", "http://198.18.2.1:8080/")
+    assert r.returncode == 0 and json.loads(r.stdout)["source"]["address"] == "198.18.0.12"
+
+
+@pytest.mark.lab
+def test_a_selected_host_cgroup_goes_through_the_proxy_and_others_do_not(L):
+    rel = f"{L.names.cgroup_dir}/node1/hostsvc"
+    labcg.create(rel)
+    cfg = mesh.agent_bootstrap(L, "node1", "ebpf")
+    doc = yaml.safe_load(cfg.read_text())
+    doc["capture"]["cgroups"].append(rel)
+    custom = cfg.with_name("agent-node1-hostsvc.yaml")
+    custom.write_text(yaml.safe_dump(doc, sort_keys=False))
+    ns = L.names.node_ns("node1")
+    inside = Target("node1", None, ns, rel)
+    outside = L.target("node1")  # the node's system cgroup (where the agent runs)
+    try:
+        kill_agent(L, "node1", signal.SIGTERM)
+        start_agent(L, "node1", config=custom)
+        assert bpftool_tree(L, "node1/hostsvc") == {
+            str(labcg.cgroup_root() / rel): ["cgroup_inet4_connect hm_connect4", "cgroup_inet6_connect hm_connect6",
+                                             "cgroup_sock_ops hm_sockops"]}
+        opened = lambda: metric(L, "node1", "hostmesh_tcp_connections_opened_total", reporter="source")  # noqa: E731
+        n0 = opened()
+        r = curl(L, inside, "http://198.19.0.10/")       # the VIP only exists inside the mesh
+        assert r.returncode == 0, r.stderr
+        assert json.loads(r.stdout)["pod"].startswith("pod-")
+        r = curl(L, inside, "http://198.18.1.2:8080/")
+        assert r.returncode == 0 and json.loads(r.stdout)["pod"] == "pod-2"
+        assert opened() - n0 == 2
+        r = curl(L, outside, "http://198.19.0.10/", timeout=2)   # not captured: no route to a VIP
+        assert r.returncode != 0
+        r = curl(L, outside, "http://198.18.1.2:8080/")          # not captured: direct
+        assert r.returncode == 0 and json.loads(r.stdout)["pod"] == "pod-2"
+        assert opened() - n0 == 2
+    finally:
+        kill_agent(L, "node1", signal.SIGKILL)  # the new agent must drop the stale attachment itself
+        start_agent(L, "node1")
+        try:
+            os.rmdir(labcg.cgroup_root() / rel)
+        except OSError:
+            pass
+    # the standard config no longer lists hostsvc: the restarted agent detached it
+    assert not bpftool_tree(L, "node1").get(str(labcg.cgroup_root() / rel))
+
+
+@pytest.mark.lab
+def test_auto_mode_picks_ebpf_here(L):
+    kill_agent(L, "node2", signal.SIGTERM)
+    try:
+        start_agent(L, "node2", capture="auto")
+        view = capture_view(L, "node2")
+        assert view["selected_by"] == "auto" and view["backend"] == "ebpf", view.get("reason")
+        r = curl(L, "node2/pod-1", "http://198.18.1.1:8080/")
+        assert r.returncode == 0 and json.loads(r.stdout)["source"]["address"] == "198.18.0.11"
+    finally:
+        kill_agent(L, "node2", signal.SIGTERM)
+        start_agent(L, "node2")
+
+
+@pytest.mark.lab
+def test_sigterm_removes_everything_and_leaves_nothing_pinned(L):
+    node2_ids = {v["id"] for v in capture_view(L, "node2")["programs"].values()}
+    kill_agent(L, "node2", signal.SIGTERM)
+    try:
+        tree = bpftool_tree(L, "node2")
+        assert all(not progs for progs in tree.values()), tree
+        assert f"{L.name}-node2" not in _pins_of(L)
+        assert "hm_tc_inbound" not in L.run("node2", ["tc", "filter", "show", "dev", "eth0", "ingress"]).stdout
+        assert "clsact" not in L.run("node2", ["tc", "qdisc", "show", "dev", "eth0"]).stdout
+        assert "15006" not in L.run("node2", ["ip", "rule"]).stdout
+        assert "table 15006" not in L.run("node2", ["ip", "route", "show", "table", "all"]).stdout
+        loaded = {p["id"] for p in json.loads(subprocess.run(["bpftool", "-j", "prog", "show"], capture_output=True,
+                                                             text=True, check=True).stdout)}
+        assert not node2_ids & loaded  # unpinned and detached: the kernel freed node2's programs
+        # without capture nothing intercepts: node1 reaches node2's pod directly
+        r = curl(L, "node1", "http://198.18.2.1:8080/")
+        assert r.returncode == 0 and json.loads(r.stdout)["source"]["address"] == "198.18.0.11"
+    finally:
+        start_agent(L, "node2")
+    assert capture_view(L, "node2")["last_verification"]["ok"]
+
+
+@pytest.mark.lab
+def test_verify_notices_a_detached_program_and_reconcile_repairs_it(L):
+    from nodeagent.capture import ebpf_sys as sysb
+    ld = BpfLoader(f"{L.name}-node1")
+    ld.load(compile=False)
+    pod = str(labcg.cgroup_root() / L.names.pod_cgroup("node1", "pod-2"))
+    try:
+        ld.detach_cgroup(pod, [sysb.ATTACH_CGROUP_INET4_CONNECT])
+        spec = CaptureSpec(pod_cidrs=("198.18.1.0/24",), mesh_cidrs=MESH, instance=f"{L.name}-node1",
+                           cgroups=(L.names.pod_cgroup("node1", "pod-1"), L.names.pod_cgroup("node1", "pod-2")),
+                           redirect_address="169.254.1.1")
+        from nodeagent.capture.ebpf import EbpfCapture
+        cap = EbpfCapture(spec, netns=L.names.node_ns("node1"),
+                          proxy_cgroup=str(labcg.cgroup_root() / L.names.node_cgroup("node1")))
+        problems = cap.verify().problems
+        assert f"hm_connect4 is not attached to {pod}" in problems
+    finally:
+        ld.close()
+    # the agent's own reconcile loop (every 10 s) puts it back
+    deadline = time.monotonic() + 25
+    while time.monotonic() < deadline:
+        if "cgroup_inet4_connect hm_connect4" in bpftool_tree(L, "node1/pod-2").get(pod, []):
+            break
+        time.sleep(0.5)
+    else:
+        pytest.fail("the agent did not re-attach hm_connect4")
+    r = curl(L, "node1/pod-2", "http://198.19.0.10/")
+    assert r.returncode == 0
