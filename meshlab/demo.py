@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 import sys
+import time
 from collections import Counter
 from typing import TextIO
 
@@ -44,7 +45,7 @@ def run(name: str, *, keep: bool, out: TextIO) -> int:
         raise LabError(f"a lab named {name!r} already exists: 'hostmesh lab down --name {name}' first, "
                        "or pick another with --name")
     say = lambda s="": print(s, file=out, flush=True)  # noqa: E731
-    say(f"== bringing up lab {name!r}: 2 nodes x 2 pods, a node agent on each node (iptables capture)")
+    say(f"== bringing up lab {name!r}: 2 nodes x 2 pods, a control plane, a node agent on each node (iptables capture)")
     try:
         status = lab.up(2, 2, capture="iptables")
         for p in status["pods"]:
@@ -85,15 +86,37 @@ def run(name: str, *, keep: bool, out: TextIO) -> int:
             delta = value - before.get((reporter, workload), 0)
             if reporter == "source" and delta:
                 say(f"   destination_workload={workload:<12} +{delta:.0f}")
+        say()
+        cfg = mesh.cp_config_dir(lab)
+        say(f"== live config change: edit {cfg}/services.yaml so testapp selects only node2's pods")
+        mesh.write_config(lab, "services.yaml", [mesh.service_document(
+            mesh.DEFAULT_SERVICE_NAME, mesh.DEFAULT_SERVICE_VIP, {"app": "testapp", "node": "node2"},
+            [{"name": "http", "port": 80, "targetPort": 8080, "appProtocol": "http"},
+             {"name": "grpc", "port": 9090, "targetPort": 9090, "appProtocol": "grpc"}])])
+        changed = time.monotonic()
+        while True:
+            pods = {f"{a['node']}/{a['pod']}" for a in (_curl(lab, src, f"http://{svc['vip']}/") for _ in range(4))}
+            if pods <= {"node2/pod-1", "node2/pod-2"} or time.monotonic() - changed > 10:
+                break
+            time.sleep(0.05)
+        say(f"   after {time.monotonic() - changed:.2f}s traffic goes only to: {', '.join(sorted(pods))}")
+        agents = json.loads(mesh.cp_get(lab, "/debug/agents").stdout)
+        for a in agents:
+            say(f"   control plane: {a['node']} acked {a['acked_version']} "
+                f"({'in sync' if a['in_sync'] else 'not in sync yet'})")
+
         capture = json.loads(mesh.admin_get(lab, "node1", "/capture").stdout)
         verified = (capture.get("last_verification") or {}).get("ok")
-        say(f"   capture: {capture.get('backend')} installed={capture.get('installed')} verified={verified}")
         say()
-        say("== summary: pod traffic is captured transparently and balanced by the node proxies")
+        say(f"== node1 capture: {capture.get('backend')} installed={capture.get('installed')} verified={verified}")
+        say()
+        say("== summary: pod traffic is captured transparently and balanced by the node proxies,")
+        say("   and a config edit reaches every node through the control plane")
         if keep:
             say(f"   the lab stays up: 'hostmesh lab status --name {name}', "
                 f"'hostmesh lab exec --name {name} node1/pod-1 -- curl -s http://{svc['vip']}/', "
                 f"'hostmesh lab exec --name {name} node1 -- curl -s 127.0.0.1:15000/stats/prometheus', "
+                f"'hostmesh status --lab {name}', edit the YAML in {cfg}, "
                 f"'hostmesh lab down --name {name}'")
         return 0
     finally:
