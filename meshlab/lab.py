@@ -37,6 +37,7 @@ NODE_VETH_MAC = "ee:ee:ee:ee:ee:ee"
 APP_READY_TIMEOUT = 30.0
 # the exec target of the control plane's namespace (198.18.0.2 on the fabric)
 CONTROLPLANE = "controlplane"
+BPF_PIN_ROOT = "/sys/fs/bpf/hostmesh"
 
 
 @dataclass(frozen=True)
@@ -258,7 +259,7 @@ class Lab:
     # ------------------------------------------------------------------ down
     def down(self) -> dict:
         return teardown(self.names.prefix, [cgroups.cgroup_root() / self.names.cgroup_dir],
-                        [Path(self.names.run_dir)])
+                        [Path(self.names.run_dir)], bpf_pins(self.name))
 
 
 def teardown_all() -> dict:
@@ -266,10 +267,20 @@ def teardown_all() -> dict:
     root = cgroups.cgroup_root()
     cg_dirs = [p for p in root.glob(f"{naming.NAMESPACE_PREFIX}*") if p.is_dir()]
     run_root = Path(naming.RUN_ROOT)
-    return teardown(naming.NAMESPACE_PREFIX, cg_dirs, [run_root] if run_root.exists() else [])
+    labs = {p.name[len(naming.NAMESPACE_PREFIX):] for p in cg_dirs}
+    labs |= {ns[len(naming.NAMESPACE_PREFIX):].split("-", 1)[0] for ns in system.list_netns()
+             if ns.startswith(naming.NAMESPACE_PREFIX)}
+    pins = [pin for lab in sorted(labs) for pin in bpf_pins(lab)]
+    return teardown(naming.NAMESPACE_PREFIX, cg_dirs, [run_root] if run_root.exists() else [], pins)
 
 
-def teardown(prefix: str, cgroup_dirs: list[Path], run_dirs: list[Path]) -> dict:
+def bpf_pins(lab: str) -> list[Path]:
+    """eBPF pin directories of a lab's agents (instance `<lab>-<node>`): an agent that was
+    SIGKILLed leaves them behind, and its cgroups and namespaces are gone with the lab."""
+    return sorted(Path(BPF_PIN_ROOT).glob(f"{lab}-node*"))
+
+
+def teardown(prefix: str, cgroup_dirs: list[Path], run_dirs: list[Path], pins: list[Path] = ()) -> dict:
     """Kill lab processes, delete namespaces, cgroups and run dirs; report what was removed."""
     namespaces = [ns for ns in system.list_netns() if ns.startswith(prefix)]
     pids: set[int] = set()
@@ -286,7 +297,7 @@ def teardown(prefix: str, cgroup_dirs: list[Path], run_dirs: list[Path]) -> dict
             errors.append(str(exc))
     for d in cgroup_dirs:
         errors += cgroups.remove_tree(d)
-    for d in run_dirs:
+    for d in [*run_dirs, *pins]:
         subprocess.run(["rm", "-rf", "--one-file-system", str(d)], check=False)
     if errors:
         raise LabError("lab teardown left things behind:\n  " + "\n  ".join(errors))

@@ -117,3 +117,19 @@ def test_netns_pids_finds_processes_by_namespace():
         assert p.wait(timeout=10) is not None
     finally:
         lab.down()
+
+
+def test_down_removes_bpf_pins_of_sigkilled_agents():
+    from meshlab import mesh
+    from meshlab.lab import bpf_pins
+    lab = Lab(unique_lab_name())
+    try:
+        lab.up(1, 1, capture="ebpf")
+        assert bpf_pins(lab.name)
+        for pid in mesh.agent_pids(lab, "node1"):
+            os.kill(pid, signal.SIGKILL)
+        lab.down()
+        assert bpf_pins(lab.name) == []
+        assert not lab.exists()
+    finally:
+        lab.down()
