@@ -2,11 +2,12 @@
 
     sudo .venv/bin/python bench/capture.py [--seconds 5] [--rate 500] [--json out.json]
 
-Topology: a throwaway lab (1 node, 2 pods). The client runs in node1/pod-1, nginx in
-node1/pod-2, so both capture paths have exactly one proxy hop on the same node:
+Topology: a throwaway lab (1 node, 2 + 2 x rounds pods). nginx runs in node1/pod-2, the
+clients in the other pods (a fresh one per backend and round, see client_pod()), so both
+capture paths have exactly one proxy hop on the same node:
   direct    pod-1 -> pod-2:8081                         (no agent: no capture)
-  iptables  pod-1 -> VIP:80, nat REDIRECT -> node agent -> pod-2
-  ebpf      pod-1 -> VIP:80, cgroup/connect4 -> node agent -> pod-2
+  iptables  pod-3/5/.. -> VIP:80, nat REDIRECT -> node agent -> pod-2
+  ebpf      pod-4/6/.. -> VIP:80, cgroup/connect4 -> node agent -> pod-2
 Measured per path:
   connect   new connections at a fixed rate: connect() time, and time to the whole HTTP
             response on that new connection (connect + request + response)
@@ -36,6 +37,18 @@ WEB_PORT = 8081
 WEB_VIP = "198.19.0.31"
 SERVER_IP = "198.18.1.2"
 REQUEST = b"GET / HTTP/1.1\r\nHost: bench\r\n\r\n"
+MAX_ROUNDS = 10
+
+
+def client_pod(path: str, round_no: int) -> str:
+    """A fresh client pod per (path, round) behind a proxy. The proxy's side of each closed
+    connection stays in TIME_WAIT on the node for 60 s; a restarted proxy that sees the same
+    client reuse those ports answers its SYNs with the old connection's ACK, the client
+    resets and retries after 1 s: seconds-long connect stalls that would be measured as
+    the backend's (they hit iptables and eBPF alike). Direct connections have no proxy."""
+    if path == "direct":
+        return "node1/pod-1"
+    return f"node1/pod-{3 + 2 * round_no + (path == 'ebpf')}"
 
 
 # ------------------------------------------------------------------ the client (in the pod)
@@ -125,8 +138,8 @@ http {{
 """
 
 
-def run_client(lab, addr: str, mode: str, rate: float, seconds: float) -> dict:
-    r = lab.run("node1/pod-1", [sys.executable, str(Path(__file__).resolve()), "client", "--addr", addr,
+def run_client(lab, client: str, addr: str, mode: str, rate: float, seconds: float) -> dict:
+    r = lab.run(client, [sys.executable, str(Path(__file__).resolve()), "client", "--addr", addr,
                                 "--mode", mode, "--rate", str(rate), "--seconds", str(seconds)],
                 timeout=seconds + 60)
     if r.returncode != 0:
@@ -134,8 +147,8 @@ def run_client(lab, addr: str, mode: str, rate: float, seconds: float) -> dict:
     return json.loads(r.stdout)
 
 
-def conn_rate(lab, url: str, seconds: int) -> float:
-    out = lab.run("node1/pod-1", ["wrk", "-t1", "-c16", f"-d{seconds}s", "-H", "Connection: close", url],
+def conn_rate(lab, client: str, url: str, seconds: int) -> float:
+    out = lab.run(client, ["wrk", "-t1", "-c16", f"-d{seconds}s", "-H", "Connection: close", url],
                   timeout=seconds + 30).stdout
     m = re.search(r"Requests/sec:\s+([\d.]+)", out)
     if not m:
@@ -143,13 +156,13 @@ def conn_rate(lab, url: str, seconds: int) -> float:
     return float(m.group(1))
 
 
-def measure(lab, label: str, host: str, port: int, rate: float, seconds: int) -> dict:
+def measure(lab, label: str, host: str, port: int, rate: float, seconds: int, round_no: int = 0) -> dict:
     print(f"== {label}", file=sys.stderr, flush=True)
-    addr = f"{host}:{port}"
+    addr, client = f"{host}:{port}", client_pod(label, round_no)
     return {"path": label,
-            "connect": run_client(lab, addr, "connect", rate, seconds),
-            "request": run_client(lab, addr, "request", rate, seconds),
-            "connections_per_s": conn_rate(lab, f"http://{addr}/", seconds)}
+            "connect": run_client(lab, client, addr, "connect", rate, seconds),
+            "request": run_client(lab, client, addr, "request", rate, seconds),
+            "connections_per_s": conn_rate(lab, client, f"http://{addr}/", seconds)}
 
 
 def stop_agent(lab) -> None:
@@ -174,7 +187,8 @@ def combine(rounds: list[list[dict]]) -> list[dict]:
         out.append({"path": first["path"], "rounds": len(rounds),
                     "connect": {k: _median([s["connect"][k] for s in same]) for k in first["connect"]},
                     "request": {k: _median([s["request"][k] for s in same]) for k in first["request"]},
-                    "connections_per_s": _median([s["connections_per_s"] for s in same])})
+                    "connections_per_s": _median([s["connections_per_s"] for s in same]),
+                    "raw": same})
     return out
 
 
@@ -186,7 +200,7 @@ def run(seconds: int, rate: float, rounds: int = 1) -> list[dict]:
     lab = Lab("bcap")
     lab.down()  # leftovers of an interrupted run
     try:
-        lab.up(1, 2, apps=False)
+        lab.up(1, 2 + 2 * rounds, apps=False)
         run_dir = lab.names.run_dir
         Path(run_dir, "nginx.conf").write_text(nginx_config(run_dir))
         lab.spawn(lab.target("node1/pod-2"), ["nginx", "-c", f"{run_dir}/nginx.conf"], "nginx")
@@ -199,13 +213,13 @@ def run(seconds: int, rate: float, rounds: int = 1) -> list[dict]:
         all_rounds = []
         for i in range(rounds):
             print(f"-- round {i + 1}/{rounds}", file=sys.stderr, flush=True)
-            results = [measure(lab, "direct", SERVER_IP, WEB_PORT, rate, seconds)]
+            results = [measure(lab, "direct", SERVER_IP, WEB_PORT, rate, seconds, i)]
             # alternate the order of the two backends between rounds
             for backend in (("iptables", "ebpf") if i % 2 == 0 else ("ebpf", "iptables")):
                 proc = mesh.spawn_agent(lab, "node1", backend, static=True)  # static snapshots, no control plane
                 mesh.wait_ready(lab, "node1", proc)
                 time.sleep(0.5)
-                results.append(measure(lab, backend, WEB_VIP, 80, rate, seconds))
+                results.append(measure(lab, backend, WEB_VIP, 80, rate, seconds, i))
                 stop_agent(lab)
             all_rounds.append(sorted(results, key=lambda r: ["direct", "iptables", "ebpf"].index(r["path"])))
         return combine(all_rounds)
@@ -257,8 +271,8 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--seconds must be 1-60")
     if os.geteuid() != 0:
         p.error("the benchmark builds a netns lab: run it as root")
-    if not 1 <= args.rounds <= 10:
-        p.error("--rounds must be 1-10")
+    if not 1 <= args.rounds <= MAX_ROUNDS:
+        p.error(f"--rounds must be 1-{MAX_ROUNDS}")
     results = run(args.seconds, args.rate, args.rounds)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))

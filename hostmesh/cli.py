@@ -53,6 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--drain-grace", help="how long SIGTERM waits for connections, e.g. 10s")
     p.add_argument("--state-dir", help="where the agent keeps state (default /var/lib/hostmesh)")
     p.add_argument("--agent-log-level", help="debug, info, warning or error")
+    p.add_argument("--dump-bpf", action="store_true",
+                   help="print the final eBPF source the ebpf capture backend compiles, and exit")
 
     p = sub.add_parser("controlplane", help="run the control plane (config dir -> snapshots -> gRPC)")
     p.add_argument("--config-dir", required=True, help="directory of YAML config objects (watched)")
@@ -134,6 +136,11 @@ def cmd_agent(args) -> int:
     from nodeagent.errors import AgentError
     try:
         file_values = bootstrap.load_file(args.config) if args.config else {}
+        if args.dump_bpf:
+            from nodeagent.capture.ebpf_loader import BpfLoader
+            instance = file_values.get("capture.instance") or args.node or "default"
+            print(BpfLoader(instance).dump_source(), end="")
+            return 0
         boot = bootstrap.build(file_values, bootstrap.flag_overrides(args))
         return run_agent(boot)
     except AgentError as exc:

@@ -48,3 +48,10 @@ def test_table_alignment():
     from hostmesh.output import table
     out = table(["A", "LONGER"], [["xxxx", 1], ["y", None]])
     assert out.splitlines() == ["A     LONGER", "xxxx  1", "y"]
+
+
+def test_agent_dump_bpf_prints_the_final_source():
+    r = hostmesh("agent", "--dump-bpf", "--node", "node1")
+    assert r.returncode == 0, r.stderr
+    assert "bpf/connect4.c" in r.stdout and "SPDX-License-Identifier" in r.stdout
+    assert "/sys/fs/bpf/hostmesh/node1" in r.stdout

@@ -55,6 +55,10 @@ def kill_agent(lab: Lab, node: str, sig: int) -> None:
     while mesh.agent_pids(lab, node) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not mesh.agent_pids(lab, node), f"agent on {node} did not exit after {signal.Signals(sig).name}"
+    # a dying process loses its cmdline before its sockets close: wait for the listeners too
+    while time.monotonic() < deadline and any(
+            f":{port} " in lab.run(node, ["ss", "-Hltn"]).stdout for port in (15001, 15006)):
+        time.sleep(0.05)
 
 
 def start_agent(lab: Lab, node: str, *, static: bool = False) -> None:

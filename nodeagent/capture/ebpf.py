@@ -80,8 +80,14 @@ from nodeagent import cgroups as cgmod
 from nodeagent.capture import ebpf_maps as m
 from nodeagent.capture import netns as nsmod
 from nodeagent.capture.base import Capture, CaptureSpec, CaptureStatus
-from nodeagent.capture.ebpf_loader import (PIN_ROOT, PROGRAMS, BpfLoader, cgroup_id, collect_orphans,
-                                           ensure_bpffs)
+from nodeagent.capture.ebpf_loader import (
+    PIN_ROOT,
+    PROGRAMS,
+    BpfLoader,
+    cgroup_id,
+    collect_orphans,
+    ensure_bpffs,
+)
 from nodeagent.capture.origdst import so_original_dst
 from nodeagent.errors import CaptureError
 

@@ -162,7 +162,7 @@ class Map:
         self._ncpu = possible_cpus() if spec.percpu else 1
 
     @classmethod
-    def open_pinned(cls, spec: MapSpec, path: str) -> "Map":
+    def open_pinned(cls, spec: MapSpec, path: str) -> Map:
         return cls(spec, sysb.obj_get(path))
 
     def close(self) -> None:
