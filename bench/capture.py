@@ -32,6 +32,9 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from peers import nginx_config  # noqa: E402
 
 WEB_PORT = 8081
 WEB_VIP = "198.19.0.31"
@@ -121,23 +124,6 @@ def client(addr: tuple[str, int], mode: str, rate: float, seconds: float) -> dic
 # ------------------------------------------------------------------ the orchestration (root)
 
 
-def nginx_config(run_dir: str) -> str:
-    return f"""worker_processes 1;
-daemon off;
-pid {run_dir}/nginx.pid;
-error_log {run_dir}/logs/nginx-error.log;
-events {{ worker_connections 4096; }}
-http {{
-    access_log off;
-    keepalive_requests 1000000;
-    server {{
-        listen {WEB_PORT} reuseport backlog=4096;
-        location / {{ return 200 "ok\\n"; }}
-    }}
-}}
-"""
-
-
 def run_client(lab, client: str, addr: str, mode: str, rate: float, seconds: float) -> dict:
     r = lab.run(client, [sys.executable, str(Path(__file__).resolve()), "client", "--addr", addr,
                                 "--mode", mode, "--rate", str(rate), "--seconds", str(seconds)],
@@ -202,7 +188,7 @@ def run(seconds: int, rate: float, rounds: int = 1) -> list[dict]:
     try:
         lab.up(1, 2 + 2 * rounds, apps=False)
         run_dir = lab.names.run_dir
-        Path(run_dir, "nginx.conf").write_text(nginx_config(run_dir))
+        Path(run_dir, "nginx.conf").write_text(nginx_config(run_dir, WEB_PORT))
         lab.spawn(lab.target("node1/pod-2"), ["nginx", "-c", f"{run_dir}/nginx.conf"], "nginx")
         time.sleep(1.0)
         workloads = mesh.lab_workloads(lab)

@@ -25,10 +25,12 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from meshlab import mesh  # noqa: E402
 from meshlab.lab import Lab  # noqa: E402
 from nodeagent.state import Endpoint, Service, ServicePort  # noqa: E402
+from peers import nginx_config  # noqa: E402
 
 IPERF_PORT, WEB_PORT = 5201, 8081
 IPERF_VIP, WEB_VIP = "198.19.0.30", "198.19.0.31"
@@ -56,22 +58,6 @@ frontend web
     default_backend web
 backend web
     server s1 {SERVER_IP}:{WEB_PORT}
-"""
-
-
-def nginx_config(run_dir: str) -> str:
-    return f"""worker_processes 1;
-daemon off;
-pid {run_dir}/nginx.pid;
-error_log {run_dir}/logs/nginx-error.log;
-events {{ worker_connections 4096; }}
-http {{
-    access_log off;
-    server {{
-        listen {WEB_PORT} reuseport backlog=4096;
-        location / {{ return 200 "ok\\n"; }}
-    }}
-}}
 """
 
 
@@ -120,7 +106,7 @@ def run(seconds: int) -> list[dict]:
     try:
         lab.up(1, 2, apps=False)
         run_dir = lab.names.run_dir
-        Path(run_dir, "nginx.conf").write_text(nginx_config(run_dir))
+        Path(run_dir, "nginx.conf").write_text(nginx_config(run_dir, WEB_PORT))
         Path(run_dir, "haproxy.cfg").write_text(haproxy_config(run_dir))
         server = lab.target("node1/pod-2")
         lab.spawn(server, ["iperf3", "-s", "-p", str(IPERF_PORT)], "iperf3")

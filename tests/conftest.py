@@ -29,6 +29,17 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
         require_root(item.nodeid)
 
 
+def wait_for(pred, timeout: float = 15.0, what: str = "condition") -> None:
+    """Poll `pred` until it is true; fail the test naming `what` after `timeout` seconds."""
+    import time
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            return
+        time.sleep(0.05)
+    pytest.fail(f"timed out waiting for {what}")
+
+
 def unique_lab_name() -> str:
     return "t" + secrets.token_hex(4)
 

@@ -5,7 +5,6 @@ drain and quit through the admin endpoint."""
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -13,7 +12,7 @@ import yaml
 
 from meshlab import mesh
 from meshlab.lab import Lab
-from tests.conftest import HOSTMESH, require_root, unique_lab_name
+from tests.conftest import HOSTMESH, require_root, unique_lab_name, wait_for
 
 pytestmark = pytest.mark.lab
 
@@ -60,15 +59,6 @@ def no_capture_installed(lab: Lab) -> bool:
 
 def start(lab: Lab, cfg: Path) -> subprocess.Popen:
     return lab.spawn(lab.target("node1"), [HOSTMESH, "agent", "--config", str(cfg)], "agent-test")
-
-
-def wait_for(pred, timeout=15.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return
-        time.sleep(0.05)
-    pytest.fail(f"timed out waiting for {what}")
 
 
 def admin(lab, path, method="GET"):

@@ -6,7 +6,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 
@@ -14,7 +13,7 @@ import pytest
 
 from meshlab import mesh
 from meshlab.lab import Lab
-from tests.conftest import HOSTMESH, require_root, unique_lab_name
+from tests.conftest import HOSTMESH, require_root, unique_lab_name, wait_for
 
 pytestmark = pytest.mark.lab
 
@@ -31,15 +30,6 @@ def cp_lab():
         yield lab
     finally:
         lab.down()
-
-
-def wait_for(pred, timeout=15.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return
-        time.sleep(0.05)
-    pytest.fail(f"timed out waiting for {what}")
 
 
 def pods_answering(lab, url, n=12, src="node1/pod-1", strict=True):
