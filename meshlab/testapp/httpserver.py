@@ -164,6 +164,12 @@ class _BaseProtocol(asyncio.Protocol):
         self.closed = self.closing = True
         self.app.connections.discard(self)
 
+    def _gone(self) -> bool:
+        # after a failed send the transport is closing before connection_lost runs: writing
+        # then only makes asyncio log "socket.send() raised exception" (and, on 3.11, can
+        # trip its double connection_lost bug)
+        return self.closing or self.transport is None or self.transport.is_closing()
+
     def pause_writing(self):
         self.write_paused = True
         self._update_reading()
@@ -390,7 +396,7 @@ class H1Protocol(_BaseProtocol):
         n = len(body)
         req.body_bytes += n
         if req.streaming and n:
-            if req.started and not req.pending and not self.write_paused and not self.closing:
+            if req.started and not req.pending and not self.write_paused and not self._gone():
                 self._write_echo(req, body)
             else:
                 req.pending.append(body)
@@ -515,7 +521,7 @@ class H1Protocol(_BaseProtocol):
                     req.remaining = b.size
             req.started = True
         if req.streaming:
-            while req.pending and not self.write_paused and not self.closing:
+            while req.pending and not self.write_paused and not self._gone():
                 data = req.pending.popleft()
                 req.pending_bytes -= len(data)
                 self._write_echo(req, data)
@@ -531,7 +537,7 @@ class H1Protocol(_BaseProtocol):
 
     def _pump(self, req: _H1Request) -> None:
         write = self.transport.write
-        while req.remaining and not self.write_paused and not self.closing:
+        while req.remaining and not self.write_paused and not self._gone():
             if req.remaining >= CHUNK:
                 write(FILL)
                 req.remaining -= CHUNK
@@ -714,7 +720,7 @@ class H2Protocol(_BaseProtocol):
     def _flush(self) -> None:
         self._unflushed = 0
         data = self.conn.data_to_send()
-        if data and not self.closing:
+        if data and not self._gone():
             self.transport.write(data)
 
     def _flush_soon(self, n: int) -> None:
@@ -899,7 +905,7 @@ class H2Protocol(_BaseProtocol):
         conn = self.conn
         sid = s.sid
         try:
-            while not self.write_paused and not self.closing:
+            while not self.write_paused and not self._gone():
                 if s.body is not None:
                     avail = len(s.body) - s.body_pos
                 elif s.remaining:

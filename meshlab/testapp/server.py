@@ -37,11 +37,23 @@ def write_ready_file(path: str, info: dict) -> None:
     os.replace(tmp, target)
 
 
+def _ignore_selector_double_close(loop: asyncio.AbstractEventLoop, context: dict) -> None:
+    """CPython 3.11.2's selector transport can run _call_connection_lost twice after a send
+    fails with EPIPE on a peer that reset (the test app resets connections on purpose); the
+    second run raises AttributeError on the already-cleared protocol. Nothing is lost: the
+    connection was already torn down. Everything else goes to the default handler."""
+    if isinstance(context.get("exception"), AttributeError) and \
+            "_call_connection_lost" in repr(context.get("handle")):
+        return
+    loop.default_exception_handler(context)
+
+
 async def serve(cfg: Config, stop: asyncio.Event | None = None) -> None:
     """Serve until `stop` is set (or SIGTERM/SIGINT when stop is None)."""
     from .grpc_service import start_server   # grpc is the slow import; keep it here
 
     loop = asyncio.get_running_loop()
+    loop.set_exception_handler(_ignore_selector_double_close)
     if stop is None:
         stop = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
