@@ -65,32 +65,20 @@ def admin(lab, path, method="GET"):
     return mesh.admin_get(lab, "node1", path, method)
 
 
-def test_outbound_port_in_use(node_lab):
+@pytest.mark.parametrize("host,port,message", [
+    ("0.0.0.0", 15001, "cannot listen on 0.0.0.0:15001: address already in use"),
+    ("127.0.0.1", 15000, "admin endpoint: cannot listen on 127.0.0.1:15000: address already in use"),
+])
+def test_port_in_use(node_lab, host, port, message):
     lab = node_lab
     holder = lab.spawn(lab.target("node1"), [sys.executable, "-c",
-                       "import socket,time; s=socket.socket(); s.bind(('0.0.0.0',15001)); s.listen(); time.sleep(60)"],
+                       f"import socket,time; s=socket.socket(); s.bind(('{host}',{port})); s.listen(); time.sleep(60)"],
                        "port-holder")
     try:
-        wait_for(lambda: ":15001" in lab.run("node1", ["ss", "-ltn"]).stdout, what="the port holder")
+        wait_for(lambda: f":{port}" in lab.run("node1", ["ss", "-ltn"]).stdout, what="the port holder")
         r = run_agent(lab, "--config", str(bootstrap(lab)))
         assert r.returncode == 1
-        assert "cannot listen on 0.0.0.0:15001: address already in use" in r.stderr
-        assert no_capture_installed(lab)
-    finally:
-        holder.kill()
-        holder.wait()
-
-
-def test_admin_port_in_use(node_lab):
-    lab = node_lab
-    holder = lab.spawn(lab.target("node1"), [sys.executable, "-c",
-                       "import socket,time; s=socket.socket(); s.bind(('127.0.0.1',15000)); s.listen(); time.sleep(60)"],
-                       "port-holder")
-    try:
-        wait_for(lambda: ":15000" in lab.run("node1", ["ss", "-ltn"]).stdout, what="the port holder")
-        r = run_agent(lab, "--config", str(bootstrap(lab)))
-        assert r.returncode == 1
-        assert "admin endpoint: cannot listen on 127.0.0.1:15000: address already in use" in r.stderr
+        assert message in r.stderr
         assert no_capture_installed(lab)
     finally:
         holder.kill()
