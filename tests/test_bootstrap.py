@@ -10,6 +10,9 @@ from nodeagent.errors import ConfigError
 GOOD = """
 node: node1
 controlPlane: 198.18.0.2:15010
+controlPlaneAuth:
+  tokenFile: /etc/hostmesh/node.token
+  rootBundle: /etc/hostmesh/root-cert.pem
 capture:
   mode: iptables
   podCIDRs: [198.18.1.0/24]
