@@ -270,15 +270,25 @@ class CertificateManager:
         times = [h.next_attempt for h in self._held.values() if not h.renewing]
         return min(times) if times else None
 
-    async def tick(self) -> None:
-        """Request a certificate for every identity that is due now (concurrently)."""
+    def _start_due(self) -> list[asyncio.Task]:
+        """Start a request for every identity due now; each wakes run() when it ends."""
         now = self.clock()
-        due = [h for h in self._held.values() if not h.renewing and h.next_attempt <= now]
-        if due:
-            await asyncio.gather(*(self._renew(h) for h in due))
+        tasks = []
+        for h in self._held.values():
+            if not h.renewing and h.next_attempt <= now:
+                h.renewing = True  # set before the task runs, so no identity is started twice
+                t = asyncio.ensure_future(self._renew(h))
+                t.add_done_callback(lambda _t: self._wake.set())
+                tasks.append(t)
+        return tasks
+
+    async def tick(self) -> None:
+        """Request a certificate for every identity that is due now and wait for the answers."""
+        tasks = self._start_due()
+        if tasks:
+            await asyncio.gather(*tasks)
 
     async def _renew(self, h: Held) -> None:
-        h.renewing = True
         ident = h.identity
         try:
             key = ec.generate_private_key(ec.SECP256R1())
@@ -339,20 +349,30 @@ class CertificateManager:
 
     async def run(self, state=None, poll_interval: float = POLL_INTERVAL) -> None:
         """Renew forever (cancel to stop); with ``state`` (AgentState) follow its snapshot."""
-        while True:
-            if state is not None and state.snapshot is not self._synced:
-                self.sync(state.snapshot)
-            await self.tick()
-            self._wake.clear()
-            due = self.next_due()
-            wait = poll_interval if state is not None else None
-            if due is not None:
-                left = max(0.0, due - self.clock())
-                wait = left if wait is None else min(wait, left)
-            try:
-                await asyncio.wait_for(self._wake.wait(), wait)
-            except TimeoutError:
-                pass
+        pending: set[asyncio.Task] = set()
+        try:
+            while True:
+                if state is not None and state.snapshot is not self._synced:
+                    self.sync(state.snapshot)
+                self._wake.clear()
+                # requests run as tasks: a slow CA never delays following the snapshot
+                pending = {t for t in pending if not t.done()} | set(self._start_due())
+                await self._sleep_until_due(state is not None, poll_interval)
+        finally:
+            for t in pending:
+                t.cancel()
+
+    async def _sleep_until_due(self, polling: bool, poll_interval: float) -> None:
+        """Until the next identity is due, a request ends, or (polling) the next look at the state."""
+        due = self.next_due()
+        wait = poll_interval if polling else None
+        if due is not None:
+            left = max(0.0, due - self.clock())
+            wait = left if wait is None else min(wait, left)
+        try:
+            await asyncio.wait_for(self._wake.wait(), wait)
+        except TimeoutError:
+            pass
 
     # ------------------------------------------------------------------ views
     def readiness(self) -> tuple[bool, str]:
