@@ -46,6 +46,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from controlplane.errors import ControlPlaneError
+from nodeagent.identity.files import write_private
 
 CA_CERT, CA_KEY, ROOT_CERT, CERT_CHAIN = "ca-cert.pem", "ca-key.pem", "root-cert.pem", "cert-chain.pem"
 NEXT_DIR, PREVIOUS_DIR = "next", "previous"
@@ -115,15 +116,6 @@ def _read_key(path: Path) -> ec.EllipticCurvePrivateKey:
     if not isinstance(key, ec.EllipticCurvePrivateKey):
         raise CAError(f"{path}: the CA key must be an EC key, got {type(key).__name__}")
     return key
-
-
-def _write_private(path: Path, data: bytes) -> None:
-    """Write a secret atomically with mode 0600 from the start (never world-readable, not even briefly)."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
 
 
 def _write_public(path: Path, data: bytes) -> None:
@@ -208,7 +200,7 @@ def generate_root(d: Path, *, common_name: str = "hostmesh root CA", ttl: float 
             .add_extension(ski, critical=False)
             .add_extension(x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski), critical=False)
             .sign(key, hashes.SHA256()))
-    _write_private(d / CA_KEY, key_pem(key))
+    write_private(d / CA_KEY, key_pem(key))
     _write_public(d / CA_CERT, pem(cert).encode())
     _write_public(d / ROOT_CERT, pem(cert).encode())
     return Signer(cert=cert, key=key, chain=(), root=cert)

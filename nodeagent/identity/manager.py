@@ -45,6 +45,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
+from nodeagent.identity.files import write_private
 from nodeagent.identity.spiffe import (DEFAULT_TRUST_DOMAIN, IdentityError, SpiffeId, leaf_identity, spiffe_id,
                                        verify_chain)
 from nodeagent.state import NodeSnapshot
@@ -151,14 +152,6 @@ class _Answer:
 
     cert_chain_pem: str
     trust_bundle_pem: str
-
-
-def _write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
 
 
 def build_contexts(cert_file: Path, key_file: Path, bundle_pem: str) -> tuple[ssl.SSLContext, ssl.SSLContext]:
@@ -315,10 +308,10 @@ class CertificateManager:
         h.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
         os.chmod(self.cert_dir, 0o700)
         cert_file, key_file = h.directory / "cert-chain.pem", h.directory / "key.pem"
-        _write(key_file, key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        write_private(key_file, key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                            serialization.NoEncryption()))
-        _write(cert_file, b"".join(c.public_bytes(serialization.Encoding.PEM) for c in chain))
-        _write(h.directory / "root-cert.pem", bundle_pem.encode())
+        write_private(cert_file, b"".join(c.public_bytes(serialization.Encoding.PEM) for c in chain))
+        write_private(h.directory / "root-cert.pem", bundle_pem.encode())
         server, client = build_contexts(cert_file, key_file, bundle_pem)
         leaf = chain[0]
         not_after = leaf.not_valid_after_utc.timestamp()
