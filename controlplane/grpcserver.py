@@ -35,6 +35,10 @@ seconds) so 1000 agents reconnecting at once do not make the server buffer 1000 
 snapshots.
 
 TLS: pass ``server_credentials=grpc.ssl_server_credentials(...)``; None serves plaintext.
+Authentication: with ``authenticate`` (controlplane/auth.py ``NodeTokens.authenticate``)
+every stream must carry its node's bootstrap token (else UNAUTHENTICATED) and may only
+stream the snapshot of that node (a Hello naming another node: PERMISSION_DENIED).
+``extra_handlers`` are served on the same port (the certificate service).
 gRPC objects are created in ``start()``, in the process and event loop that serve.
 """
 
@@ -44,7 +48,7 @@ import asyncio
 import itertools
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -52,6 +56,7 @@ import grpc
 
 from controlplane.api import SERVICE_NAME
 from controlplane.api import discovery_pb2 as pb
+from controlplane.auth import Unauthenticated
 from controlplane.cache import SnapshotCache
 from controlplane.metrics import ControlPlaneMetrics
 from controlplane.resources import (
@@ -195,8 +200,12 @@ class DiscoveryServer:
                  max_concurrent_large_pushes: int = 64,
                  large_push_bytes: int = 1 << 20,
                  large_push_hold: float = 30.0,
+                 authenticate: Callable[[Any], str] | None = None,
+                 extra_handlers: Sequence[grpc.GenericRpcHandler] = (),
                  clock: Callable[[], float] = time.time) -> None:
         self.cache = cache
+        self.authenticate = authenticate
+        self.extra_handlers = tuple(extra_handlers)
         self.metrics = metrics if metrics is not None else cache.metrics
         if node_default_snapshot is not None and cache.snapshot_for_new_node is None:
             cache.snapshot_for_new_node = node_default_snapshot
@@ -224,7 +233,7 @@ class DiscoveryServer:
         handler = grpc.stream_stream_rpc_method_handler(
             self._stream, request_deserializer=pb.AgentMessage.FromString, response_serializer=_serialize)
         server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
-            SERVICE_NAME, {"StreamSnapshots": handler}),))
+            SERVICE_NAME, {"StreamSnapshots": handler}), *self.extra_handlers))
         if self.server_credentials is None:
             port = server.add_insecure_port(address)
         else:
@@ -253,6 +262,7 @@ class DiscoveryServer:
 
     # ------------------------------------------------------------------ one agent
     async def _stream(self, request_iterator, context: grpc.aio.ServicerContext) -> None:
+        authed = await self._authenticate(context)
         first = await context.read()
         if first is grpc.aio.EOF:
             return
@@ -262,6 +272,11 @@ class DiscoveryServer:
         node = hello.node
         if not node or len(node) > MAX_NODE_NAME or any(c.isspace() for c in node):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"Hello.node: invalid node name {node!r}")
+        if authed is not None and node != authed:
+            log.warning("agent refused: Hello names another node", extra={"node": authed, "hello_node": node})
+            self.metrics.authentication_failures.labels("discovery").inc()
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED,
+                                f"node {authed!r} may only stream its own snapshot, the Hello names {node!r}")
         st = _AgentStream(next(self._ids), node, context.peer(), hello, self.clock())
         agent_version, declared = hello.agent_version, len(hello.resource_versions)
         del first, hello  # a large Hello must not live as long as the stream
@@ -310,6 +325,16 @@ class DiscoveryServer:
             self.metrics.agents_connected.dec()
             del self._streams[st.id]
             log.info("agent disconnected", extra={"node": node, "peer": st.peer})
+
+    async def _authenticate(self, context: grpc.aio.ServicerContext) -> str | None:
+        if self.authenticate is None:
+            return None
+        try:
+            return self.authenticate(context.invocation_metadata())
+        except Unauthenticated as exc:
+            log.warning("agent refused: bad credentials", extra={"peer": context.peer(), "reason": str(exc)})
+            self.metrics.authentication_failures.labels("discovery").inc()
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, str(exc))
 
     @staticmethod
     def _should_push(st: _AgentStream, target: NodeResources) -> bool:

@@ -12,6 +12,11 @@ tests and benchmarks each expose exactly what they created:
 ``hostmesh_controlplane_snapshot_rejections_total`` snapshots the consistency check refused
                                                   (the previous one stays published)
 ``hostmesh_controlplane_snapshots_published_total`` node snapshots accepted into the cache
+``hostmesh_controlplane_certificate_requests_total{result}`` Sign calls by outcome: issued,
+                                                  unauthenticated, denied (node authorizer),
+                                                  invalid (bad CSR/request), unavailable
+``hostmesh_controlplane_authentication_failures_total{rpc}`` calls refused for missing or
+                                                  wrong node credentials (sign, discovery)
 """
 
 from __future__ import annotations
@@ -40,3 +45,9 @@ class ControlPlaneMetrics:
                                            registry=r)
         self.snapshots_published = Counter("hostmesh_controlplane_snapshots_published",
                                            "Node snapshots accepted into the cache", registry=r)
+        self.certificate_requests = Counter("hostmesh_controlplane_certificate_requests",
+                                            "Certificate signing requests by result (issued, unauthenticated, "
+                                            "denied, invalid, unavailable)", ["result"], registry=r)
+        self.authentication_failures = Counter("hostmesh_controlplane_authentication_failures",
+                                               "Agent calls refused for missing or invalid node credentials",
+                                               ["rpc"], registry=r)

@@ -1,6 +1,12 @@
 """The control-plane process: file source -> model -> per-node snapshots -> cache -> gRPC,
 plus the HTTP port (15014) for /metrics, /ready, /healthz and /debug.
 
+Security (``Security``): the CA directory (controlplane/ca.py), the node token directory
+(controlplane/auth.py) and the names the TLS certificate of 15010 carries. With it, 15010
+is TLS only, every call needs a node token, and the Certificates service signs workload
+certificates for identities scheduled on the calling node. Without it (``--insecure``,
+tests only) 15010 is plaintext, unauthenticated, and issues no certificates.
+
 A broken config change never reaches the agents: the file source reports it (log line,
 /debug/config, `hostmesh_controlplane_config_errors`, `hostmesh status`) and the last good
 model and snapshots stay in force.
@@ -12,12 +18,17 @@ import asyncio
 import logging
 import signal
 import time
+from collections.abc import Sequence
+from dataclasses import dataclass
 from urllib.parse import parse_qs
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
+from controlplane.auth import NodeIdentities, NodeTokens, TokenFileError
 from controlplane.builder import build_snapshot, build_snapshots, check_consistency
+from controlplane.ca import CAError, CertificateAuthority
 from controlplane.cache import SnapshotCache, SnapshotRejected
+from controlplane.certservice import CertificateService, ServingCertificate
 from controlplane.grpcserver import DiscoveryServer
 from controlplane.metrics import ControlPlaneMetrics
 from controlplane.model.objects import ConfigIssue, MeshModel
@@ -29,11 +40,22 @@ from nodeagent.state import NodeSnapshot
 
 log = logging.getLogger("hostmesh.controlplane")
 
+#: how often the CA dir and the token dir are checked for changes (rotation, new nodes)
+SECURITY_RELOAD_INTERVAL = 2.0
+
+
+@dataclass(frozen=True)
+class Security:
+    ca_dir: str
+    tokens_dir: str
+    tls_names: Sequence[str] = ("hostmesh-controlplane",)
+
 
 class ControlPlane:
     def __init__(self, config_dir: str, *, grpc_address: str = "0.0.0.0:15010",
-                 http_host: str = "0.0.0.0", http_port: int = 15014) -> None:
+                 http_host: str = "0.0.0.0", http_port: int = 15014, security: Security | None = None) -> None:
         self.config_dir = config_dir
+        self.security = security
         self.grpc_address = grpc_address
         self.registry = CollectorRegistry()
         self.metrics = ControlPlaneMetrics(self.registry)
@@ -43,13 +65,26 @@ class ControlPlane:
         self.config_valid = Gauge("hostmesh_controlplane_config_valid",
                                   "1 when the config directory currently loads without errors", registry=self.registry)
         self.model: MeshModel | None = None
+        self.identities: NodeIdentities | None = None
         self.model_loaded_at: float | None = None
         self.errors: list[ConfigIssue] = []
         self.started = time.time()
         self.cache = SnapshotCache(consistency_check=check_consistency, snapshot_for_new_node=self._new_node,
                                    metrics=self.metrics)
         self.source = FileSource(config_dir, on_change=self._on_model, on_error=self._on_errors)
-        self.grpc = DiscoveryServer(self.cache, self.metrics)
+        self.ca: CertificateAuthority | None = None
+        self.tokens: NodeTokens | None = None
+        self.serving: ServingCertificate | None = None
+        if security is None:
+            self.grpc = DiscoveryServer(self.cache, self.metrics)
+        else:
+            # CA and token problems stop the start here, before any port is bound
+            self.ca = CertificateAuthority(security.ca_dir)
+            self.tokens = NodeTokens(security.tokens_dir)
+            self.serving = ServingCertificate(self.ca, security.tls_names)
+            certs = CertificateService(self.ca, self.tokens, lambda: self.identities, self.metrics)
+            self.grpc = DiscoveryServer(self.cache, self.metrics, server_credentials=self.serving.credentials(),
+                                        authenticate=self.tokens.authenticate, extra_handlers=[certs.handler()])
         self.http = AdminServer(None, http_host, http_port, dispatcher=self._routes(),
                                 name="control plane http")
         self._stop = asyncio.Event()
@@ -60,6 +95,7 @@ class ControlPlane:
         self.model_loaded_at = time.time()
         self.errors = []
         self.config_valid.set(1)
+        self.identities = NodeIdentities.from_model(model)
         snaps = build_snapshots(model, self.cache.nodes())
         try:
             self.cache.set_snapshots(snaps)
@@ -91,14 +127,32 @@ class ControlPlane:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stop.set)
-        watcher = asyncio.create_task(self.source.run())
+        watchers = [asyncio.create_task(self.source.run())]
+        if self.security is not None:
+            watchers.append(asyncio.create_task(self._watch_security()))
         log.info("control plane started", extra={"config_dir": self.config_dir, "grpc": self.grpc_address,
-                                                  "http": self.http.address, "valid": not self.errors})
+                                                  "http": self.http.address, "valid": not self.errors,
+                                                  "tls": self.security is not None})
         await self._stop.wait()
-        watcher.cancel()
+        for w in watchers:
+            w.cancel()
         await self.grpc.stop(2.0)
         await self.http.close()
         return 0
+
+    async def _watch_security(self) -> None:
+        """Follow CA rotations and token changes; a broken change keeps what is loaded."""
+        while True:
+            await asyncio.sleep(SECURITY_RELOAD_INTERVAL)
+            self.reload_security()
+
+    def reload_security(self) -> None:
+        for what, reload in (("CA directory", self.ca.reload_if_changed), ("node tokens", self.tokens.reload_if_changed)):
+            try:
+                if reload():
+                    log.info(f"{what} reloaded")
+            except (CAError, TokenFileError) as exc:
+                log.error(f"{what} change refused; the loaded one stays in force", extra={"error": str(exc)})
 
     # ------------------------------------------------------------------ HTTP views
     def _routes(self) -> RouteTable:
@@ -124,6 +178,7 @@ class ControlPlane:
             "loaded_at": _iso(self.model_loaded_at), "objects": self.model.counts() if self.model else {},
             "errors": [e.to_dict() | {"message": str(e)} for e in self.errors],
             "latest": self.cache.versions(),
+            "ca": self.ca.status() if self.ca else None,
         }
 
     def agents_view(self) -> list[dict]:
@@ -141,11 +196,13 @@ def _iso(ts: float | None) -> str | None:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts)) if ts else None
 
 
-def run_controlplane(config_dir: str, grpc_address: str, http_address: tuple[str, int], log_level: str) -> int:
+def run_controlplane(config_dir: str, grpc_address: str, http_address: tuple[str, int], log_level: str,
+                     security: Security | None = None) -> int:
     import uvloop
 
     from nodeagent import logs
     logs.setup(log_level)
-    cp = ControlPlane(config_dir, grpc_address=grpc_address, http_host=http_address[0], http_port=http_address[1])
+    cp = ControlPlane(config_dir, grpc_address=grpc_address, http_host=http_address[0], http_port=http_address[1],
+                      security=security)
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         return runner.run(cp.run())

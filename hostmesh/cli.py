@@ -47,6 +47,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pod-cidr", action="append", help="a CIDR of this node's pods (repeatable)")
     p.add_argument("--mesh-cidr", action="append", help="a destination CIDR captured outbound (repeatable)")
     p.add_argument("--control-plane", help="the control plane's gRPC address, HOST:PORT (port 15010)")
+    p.add_argument("--token-file", help="this node's bootstrap token file (mode 0600) for the control plane")
+    p.add_argument("--root-bundle", help="PEM root certificate(s) the control plane's TLS certificate chains to")
+    p.add_argument("--insecure-control-plane", action="store_true",
+                   help="plaintext gRPC without a token and without workload certificates (tests only)")
     p.add_argument("--snapshot", help="static snapshot file (JSON) to serve from instead of a control plane")
     p.add_argument("--admin-address", help="admin endpoint address:port (default 127.0.0.1:15000)")
     p.add_argument("--unknown-destination", help="passthrough (default) or refuse")
@@ -60,6 +64,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config-dir", required=True, help="directory of YAML config objects (watched)")
     p.add_argument("--grpc-address", default="0.0.0.0:15010", help="discovery + certificates (default 0.0.0.0:15010)")
     p.add_argument("--http-address", default="0.0.0.0:15014", help="/metrics, /ready, /debug (default 0.0.0.0:15014)")
+    p.add_argument("--ca-dir", help="the CA directory (a root is generated into an empty one; see `hostmesh ca`)")
+    p.add_argument("--node-tokens", help="directory of <node>.token files (mode 0600), one per node")
+    p.add_argument("--tls-san", action="append",
+                   help="a DNS name or IP for the TLS certificate of the gRPC port (repeatable; agents dial it)")
+    p.add_argument("--insecure", action="store_true",
+                   help="plaintext gRPC, no node tokens, no certificates (tests only)")
+
+    p = sub.add_parser("ca", help="the mesh CA directory: trust bundle, root rotation")
+    csub = p.add_subparsers(dest="ca_command", required=True, metavar="ACTION")
+    q = csub.add_parser("bundle", help="print the trust bundle (every trusted root) for agents' --root-bundle")
+    q.add_argument("--ca-dir", required=True)
+    q = csub.add_parser("status", help="the signing CA and the trusted roots")
+    q.add_argument("--ca-dir", required=True)
+    _output_flag(q)
+    q = csub.add_parser("rotate", help="rotate the root: prepare, wait one TTL, activate, wait one TTL, finish")
+    q.add_argument("phase", choices=["prepare", "activate", "finish"])
+    q.add_argument("--ca-dir", required=True)
 
     p = sub.add_parser("status", help="control plane reachable? config valid? each node's acked version")
     p.add_argument("--controlplane", default="http://127.0.0.1:15014", help="the control plane's HTTP URL")
@@ -154,12 +175,44 @@ def cmd_controlplane(args) -> int:
     from nodeagent.errors import AgentError
     if not os.path.isdir(args.config_dir):
         raise CliError(f"--config-dir {args.config_dir}: not a directory")
+    from controlplane.process import Security
+    if args.insecure and (args.ca_dir or args.node_tokens):
+        raise CliError("--insecure serves plaintext without tokens or certificates; drop --ca-dir/--node-tokens")
+    if not args.insecure and not (args.ca_dir and args.node_tokens):
+        raise CliError("--ca-dir and --node-tokens are required (TLS, node tokens and workload certificates); "
+                       "--insecure serves plaintext for tests only")
+    security = None if args.insecure else Security(ca_dir=args.ca_dir, tokens_dir=args.node_tokens,
+                                                   tls_names=tuple(args.tls_san or ("hostmesh-controlplane",)))
     try:
         http = bootstrap.parse_host_port(args.http_address, "--http-address")
         bootstrap.parse_host_port(args.grpc_address, "--grpc-address")
-        return run_controlplane(args.config_dir, args.grpc_address, http, args.log_level)
+        return run_controlplane(args.config_dir, args.grpc_address, http, args.log_level, security)
     except (AgentError, ControlPlaneError, OSError) as exc:
         raise CliError(str(exc)) from None
+
+
+def cmd_ca(args) -> int:
+    from pathlib import Path
+
+    from controlplane import ca
+    try:
+        if args.ca_command == "bundle":
+            print(ca.pem(*ca.trust_bundle_roots(Path(args.ca_dir))), end="")
+        elif args.ca_command == "status":
+            st = ca.CertificateAuthority(args.ca_dir, create=False).status()
+            if args.output == "json":
+                print(to_json(st))
+            else:
+                print(f"signing: {st['signing']} (until {st['signing_not_after']})"
+                      f"{', intermediate' if st['intermediate'] else ''}")
+                print(table(["ROOT", "SERIAL", "NOT AFTER"],
+                            [[r["subject"], r["serial"], r["not_after"]] for r in st["roots"]]))
+        else:
+            step = {"prepare": ca.rotate_prepare, "activate": ca.rotate_activate, "finish": ca.rotate_finish}
+            print(step[args.phase](args.ca_dir))
+    except ca.CAError as exc:
+        raise CliError(str(exc)) from None
+    return 0
 
 
 def cmd_status(args) -> int:
@@ -208,8 +261,10 @@ def render_proxy_config(what: str, data) -> str:
         return table(["CLUSTER", "VIP", "ENDPOINTS"],
                      [[c["name"], c["vip"], " ".join(e["address"] for e in c["endpoints"]) or "-"] for c in data])
     if what == "certs":
-        return table(["IDENTITY", "SERIAL", "NOT AFTER"], [[c.get("identity"), c.get("serial"), c.get("not_after")]
-                                                           for c in data]) if data else "no certificates"
+        return table(["IDENTITY", "STATE", "SERIAL", "NOT BEFORE", "NOT AFTER", "NEXT RENEWAL"],
+                     [[c.get("identity"), c.get("state", ""), c.get("serial") or "-", c.get("not_before") or "-",
+                       c.get("not_after") or "-", c.get("next_renewal") or "-"] for c in data]) \
+            if data else "no certificates"
     if what == "routes":
         return to_json(data) if data else "no routes (L4 only)"
     return to_json(data)
@@ -296,7 +351,8 @@ def cmd_demo(args) -> int:
 
 
 LAB_COMMANDS = {"up": lab_up, "down": lab_down, "status": lab_status, "exec": lab_exec}
-COMMANDS = {"version": cmd_version, "check": cmd_check, "agent": cmd_agent, "controlplane": cmd_controlplane, "status": cmd_status,
+COMMANDS = {"version": cmd_version, "check": cmd_check, "agent": cmd_agent, "controlplane": cmd_controlplane,
+            "ca": cmd_ca, "status": cmd_status,
             "proxy-config": cmd_proxy_config, "lab": cmd_lab, "demo": cmd_demo}
 
 

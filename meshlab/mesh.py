@@ -3,7 +3,10 @@
 `lab up` writes the lab's desired state as YAML objects (a Workload per pod, the default
 `testapp` Service) into a config directory the user can edit, runs `hostmesh controlplane`
 in the lab's control-plane namespace (198.18.0.2) and an agent on every node connected to
-it. Tests and benchmarks that need no control plane can instead render static snapshot
+it. The control plane serves 15010 over TLS from the lab's CA (``pki/ca``, created here
+before it starts) and requires each node's token (``pki/tokens/<node>.token``, 0600);
+agents get their token and the root bundle (``pki/root-bundle.pem``) in their bootstrap
+and keep workload certificates under ``certs/<node>``. Tests and benchmarks that need no control plane can instead render static snapshot
 files (`write_snapshots`) and start agents with `static=True`.
 """
 
@@ -64,6 +67,37 @@ def cp_config_dir(lab: Lab) -> Path:
     return Path(lab.names.run_dir, "controlplane")
 
 
+def pki_dir(lab: Lab) -> Path:
+    """The lab's CA directory, node tokens and root bundle (removed with the lab)."""
+    return Path(lab.names.run_dir, "pki")
+
+
+def token_file(lab: Lab, node: str) -> Path:
+    return pki_dir(lab) / "tokens" / f"{node}.token"
+
+
+def root_bundle(lab: Lab) -> Path:
+    return pki_dir(lab) / "root-bundle.pem"
+
+
+def write_pki(lab: Lab) -> None:
+    """The CA (generated once), a token per node (kept across calls) and the root bundle."""
+    import os
+
+    from controlplane import ca
+    d = pki_dir(lab)
+    tokens = d / "tokens"
+    tokens.mkdir(parents=True, exist_ok=True, mode=0o700)
+    authority = ca.CertificateAuthority(d / "ca")
+    for node in lab.topology():
+        path = token_file(lab, node)
+        if not path.exists():
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(ca.new_token() + "\n")
+    root_bundle(lab).write_text(authority.trust_bundle_pem)
+
+
 def workload_documents(lab: Lab) -> list[dict]:
     return [{
         "apiVersion": "hostmesh.io/v1alpha1", "kind": "Workload",
@@ -99,7 +133,10 @@ def write_default_config(lab: Lab) -> None:
 
 def start_controlplane(lab: Lab, timeout: float = AGENT_READY_TIMEOUT) -> subprocess.Popen:
     from meshlab.lab import CONTROLPLANE
-    argv = [sys.executable, "-m", "hostmesh.cli", "controlplane", "--config-dir", str(cp_config_dir(lab))]
+    write_pki(lab)
+    argv = [sys.executable, "-m", "hostmesh.cli", "controlplane", "--config-dir", str(cp_config_dir(lab)),
+            "--ca-dir", str(pki_dir(lab) / "ca"), "--node-tokens", str(pki_dir(lab) / "tokens"),
+            "--tls-san", naming.CONTROLPLANE_IP]
     proc = lab.spawn(lab.target(CONTROLPLANE), argv, "controlplane")
     deadline = time.monotonic() + timeout
     while True:
@@ -162,7 +199,10 @@ def agent_bootstrap(lab: Lab, node: str, capture: str, *, static: bool = False) 
                     "cgroups": [lab.names.pod_cgroup(node, p) for p in lab.topology()[node]],
                     "redirectAddress": naming.POD_GATEWAY, "instance": f"{lab.name}-{node}"},
         "admin": {"address": ADMIN},
-        **({"snapshotFile": str(config_dir(lab) / f"snapshot-{node}.json")} if static else {"controlPlane": CP_GRPC}),
+        **({"snapshotFile": str(config_dir(lab) / f"snapshot-{node}.json")} if static else {
+            "controlPlane": CP_GRPC,
+            "controlPlaneAuth": {"tokenFile": str(token_file(lab, node)), "rootBundle": str(root_bundle(lab))},
+            "certDir": str(Path(lab.names.run_dir, "certs", node))}),
         "stateDir": str(Path(lab.names.run_dir, "state", node)),
         "drainGrace": "5s",
     }

@@ -31,6 +31,8 @@ from nodeagent.configsource import SnapshotFile
 from nodeagent.cpclient import ControlPlaneClient
 from nodeagent.persist import SnapshotStore
 from nodeagent.errors import AgentError
+from nodeagent.identity.cpauth import ControlPlaneAuth, GrpcSigner
+from nodeagent.identity.manager import CertificateManager
 from nodeagent.proxy import NodeProxy, ProxyInputs, ProxyLimits
 from nodeagent.proxy.destinations import service_endpoints
 from nodeagent.state import AgentState, NodeSnapshot
@@ -86,11 +88,22 @@ class Agent:
         self.source = SnapshotFile(boot.snapshot_file, boot.node, self.state,
                                    on_error=lambda _msg: self.metrics.config_errors.inc()) \
             if boot.snapshot_file else None
+        use_cp = bool(boot.control_plane and not boot.snapshot_file)
+        # workload certificates come from the control plane's CA, over TLS with the node token;
+        # an insecure (test) control plane issues none
+        self.auth: ControlPlaneAuth | None = None
+        self.certs: CertificateManager | None = None
+        self.signer: GrpcSigner | None = None
+        if use_cp and not boot.cp_insecure:
+            self.auth = ControlPlaneAuth.from_files(boot.node, boot.cp_token_file, boot.cp_root_bundle,
+                                                    boot.cp_server_name)
+            self.signer = GrpcSigner(boot.control_plane, self.auth, extra_roots=self._ca_bundle)
+            self.certs = CertificateManager(boot.node, self.signer, boot.cert_dir, self.registry)
         self.cp = ControlPlaneClient(
             boot.control_plane, boot.node, self.state,
             SnapshotStore(os.path.join(boot.state_dir, "snapshot.json")), self.registry,
-            validate=self.validate_snapshot,
-        ) if boot.control_plane and not boot.snapshot_file else None
+            validate=self.validate_snapshot, auth=self.auth, extra_roots=self._ca_bundle,
+        ) if use_cp else None
         self.proxy = NodeProxy(
             ProxyInputs(
                 state=self.state, node=boot.node, metrics=ProxyMetrics(self.registry),
@@ -99,6 +112,7 @@ class Agent:
                 socket_mark=boot.socket_mark if self.capture else 0,
                 unknown_destination=boot.unknown_destination,
                 original_destination=self.capture.original_destination if self.capture else so_original_dst,
+                identities=self.certs,
             ),
             outbound_port=boot.outbound_port, inbound_port=boot.inbound_port,
         )
@@ -139,6 +153,8 @@ class Agent:
             self._tasks.append(asyncio.create_task(self._watch_config()))
         if self.cp:
             self._tasks.append(asyncio.create_task(self.cp.run()))
+        if self.certs:
+            self._tasks.append(asyncio.create_task(self.certs.run(self.state)))
         if self.capture:
             self._tasks.append(asyncio.create_task(self._reconcile_capture()))
         await self._stop.wait()
@@ -153,6 +169,8 @@ class Agent:
         for t in self._tasks:
             t.cancel()
         aborted = await self.proxy.drain(self.boot.drain_grace)
+        if self.signer:
+            await self.signer.close()
         if self.capture:
             await asyncio.to_thread(self.capture.remove)
             self.life.capture_installed = False
@@ -208,6 +226,10 @@ class Agent:
             return False, "capture is not installed"
         if self.capture and self.life.last_verify and not self.life.last_verify.get("ok"):
             return False, "capture verification failed: " + "; ".join(self.life.last_verify.get("problems", []))
+        if self.certs:
+            certs_ok, why = self.certs.readiness()
+            if not certs_ok:
+                return False, why
         if self.cp:
             cp = self.cp.status()
             if cp["stale"]:
@@ -226,12 +248,16 @@ class Agent:
             listeners=self.listeners,
             clusters=self.clusters,
             routes=lambda: [],  # L4 only: HTTP routes arrive with the L7 issue
-            certs=lambda: [],  # no identities before the mTLS issue
+            certs=self.certs.status if self.certs else lambda: [],
             capture=self.capture_view,
             drain=self.drain_listeners,
             quit=self._stop.set,
             set_log_level=logs.set_level,
         )
+
+    def _ca_bundle(self) -> str:
+        """The newest trust bundle from the CA: trusted for the control plane's TLS as well."""
+        return self.certs.trust_bundle_pem() if self.certs else ""
 
     def server_info(self) -> dict:
         snap = self.state.snapshot

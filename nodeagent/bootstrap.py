@@ -45,6 +45,12 @@ class Bootstrap:
     drain_grace: float = 10.0
     snapshot_file: str = ""
     control_plane: str = ""  # host:port of the control plane's gRPC endpoint
+    # TLS + node token toward the control plane (required unless insecure: tests only)
+    cp_token_file: str = ""
+    cp_root_bundle: str = ""
+    cp_server_name: str = ""
+    cp_insecure: bool = False
+    cert_dir: str = ""  # workload keys and certificates (tmpfs); default /run/hostmesh/<node>/certs
     state_dir: str = "/var/lib/hostmesh"
     log_level: str = "info"
 
@@ -64,6 +70,9 @@ class Bootstrap:
             "drainGrace": self.drain_grace,
             "snapshotFile": self.snapshot_file,
             "controlPlane": self.control_plane,
+            "controlPlaneAuth": {"tokenFile": self.cp_token_file, "rootBundle": self.cp_root_bundle,
+                                 "serverName": self.cp_server_name, "insecure": self.cp_insecure},
+            "certDir": self.cert_dir,
             "stateDir": self.state_dir,
             "logLevel": self.log_level,
         }
@@ -75,6 +84,8 @@ _SCHEMA: dict[str, Any] = {
     "capture": {"mode": str, "podCIDRs": "cidrs", "meshCIDRs": "cidrs", "cgroups": "strings",
                 "redirectAddress": "ipv4", "instance": "instance"},
     "admin": {"address": "hostport"},
+    "controlPlaneAuth": {"tokenFile": str, "rootBundle": str, "serverName": str, "insecure": "bool"},
+    "certDir": "abspath",
     "proxy": {"outboundPort": "port", "inboundPort": "port", "socketMark": "mark",
               "unknownDestination": str, "connectTimeout": "duration", "idleTimeout": "duration",
               "maxConnections": "count"},
@@ -101,6 +112,14 @@ def _check(kind: Any, value: Any, where: str) -> Any:
         return value
     if kind == "duration":
         return parse_duration(value, where)
+    if kind == "bool":
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: must be true or false, got {value!r}")
+        return value
+    if kind == "abspath":
+        if not isinstance(value, str) or not value.startswith("/"):
+            raise ConfigError(f"{where}: must be an absolute path, got {value!r}")
+        return value
     if kind in ("port", "count", "mark"):
         if isinstance(value, str) and kind == "mark":
             try:
@@ -230,6 +249,7 @@ def build(file_values: dict[str, Any], overrides: dict[str, Any]) -> Bootstrap:
         errors.append(f"ports must differ: {', '.join(f'{k}={p}' for k, p in ports.items())}")
     if not v.get("snapshotFile") and not v.get("controlPlane"):
         errors.append("controlPlane: is required (--control-plane HOST:PORT), unless a static snapshotFile is given")
+    errors += _check_cp_auth(v)
     if errors:
         raise ConfigError("\n".join(errors))
     b = Bootstrap(node=node)
@@ -245,8 +265,32 @@ def build(file_values: dict[str, Any], overrides: dict[str, Any]) -> Bootstrap:
         max_connections=v.get("proxy.maxConnections", b.max_connections),
         drain_grace=v.get("drainGrace", b.drain_grace), snapshot_file=v.get("snapshotFile", ""),
         control_plane=v.get("controlPlane", ""),
+        cp_token_file=v.get("controlPlaneAuth.tokenFile", ""), cp_root_bundle=v.get("controlPlaneAuth.rootBundle", ""),
+        cp_server_name=v.get("controlPlaneAuth.serverName", ""),
+        cp_insecure=v.get("controlPlaneAuth.insecure", False),
+        cert_dir=v.get("certDir") or f"/run/hostmesh/{node}/certs",
         state_dir=v.get("stateDir", b.state_dir), log_level=level,
     )
+
+
+def _check_cp_auth(v: dict[str, Any]) -> list[str]:
+    """A control plane is reached over TLS with a node token, unless explicitly insecure."""
+    if not v.get("controlPlane") or v.get("snapshotFile"):
+        return []
+    token, bundle = v.get("controlPlaneAuth.tokenFile"), v.get("controlPlaneAuth.rootBundle")
+    if v.get("controlPlaneAuth.insecure"):
+        if token:
+            return ["controlPlaneAuth.tokenFile: not allowed with insecure: true (the token would travel in "
+                    "plaintext)"]
+        return []
+    errors = []
+    if not token:
+        errors.append("controlPlaneAuth.tokenFile: is required (--token-file): the node's bootstrap token "
+                      "(or controlPlaneAuth.insecure: true, for tests only)")
+    if not bundle:
+        errors.append("controlPlaneAuth.rootBundle: is required (--root-bundle): the mesh root certificate(s) "
+                      "the control plane's TLS certificate must chain to")
+    return errors
 
 
 def parse_host_port(value: str, where: str) -> tuple[str, int]:
@@ -260,6 +304,9 @@ def flag_overrides(args: Any) -> dict[str, Any]:
         "node": args.node, "capture.mode": args.capture, "snapshotFile": args.snapshot,
         "proxy.unknownDestination": args.unknown_destination, "logLevel": args.agent_log_level,
         "stateDir": args.state_dir,
+        "controlPlaneAuth.tokenFile": getattr(args, "token_file", None),
+        "controlPlaneAuth.rootBundle": getattr(args, "root_bundle", None),
+        "controlPlaneAuth.insecure": True if getattr(args, "insecure_control_plane", False) else None,
     }
     checked: dict[str, Any] = {k: v for k, v in raw.items() if v is not None}
     errors: list[str] = []

@@ -35,6 +35,10 @@ Metrics (on the injected registry): ``hostmesh_agent_controlplane_connected``,
 ``hostmesh_agent_config_stale`` (1 while not connected to the control plane),
 ``hostmesh_agent_snapshot_applies_total``, ``hostmesh_agent_snapshot_nacks_total``.
 
+Security: with ``auth`` (nodeagent/identity/cpauth.py) the channel is TLS, verified against
+the bootstrap root bundle plus ``extra_roots()`` (the newest trust bundle from the CA, so
+a root rotation never cuts the agent off), and every stream carries the node's token.
+
 gRPC objects (channel, call) are created inside ``run()``, in the agent's process and loop.
 """
 
@@ -66,6 +70,7 @@ from controlplane.resources import (
 )
 from hostmesh import __version__
 from nodeagent.errors import ConfigError
+from nodeagent.identity.cpauth import ControlPlaneAuth
 from nodeagent.persist import SnapshotStore
 from nodeagent.state import AgentState, NodeSnapshot
 
@@ -128,6 +133,8 @@ class ControlPlaneClient:
                  registry: CollectorRegistry, *,
                  validate: Callable[[NodeSnapshot], None] | None = None,
                  credentials: grpc.ChannelCredentials | None = None,
+                 auth: ControlPlaneAuth | None = None,
+                 extra_roots: Callable[[], str] = lambda: "",
                  backoff_initial: float = 0.2, backoff_max: float = 15.0,
                  agent_version: str = __version__,
                  max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
@@ -140,6 +147,8 @@ class ControlPlaneClient:
         self.store = store
         self.validate = validate
         self.credentials = credentials
+        self.auth = auth
+        self.extra_roots = extra_roots
         self.backoff_initial = backoff_initial
         self.backoff_max = backoff_max
         self.agent_version = agent_version
@@ -224,7 +233,7 @@ class ControlPlaneClient:
                 self._connecting = False
                 raise
             except grpc.aio.AioRpcError as exc:
-                self._error(f"{exc.code().name}: {exc.details()}")
+                self._error(self.auth.explain(exc, self.address) if self.auth else f"{exc.code().name}: {exc.details()}")
             except Exception as exc:  # never let the agent's config loop die
                 log.exception("control-plane session failed")
                 self._error(f"{type(exc).__name__}: {exc}")
@@ -286,14 +295,19 @@ class ControlPlaneClient:
     async def _session(self) -> bool:
         if self.state.snapshot is not self._resources_of:
             self._index_current()
-        if self.credentials is None:
+        metadata = None
+        if self.auth is not None:
+            channel = grpc.aio.secure_channel(self.address, self.auth.credentials(self.extra_roots()),
+                                              options=self.options + self.auth.options())
+            metadata = self.auth.metadata()
+        elif self.credentials is None:
             channel = grpc.aio.insecure_channel(self.address, options=self.options)
         else:
             channel = grpc.aio.secure_channel(self.address, self.credentials, options=self.options)
         synced = False
         try:
             call = channel.stream_stream(STREAM_METHOD, request_serializer=pb.AgentMessage.SerializeToString,
-                                         response_deserializer=pb.SnapshotUpdate.FromString)()
+                                         response_deserializer=pb.SnapshotUpdate.FromString)(metadata=metadata)
             await call.write(self._hello(with_versions=len(self._resources) <= INLINE_VERSIONS_MAX))
             while True:
                 update = await call.read()

@@ -10,6 +10,9 @@ from nodeagent.errors import ConfigError
 GOOD = """
 node: node1
 controlPlane: 198.18.0.2:15010
+controlPlaneAuth:
+  tokenFile: /etc/hostmesh/node.token
+  rootBundle: /etc/hostmesh/root-cert.pem
 capture:
   mode: iptables
   podCIDRs: [198.18.1.0/24]
@@ -91,3 +94,31 @@ def test_flag_values_are_checked():
         bootstrap.flag_overrides(args)
     assert "--pod-cidr[0]: '198.18.1.0/33'" in str(exc.value)
     assert "--admin-address: '127.0.0.1:99999'" in str(exc.value)
+
+
+CP_ONLY = "node: n1\ncapture: {mode: none}\ncontrolPlane: 198.18.0.2:15010\n"
+
+
+@pytest.mark.parametrize("extra,message", [
+    ("", "controlPlaneAuth.tokenFile: is required (--token-file)"),
+    ("", "controlPlaneAuth.rootBundle: is required (--root-bundle)"),
+    ("controlPlaneAuth: {insecure: yes please}\n", "controlPlaneAuth.insecure: must be true or false"),
+    ("controlPlaneAuth: {insecure: true, tokenFile: /t}\n", "not allowed with insecure: true"),
+    ("controlPlaneAuth: {tokenFile: /t, rootBundle: /b}\ncertDir: certs\n", "certDir: must be an absolute path"),
+    ("controlPlaneAuth: {tokenFile: /t, rootBundle: /b, token: x}\n", "controlPlaneAuth.token: unknown field"),
+])
+def test_control_plane_auth_is_required_and_checked(tmp_path, extra, message):
+    with pytest.raises(ConfigError) as exc:
+        load(tmp_path, CP_ONLY + extra)
+    assert message in str(exc.value)
+
+
+def test_control_plane_auth_values(tmp_path):
+    b = load(tmp_path, CP_ONLY + "controlPlaneAuth: {tokenFile: /t, rootBundle: /b, serverName: cp.example}\n")
+    assert (b.cp_token_file, b.cp_root_bundle, b.cp_server_name, b.cp_insecure) == ("/t", "/b", "cp.example", False)
+    assert b.cert_dir == "/run/hostmesh/n1/certs"
+    assert b.to_dict()["controlPlaneAuth"]["tokenFile"] == "/t"
+    b = load(tmp_path, CP_ONLY + "controlPlaneAuth: {insecure: true}\ncertDir: /run/x\n")
+    assert b.cp_insecure and b.cert_dir == "/run/x"
+    # a static snapshot needs no control-plane credentials
+    load(tmp_path, "node: n1\ncapture: {mode: none}\nsnapshotFile: /s.json\n")

@@ -16,7 +16,7 @@ from pathlib import Path
 
 API_DIR = Path(__file__).resolve().parent
 REPO_ROOT = API_DIR.parent.parent
-PROTOS = ("controlplane/api/discovery.proto",)
+PROTOS = ("controlplane/api/discovery.proto", "controlplane/api/certificates.proto")
 
 
 def generated_files(proto: str) -> list[str]:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import ssl
 from typing import Protocol
 
-from nodeagent.identity.spiffe import (DEFAULT_TRUST_DOMAIN, IdentityError, SpiffeId, leaf_identity,
+from nodeagent.identity.spiffe import (DEFAULT_TRUST_DOMAIN, IdentityError, SpiffeId, leaf_identity, verify_chain,
                                        leaf_identity_der, parse_spiffe_id, spiffe_id)
 
 
@@ -32,4 +32,4 @@ class WorkloadIdentities(Protocol):
 
 
 __all__ = ["DEFAULT_TRUST_DOMAIN", "IdentityError", "SpiffeId", "WorkloadIdentities", "leaf_identity",
-           "leaf_identity_der", "parse_spiffe_id", "spiffe_id"]
+           "leaf_identity_der", "parse_spiffe_id", "spiffe_id", "verify_chain"]

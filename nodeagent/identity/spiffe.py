@@ -13,6 +13,7 @@ import re
 from dataclasses import dataclass
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from nodeagent.errors import AgentError
@@ -101,3 +102,48 @@ def leaf_identity_der(der: bytes, trust_domain: str) -> SpiffeId:
     except ValueError as exc:
         raise IdentityError(f"peer certificate cannot be parsed: {exc}") from None
     return leaf_identity(cert, trust_domain)
+
+
+def verify_chain(chain: list[x509.Certificate], roots: list[x509.Certificate], now: float) -> None:
+    """Check that ``chain`` (leaf first, then intermediates) links up to one of ``roots``:
+    each certificate signed by the next, every issuer a CA, all valid at ``now``.
+    Raises IdentityError naming the broken link. (OpenSSL does the same during handshakes;
+    this checks a certificate the CA just returned before the agent installs it.)"""
+    if not chain:
+        raise IdentityError("the certificate chain is empty")
+    if not roots:
+        raise IdentityError("the trust bundle holds no root")
+    for cert in chain:
+        if not cert.not_valid_before_utc.timestamp() <= now < cert.not_valid_after_utc.timestamp():
+            raise IdentityError(f"certificate {_describe(cert)} is not valid now (valid "
+                                f"{cert.not_valid_before_utc:%Y-%m-%dT%H:%M:%SZ} to "
+                                f"{cert.not_valid_after_utc:%Y-%m-%dT%H:%M:%SZ})")
+    for child, parent in zip(chain, chain[1:]):
+        _check_issued_by(child, parent)
+    last = chain[-1]
+    for root in roots:
+        if root.subject == last.issuer or root == last:
+            try:
+                _check_issued_by(last, root)
+                return
+            except IdentityError:
+                continue
+    raise IdentityError(f"certificate {_describe(last)} does not chain to any root of the trust bundle "
+                        f"(issuer {last.issuer.rfc4514_string() or '(empty)'})")
+
+
+def _check_issued_by(child: x509.Certificate, parent: x509.Certificate) -> None:
+    try:
+        basic = parent.extensions.get_extension_for_class(x509.BasicConstraints).value
+    except x509.ExtensionNotFound:
+        basic = None
+    if basic is None or not basic.ca:
+        raise IdentityError(f"{_describe(parent)} issued {_describe(child)} but is not a CA")
+    try:
+        child.verify_directly_issued_by(parent)
+    except (ValueError, TypeError, InvalidSignature):
+        raise IdentityError(f"{_describe(child)} is not signed by {_describe(parent)}") from None
+
+
+def _describe(cert: x509.Certificate) -> str:
+    return f"serial {cert.serial_number:x} ({cert.subject.rfc4514_string() or 'no subject'})"

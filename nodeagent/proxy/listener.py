@@ -23,6 +23,7 @@ from nodeagent.errors import ProxyError
 from nodeagent.proxy.destinations import (PASSTHROUGH, UNKNOWN_DESTINATION_POLICIES, Decision,
                                           Destinations, Refuse, connection_labels)
 from nodeagent.capture.origdst import so_original_dst
+from nodeagent.identity import WorkloadIdentities
 from nodeagent.proxy.relay import Relay
 from nodeagent.state import AgentState, NodeSnapshot
 from nodeagent.telemetry import ProxyMetrics, TcpLabels
@@ -78,6 +79,7 @@ class ProxyInputs:
     unknown_destination: str = PASSTHROUGH  # "passthrough" | "refuse" (outbound)
     # accepted socket -> (ip, port) the client dialed; the capture backend provides it
     original_destination: Callable[[socket.socket], tuple[str, int]] = so_original_dst
+    identities: WorkloadIdentities | None = None
 
     def __post_init__(self) -> None:
         if self.unknown_destination not in UNKNOWN_DESTINATION_POLICIES:

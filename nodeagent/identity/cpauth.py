@@ -1,0 +1,123 @@
+"""How the agent talks to the control plane securely: TLS verified against the bootstrap
+root bundle (plus the newest trust bundle the CA handed out, so a root rotation does not
+cut the agent off), the node's bootstrap token as metadata on every call, and the
+Certificates.Sign client the certificate manager uses.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+from cryptography import x509
+
+from controlplane.api import NODE_METADATA, SIGN_METHOD, TOKEN_METADATA
+from controlplane.api import certificates_pb2 as cpb
+from nodeagent.errors import ConfigError
+
+log = logging.getLogger("hostmesh.agent.cpauth")
+
+SIGN_TIMEOUT = 10.0
+_TLS_FAILURES = ("CERTIFICATE_VERIFY_FAILED", "Ssl handshake failed", "ssl_transport_security",
+                 "Handshake failed", "WRONG_VERSION_NUMBER")
+
+
+@dataclass(frozen=True)
+class ControlPlaneAuth:
+    """The node's credentials toward the control plane (read once at start)."""
+
+    node: str
+    token: str
+    root_bundle_pem: bytes
+    root_bundle_path: str = ""
+    server_name: str = ""  # TLS name to verify instead of the address's host
+
+    @classmethod
+    def from_files(cls, node: str, token_file: str, root_bundle: str, server_name: str = "") -> ControlPlaneAuth:
+        from controlplane.auth import TokenFileError, read_token_file
+        try:
+            token = read_token_file(Path(token_file))
+        except TokenFileError as exc:
+            raise ConfigError(f"controlPlaneAuth.tokenFile: {exc}") from None
+        try:
+            data = Path(root_bundle).read_bytes()
+            roots = x509.load_pem_x509_certificates(data)
+        except OSError as exc:
+            raise ConfigError(f"controlPlaneAuth.rootBundle: {root_bundle}: cannot read: {exc.strerror}") from None
+        except ValueError as exc:
+            raise ConfigError(f"controlPlaneAuth.rootBundle: {root_bundle}: not PEM certificates: {exc}") from None
+        if not roots:
+            raise ConfigError(f"controlPlaneAuth.rootBundle: {root_bundle}: holds no certificate")
+        return cls(node=node, token=token, root_bundle_pem=data, root_bundle_path=root_bundle,
+                   server_name=server_name)
+
+    def metadata(self) -> tuple[tuple[str, str], ...]:
+        return ((TOKEN_METADATA, f"Bearer {self.token}"), (NODE_METADATA, self.node))
+
+    def credentials(self, extra_roots_pem: str = "") -> grpc.ChannelCredentials:
+        roots = self.root_bundle_pem
+        if extra_roots_pem:
+            roots = roots.rstrip(b"\n") + b"\n" + extra_roots_pem.encode()
+        return grpc.ssl_channel_credentials(root_certificates=roots)
+
+    def options(self) -> list[tuple[str, str]]:
+        return [("grpc.ssl_target_name_override", self.server_name)] if self.server_name else []
+
+    def explain(self, exc: grpc.aio.AioRpcError, address: str) -> str:
+        """A readable reason for a failed call; TLS failures name the bundle to check."""
+        details = exc.details() or ""
+        if exc.code() == grpc.StatusCode.UNAVAILABLE and any(s in details for s in _TLS_FAILURES):
+            return (f"TLS handshake with the control plane at {address} failed: its certificate does not verify "
+                    f"against the root bundle {self.root_bundle_path or '(given at bootstrap)'}"
+                    f"{' for name ' + self.server_name if self.server_name else ''} ({details})")
+        return f"{exc.code().name}: {details}"
+
+
+class GrpcSigner:
+    """``await signer(csr_pem, namespace, service_account)`` -> SignResponse over one channel,
+    created lazily in the running loop and recreated when the trust bundle changes."""
+
+    def __init__(self, address: str, auth: ControlPlaneAuth, extra_roots: Callable[[], str] = lambda: "",
+                 timeout: float = SIGN_TIMEOUT) -> None:
+        self.address = address
+        self.auth = auth
+        self.extra_roots = extra_roots
+        self.timeout = timeout
+        self._channel: grpc.aio.Channel | None = None
+        self._roots = ""
+
+    def _call(self):
+        roots = self.extra_roots()
+        if self._channel is None or roots != self._roots:
+            if self._channel is not None:
+                old = self._channel
+                # calls in flight on the old channel may finish; it closes after them
+                asyncio.get_running_loop().create_task(old.close(grace=self.timeout))
+            self._roots = roots
+            self._channel = grpc.aio.secure_channel(self.address, self.auth.credentials(roots),
+                                                    options=self.auth.options())
+        return self._channel.unary_unary(SIGN_METHOD, request_serializer=cpb.SignRequest.SerializeToString,
+                                         response_deserializer=cpb.SignResponse.FromString)
+
+    async def __call__(self, csr_pem: str, namespace: str, service_account: str) -> cpb.SignResponse:
+        call = self._call()
+        try:
+            return await call(cpb.SignRequest(csr_pem=csr_pem, namespace=namespace, service_account=service_account),
+                              metadata=self.auth.metadata(), timeout=self.timeout)
+        except grpc.aio.AioRpcError as exc:
+            raise SignError(self.auth.explain(exc, self.address), exc.code()) from None
+
+    async def close(self) -> None:
+        if self._channel is not None:
+            await self._channel.close()
+            self._channel = None
+
+
+class SignError(Exception):
+    def __init__(self, message: str, code: grpc.StatusCode) -> None:
+        super().__init__(message)
+        self.status = code
