@@ -9,19 +9,22 @@ HTTP/2 connection, in the style of ``http1`` (bytes in -> events out; calls -> b
 Driver loop (downstream side)::
 
     server = ServerConnection(limits, clock=loop.time)
-    down.write(server.data_to_send())                  # our preface (SETTINGS, WINDOW_UPDATE)
-    for ev in server.receive_data(chunk):
+    down.write(server.data_to_send())                  # our SETTINGS and connection WINDOW_UPDATE
+    for ev in server.receive_data(chunk):              # then down.write(server.data_to_send()):
+                                                       # ACKs, RST_STREAMs, queued DATA, GOAWAY
         RequestHead   -> route; sid = client.send_request(head')    (ev.end_stream: no body)
         Data          -> up.write(client.send_data(sid, ev.data)); once the upstream took
-                         the bytes (its transport is not paused): server.consumed(ev.stream_id,
-                         len(ev.data)) — only then is the client's window reopened
+                         the bytes (its transport is not paused):
+                         down.write(server.consumed(ev.stream_id, len(ev.data))) — only
+                         then is the client's window reopened
         EndOfMessage  -> up.write(client.send_end(sid, ev.trailers))
-        StreamReset   -> reset the upstream stream (client.reset(sid))
+        StreamReset   -> reset the upstream stream (client.reset(sid)); error_code NO_ERROR
+                         after the response ended means "send no more of the body"
         Writable      -> resume reading the upstream stream that was paused on blocked()
         ProtocolError -> log it: the codec already answered (400/431/405) or reset the stream
         ConnectionTerminated -> flush data_to_send(), then close (ev.remote and not
                          ev.error_code: a graceful GOAWAY, finish ev.streams first)
-    down.write(server.data_to_send())                  # after every call
+    every other call returns the bytes it produced (and any pending before): write them
     while the downstream transport is paused for writing: stop reading from it (this is
     what bounds the control frames we owe a peer that does not read: PING/SETTINGS ACKs)
 
