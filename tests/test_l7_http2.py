@@ -654,6 +654,29 @@ def test_client_goaway_marks_unprocessed_streams_retryable():
     assert cli.capacity == 0 and not cli.reusable
 
 
+def test_client_graceful_goaway_in_one_read_with_ping_and_the_rest_of_a_response():
+    cli, up = client_pair()
+    s1 = cli.send_request(get())
+    s3 = cli.send_request(get())
+    up.receive_data(cli.data_to_send())
+    up.send_headers(s1, [(b":status", b"200")])
+    up.send_data(s1, b"done", end_stream=True)
+    response = up.data_to_send()
+    wire = (PingFrame(0, opaque_data=b"liveness").serialize()
+            + GoAwayFrame(0, last_stream_id=s1, error_code=0, additional_data=b"max age").serialize()
+            + response)
+    evs = []
+    for i in range(0, len(wire), 7):  # frame boundaries anywhere
+        evs += cli.receive_data(wire[i:i + 7])
+    kinds = [type(e).__name__ for e in evs]
+    assert kinds == ["StreamReset", "ConnectionTerminated", "ResponseHead", "Data", "EndOfMessage"], kinds
+    assert evs[0] == StreamReset(s3, http2.REFUSED_STREAM, True, True, "above GOAWAY last-stream-id")
+    assert evs[1] == ConnectionTerminated(0, s1, "max age", True, (s1,))
+    acks = [f for f in frames(cli.data_to_send()) if isinstance(f, PingFrame)]
+    assert [(f.opaque_data, "ACK" in f.flags) for f in acks] == [(b"liveness", True)]  # kept across GOAWAY
+    assert cli.active_streams == 0 and cli.capacity == 0 and not cli.closed
+
+
 def test_client_refused_stream_is_retryable():
     cli, up = client_pair()
     sid = cli.send_request(get())
@@ -743,3 +766,19 @@ def test_fuzz_server_frames(fs, split):
         fed += split
         out += len(srv.data_to_send())
         _bounded(srv, fed, out)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.one_of(_frame_bytes(), st.binary(max_size=40)), max_size=16), st.integers(1, 40))
+def test_fuzz_client_side(fs, split):
+    """An upstream sending garbage: events or our GOAWAY, never an exception, bounded buffers."""
+    cli = ClientConnection(clock=Clock())
+    cli.send_request(get(end=False))
+    cli.data_to_send()
+    data = SettingsFrame(0).serialize() + b"".join(fs)
+    fed = out = 0
+    for i in range(0, len(data), split):
+        cli.receive_data(data[i:i + split])
+        fed += split
+        out += len(cli.data_to_send())
+        _bounded(cli, fed, out)

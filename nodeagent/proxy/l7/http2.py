@@ -138,7 +138,7 @@ ENHANCE_YOUR_CALM = 0xB
 H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 
 # frame types and flags the pre-scan looks at (RFC 9113 6)
-_DATA, _HEADERS, _PRIORITY, _SETTINGS, _PING, _CONTINUATION = 0x0, 0x1, 0x2, 0x4, 0x6, 0x9
+_DATA, _HEADERS, _PRIORITY, _SETTINGS, _PING, _GOAWAY, _CONTINUATION = 0x0, 0x1, 0x2, 0x4, 0x6, 0x7, 0x9
 _KNOWN_TYPES = 0x9
 _END_STREAM, _ACK, _END_HEADERS = 0x1, 0x1, 0x4
 
@@ -442,6 +442,9 @@ class _Connection:
         self._noop_gate = _Gate(limits.max_noop_frames, w)
         self._reset_gate = _Gate(limits.max_resets, w)
         self._violation: tuple[int, str] | None = None
+        self._goaway_marks: list[tuple[int, int]] = []  # (start, end) of GOAWAY frames in this read
+        self._goaway_pending = False  # a GOAWAY whose payload continues in the next read
+        self._saved = bytearray()  # output h2 would drop on GOAWAY
         self._pings: dict[bytes, float] = {}
         self._ping_seq = 0
         self._dispatch = {
@@ -491,7 +494,11 @@ class _Connection:
         return max(0, window - st.out_bytes)
 
     def data_to_send(self) -> bytes:
-        return self._h2.data_to_send()
+        out = self._h2.data_to_send()
+        if self._saved:
+            out = bytes(self._saved) + out
+            self._saved.clear()
+        return out
 
     # ---------------------------------------------------------------- public: input
     def receive_data(self, data: bytes) -> list:
@@ -501,17 +508,36 @@ class _Connection:
         cut = self._scan(data)
         if cut is not None:
             data = data[:cut]
-        if data:
-            try:
-                events = self._h2.receive_data(data)
-            except h2.exceptions.ProtocolError as exc:  # h2 queued its GOAWAY already
-                self._terminated(int(exc.error_code), str(exc) or "protocol error")
-                return self._take()
-            self._handle(events)
+        marks = self._goaway_marks
+        if not marks:
+            self._feed(data)
+        else:
+            # h2 closes its state machine on GOAWAY and drops its pending output: feed each
+            # GOAWAY frame on its own, keep the output so far, and let _on_goaway reopen a
+            # graceful one before the frames that follow are fed
+            self._goaway_marks = []
+            pos = 0
+            for start, end in marks:
+                self._feed(data[pos:start])
+                if not self._dead:
+                    self._saved += self._h2.data_to_send()
+                self._feed(data[start:end])
+                pos = end
+            self._feed(data[pos:])
         if cut is not None and not self._dead:
             code, reason = self._violation
             self._terminate(code, reason)
         return self._take()
+
+    def _feed(self, data: bytes) -> None:
+        if not data or self._dead:
+            return
+        try:
+            events = self._h2.receive_data(data)
+        except h2.exceptions.ProtocolError as exc:  # h2 queued its GOAWAY already
+            self._terminated(int(exc.error_code), str(exc) or "protocol error")
+            return
+        self._handle(events)
 
     def consumed(self, stream_id: int, n: int) -> bytes:
         """The driver passed ``n`` received bytes of this stream on: reopen the windows."""
@@ -827,6 +853,9 @@ class _Connection:
                 k = min(self._skip, n - i)
                 self._skip -= k
                 i += k
+                if not self._skip and self._goaway_pending:
+                    self._goaway_pending = False
+                    self._goaway_marks.append((0, i))
                 continue
             start = i
             if hdr or n - i < 9:
@@ -849,6 +878,11 @@ class _Connection:
                 self._violation = err
                 return start
             self._skip = length
+            if ftype == _GOAWAY:
+                if n - i >= length:
+                    self._goaway_marks.append((start, i + length))
+                else:
+                    self._goaway_pending = True
         return None
 
     def _check_frame(self, length: int, ftype: int, flags: int, lim: Http2Limits) -> tuple[int, str] | None:
