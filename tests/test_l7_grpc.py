@@ -7,6 +7,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from nodeagent.proxy.l7 import errors, grpc, http2
+from tests.test_l7_translate import h2_link
 
 
 @pytest.mark.parametrize("value,ok", [
@@ -97,11 +98,7 @@ def test_proxy_flags_map_to_grpc_status(flag, code):
 
 
 def test_grpc_deadline_reply_through_the_codec_is_trailers_only():
-    cli = http2.ClientConnection()
-    srv = http2.ServerConnection()
-    srv.receive_data(cli.data_to_send())
-    cli.receive_data(srv.data_to_send())
-    srv.receive_data(cli.data_to_send())
+    cli, srv = h2_link()
     sid = cli.send_request(http2.RequestHead(0, b"POST", b"http", b"svc", b"/pkg.Svc/M",
                                              [(b"content-type", b"application/grpc"), (b"te", b"trailers"),
                                               (b"grpc-timeout", b"100m")]))

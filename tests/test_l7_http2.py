@@ -196,14 +196,19 @@ def test_reset_stream_returns_its_unconsumed_bytes_to_the_connection_window():
     assert cli.outbound_flow_control_window >= 60000  # the connection window came back
 
 
-def test_outgoing_data_queued_behind_the_peer_window_and_writable_event():
-    srv, cli = pair(Http2Limits(stream_buffer=32 * 1024))
-    cli.update_settings({SettingCodes.INITIAL_WINDOW_SIZE: 16384})
+def responding_with_client_window(window: int, limits: Http2Limits = http2.DEFAULT_LIMITS):
+    """A pair whose client set INITIAL_WINDOW_SIZE=window, stream 1 answered with a 200 head."""
+    srv, cli = pair(limits)
+    cli.update_settings({SettingCodes.INITIAL_WINDOW_SIZE: window})
     to_srv(srv, cli)
     to_cli(srv, cli)
     cli.send_headers(1, REQ, end_stream=True)
     to_srv(srv, cli)
-    out = srv.send_response(1, 200)
+    return srv, cli, srv.send_response(1, 200)
+
+
+def test_outgoing_data_queued_behind_the_peer_window_and_writable_event():
+    srv, cli, out = responding_with_client_window(16384, Http2Limits(stream_buffer=32 * 1024))
     out += srv.send_data(1, b"a" * 100_000)
     out += srv.send_end(1, [(b"x-done", b"1")])
     sent = sum(len(f.data) for f in frames(out) if isinstance(f, DataFrame))
@@ -225,13 +230,7 @@ def test_outgoing_data_queued_behind_the_peer_window_and_writable_event():
 
 
 def test_settings_window_change_flushes_queued_data():
-    srv, cli = pair()
-    cli.update_settings({SettingCodes.INITIAL_WINDOW_SIZE: 0})
-    to_srv(srv, cli)
-    to_cli(srv, cli)
-    cli.send_headers(1, REQ, end_stream=True)
-    to_srv(srv, cli)
-    out = srv.send_response(1, 200)
+    srv, cli, out = responding_with_client_window(0)
     out += srv.send_data(1, b"z" * 1000)
     assert not [f for f in frames(out) if isinstance(f, DataFrame)]
     assert srv.send_window(1) == 0
