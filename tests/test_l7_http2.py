@@ -229,6 +229,29 @@ def test_outgoing_data_queued_behind_the_peer_window_and_writable_event():
     assert srv.active_streams == 0
 
 
+def test_connection_window_shared_by_streams_is_flushed_to_all_when_it_opens():
+    srv, cli = pair()
+    for sid in (1, 3):
+        cli.send_headers(sid, REQ, end_stream=True)
+    to_srv(srv, cli)
+    out = b""
+    for sid in (1, 3):
+        out += srv.send_response(sid, 200)
+        out += srv.send_data(sid, b"q" * 50_000, end_stream=True)
+    assert srv.buffered == 100_000 - 65535  # the client's connection window is 65535
+    got = cli.receive_data(out)
+    done: set[int] = set()
+    for _ in range(10):
+        for e in of(got, h2e.DataReceived):
+            cli.acknowledge_received_data(e.flow_controlled_length, e.stream_id)
+        done |= {e.stream_id for e in of(got, h2e.StreamEnded)}
+        if done == {1, 3}:
+            break
+        to_srv(srv, cli)
+        got = to_cli(srv, cli)
+    assert done == {1, 3} and srv.buffered == 0 and srv.active_streams == 0
+
+
 def test_settings_window_change_flushes_queued_data():
     srv, cli, out = responding_with_client_window(0)
     out += srv.send_data(1, b"z" * 1000)
@@ -275,6 +298,23 @@ def test_rapid_reset_goaway_enhance_your_calm():
     term = of(evs, ConnectionTerminated)[0]
     assert term.error_code == http2.ENHANCE_YOUR_CALM and not term.remote
     assert goaway(srv.data_to_send()).error_code == http2.ENHANCE_YOUR_CALM
+
+
+def test_a_client_that_keeps_opening_refused_streams_gets_goaway():
+    srv = ServerConnection(Http2Limits(max_concurrent_streams=1, max_resets=5), clock=Clock())
+    cli = h2_client()
+    for sid in range(1, 30, 2):
+        cli.send_headers(sid, REQ)
+    evs = srv.receive_data(cli.data_to_send())
+    assert len(of(evs, RequestHead)) == 1
+    assert of(evs, ConnectionTerminated)[0].error_code == http2.ENHANCE_YOUR_CALM
+
+
+def test_hpack_table_size_above_our_setting_is_a_connection_error():
+    srv, _enc = raw_server()
+    evs = srv.receive_data(HeadersFrame(1, data=b"\x3f\xe1\x3f" + hpack.Encoder().encode(REQ),  # size 8192
+                                        flags=("END_HEADERS", "END_STREAM")).serialize())
+    assert not of(evs, RequestHead) and of(evs, ConnectionTerminated) and srv.closed
 
 
 def test_resets_at_a_normal_rate_are_fine():

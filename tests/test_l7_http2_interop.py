@@ -132,13 +132,18 @@ def test_curl_prior_knowledge_upload():
     against_server(check)
 
 
-def test_grpcio_unary_and_deadline():
+def test_grpcio_unary_streaming_and_deadline():
     grpc = pytest.importorskip("grpc")
 
     def client(port):
         with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
             echo = ch.unary_unary("/pkg.Echo/Say")
             assert echo(b"ping", timeout=10) == b"ping"
+            # streaming calls: the echo answers once the client's stream ended
+            msgs = [b"a", b"bb" * 1000, b"c" * 100_000]  # larger than the 64 KiB initial windows
+            assert list(ch.stream_stream("/pkg.Echo/Bidi")(iter(msgs), timeout=10)) == msgs
+            assert ch.stream_unary("/pkg.Echo/Up")(iter(msgs[:1]), timeout=10) == msgs[0]
+            assert list(ch.unary_stream("/pkg.Echo/Down")(b"x", timeout=10)) == [b"x"]
             slow = ch.unary_unary("/pkg.Echo/Slow")
             with pytest.raises(grpc.RpcError) as ei:
                 slow(b"x", timeout=10)
