@@ -527,6 +527,14 @@ def test_writes_to_a_stream_the_peer_reset_are_dropped():
         srv.send_response(3, 200)  # never opened
 
 
+def test_malformed_grpc_request_gets_a_trailers_only_internal():
+    srv, cli = pair(validate_outbound_headers=False, normalize_outbound_headers=False)
+    cli.send_headers(1, REQ + [(b"content-type", b"application/grpc"), (b"connection", b"x")], end_stream=True)
+    to_srv(srv, cli)
+    h = dict(of(to_cli(srv, cli), h2e.ResponseReceived)[0].headers)
+    assert h[b":status"] == b"200" and h[b"grpc-status"] == b"13" and h[b"x-hostmesh-flags"] == b"DPE"
+
+
 def test_connect_is_405_and_options_asterisk_is_fine():
     srv, cli = pair()
     cli.send_headers(1, [(b":method", b"CONNECT"), (b":authority", b"db:5432")], end_stream=True)

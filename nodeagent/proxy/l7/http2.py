@@ -304,12 +304,11 @@ class _Gate:
 
 
 class _Stream:
-    __slots__ = ("sid", "opened", "remote_done", "local_done", "head_sent", "out", "out_bytes",
+    __slots__ = ("sid", "remote_done", "local_done", "head_sent", "out", "out_bytes",
                  "end", "blocked", "unacked", "trailers", "grpc", "rejected", "reset_after")
 
-    def __init__(self, sid: int, opened: float) -> None:
+    def __init__(self, sid: int) -> None:
         self.sid = sid
-        self.opened = opened
         self.remote_done = False
         self.local_done = False
         self.head_sent = False  # a final (non-1xx) head went out
@@ -569,7 +568,7 @@ class _Connection:
     def close(self, error_code: int = NO_ERROR, reason: str = "") -> bytes:
         """GOAWAY and stop: the driver flushes the bytes and closes the socket."""
         if not self._dead:
-            self._terminate(error_code, reason or "closing", remote_initiated=False)
+            self._terminate(error_code, reason or "closing")
         self._take()
         return self.data_to_send()
 
@@ -829,7 +828,7 @@ class _Connection:
         self._waiting.clear()
         self._queued = 0
 
-    def _terminate(self, code: int, reason: str, remote_initiated: bool = False) -> None:
+    def _terminate(self, code: int, reason: str) -> None:
         """Our own connection error (or close): GOAWAY with a reason, then stop."""
         try:
             self._h2.close_connection(code, additional_data=reason.encode("utf-8")[:256])
@@ -1009,21 +1008,21 @@ class ServerConnection(_Connection):
 
     def _on_request(self, ev) -> None:
         sid = ev.stream_id
-        now = self._clock()
         if self._goaway_last is not None and sid > self._goaway_last:
             self._h2.reset_stream(sid, REFUSED_STREAM)
             return
         if len(self._streams) >= self.limits.max_concurrent_streams:
             self._h2.reset_stream(sid, REFUSED_STREAM)
-            if self._reset_gate.hit(now):
+            if self._reset_gate.hit(self._clock()):
                 self._terminate(ENHANCE_YOUR_CALM, "too many refused streams")
             return
-        st = _Stream(sid, now)
+        st = _Stream(sid)
         self._streams[sid] = st
         try:
             head = self._request_head(sid, ev.headers)
         except _Malformed as m:
             st.remote_done = ev.stream_ended is not None
+            st.grpc = is_grpc(ev.headers)  # a gRPC client gets a trailers-only INTERNAL
             self._ready.append(ProtocolError(sid, m.status, m.reason, "DPE"))
             if m.status == 400:
                 st.reset_after = PROTOCOL_ERROR  # RFC 9113 8.1.1: a stream error
@@ -1148,7 +1147,7 @@ class ClientConnection(_Connection):
             conn.send_headers(sid, fields, end_stream=head.end_stream)
         except h2.exceptions.ProtocolError as exc:
             raise LocalProtocolError(str(exc)) from None
-        st = _Stream(sid, self._clock())
+        st = _Stream(sid)
         st.head_sent = True
         self._streams[sid] = st
         if head.end_stream:
