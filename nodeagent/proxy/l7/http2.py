@@ -36,6 +36,15 @@ stream) and a ``Writable`` event says when it drained. ``send_window(sid)`` is t
 bytes that would go out at once. Every ``send_*`` returns the bytes to write (all pending
 output of the connection).
 
+Upstream side: ``capacity`` (streams that may be opened now: the peer's
+SETTINGS_MAX_CONCURRENT_STREAMS capped by ours, 0 after GOAWAY) and ``send_request(head)``
+-> stream id (it refuses at capacity 0: queueing is the pool's job); ``StreamReset.retryable``
+marks requests the upstream never processed (REFUSED_STREAM, or above a GOAWAY's
+last-stream-id) — safe to retry on another connection. ``ping()`` -> ``PingAck(rtt)`` for
+liveness (``pings_outstanding`` tells a timer whether the peer still answers). Server side:
+``drain()`` sends a graceful GOAWAY and lets open streams finish; both sides: ``close(code)``
+(GOAWAY, nothing more is processed).
+
 Inbound flow control is explicit: h2 never acknowledges DATA by itself and neither does
 this codec until the driver calls ``consumed(sid, n)``, so a slow upstream back-pressures
 the client through its stream and connection windows (``limits.stream_window``,
