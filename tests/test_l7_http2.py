@@ -252,6 +252,28 @@ def test_connection_window_shared_by_streams_is_flushed_to_all_when_it_opens():
     assert done == {1, 3} and srv.buffered == 0 and srv.active_streams == 0
 
 
+def test_connection_window_is_shared_round_robin():
+    srv, cli = pair()
+    for sid in (1, 3, 5):
+        cli.send_headers(sid, REQ, end_stream=True)
+    to_srv(srv, cli)
+    out = b""
+    for sid in (1, 3, 5):
+        out += srv.send_response(sid, 200)
+        out += srv.send_data(sid, b"r" * 200_000)
+    cli.receive_data(out)  # the first 65535 bytes went to stream 1 (first come)
+    sent = {1: 0, 3: 0, 5: 0}
+    for _ in range(6):  # the client reopens the connection window 32 KiB at a time
+        cli.increment_flow_control_window(32768)
+        for sid in (1, 3, 5):
+            cli.increment_flow_control_window(32768, sid)
+        to_srv(srv, cli)
+        for f in frames(srv.data_to_send()):
+            if isinstance(f, DataFrame):
+                sent[f.stream_id] += len(f.data)
+    assert min(sent.values()) >= 32768 and max(sent.values()) - min(sent.values()) <= 2 * 16384, sent
+
+
 def test_settings_window_change_flushes_queued_data():
     srv, cli, out = responding_with_client_window(0)
     out += srv.send_data(1, b"z" * 1000)

@@ -649,10 +649,16 @@ class _Connection:
             raise LocalProtocolError("stream already ended")
         return st
 
-    def _flush(self, st: _Stream) -> None:
+    def _flush(self, st: _Stream, frames: int = -1) -> None:
+        """Send queued DATA as the windows allow (at most ``frames`` frames when >= 0)."""
         conn = self._h2
         out = st.out
         while out:
+            if frames == 0:  # its turn is over: to the back of the queue (round robin)
+                self._waiting.pop(st.sid, None)
+                self._waiting[st.sid] = st
+                return
+            frames -= 1
             window = conn.local_flow_control_window(st.sid)
             if window <= 0:
                 self._waiting[st.sid] = st
@@ -787,11 +793,21 @@ class _Connection:
         self._flush_all()
 
     def _flush_all(self) -> None:
-        for st in list(self._waiting.values()):
-            if self._h2.outbound_flow_control_window <= 0:
+        """The connection window opened: share it among the waiting streams, a frame each
+        per round, so one large response cannot starve the others."""
+        conn = self._h2
+        waiting = self._waiting
+        while waiting and conn.outbound_flow_control_window > 0:
+            queued = self._queued
+            for st in list(waiting.values()):
+                if conn.outbound_flow_control_window <= 0:
+                    return
+                if st.sid in self._streams:
+                    self._flush(st, 1)
+                else:
+                    waiting.pop(st.sid, None)
+            if self._queued == queued:  # every waiting stream is blocked on its own window
                 return
-            if st.sid in self._streams:
-                self._flush(st)
 
     def _on_settings(self, ev) -> None:
         if SettingCodes.INITIAL_WINDOW_SIZE in ev.changed_settings:
