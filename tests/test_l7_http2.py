@@ -463,6 +463,21 @@ def test_oversized_frame_refused_on_its_header():
     assert goaway(srv.data_to_send()).error_code == http2.FRAME_SIZE_ERROR
 
 
+def test_memory_of_closed_streams_is_bounded_and_late_frames_stay_stream_errors():
+    srv, cli = pair(Http2Limits(closed_streams=64))
+    for sid in range(1, 400, 2):
+        cli.send_headers(sid, REQ, end_stream=True)
+        for ev in to_srv(srv, cli):
+            if isinstance(ev, RequestHead):
+                cli.receive_data(srv.send_response(ev.stream_id, 200, end_stream=True))
+    assert len(srv._h2._closed_streams) <= 64
+    late = DataFrame(1, data=b"late").serialize() + RstStreamFrame(3, error_code=8).serialize()
+    srv.receive_data(late)  # stream 1 ended long ago and was forgotten
+    assert not srv.closed
+    rst = [f for f in frames(srv.data_to_send()) if isinstance(f, RstStreamFrame)]
+    assert [(f.stream_id, f.error_code) for f in rst] == [(1, http2.STREAM_CLOSED)]
+
+
 def test_frame_header_split_across_reads():
     srv, enc = raw_server()
     data = headers_frame(enc, 1, REQ)

@@ -99,7 +99,8 @@ Safe defaults (``Http2Limits``), enforced here and not left to h2:
   Responses from an upstream are checked the same way (-> ``ProtocolError`` 502 UPE).
 * Memory per connection: received, unconsumed DATA <= the connection window; queued
   outgoing DATA <= ``stream_buffer`` per stream plus one write (if the driver honours
-  ``blocked``); h2's input buffer <= one frame; the header block buffer <= its cap.
+  ``blocked``); h2's input buffer <= one frame; the header block buffer <= its cap; h2's
+  record of closed streams <= ``closed_streams`` entries (h2 keeps 65536 by default).
 
 Deliberate h2 workarounds (h2 4.x): h2's connection state machine closes on any GOAWAY,
 so after a *graceful* GOAWAY (NO_ERROR, either direction) the state is put back to open
@@ -169,6 +170,7 @@ class Http2Limits:
     max_pings: int = 100
     max_empty_data: int = 100  # DATA frames without payload and without END_STREAM
     max_noop_frames: int = 1000  # PRIORITY and unknown frame types
+    closed_streams: int = 1024  # how many closed streams h2 remembers (memory per connection)
 
     @property
     def decoder_limit(self) -> int:
@@ -284,7 +286,16 @@ class _Malformed(Exception):
 
 class _H2(h2.connection.H2Connection):
     """h2 with its inbound stream limit lifted: the wrapper refuses excess streams with
-    RST_STREAM REFUSED_STREAM (a stream error) instead of h2's connection error."""
+    RST_STREAM REFUSED_STREAM (a stream error) instead of h2's connection error.
+
+    h2 remembers how each closed stream ended, up to MAX_CLOSED_STREAMS (2^16 by default:
+    about 7 MiB on a long-lived connection); a late frame for a stream forgotten from that
+    list is still a stream error (RST_STREAM STREAM_CLOSED), so a short memory is safe.
+    """
+
+    def __init__(self, config: h2.config.H2Configuration, closed_streams: int) -> None:
+        self.MAX_CLOSED_STREAMS = closed_streams  # read by H2Connection.__init__
+        super().__init__(config=config)
 
     @property
     def open_inbound_streams(self) -> int:
@@ -413,7 +424,7 @@ class _Connection:
             validate_inbound_headers=False,  # checked here, as stream errors
             normalize_inbound_headers=True,  # joins cookie fields (RFC 9113 8.2.3)
         )
-        conn = _H2(config=cfg)
+        conn = _H2(cfg, limits.closed_streams)
         initial = {
             SettingCodes.MAX_CONCURRENT_STREAMS: limits.max_concurrent_streams,
             SettingCodes.MAX_HEADER_LIST_SIZE: limits.decoder_limit,
