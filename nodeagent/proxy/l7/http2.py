@@ -275,6 +275,7 @@ _CONNECTION_SPECIFIC = frozenset({
     b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"upgrade",
 })
 _NAME_CACHE = 1024
+_NOTHING: frozenset[int] = frozenset()
 
 
 class _Malformed(Exception):
@@ -464,6 +465,7 @@ class _Connection:
         self._goaway_marks: list[tuple[int, int]] = []  # (start, end) of GOAWAY frames in this read
         self._goaway_pending = False  # a GOAWAY whose payload continues in the next read
         self._saved = bytearray()  # output h2 would drop on GOAWAY
+        self._resetting: set[int] | frozenset[int] = _NOTHING  # streams reset in the batch being handled
         self._pings: dict[bytes, float] = {}
         self._ping_seq = 0
         self._dispatch = {
@@ -737,13 +739,20 @@ class _Connection:
         return r
 
     def _handle(self, events) -> None:
+        # h2 has processed every frame of the read before we see its events: a stream reset
+        # later in this batch is already closed in h2, so nothing may be sent on it while
+        # the events before its StreamReset are handled (h2 would raise StreamClosedError)
+        self._resetting = {ev.stream_id for ev in events if type(ev) is h2e.StreamReset}
         dispatch = self._dispatch
-        for ev in events:
-            fn = dispatch.get(type(ev))
-            if fn is not None:
-                fn(ev)
-            if self._dead:
-                return
+        try:
+            for ev in events:
+                fn = dispatch.get(type(ev))
+                if fn is not None:
+                    fn(ev)
+                if self._dead:
+                    return
+        finally:
+            self._resetting = _NOTHING
 
     def _on_data(self, ev) -> None:
         sid = ev.stream_id
@@ -798,7 +807,7 @@ class _Connection:
         sid = ev.stream_id
         if sid:
             st = self._waiting.get(sid)
-            if st is not None:
+            if st is not None and sid not in self._resetting:
                 self._flush(st)
             return
         self._flush_all()
@@ -813,6 +822,8 @@ class _Connection:
             for st in list(waiting.values()):
                 if conn.outbound_flow_control_window <= 0:
                     return
+                if st.sid in self._resetting:
+                    continue
                 if st.sid in self._streams:
                     self._flush(st, 1)
                 else:
@@ -1044,6 +1055,10 @@ class ServerConnection(_Connection):
 
     def _on_request(self, ev) -> None:
         sid = ev.stream_id
+        if sid in self._resetting:  # opened and reset in one read: nothing to do but count it
+            if self._reset_gate.hit(self._clock()):
+                self._terminate(ENHANCE_YOUR_CALM, "too many streams reset by the client")
+            return
         if self._goaway_last is not None and sid > self._goaway_last:
             self._h2.reset_stream(sid, REFUSED_STREAM)
             return
