@@ -7,7 +7,7 @@ a time; each stream is one proxied TCP connection. Every byte inside TLS is a fr
     | type 1 | length 3 (big endian)  | payload (length)|
     +--------+------------------------+-----------------+
 
-    0x01 OPEN   client -> server, starts a stream. Payload (IPv4: 14 bytes, IPv6: 38):
+    0x01 OPEN   client -> server, starts a stream. Payload (IPv4: 12 bytes, IPv6: 36):
                 version u8 (=1) | family u8 (4 or 6) | original destination address
                 (4 or 16 bytes) | original destination port u16 | source address
                 (4 or 16 bytes; the client pod, for the server's labels)
