@@ -141,6 +141,7 @@ def server_context_for(issued: Issued, roots: Path) -> ssl.SSLContext:
     ctx.verify_mode = ssl.CERT_REQUIRED
     ctx.load_verify_locations(cafile=str(roots))
     ctx.load_cert_chain(str(issued.chain), str(issued.key))
+    ctx.num_tickets = 0  # the tunnel pools connections instead of resuming sessions
     return ctx
 
 

@@ -38,6 +38,11 @@ class InboundProxy(ProxyListener):
         tunnel = self.tunnel
         if tunnel is None or dst_port != self.inputs.tunnel_port:
             return False
+        why = tunnel.full()
+        if why:
+            self.metrics.rejected(self.direction, why)
+            relay.refuse(None, "NR")
+            return True
         found = tunnel.planner.server_identity(snapshot, dst_ip)
         if isinstance(found, Refuse):
             self.metrics.rejected(self.direction, found.metric_reason)

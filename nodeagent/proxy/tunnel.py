@@ -450,10 +450,19 @@ class TunnelServer:
         Must run inside the plain protocol's ``connection_made`` (nothing read yet)."""
         self._install_tls(transport, context, identity)
 
+    def full(self) -> str:
+        """Why no new tunnel connection is taken ("" when one is)."""
+        if self.draining:
+            return "draining"
+        if len(self.connections) >= self.limits.max_connections:
+            return "connection_limit"
+        return ""
+
     def accept_node_addressed(self, transport: asyncio.Transport) -> None:
         """A connection to the 15008 listener: the certificate is chosen by SNI."""
-        if self.draining or len(self.connections) >= self.limits.max_connections:
-            self.metrics.rejected(self.direction, "draining" if self.draining else "connection_limit")
+        why = self.full()
+        if why:
+            self.metrics.rejected(self.direction, why)
             transport.abort()
             return
         self._install_tls(transport, self.dispatch_context(), None)
