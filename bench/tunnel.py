@@ -20,7 +20,8 @@ Measured:
   throughput    one stream, client -> app, for --seconds (MiB/s)
   framing       CPU per chunk to frame + parse it: this tunnel's 4-byte header vs HTTP/2
                 CONNECT DATA frames with the h2 library (the choice the wire format made)
-Everything shares the machine's cores with whatever else runs: read the ratios.
+Everything shares the machine's cores with whatever else runs: read the ratios. With
+--rounds N every path runs N times (alternating order) and the table shows medians.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import asyncio
 import json
 import os
 import ssl
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -46,18 +48,6 @@ CLIENT_IP, POD_IP = "127.0.0.1", "127.0.0.2"
 
 
 # ------------------------------------------------------------------ the child: proxies + app
-
-async def _echo(reader, writer):
-    try:
-        while data := await reader.read(1 << 18):
-            writer.write(data)
-            await writer.drain()
-        writer.write_eof()
-    except ConnectionError:
-        pass
-    finally:
-        writer.close()
-
 
 async def _sink(reader, writer):
     n = 0
@@ -79,9 +69,9 @@ async def serve(path: str) -> None:
     from nodeagent.state import AgentState
     from nodeagent.telemetry import ProxyMetrics
     from tests.tlsfixtures import FileIdentities, TestCA
-    from tests.tunnelharness import CLIENT_ID, WEB_ID, free_port, snapshot
+    from tests.tunnelharness import CLIENT_ID, WEB_ID, echo as echo_app, free_port, snapshot
 
-    echo = await asyncio.start_server(_echo, POD_IP, 0)
+    echo = await asyncio.start_server(echo_app, POD_IP, 0)
     sink = await asyncio.start_server(_sink, POD_IP, 0)
     echo_port, sink_port = echo.sockets[0].getsockname()[1], sink.sockets[0].getsockname()[1]
     if path == "direct":
@@ -376,20 +366,28 @@ def main() -> None:
     p.add_argument("--seconds", type=float, default=3.0, help="length of each measurement (0.5-30)")
     p.add_argument("--rate", type=int, default=200, help="fixed request rate for latencies (10-2000/s)")
     p.add_argument("--conns", type=int, default=300, help="sequential connections for the CPU cost (10-3000)")
+    p.add_argument("--rounds", type=int, default=1, help="repeat every path this often, report medians (1-5)")
     p.add_argument("--json", help="also write the raw results here")
     p.add_argument("--serve", choices=PATHS, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.serve:
         uvloop.run(serve(args.serve))
         return
-    if not (0.5 <= args.seconds <= 30 and 10 <= args.rate <= 2000 and 10 <= args.conns <= 3000):
-        p.error("--seconds must be 0.5-30, --rate 10-2000, --conns 10-3000 (the run is bounded)")
-    results: dict = {"paths": {}}
+    if not (0.5 <= args.seconds <= 30 and 10 <= args.rate <= 2000 and 10 <= args.conns <= 3000
+            and 1 <= args.rounds <= 5):
+        p.error("--seconds must be 0.5-30, --rate 10-2000, --conns 10-3000, --rounds 1-5 (the run is bounded)")
+    results: dict = {"paths": {}, "rounds": []}
     results["handshakes_per_cpu_s"] = handshake_rate(min(args.seconds, 3.0))
     results["framing"] = {size: framing_cost(size, 2000 if size > 1024 else 20000) for size in (64, 16384)}
+    for round_no in range(args.rounds):
+        one = {}
+        for path in PATHS if round_no % 2 == 0 else PATHS[::-1]:  # alternate the order
+            print(f"round {round_no + 1}: measuring {path} ...", file=sys.stderr)
+            one[path] = uvloop.run(measure(path, args))
+        results["rounds"].append(one)
     for path in PATHS:
-        print(f"measuring {path} ...", file=sys.stderr)
-        results["paths"][path] = uvloop.run(measure(path, args))
+        rounds = [r[path] for r in results["rounds"]]
+        results["paths"][path] = {k: statistics.median(r[k] for r in rounds) for k in rounds[0]}
     print_table(results)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
@@ -415,9 +413,9 @@ def print_table(res: dict) -> None:
               f"| {ratio} |")
     t, pl = paths["tunnel"], plain
     print(f"\nadded latency of the tunnel (pooled) vs plain at a fixed rate: new connection "
-          f"p50 +{t['new_conn_p50'] - pl['new_conn_p50']:.0f} µs, p99 +{t['new_conn_p99'] - pl['new_conn_p99']:.0f} µs;"
-          f" keep-alive p50 +{t['keepalive_p50'] - pl['keepalive_p50']:.0f} µs, "
-          f"p99 +{t['keepalive_p99'] - pl['keepalive_p99']:.0f} µs")
+          f"p50 {t['new_conn_p50'] - pl['new_conn_p50']:+.0f} µs, p99 {t['new_conn_p99'] - pl['new_conn_p99']:+.0f} µs;"
+          f" keep-alive p50 {t['keepalive_p50'] - pl['keepalive_p50']:+.0f} µs, "
+          f"p99 {t['keepalive_p99'] - pl['keepalive_p99']:+.0f} µs")
     f = paths["tunnel-fresh"]
     print(f"reuse vs fresh handshake: new-connection p50 {t['new_conn_p50']:.0f} vs {f['new_conn_p50']:.0f} µs "
           f"({f['new_conn_p50'] / t['new_conn_p50']:.2f}x), proxy CPU {t['cpu_us_per_conn']:.0f} vs "

@@ -10,14 +10,17 @@ import hashlib
 import json
 import os
 import shutil
+import socket
 import ssl
 
 import pytest
+from prometheus_client import CollectorRegistry
 
 from nodeagent.identity import leaf_identity_der
-from nodeagent.proxy import ProxyLimits
+from nodeagent.proxy import NodeProxy, ProxyInputs, ProxyLimits
 from nodeagent.proxy import tunnel_wire as wire
-from nodeagent.state import ConfigObject
+from nodeagent.state import AgentState, ConfigObject
+from nodeagent.telemetry import ProxyMetrics
 from tests.tlsfixtures import TD, TestCA, client_context_for
 from tests.tunnelharness import (CLIENT_ID, DB_ID, NODE_IP, OTHER_POD_IP, POD_IP, WEB_ID, Mesh, closed_by_peer,
                                  echo, run, start_app)
@@ -42,6 +45,12 @@ class Counting:
     async def __call__(self, reader, writer):
         self.n += 1
         await self.handler(reader, writer)
+
+
+def reset(writer) -> None:
+    """Close with RST (SO_LINGER 0)."""
+    writer.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\0\0\0\0\0\0\0")
+    writer.transport.abort()
 
 
 async def ask(m: Mesh, port: int, payload: bytes) -> bytes:
@@ -341,9 +350,7 @@ def test_resets_cross_the_tunnel_both_ways():
         async def resetting(reader, writer):
             data = await reader.readexactly(4)
             if data == b"rst!":
-                writer.get_extra_info("socket").setsockopt(__import__("socket").SOL_SOCKET,
-                                                           __import__("socket").SO_LINGER, b"\x01\0\0\0\0\0\0\0")
-                writer.transport.abort()
+                reset(writer)
                 return
             try:
                 await reader.read()
@@ -366,9 +373,7 @@ def test_resets_cross_the_tunnel_both_ways():
             async with asyncio.timeout(20):
                 while not m.inb.connections or next(iter(m.inb.connections)).up.transport is None:
                     await asyncio.sleep(0.005)
-            w.get_extra_info("socket").setsockopt(__import__("socket").SOL_SOCKET,
-                                                  __import__("socket").SO_LINGER, b"\x01\0\0\0\0\0\0\0")
-            w.transport.abort()
+            reset(w)
             assert await asyncio.wait_for(outcome, 20) == "reset"
             await m.settle()
     run(main())
@@ -563,3 +568,41 @@ def test_openssl_s_client_without_a_client_certificate_is_refused():
             assert "Verify return code: 0 (ok)" in out, out
             assert m.m2("hostmesh_agent_tunnel_handshakes_total", result="ok") == 1
     run(main())
+
+
+# ------------------------------------------------------------------ lifecycle
+
+def test_node_proxy_runs_the_tunnel_listener_and_drain_closes_pooled_connections():
+    async def main():
+        app, port = await start_app(echo)
+        async with app, Mesh() as m:
+            assert await ask(m, port, b"pooled") == b"pooled"
+            await m.settle()
+            (conn,) = m.out.tunnel.pool[next(iter(m.out.tunnel.pool))]
+            assert await m.out.drain(5) == 0
+            async with asyncio.timeout(20):
+                while not conn.lost:
+                    await asyncio.sleep(0.005)
+            assert m.out.tunnel.idle_count() == 0
+        inputs = ProxyInputs(state=AgentState(), node="node-2", metrics=ProxyMetrics(CollectorRegistry()),
+                             identities=m.ids2)
+        proxy = NodeProxy(inputs, host="127.0.0.1", outbound_port=0, inbound_port=0, tunnel_port=0)
+        servers = await proxy.start()
+        assert len(servers) == 3 and proxy.tunnel.port not in (0, proxy.inbound.port, proxy.outbound.port)
+        assert await proxy.drain(5) == 0
+    run(main())
+
+
+def test_the_tunnel_also_works_on_the_default_asyncio_loop():
+    async def main():
+        app, port = await start_app(echo)
+        async with app, Mesh() as m:
+            assert await ask(m, port, b"asyncio") == b"asyncio"
+            assert m.m2("hostmesh_agent_tunnel_handshakes_total", result="ok") == 1
+    asyncio.run(main())
+
+
+def test_without_identities_nothing_changes():
+    inputs = ProxyInputs(state=AgentState(), node="node-1", metrics=ProxyMetrics(CollectorRegistry()))
+    proxy = NodeProxy(inputs)
+    assert proxy.tunnel is None and proxy.outbound.tunnel is None and proxy.inbound.tunnel is None

@@ -23,6 +23,7 @@ from nodeagent.proxy import InboundProxy, OutboundProxy, ProxyInputs, ProxyLimit
 from nodeagent.proxy.tunnel import TunnelListener
 from nodeagent.state import AgentState, NodeSnapshot, Workload
 from nodeagent.telemetry import ProxyMetrics
+from tests.test_proxy_relay import echo_handler as echo  # noqa: F401  (re-exported for the tunnel tests)
 from tests.tlsfixtures import TD, FileIdentities, TestCA
 
 NODE1, NODE2 = "node-1", "node-2"
@@ -48,7 +49,7 @@ def free_port(host: str) -> int:
     return port
 
 
-def workloads(web_sa: str = "web", config=()) -> NodeSnapshot:
+def workloads(web_sa: str = "web") -> tuple[Workload, ...]:
     return (Workload("client", "apps", NODE1, CLIENT_IP, "client", (("app", "client"),)),
             Workload("web", "shop", NODE2, POD_IP, web_sa, (("app", "web"),)),
             Workload("db", "shop", NODE2, OTHER_POD_IP, "db", (("app", "db"),)))
@@ -182,18 +183,6 @@ class Mesh:
 async def start_app(handler, host: str = POD_IP):
     server = await asyncio.start_server(handler, host, 0)
     return server, server.sockets[0].getsockname()[1]
-
-
-async def echo(reader, writer):
-    try:
-        while data := await reader.read(1 << 16):
-            writer.write(data)
-            await writer.drain()
-        writer.write_eof()
-    except ConnectionError:
-        pass
-    finally:
-        writer.close()
 
 
 async def closed_by_peer(reader) -> bool:

@@ -308,10 +308,10 @@ class TunnelConnection(asyncio.Protocol):
 
 # ------------------------------------------------------------------ client side
 
-class TunnelClient:
-    """Makes, verifies and pools tunnel connections for the outbound listener."""
+class _TunnelEnd:
+    """What both ends share: the listener they serve, identities, metrics, the planner."""
 
-    direction = "outbound"
+    direction = ""
 
     def __init__(self, listener: "ProxyListener", identities: "WorkloadIdentities") -> None:
         self.listener = listener
@@ -321,14 +321,23 @@ class TunnelClient:
         self.trust_domain = identities.trust_domain
         self.planner = TunnelPlanner(listener.inputs.node, identities.trust_domain,
                                      tunnel_port=listener.inputs.tunnel_port)
-        self.pool: dict[tuple, list[TunnelConnection]] = {}
-        self.active: set[TunnelConnection] = set()
         self.draining = False
-        self.metrics.track_tunnel_idle(self.idle_count)
 
     @property
     def loop(self) -> asyncio.AbstractEventLoop:
         return self.listener.loop
+
+
+class TunnelClient(_TunnelEnd):
+    """Makes, verifies and pools tunnel connections for the outbound listener."""
+
+    direction = "outbound"
+
+    def __init__(self, listener: "ProxyListener", identities: "WorkloadIdentities") -> None:
+        super().__init__(listener, identities)
+        self.pool: dict[tuple, list[TunnelConnection]] = {}
+        self.active: set[TunnelConnection] = set()
+        self.metrics.track_tunnel_idle(self.idle_count)
 
     def idle_count(self) -> int:
         return sum(len(v) for v in self.pool.values())
@@ -417,32 +426,21 @@ class TunnelClient:
 
 # ------------------------------------------------------------------ server side
 
-class TunnelServer:
+class TunnelServer(_TunnelEnd):
     """Terminates tunnel connections on the destination node; streams become inbound relays."""
 
     direction = "inbound"
 
     def __init__(self, inbound: "ProxyListener", identities: "WorkloadIdentities") -> None:
-        self.inbound = inbound
-        self.identities = identities
-        self.metrics = inbound.metrics
-        self.limits = inbound.limits
+        super().__init__(inbound, identities)
         self.state = inbound.inputs.state
-        self.trust_domain = identities.trust_domain
-        self.planner = TunnelPlanner(inbound.inputs.node, identities.trust_domain,
-                                     tunnel_port=inbound.inputs.tunnel_port)
         self.destinations = Destinations(inbound.inputs.node)
         self.connections: set[TunnelConnection] = set()
-        self.draining = False
         self._sni_snapshot = None
         self._sni: dict[str, SpiffeId] = {}
         # the identity behind each server context handed out by the SNI callback
         self._context_identity: "weakref.WeakKeyDictionary[ssl.SSLContext, SpiffeId]" = weakref.WeakKeyDictionary()
         self._dispatch: ssl.SSLContext | None = None
-
-    @property
-    def loop(self) -> asyncio.AbstractEventLoop:
-        return self.inbound.loop
 
     # ----------------------------------------------------------- accepting
     def adopt(self, transport: asyncio.Transport, identity: SpiffeId, context: ssl.SSLContext) -> None:
@@ -535,7 +533,7 @@ class TunnelServer:
 
     def open(self, conn: TunnelConnection, dst_ip: str, dst_port: int, src_ip: str) -> None:
         """An OPEN: decide, then hand the stream to an inbound relay."""
-        listener = self.inbound
+        listener = self.listener
         relay = Relay(listener)
         stream = conn.accept_stream(relay)
         relay.transport = stream

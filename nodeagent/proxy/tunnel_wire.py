@@ -27,7 +27,7 @@ server sending OPEN — is a ``TunnelProtocolError`` and the connection is dropp
 Why frames and not a header then raw bytes (Linkerd's transport header): TLS transports
 in asyncio/uvloop cannot half-close (no ``write_eof``), and L4 relaying must carry each
 direction's FIN separately. Why not HTTP/2 CONNECT (Istio's HBONE): measured with the
-Python ``h2`` state machine at both ends, framing + parsing a 16 KiB chunk costs ~25x
+Python ``h2`` state machine at both ends, framing + parsing a chunk costs 25-40x
 what this 4-byte header costs (see ``bench/tunnel.py``), and we need one stream at a time
 per connection, not multiplexing. Per chunk the sender does one ``struct.pack`` and one
 write; the receiver hands DATA payloads through without buffering them.
