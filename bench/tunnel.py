@@ -17,7 +17,7 @@ Measured:
   latency       at a fixed rate, from the scheduled send time (no coordinated omission):
                 a new connection + 64-byte request/echo (p50/p99 µs), and 64-byte
                 request/echo on one kept-alive connection
-  throughput    one stream, client -> app, for --seconds (MiB/s)
+  throughput    one stream, client -> app, best of three runs of --seconds/2 (MiB/s)
   framing       CPU per chunk to frame + parse it: this tunnel's 4-byte header vs HTTP/2
                 CONNECT DATA frames with the h2 library (the choice the wire format made)
 Everything shares the machine's cores with whatever else runs: read the ratios. With
@@ -275,7 +275,8 @@ async def measure(path: str, args) -> dict:
         lat = await keepalive_latency(host, child.echo_port, args.rate, args.seconds)
         res["keepalive_p50"], res["keepalive_p99"] = pct(lat, 50), pct(lat, 99)
         child.target("sink")
-        res["mib_s"] = await throughput(host, child.sink_port, args.seconds)
+        # best of three: other work on the machine only ever lowers a stream's rate
+        res["mib_s"] = max([await throughput(host, child.sink_port, max(0.5, args.seconds / 2)) for _ in range(3)])
         return res
     finally:
         child.close()

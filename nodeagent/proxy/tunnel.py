@@ -348,6 +348,8 @@ class TunnelClient(_TunnelEnd):
         now = self.loop.time()
         while idle:
             conn = idle.pop()
+            if not idle:
+                del self.pool[plan.pool_key]
             if conn.idle_timer is not None:
                 conn.idle_timer.cancel()
                 conn.idle_timer = None
@@ -402,12 +404,12 @@ class TunnelClient(_TunnelEnd):
     def release(self, conn: TunnelConnection) -> None:
         self.active.discard(conn)
         limits = self.limits
-        idle = self.pool.setdefault(conn.key, [])
+        idle = self.pool.get(conn.key, ())
         if (self.draining or conn.lost or not conn.reusable or len(idle) >= limits.tunnel_pool_max_idle
                 or self.loop.time() - conn.created >= limits.tunnel_max_age):
             conn.close()
             return
-        idle.append(conn)
+        self.pool.setdefault(conn.key, []).append(conn)
         conn.idle_timer = self.loop.call_later(limits.tunnel_pool_idle_timeout, conn.close)
 
     def gone(self, conn: TunnelConnection) -> None:
