@@ -606,3 +606,13 @@ def test_without_identities_nothing_changes():
     inputs = ProxyInputs(state=AgentState(), node="node-1", metrics=ProxyMetrics(CollectorRegistry()))
     proxy = NodeProxy(inputs)
     assert proxy.tunnel is None and proxy.outbound.tunnel is None and proxy.inbound.tunnel is None
+
+
+def test_invalid_tunnel_settings_are_rejected():
+    metrics = ProxyMetrics(CollectorRegistry())
+    with pytest.raises(ValueError, match="tunnel_port"):
+        ProxyInputs(state=AgentState(), node="n", metrics=metrics, tunnel_port=70000)
+    with pytest.raises(ValueError, match="tunnel_pool_idle_timeout"):
+        ProxyLimits(tunnel_pool_idle_timeout=0)
+    with pytest.raises(ValueError, match="tunnel_pool_max_idle"):
+        ProxyLimits(tunnel_pool_max_idle=-1)

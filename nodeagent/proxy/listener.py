@@ -6,8 +6,10 @@ of its live connections, and the per-listener decision state (``Destinations``).
 
 On accept (``admit``): connection limit -> original destination (injected function;
 iptables REDIRECT's SO_ORIGINAL_DST by default) -> the snapshot current *now*, kept by
-the connection -> decision -> ``Relay.forward/refuse``. No module-level mutable state:
-everything comes from one ``ProxyInputs``.
+the connection -> ``intercept`` (the inbound side takes tunnel connections here) ->
+decision -> ``Relay.refuse`` or ``dispatch`` (plaintext ``Relay.forward`` by default; the
+outbound side may tunnel, the inbound side enforces PeerAuthentication STRICT). No
+module-level mutable state: everything comes from one ``ProxyInputs``.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from nodeagent.proxy.destinations import (PASSTHROUGH, UNKNOWN_DESTINATION_POLIC
                                           Destinations, Refuse, connection_labels)
 from nodeagent.capture.origdst import so_original_dst
 from nodeagent.proxy.relay import Relay
+from nodeagent.proxy.tunnel_plan import TUNNEL_PORT
 from nodeagent.state import AgentState, NodeSnapshot
 from nodeagent.telemetry import ProxyMetrics, TcpLabels
 
@@ -32,7 +35,6 @@ log = logging.getLogger(__name__)
 
 OUTBOUND_PORT = 15001
 INBOUND_PORT = 15006
-TUNNEL_PORT = 15008
 
 
 @dataclass(frozen=True)
