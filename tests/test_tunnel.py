@@ -249,6 +249,42 @@ def test_sequential_connections_reuse_one_tunnel_connection():
     run(main())
 
 
+def test_a_stream_the_server_ended_first_leaves_a_reusable_connection():
+    async def main():
+        async def banner(reader, writer):
+            writer.write(b"banner")
+            writer.write_eof()
+            await reader.read()
+            writer.close()
+
+        app, port = await start_app(banner)
+        async with app, Mesh() as m:
+            for _ in range(3):
+                r, w = await m.connect((POD_IP, port))
+                assert await asyncio.wait_for(r.read(), 20) == b"banner"
+                w.write_eof()
+                w.close()
+                await m.settle()
+            assert m.m1("hostmesh_agent_tunnel_handshakes_total") == 1
+            assert m.m1("hostmesh_agent_tunnel_streams_total", connection="reused") == 2
+    run(main())
+
+
+def test_drain_deadline_resets_tunnelled_connections_on_both_nodes():
+    async def main():
+        app, port = await start_app(echo)
+        async with app, Mesh() as m:
+            r, w = await m.connect((POD_IP, port))
+            w.write(b"hold")
+            assert await r.readexactly(4) == b"hold"
+            assert await m.out.drain(0.2) == 1
+            assert await closed_by_peer(r)
+            w.close()
+            await m.settle()
+            assert m.m2("hostmesh_tcp_connections_closed_total", response_flags="DC") == 1
+    run(main())
+
+
 def test_concurrent_connections_each_get_a_tunnel_connection_then_are_pooled_up_to_the_cap():
     async def main():
         app, port = await start_app(echo)
@@ -521,6 +557,9 @@ def test_node_addressed_listener_chooses_the_certificate_by_sni():
             # an identity this node does not run: no certificate, no handshake
             with pytest.raises((ssl.SSLError, ConnectionError)):
                 await raw_tunnel(*listener, ctx, "nobody.shop.serviceaccount.identity.cluster.local", b"")
+            with pytest.raises((ssl.SSLError, ConnectionError)):  # no SNI: nothing to choose by
+                await raw_tunnel(*listener, ctx, None, b"")
+            assert m.m2("hostmesh_agent_tunnel_handshakes_total", result="failed") == 2
     run(main())
 
 

@@ -522,7 +522,7 @@ class TunnelServer(_TunnelEnd):
         try:
             conn.peer = leaf_identity_der(ssl_object.getpeercert(binary_form=True), self.trust_domain)
         except IdentityError as exc:
-            log.warning("tunnel: refusing a client certificate: %s", exc)
+            log.info("tunnel: refusing a client certificate: %s", exc)  # counted; a flood must not flood the log
             self.metrics.tunnel_handshake(self.direction, "client_rejected")
             conn.reusable = False
             conn.transport.abort()
