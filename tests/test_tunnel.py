@@ -599,7 +599,9 @@ def test_openssl_s_client_without_a_client_certificate_is_refused():
             code, out = await s_client()
             # TLS 1.3: the client finishes first, then the server fails the handshake and closes
             # (asyncio's and uvloop's TLS layers drop the alert), so s_client sees the close
-            assert code != 0 and ("certificate required" in out or "unexpected eof" in out), out
+            # (or a reset, when its bytes arrived after the server had given up)
+            assert code != 0, out
+            assert any(why in out for why in ("certificate required", "unexpected eof", "errno=104")), out
             assert m.m2("hostmesh_agent_tunnel_handshakes_total", result="failed") == 1
             assert m.m2("hostmesh_agent_tunnel_handshakes_total", result="ok") == 0
             leaf = m.ca.leaf(CLIENT_ID)  # the same command with a certificate gets a session
