@@ -25,7 +25,10 @@ is the thin asyncio layer.
 * ``TunnelServer`` (destination node) takes TLS connections from two places: ones the
   inbound capture delivered to 15006 with original destination ``<pod IP>:15008``
   (``adopt``: the certificate is chosen by that pod's identity) and ones dialed to the
-  node on the 15008 listener (``TunnelListener``: chosen by SNI). The TLS layer is
+  node on the 15008 listener (``TunnelListener``: chosen by SNI through an
+  ``sni_callback`` on a certificate-less dispatch context, which uvloop's TLS layer honours
+  since it drives ``SSLContext.wrap_bio`` like asyncio's; the swapped-in context's trust
+  store verifies the client, CERT_REQUIRED comes from the dispatch context). The TLS layer is
   installed on the accepted plain transport *inside* ``connection_made``, before the
   loop reads anything, with the same ``SSLProtocol`` class ``loop.start_tls`` uses
   (uvloop's under uvloop) — ``start_tls`` itself is a coroutine and would run only
