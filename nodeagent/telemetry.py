@@ -19,8 +19,8 @@ response_flags, connection_security_policy``.
 * ``sent`` / ``received`` follow Istio: *received* = bytes received from the downstream
   client (the request direction), *sent* = bytes sent to the downstream client (the
   response direction).
-* Unknown values are ``unknown``; principals are ``unknown`` until mTLS exists
-  (plaintext, ``connection_security_policy="none"``).
+* Unknown values are ``unknown``; principals are ``unknown`` on plaintext connections
+  (``connection_security_policy="none"``).
 * ``response_flags`` are Envoy's: ``-`` (none), ``UF`` upstream connection failure
   (refused, unreachable or connect timeout, as Envoy's tcp_proxy), ``UH`` no healthy
   upstream, ``NR`` no route (unknown destination refused, inbound to a non-local
@@ -37,6 +37,21 @@ the listeners on scrape, no per-connection cost), ``hostmesh_agent_connections_r
 ``hostmesh_agent_connections_terminated_total{direction,reason}`` (connections the
 proxy ended: ``connect_timeout``, ``connect_refused``, ``connect_error``,
 ``idle_timeout``, ``upstream_reset``, ``downstream_reset``, ``drain``).
+
+mTLS tunnel (``nodeagent.proxy.tunnel``): tunnelled connections carry
+``source_principal``/``destination_principal`` (SPIFFE IDs) and
+``connection_security_policy="mutual_tls"``; plaintext ones ``none``.
+``hostmesh_agent_tunnel_handshakes_total{direction,result}`` counts full TLS handshakes
+(``ok``, ``failed``, ``identity_mismatch`` — the server presented another identity —,
+``client_rejected`` — a client certificate that is no mesh leaf), and
+``hostmesh_agent_tunnel_streams_total{direction,connection}`` the tunnelled connections
+by ``new`` or ``reused`` TLS connection; ``hostmesh_agent_tunnel_pool_idle`` is the number
+of idle pooled connections. More rejection reasons: ``no_client_certificate``,
+``no_server_certificate``, ``no_identity``, ``mtls_required`` (STRICT refused plaintext,
+flag ``NR`` as Envoy reports a connection no filter chain accepts),
+``identity_mismatch``; termination reasons ``tls_handshake_failed``,
+``tls_identity_mismatch``, ``tunnel_peer_connect_failed``, ``tunnel_peer_refused``,
+``tunnel_protocol_error``.
 """
 
 from __future__ import annotations
@@ -110,6 +125,14 @@ class ProxyMetrics:
         self.connections_terminated = Counter(
             "hostmesh_agent_connections_terminated", "Relayed connections ended by the proxy, by reason.",
             ["direction", "reason"], registry=registry)
+        self.tunnel_handshakes = Counter(
+            "hostmesh_agent_tunnel_handshakes", "Full TLS handshakes of the node-to-node tunnel, by result.",
+            ["direction", "result"], registry=registry)
+        self.tunnel_streams = Counter(
+            "hostmesh_agent_tunnel_streams", "Connections carried by the tunnel, on a new or a reused TLS connection.",
+            ["direction", "connection"], registry=registry)
+        self.tunnel_pool_idle = Gauge(
+            "hostmesh_agent_tunnel_pool_idle", "Idle pooled tunnel connections (source node).", registry=registry)
         self._series: dict[tuple[TcpLabels, str], TcpSeries] = {}
         self._reasons: dict[tuple[Counter, str, str], object] = {}
 
@@ -133,6 +156,15 @@ class ProxyMetrics:
 
     def terminated(self, direction: str, reason: str) -> None:
         self._reason_child(self.connections_terminated, direction, reason).inc()
+
+    def tunnel_handshake(self, direction: str, result: str) -> None:
+        self._reason_child(self.tunnel_handshakes, direction, result).inc()
+
+    def tunnel_stream(self, direction: str, reused: bool) -> None:
+        self._reason_child(self.tunnel_streams, direction, "reused" if reused else "new").inc()
+
+    def track_tunnel_idle(self, count: Callable[[], int]) -> None:
+        self.tunnel_pool_idle.set_function(count)
 
     def track_active(self, direction: str, count: Callable[[], int]) -> None:
         """Read the active-connection gauge from ``count()`` at scrape time."""

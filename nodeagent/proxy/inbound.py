@@ -1,15 +1,25 @@
-"""The inbound capture listener (0.0.0.0:15006): plaintext arriving for local workloads.
+"""The inbound capture listener (0.0.0.0:15006): traffic arriving for local workloads.
 
 Only workloads scheduled on this node are valid destinations (dialed at the port the
 client asked for); anything else is refused with RST and response flag ``NR`` — the
 inbound side never forwards traffic off the node.
+
+Plaintext arriving for a workload and port whose PeerAuthentication mode is STRICT is
+refused (``NR``, reason ``mtls_required``). With workload certificates
+(``ProxyInputs.identities``), a connection whose original destination is a local pod's
+tunnel port (15008) is an mTLS tunnel connection from another node proxy: it is handed
+to ``tunnel.TunnelServer`` presenting that pod's identity.
 """
 
 from __future__ import annotations
 
-from nodeagent.proxy.destinations import REPORTER_INBOUND, Decision
+from nodeagent.proxy.destinations import REPORTER_INBOUND, Decision, Forward, Refuse
 from nodeagent.proxy.listener import INBOUND_PORT, ProxyInputs, ProxyListener
+from nodeagent.proxy.peerauth import STRICT, PeerAuthn
+from nodeagent.proxy.relay import Relay
+from nodeagent.proxy.tunnel import TunnelServer
 from nodeagent.state import NodeSnapshot
+from nodeagent.telemetry import TcpLabels
 
 
 class InboundProxy(ProxyListener):
@@ -18,6 +28,56 @@ class InboundProxy(ProxyListener):
 
     def __init__(self, inputs: ProxyInputs, host: str = "0.0.0.0", port: int = INBOUND_PORT) -> None:
         super().__init__(inputs, host, port)
+        self.peerauth = PeerAuthn()
+        self.tunnel = TunnelServer(self, inputs.identities) if inputs.identities is not None else None
 
     def decide(self, snapshot: NodeSnapshot, dst_ip: str, dst_port: int) -> Decision:
         return self.destinations.inbound(snapshot, dst_ip, dst_port)
+
+    def intercept(self, relay: Relay, snapshot: NodeSnapshot, dst_ip: str, dst_port: int) -> bool:
+        tunnel = self.tunnel
+        if tunnel is None or dst_port != self.inputs.tunnel_port:
+            return False
+        why = tunnel.full()
+        if why:
+            self.metrics.rejected(self.direction, why)
+            relay.refuse(None, "NR")
+            return True
+        found = tunnel.planner.server_identity(snapshot, dst_ip)
+        if isinstance(found, Refuse):
+            self.metrics.rejected(self.direction, found.metric_reason)
+            relay.refuse(None, found.response_flags)
+            return True
+        _, identity = found
+        context = tunnel.identities.server_context(identity)
+        if context is None:  # no valid certificate for the pod: refuse, never plaintext
+            self.metrics.rejected(self.direction, "no_server_certificate")
+            relay.refuse(None, "NR")
+            return True
+        relay.hand_off()
+        tunnel.adopt(relay.transport, identity, context)
+        return True
+
+    def dispatch(self, relay: Relay, snapshot: NodeSnapshot, decision: Decision, labels: TcpLabels,
+                 peer_ip: str) -> None:
+        if isinstance(decision, Forward) and decision.workload is not None \
+                and self.peerauth.mode(snapshot, decision.workload, decision.endpoint.port) == STRICT:
+            self.metrics.rejected(self.direction, "mtls_required")
+            relay.refuse(labels, "NR")
+            return
+        relay.forward(decision.address, labels)
+
+    async def drain(self, grace: float) -> int:
+        if self.tunnel is not None:
+            self.tunnel.draining = True
+            self.tunnel.close_idle()
+        aborted = await super().drain(grace)
+        if self.tunnel is not None:
+            self.tunnel.abort_all()
+        return aborted
+
+    def close(self) -> None:
+        if self.tunnel is not None:
+            self.tunnel.draining = True
+            self.tunnel.abort_all()
+        super().close()

@@ -6,8 +6,10 @@ of its live connections, and the per-listener decision state (``Destinations``).
 
 On accept (``admit``): connection limit -> original destination (injected function;
 iptables REDIRECT's SO_ORIGINAL_DST by default) -> the snapshot current *now*, kept by
-the connection -> decision -> ``Relay.forward/refuse``. No module-level mutable state:
-everything comes from one ``ProxyInputs``.
+the connection -> ``intercept`` (the inbound side takes tunnel connections here) ->
+decision -> ``Relay.refuse`` or ``dispatch`` (plaintext ``Relay.forward`` by default; the
+outbound side may tunnel, the inbound side enforces PeerAuthentication STRICT). No
+module-level mutable state: everything comes from one ``ProxyInputs``.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from nodeagent.proxy.destinations import (PASSTHROUGH, UNKNOWN_DESTINATION_POLIC
 from nodeagent.capture.origdst import so_original_dst
 from nodeagent.identity import WorkloadIdentities
 from nodeagent.proxy.relay import Relay
+from nodeagent.proxy.tunnel_plan import TUNNEL_PORT
 from nodeagent.state import AgentState, NodeSnapshot
 from nodeagent.telemetry import ProxyMetrics, TcpLabels
 
@@ -45,13 +48,23 @@ class ProxyLimits:
     backlog: int = 4096
     # how often long connections publish their byte counters (also bounds idle-check lateness)
     stats_flush_interval: float = 30.0
+    # mTLS tunnel: idle pooled connections per (source, destination, address), how long they
+    # stay pooled, the age after which one is not reused, how long a server keeps an idle one
+    # (longer than the client's, so a client rarely reuses what the server is closing)
+    tunnel_pool_max_idle: int = 16
+    tunnel_pool_idle_timeout: float = 15.0
+    tunnel_max_age: float = 300.0
+    tunnel_server_idle_timeout: float = 60.0
 
     def __post_init__(self) -> None:
-        for name in ("connect_timeout", "stats_flush_interval"):
+        for name in ("connect_timeout", "stats_flush_interval", "tunnel_pool_idle_timeout", "tunnel_max_age",
+                     "tunnel_server_idle_timeout"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"ProxyLimits.{name}: must be > 0, got {getattr(self, name)!r}")
         if self.idle_timeout < 0:
             raise ValueError(f"ProxyLimits.idle_timeout: must be >= 0, got {self.idle_timeout!r}")
+        if self.tunnel_pool_max_idle < 0:
+            raise ValueError(f"ProxyLimits.tunnel_pool_max_idle: must be >= 0, got {self.tunnel_pool_max_idle!r}")
         for name in ("max_connections", "write_buffer_high", "backlog"):
             if not getattr(self, name) >= 1:
                 raise ValueError(f"ProxyLimits.{name}: must be >= 1, got {getattr(self, name)!r}")
@@ -79,9 +92,16 @@ class ProxyInputs:
     unknown_destination: str = PASSTHROUGH  # "passthrough" | "refuse" (outbound)
     # accepted socket -> (ip, port) the client dialed; the capture backend provides it
     original_destination: Callable[[socket.socket], tuple[str, int]] = so_original_dst
+    # workload certificates (the certificate manager); None: no mTLS, plaintext only
     identities: WorkloadIdentities | None = None
+    # the port tunnel connections are dialed at (a pod IP's, captured into 15006) and the
+    # node-addressed tunnel listener's
+    tunnel_port: int = TUNNEL_PORT
 
     def __post_init__(self) -> None:
+        if isinstance(self.tunnel_port, bool) or not isinstance(self.tunnel_port, int) \
+                or not 0 < self.tunnel_port < 65536:
+            raise ValueError(f"tunnel_port: must be a port (1-65535), got {self.tunnel_port!r}")
         if self.unknown_destination not in UNKNOWN_DESTINATION_POLICIES:
             raise ValueError(f"unknown_destination: must be one of {', '.join(UNKNOWN_DESTINATION_POLICIES)}, "
                              f"got {self.unknown_destination!r}")
@@ -246,20 +266,32 @@ class ProxyListener:
             self.metrics.rejected(self.direction, "no_original_destination")
             relay.refuse(None, "NR")
             return
+        snapshot = self.inputs.state.snapshot or self._no_snapshot
+        if self.intercept(relay, snapshot, dst_ip, dst_port):
+            return
         if dst_port == self.port:
             local = transport.get_extra_info("sockname")
             if local is not None and local[0] == dst_ip:
                 self.metrics.rejected(self.direction, "proxy_loop")
                 relay.refuse(None, "NR")
                 return
-        snapshot = self.inputs.state.snapshot or self._no_snapshot
         decision = self.decide(snapshot, dst_ip, dst_port)
         peer = transport.get_extra_info("peername")
-        labels = connection_labels(snapshot, decision, peer[0] if peer else "", self.reporter)
+        peer_ip = peer[0] if peer else ""
+        labels = connection_labels(snapshot, decision, peer_ip, self.reporter)
         if isinstance(decision, Refuse):
             self.metrics.rejected(self.direction, decision.metric_reason)
             relay.refuse(labels, decision.response_flags)
             return
+        self.dispatch(relay, snapshot, decision, labels, peer_ip)
+
+    def intercept(self, relay: Relay, snapshot: NodeSnapshot, dst_ip: str, dst_port: int) -> bool:
+        """Take over a connection before the L4 decision (the inbound tunnel); True if taken."""
+        return False
+
+    def dispatch(self, relay: Relay, snapshot: NodeSnapshot, decision: Decision, labels: TcpLabels,
+                 peer_ip: str) -> None:
+        """Act on a decision that is not a refusal: plaintext L4 unless a subclass knows better."""
         relay.forward(decision.address, labels)
 
     def relay_done(self, relay: Relay) -> None:

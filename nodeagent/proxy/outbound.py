@@ -4,13 +4,22 @@ Destinations: service VIP:port -> a round-robin endpoint of the service; a known
 address -> that workload; anything else -> passthrough (default) or refused, per
 ``ProxyInputs.unknown_destination``. It binds 0.0.0.0 because iptables REDIRECT in
 PREROUTING delivers to the primary address of the interface the packet came in on.
+
+With workload certificates (``ProxyInputs.identities``), a connection from a mesh
+workload here to a workload on another node goes through the mTLS tunnel
+(``tunnel_plan`` decides, ``tunnel.TunnelClient`` dials and pools); without a valid
+certificate for the source it is refused, never sent in plaintext.
 """
 
 from __future__ import annotations
 
-from nodeagent.proxy.destinations import REPORTER_OUTBOUND, Decision
+from nodeagent.proxy.destinations import REPORTER_OUTBOUND, Decision, Refuse
 from nodeagent.proxy.listener import OUTBOUND_PORT, ProxyInputs, ProxyListener
+from nodeagent.proxy.relay import Relay
+from nodeagent.proxy.tunnel import TunnelClient
+from nodeagent.proxy.tunnel_plan import tunnel_labels
 from nodeagent.state import NodeSnapshot
+from nodeagent.telemetry import TcpLabels
 
 
 class OutboundProxy(ProxyListener):
@@ -19,6 +28,38 @@ class OutboundProxy(ProxyListener):
 
     def __init__(self, inputs: ProxyInputs, host: str = "0.0.0.0", port: int = OUTBOUND_PORT) -> None:
         super().__init__(inputs, host, port)
+        self.tunnel = TunnelClient(self, inputs.identities) if inputs.identities is not None else None
 
     def decide(self, snapshot: NodeSnapshot, dst_ip: str, dst_port: int) -> Decision:
         return self.destinations.outbound(snapshot, dst_ip, dst_port)
+
+    def dispatch(self, relay: Relay, snapshot: NodeSnapshot, decision: Decision, labels: TcpLabels,
+                 peer_ip: str) -> None:
+        tunnel = self.tunnel
+        plan = tunnel.planner.outbound(snapshot, decision, peer_ip) if tunnel is not None else None
+        if plan is None:
+            relay.forward(decision.address, labels)
+            return
+        if isinstance(plan, Refuse):
+            self.metrics.rejected(self.direction, "no_identity")
+            relay.refuse(labels, plan.response_flags)
+            return
+        labels = tunnel_labels(labels, plan)
+        context = tunnel.identities.client_context(plan.source)
+        if context is None:  # no valid certificate for the source: fail closed
+            self.metrics.rejected(self.direction, "no_client_certificate")
+            relay.refuse(labels, "UF")
+            return
+        relay.forward_tunnel(plan, context, labels, tunnel)
+
+    async def drain(self, grace: float) -> int:
+        if self.tunnel is not None:
+            self.tunnel.draining = True
+            self.tunnel.close_idle()
+        return await super().drain(grace)
+
+    def close(self) -> None:
+        if self.tunnel is not None:
+            self.tunnel.draining = True
+            self.tunnel.close_idle()
+        super().close()

@@ -59,7 +59,11 @@ from typing import TYPE_CHECKING
 from nodeagent.telemetry import NO_FLAGS, TcpLabels
 
 if TYPE_CHECKING:  # pragma: no cover
+    import ssl
+
     from nodeagent.proxy.listener import ProxyListener
+    from nodeagent.proxy.tunnel import TunnelClient
+    from nodeagent.proxy.tunnel_plan import TunnelPlan
 
 log = logging.getLogger(__name__)
 
@@ -307,6 +311,20 @@ class Relay(asyncio.Protocol):
 
     def forward(self, address: tuple[str, int], labels: TcpLabels) -> None:
         """Dial ``address`` and relay; the client's first bytes wait in ``_Pending``."""
+        self._start(labels)
+        self._task = self.loop.create_task(self._connect(address))
+
+    def forward_tunnel(self, plan: "TunnelPlan", context: "ssl.SSLContext", labels: TcpLabels,
+                       client: "TunnelClient") -> None:
+        """Relay through the mTLS tunnel: a pooled connection now, or a new one (a task)."""
+        self._start(labels)
+        conn = client.take(plan, context)
+        if conn is not None:
+            self.up.connection_made(conn.open_stream(plan, self.up))
+            return
+        self._task = self.loop.create_task(self._connect_tunnel(plan, context, client))
+
+    def _start(self, labels: TcpLabels) -> None:
         owner = self.owner
         self.labels = labels
         owner.metrics.tcp(labels, NO_FLAGS).opened.inc()
@@ -322,45 +340,77 @@ class Relay(asyncio.Protocol):
         self.u_done = False
         self._since = self.loop.time()
         self._timer = self.loop.call_at(self._since + owner.tick_interval, self._tick)
-        self._task = self.loop.create_task(self._connect(address))
+
+    def hand_off(self) -> None:
+        """The transport now belongs to another protocol (the tunnel's TLS layer): forget it."""
+        self.closing = True
+        self.torn_down = True
+        self.d_lost = True
+        if self.tracked:
+            self.owner.relay_done(self)
 
     # --------------------------------------------------------------- upstream
-    async def _connect(self, address: tuple[str, int]) -> None:
+    async def _dialed_socket(self, address: tuple[str, int]) -> socket.socket | None:
+        """A connected upstream socket, or None after reporting why not (or the client left)."""
         owner = self.owner
-        loop = self.loop
         sock: socket.socket | None = None
         try:
-            try:
-                sock = socket.socket(socket.AF_INET6 if ":" in address[0] else socket.AF_INET, socket.SOCK_STREAM)
-                sock.setblocking(False)
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                if owner.socket_mark:
-                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, owner.socket_mark)
-                await _dial(loop, sock, address, owner.limits.connect_timeout)
-            except TimeoutError:
+            sock = socket.socket(socket.AF_INET6 if ":" in address[0] else socket.AF_INET, socket.SOCK_STREAM)
+            sock.setblocking(False)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if owner.socket_mark:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, owner.socket_mark)
+            await _dial(self.loop, sock, address, owner.limits.connect_timeout)
+        except TimeoutError:
+            sock.close()
+            return self._upstream_failed("connect_timeout")
+        except ConnectionRefusedError:
+            sock.close()
+            return self._upstream_failed("connect_refused")
+        except asyncio.CancelledError:
+            if sock is not None:
+                sock.close()  # _dial's done callback already removed its writer
+            raise
+        except Exception as exc:  # unreachable, no route, out of fds, ...
+            log.debug("%s: connect to %s:%d failed: %r", owner.direction, address[0], address[1], exc)
+            if sock is not None:
                 sock.close()
-                return self._upstream_failed("connect_timeout")
-            except ConnectionRefusedError:
-                sock.close()
-                return self._upstream_failed("connect_refused")
-            except Exception as exc:  # unreachable, no route, out of fds, ...
-                log.debug("%s: connect to %s:%d failed: %r", owner.direction, address[0], address[1], exc)
-                if sock is not None:
-                    sock.close()
-                return self._upstream_failed("connect_error")
-            if self.closing:  # the client went away while we were dialing
-                sock.close()
-                return self._upstream_gone()
+            return self._upstream_failed("connect_error")
+        if self.closing:  # the client went away while we were dialing
+            sock.close()
+            return self._upstream_gone()
+        return sock
+
+    async def _connect(self, address: tuple[str, int]) -> None:
+        try:
+            sock = await self._dialed_socket(address)
+            if sock is None:
+                return
             self._wrapping = True  # from here on the transport owns the socket
             try:
-                await loop.create_connection(lambda: self.up, sock=sock)
+                await self.loop.create_connection(lambda: self.up, sock=sock)
             except Exception as exc:  # the loop closed the socket (and detached it)
-                log.debug("%s: cannot wrap upstream socket: %r", owner.direction, exc)
+                log.debug("%s: cannot wrap upstream socket: %r", self.owner.direction, exc)
                 return self._upstream_failed("connect_error")
         except asyncio.CancelledError:
-            if sock is not None and not self._wrapping:
-                sock.close()  # _dial's done callback already removed its writer
             self._upstream_gone()
+
+    async def _connect_tunnel(self, plan: "TunnelPlan", context: "ssl.SSLContext", client: "TunnelClient") -> None:
+        try:
+            sock = await self._dialed_socket(plan.dial)
+            if sock is None:
+                return
+            self._wrapping = True
+            conn, reason = await client.handshake(sock, plan, context)
+        except asyncio.CancelledError:
+            self._upstream_gone()
+            return
+        if conn is None:
+            return self._upstream_failed(reason)
+        if self.closing:  # the client left during the handshake: keep the connection for the next one
+            client.release(conn)
+            return self._upstream_gone()
+        self.up.connection_made(conn.open_stream(plan, self.up))
 
     def _upstream_made(self, transport) -> None:
         if self.closing:
@@ -396,8 +446,9 @@ class Relay(asyncio.Protocol):
             if exc is None:
                 self._finish(None, CLOSE, CLOSE)
             else:
-                self.owner.metrics.terminated(self.owner.direction, "upstream_reset")
-                self._finish("UC", RST, CLOSE)
+                # a tunnel peer's RESET says why (e.g. its connect to the pod failed: UF)
+                self.owner.metrics.terminated(self.owner.direction, getattr(exc, "terminated_reason", "upstream_reset"))
+                self._finish(getattr(exc, "response_flags", "UC"), RST, CLOSE)
         self._maybe_teardown()
 
     def _upstream_failed(self, reason: str) -> None:

@@ -1,4 +1,9 @@
-"""Both capture listeners of the node proxy behind one start / drain / close."""
+"""The node proxy's listeners behind one start / drain / close.
+
+Outbound (15001) and inbound (15006) always; with workload certificates
+(``ProxyInputs.identities``) also the node-addressed mTLS tunnel listener (15008), whose
+connections are served by the inbound side's ``TunnelServer``.
+"""
 
 from __future__ import annotations
 
@@ -7,24 +12,32 @@ import asyncio
 from nodeagent.proxy.inbound import InboundProxy
 from nodeagent.proxy.listener import INBOUND_PORT, OUTBOUND_PORT, ProxyInputs
 from nodeagent.proxy.outbound import OutboundProxy
+from nodeagent.proxy.tunnel import TunnelListener
 
 
 class NodeProxy:
-    """The outbound (15001) and inbound (15006) listeners sharing one ``ProxyInputs``."""
+    """The outbound (15001), inbound (15006) and tunnel (15008) listeners sharing one ``ProxyInputs``."""
 
     def __init__(self, inputs: ProxyInputs, *, host: str = "0.0.0.0",
-                 outbound_port: int = OUTBOUND_PORT, inbound_port: int = INBOUND_PORT) -> None:
+                 outbound_port: int = OUTBOUND_PORT, inbound_port: int = INBOUND_PORT,
+                 tunnel_port: int | None = None) -> None:
         self.inputs = inputs
         self.outbound = OutboundProxy(inputs, host, outbound_port)
         self.inbound = InboundProxy(inputs, host, inbound_port)
+        self.tunnel: TunnelListener | None = None
+        if self.inbound.tunnel is not None:
+            self.tunnel = TunnelListener(self.inbound.tunnel, host,
+                                         inputs.tunnel_port if tunnel_port is None else tunnel_port)
 
     async def start(self) -> list[asyncio.AbstractServer]:
-        """Start both listeners; if the second cannot start, the first is closed again."""
+        """Start the listeners; if one cannot start, those already started are closed again."""
         servers = [await self.outbound.start()]
         try:
             servers.append(await self.inbound.start())
+            if self.tunnel is not None:
+                servers.append(await self.tunnel.start())
         except BaseException:
-            await self.outbound.drain(0)
+            await asyncio.gather(self.outbound.drain(0), self.inbound.drain(0))
             raise
         return servers
 
@@ -33,10 +46,14 @@ class NodeProxy:
         return self.outbound.active_connections + self.inbound.active_connections
 
     async def drain(self, grace: float) -> int:
-        """Stop accepting on both, wait up to ``grace`` s, abort the rest; returns aborted count."""
+        """Stop accepting everywhere, wait up to ``grace`` s, abort the rest; returns aborted count."""
+        if self.tunnel is not None:
+            self.tunnel.close()
         out, inb = await asyncio.gather(self.outbound.drain(grace), self.inbound.drain(grace))
         return out + inb
 
     def close(self) -> None:
+        if self.tunnel is not None:
+            self.tunnel.close()
         self.outbound.close()
         self.inbound.close()
