@@ -163,6 +163,7 @@ class AgentState:
 
     def __init__(self) -> None:
         self._snapshot: NodeSnapshot | None = None
+        self._subscribers: list = []
 
     @property
     def snapshot(self) -> NodeSnapshot | None:
@@ -170,6 +171,14 @@ class AgentState:
 
     def apply(self, snapshot: NodeSnapshot) -> None:
         self._snapshot = snapshot
+        for notify in self._subscribers:
+            notify(snapshot)
+
+    def subscribe(self, notify) -> None:
+        """Call ``notify(snapshot)`` synchronously on every apply: readers that derive state
+        from the snapshot (the certificate manager) follow it with no window in which the
+        agent would report ready for a snapshot they have not seen."""
+        self._subscribers.append(notify)
 
 
 # ---------------------------------------------------------------- parsing helpers

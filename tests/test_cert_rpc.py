@@ -303,7 +303,7 @@ def test_agent_stream_and_certificates_end_to_end(tmp_path):
         mgr = CertificateManager("node1", GrpcSigner(env.address, auth), tmp_path / "certs", registry)
         client = ControlPlaneClient(env.address, "node1", state, None, registry, auth=auth,
                                     extra_roots=mgr.trust_bundle_pem, backoff_initial=0.05, backoff_max=0.3)
-        tasks = [asyncio.create_task(client.run()), asyncio.create_task(mgr.run(state, poll_interval=0.02))]
+        tasks = [asyncio.create_task(client.run()), asyncio.create_task(mgr.run(state))]
         try:
             web = spiffe_id("cluster.local", "default", "web")
             await wait_until(lambda: mgr.server_context(web) is not None, "a certificate for default/web")

@@ -304,7 +304,7 @@ def test_run_follows_the_agent_state(tmp_path):
     async def main():
         mgr, fake, _clock, _ = make(tmp_path, clock=time.time)
         state = AgentState()
-        task = asyncio.create_task(mgr.run(state, poll_interval=0.01))
+        task = asyncio.create_task(mgr.run(state))
         try:
             state.apply(snap(("default", "web")))
             for _ in range(500):

@@ -59,7 +59,6 @@ RENEW_FRACTION = 0.5
 RENEW_JITTER = 0.1
 BACKOFF_INITIAL = 1.0
 BACKOFF_MAX = 60.0
-POLL_INTERVAL = 0.5  # how often run() looks for a new snapshot (identities come and go with it)
 
 
 def trust_domain_of(snapshot: NodeSnapshot | None) -> str:
@@ -340,28 +339,28 @@ class CertificateManager:
                                                       "no valid certificate: mesh traffic for it is refused"),
                     extra={"identity": h.identity.uri, "error": h.last_error, "retry_at": _iso(h.next_attempt)})
 
-    async def run(self, state=None, poll_interval: float = POLL_INTERVAL) -> None:
-        """Renew forever (cancel to stop); with ``state`` (AgentState) follow its snapshot."""
+    async def run(self, state=None) -> None:
+        """Renew forever (cancel to stop); with ``state`` (AgentState) follow its snapshot:
+        ``sync`` runs inside ``state.apply``, so identities come and go with the snapshot."""
         pending: set[asyncio.Task] = set()
+        if state is not None:
+            state.subscribe(self.sync)
+            if state.snapshot is not self._synced:
+                self.sync(state.snapshot)
         try:
             while True:
-                if state is not None and state.snapshot is not self._synced:
-                    self.sync(state.snapshot)
                 self._wake.clear()
                 # requests run as tasks: a slow CA never delays following the snapshot
                 pending = {t for t in pending if not t.done()} | set(self._start_due())
-                await self._sleep_until_due(state is not None, poll_interval)
+                await self._sleep_until_due()
         finally:
             for t in pending:
                 t.cancel()
 
-    async def _sleep_until_due(self, polling: bool, poll_interval: float) -> None:
-        """Until the next identity is due, a request ends, or (polling) the next look at the state."""
+    async def _sleep_until_due(self) -> None:
+        """Until the next identity is due, a request ends, or the snapshot changes (``_wake``)."""
         due = self.next_due()
-        wait = poll_interval if polling else None
-        if due is not None:
-            left = max(0.0, due - self.clock())
-            wait = left if wait is None else min(wait, left)
+        wait = None if due is None else max(0.0, due - self.clock())
         try:
             await asyncio.wait_for(self._wake.wait(), wait)
         except TimeoutError:
