@@ -104,8 +104,11 @@ class Lab:
         return Target(node, None, self.names.node_ns(node), self.names.node_cgroup(node))
 
     # ------------------------------------------------------------------ up
-    def up(self, nodes: int, pods_per_node: int, *, apps: bool = True, capture: str | None = None) -> dict:
-        """Build the lab; with `capture` ("iptables"), start a node agent on every node."""
+    def up(self, nodes: int, pods_per_node: int, *, apps: bool = True, capture: str | None = None,
+           config: list[dict] | None = None) -> dict:
+        """Build the lab; with `capture` ("iptables"), start a node agent on every node.
+        `config`: extra YAML documents for the control plane's config dir (e.g. a MeshConfig),
+        in force before the first agent connects."""
         naming.check_counts(nodes, pods_per_node)
         if self.exists():
             raise LabError(
@@ -118,7 +121,7 @@ class Lab:
                 self.start_apps()
             if capture:
                 from meshlab import mesh  # mesh builds on the lab, not the other way round
-                mesh.start_agents(self, capture)
+                mesh.start_agents(self, capture, config=config)
         except BaseException:
             # never leave a half-built lab behind, whatever went wrong (Ctrl-C included)
             self.down()

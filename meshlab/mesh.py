@@ -212,13 +212,19 @@ def agent_bootstrap(lab: Lab, node: str, capture: str, *, static: bool = False) 
     return path
 
 
-def start_agents(lab: Lab, capture: str = "iptables", *, static: bool = False) -> dict[str, subprocess.Popen]:
-    """Start the control plane (unless `static`) and an agent on every node; wait until all are ready."""
+def start_agents(lab: Lab, capture: str = "iptables", *, static: bool = False,
+                 config: list[dict] | None = None) -> dict[str, subprocess.Popen]:
+    """Start the control plane (unless `static`) and an agent on every node; wait until all are ready.
+    `config`: extra documents written to the config dir (extra.yaml) before the control plane starts."""
     if static:
+        if config:
+            raise LabError("extra config documents need the control plane (not a static lab)")
         workloads = lab_workloads(lab)
         write_snapshots(lab, default_services(workloads), workloads)
     else:
         write_default_config(lab)
+        if config:
+            write_config(lab, "extra.yaml", config)
         start_controlplane(lab)
     procs = {node: spawn_agent(lab, node, capture, static=static) for node in lab.topology()}
     for node, proc in procs.items():

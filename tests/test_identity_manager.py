@@ -21,7 +21,7 @@ from controlplane.ca import CertificateAuthority
 from controlplane.certservice import CertificateService
 from controlplane.metrics import ControlPlaneMetrics
 from nodeagent.identity import leaf_identity_der, spiffe_id
-from nodeagent.identity.manager import (CertificateManager, backoff_delay, renewal_time, trust_domain_of,
+from nodeagent.identity.manager import (BACKOFF_MAX_WITHOUT_CERTIFICATE, CertificateManager, backoff_delay, renewal_time, trust_domain_of,
                                         wanted_identities)
 from nodeagent.state import ConfigObject, NodeSnapshot, Workload
 from tests.test_ca import handshake
@@ -174,6 +174,12 @@ def test_ca_unreachable_keeps_the_certificate_backs_off_then_fails_closed(tmp_pa
         assert not ok and "expired" in why and "refused" in why and "unreachable" in why
         assert mgr.status()[0]["state"] == "expired"
         assert registry.get_sample_value("hostmesh_agent_certificate_expiry_seconds", {"identity": WEB.uri}) < 0
+        # no valid certificate: retries come at most BACKOFF_MAX_WITHOUT_CERTIFICATE apart
+        assert mgr.next_due() <= not_after  # the last retry with a valid one was due before expiry
+        for _ in range(3):
+            clock.t = max(clock.t, mgr.next_due())
+            await mgr.tick()
+            assert mgr.next_due() - clock.t <= BACKOFF_MAX_WITHOUT_CERTIFICATE
         # the CA is back: the next retry heals it
         fake.fail = None
         clock.t = mgr.next_due()

@@ -72,6 +72,21 @@ class TestCA:
         self.bundle.write_bytes(_pem(self.root))
         self._n = 0
 
+    @classmethod
+    def issuing_as(cls, directory: Path, cert_pem: Path, key_pem: Path) -> "TestCA":
+        """A TestCA whose leaves are signed by an existing CA (e.g. a lab's mesh CA), so that
+        only the leaf's own properties can make a peer refuse it."""
+        self = cls.__new__(cls)
+        self.dir = Path(directory)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.issuer = self.root = x509.load_pem_x509_certificate(Path(cert_pem).read_bytes())
+        self.issuer_key = self.root_key = serialization.load_pem_private_key(Path(key_pem).read_bytes(), None)
+        self.intermediates = []
+        self.bundle = self.dir / "roots.pem"
+        self.bundle.write_bytes(_pem(self.root))
+        self._n = 0
+        return self
+
     def _ca_cert(self, cn: str, key, signer_key, signer: x509.Certificate | None) -> x509.Certificate:
         subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
         now = _now()

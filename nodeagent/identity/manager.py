@@ -59,6 +59,7 @@ RENEW_FRACTION = 0.5
 RENEW_JITTER = 0.1
 BACKOFF_INITIAL = 1.0
 BACKOFF_MAX = 60.0
+BACKOFF_MAX_WITHOUT_CERTIFICATE = 5.0
 
 
 def trust_domain_of(snapshot: NodeSnapshot | None) -> str:
@@ -331,10 +332,16 @@ class CertificateManager:
         now = self.clock()
         h.last_error = _describe_error(exc)
         h.last_error_time = now
-        h.next_attempt = now + backoff_delay(h.attempts, self.rand(), self.backoff_initial, self.backoff_max)
+        valid = h.issued is not None and now < h.issued.not_after
+        # without a valid certificate the identity's traffic is refused: retry sooner, so a CA
+        # that comes back restores traffic within seconds; with one, never retry after it expires
+        maximum = self.backoff_max if valid else min(self.backoff_max, BACKOFF_MAX_WITHOUT_CERTIFICATE)
+        delay = backoff_delay(h.attempts, self.rand(), self.backoff_initial, maximum)
+        if valid:
+            delay = min(delay, h.issued.not_after - now)
+        h.next_attempt = now + delay
         h.attempts += 1
         self.renewal_results.labels("failed").inc()
-        valid = h.issued is not None and now < h.issued.not_after
         log.warning("certificate request failed; " + ("keeping the current certificate" if valid else
                                                       "no valid certificate: mesh traffic for it is refused"),
                     extra={"identity": h.identity.uri, "error": h.last_error, "retry_at": _iso(h.next_attempt)})
