@@ -72,6 +72,7 @@ import asyncio
 import logging
 import socket
 import struct
+from time import perf_counter as _clock  # uvloop's loop.time() counts milliseconds
 
 from nodeagent.proxy.l7.context import ConnContext, L7Inputs
 from nodeagent.proxy.l7.errors import FLAGS
@@ -512,7 +513,7 @@ class _Exchange:
         self.conn: UpstreamConn | None = None
         self.fut: asyncio.Future | None = None
         self.pending: list | None = None  # request events waiting for the upstream connection
-        self.started = down.loop.time()
+        self.started = _clock()
         self.req_bytes = 0
         self.resp_bytes = 0
         self.status = 0
@@ -781,7 +782,7 @@ class _Exchange:
             self.btimer.cancel()
             self.btimer = None
         down = self.down
-        down.inputs.metrics.observe(self.labels, status, flag, down.loop.time() - self.started,
+        down.inputs.metrics.observe(self.labels, status, flag, _clock() - self.started,
                                     self.req_bytes, self.resp_bytes)
         down._exchange_done(self)
 
