@@ -8,7 +8,10 @@ as the backend; in front of it either nothing (direct), the hostmesh HTTP/1.1 dr
 metrics — everything but capture) or HAProxy (``nbthread 1``, ``mode http``, keep-alive
 to the server). Measured per path:
 
-* keep-alive throughput: ``wrk -t1 -c<connections>`` requests/s;
+* keep-alive throughput: ``wrk -t1 -c<connections>`` requests/s, and the CPU time the hop
+  used per request (nginx for direct, the proxy process otherwise: from /proc). On a
+  shared machine the CPU cost per request is the steadier number; rps ∝ 1 / that cost
+  once the proxy has a core of its own;
 * latency at a fixed rate: a small client (this file, ``--rate`` requests/s spread over
   10 keep-alive connections, in its own process), p50 / p99; "added" = path minus direct.
 
@@ -101,13 +104,27 @@ def serve_proxy(port: int, backend_port: int) -> None:
 
 
 # ------------------------------------------------------------------ load generators
-def wrk_rps(url: str, seconds: int, connections: int) -> float:
+def cpu_seconds(pids: list[int]) -> float:
+    """utime + stime of processes (and their reaped children) from /proc, in seconds."""
+    total = 0
+    for pid in pids:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        total += sum(int(x) for x in fields[11:15])
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def wrk_rps(url: str, seconds: int, connections: int, pids: list[int]) -> tuple[float, float]:
+    """(requests/s, CPU microseconds per request of ``pids``) of one wrk run."""
+    before = cpu_seconds(pids)
     out = subprocess.run(["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", url], capture_output=True,
                          text=True, timeout=seconds + 30).stdout
+    used = cpu_seconds(pids) - before
     m = re.search(r"Requests/sec:\s+([\d.]+)", out)
-    if m is None:
+    n = re.search(r"(\d+) requests in", out)
+    if m is None or n is None:
         raise RuntimeError(f"wrk printed no rate:\n{out}")
-    return float(m.group(1))
+    return float(m.group(1)), used * 1e6 / max(1, int(n.group(1)))
 
 
 async def _fixed_rate(port: int, rate: int, seconds: float, conns: int = 10) -> list[float]:
@@ -167,11 +184,12 @@ def wait_port(port: int, deadline: float = 10.0) -> None:
     raise RuntimeError(f"nothing listens on {LO}:{port}")
 
 
-def measure(label: str, port: int, seconds: int, connections: int, rate: int) -> dict:
+def measure(label: str, port: int, pids: list[int], seconds: int, connections: int, rate: int) -> dict:
+    """``pids``: the processes of this hop (whose CPU time per request is reported)."""
     url = f"http://{LO}:{port}/"
-    rps = wrk_rps(url, seconds, connections)
+    rps, cpu_us = wrk_rps(url, seconds, connections, pids)
     p50, p99 = fixed_rate_latency(port, rate, seconds)
-    return {"path": label, "rps": rps, "p50_ms": p50, "p99_ms": p99}
+    return {"path": label, "rps": rps, "cpu_us_per_request": cpu_us, "p50_ms": p50, "p99_ms": p99}
 
 
 def run(seconds: int, connections: int, rate: int) -> list[dict]:
@@ -194,9 +212,10 @@ def run(seconds: int, connections: int, rate: int) -> list[dict]:
                                           stdout=subprocess.DEVNULL))
             for p in (nginx_port, ha_port, hm_port):
                 wait_port(p)
-            return [measure("direct", nginx_port, seconds, connections, rate),
-                    measure("hostmesh", hm_port, seconds, connections, rate),
-                    measure("haproxy", ha_port, seconds, connections, rate)]
+            nginx_pids = [procs[0].pid] + _children(procs[0].pid)
+            return [measure("direct", nginx_port, nginx_pids, seconds, connections, rate),
+                    measure("hostmesh", hm_port, [procs[2].pid], seconds, connections, rate),
+                    measure("haproxy", ha_port, [procs[1].pid], seconds, connections, rate)]
         finally:
             for p in procs:
                 p.terminate()
@@ -207,15 +226,25 @@ def run(seconds: int, connections: int, rate: int) -> list[dict]:
                     p.kill()
 
 
+def _children(pid: int) -> list[int]:
+    """Direct children of ``pid`` (nginx's worker)."""
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return [int(x) for x in f.read().split()]
+    except OSError:
+        return []
+
+
 def render(results: list[dict], rate: int) -> str:
     by = {r["path"]: r for r in results}
     d, h = by["direct"], by["haproxy"]
-    lines = [f"| path | keep-alive rps | vs direct | vs HAProxy | p50 ms @{rate}/s | p99 ms | added p50 / p99 ms |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [f"| path | keep-alive rps | vs direct | vs HAProxy | CPU us/req (hop) | p50 ms @{rate}/s | p99 ms | "
+             "added p50 / p99 ms |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in results:
         lines.append(f"| {r['path']} | {r['rps']:.0f} | {r['rps'] / d['rps']:.2f}x | {r['rps'] / h['rps']:.2f}x | "
-                     f"{r['p50_ms']:.3f} | {r['p99_ms']:.3f} | {r['p50_ms'] - d['p50_ms']:+.3f} / "
-                     f"{r['p99_ms'] - d['p99_ms']:+.3f} |")
+                     f"{r['cpu_us_per_request']:.1f} | {r['p50_ms']:.3f} | {r['p99_ms']:.3f} | "
+                     f"{r['p50_ms'] - d['p50_ms']:+.3f} / {r['p99_ms'] - d['p99_ms']:+.3f} |")
     return "\n".join(lines)
 
 

@@ -53,6 +53,9 @@ PROTECTED = frozenset({
     b"x-forwarded-host", b"x-request-id",
 })
 
+# Connection values that nominate no removable field (keep-alive/upgrade are hop-by-hop anyway)
+_PLAIN_CONNECTION = frozenset({b"keep-alive", b"Keep-Alive", b"close", b"Close", b"upgrade", b"Upgrade"})
+
 _REQUEST_ID = re.compile(rb"[A-Za-z0-9._:+/=@-]{1,128}")
 
 
@@ -70,27 +73,38 @@ def connection_options(headers: Iterable[tuple[bytes, bytes]]) -> set[bytes]:
     return opts
 
 
+def _nominated(headers: Headers) -> set[bytes] | None:
+    """The fields named by ``Connection`` options that may be removed (None: no Connection)."""
+    nominated: set[bytes] | None = None
+    for name, value in headers:
+        if name == b"connection":
+            if value in _PLAIN_CONNECTION:  # the usual values name no field: skip the parse
+                continue
+            if nominated is None:
+                nominated = set()
+            nominated.update(t for t in list_tokens(value) if t not in PROTECTED and not t.startswith(b":"))
+    return nominated
+
+
 def strip_hop_by_hop(headers: Iterable[tuple[bytes, bytes]], *, upgrade: bool = False) -> Headers:
     """``headers`` without hop-by-hop fields (see the module doc); keeps ``te: trailers``.
 
     ``upgrade=True`` keeps the ``upgrade`` field (WebSocket passthrough).
     """
     headers = headers if isinstance(headers, list) else list(headers)
-    nominated = connection_options(headers)
-    nominated.difference_update(PROTECTED)
-    nominated = {n for n in nominated if not n.startswith(b":")}
+    nominated = _nominated(headers)
     out: Headers = []
     te_trailers = False
+    hop = HOP_BY_HOP
     for name, value in headers:
-        if name in HOP_BY_HOP:
+        if name in hop:
             if name == b"te":
                 if b"trailers" in (t.split(b";", 1)[0].strip() for t in list_tokens(value)):
                     te_trailers = True
-                continue
-            if name == b"upgrade" and upgrade:
+            elif name == b"upgrade" and upgrade:
                 out.append((name, value))
             continue
-        if name in nominated:
+        if nominated and name in nominated:
             continue
         out.append((name, value))
     if te_trailers:  # RFC 9110 asks senders of TE to list it in Connection: that is normal
@@ -116,7 +130,8 @@ def append_forwarded_for(headers: Iterable[tuple[bytes, bytes]], client: str | b
 
 
 def _uuid4() -> bytes:
-    """A random (version 4) UUID as text; ~4x cheaper than ``str(uuid.uuid4())``."""
+    """A random (version 4) UUID as text, ~4x cheaper than ``str(uuid.uuid4())``; from
+    ``os.urandom`` like uuid4 (a module-level PRNG would repeat ids in forked children)."""
     h = os.urandom(16).hex()
     return ("%s-%s-4%s-%s%s-%s" % (h[:8], h[8:12], h[13:16], "89ab"[int(h[16], 16) & 3], h[17:20],
                                    h[20:])).encode("ascii")
@@ -162,12 +177,7 @@ def prepare_request(headers: Iterable[tuple[bytes, bytes]], *, client: str | byt
     ``ensure_request_id``, in one pass over the fields (this runs for every request).
     """
     headers = headers if isinstance(headers, list) else list(headers)
-    nominated: set[bytes] | None = None
-    for name, value in headers:
-        if name == b"connection":
-            if nominated is None:
-                nominated = set()
-            nominated.update(t for t in list_tokens(value) if t not in PROTECTED and not t.startswith(b":"))
+    nominated = _nominated(headers)
     out: Headers = []
     chain: list[bytes] | None = [] if client is not None else None
     vias: list[bytes] | None = [] if via is not None else None

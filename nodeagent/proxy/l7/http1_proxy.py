@@ -130,7 +130,7 @@ class Http1Proxy(asyncio.Protocol):
     """The client side of one proxied HTTP/1 connection (the downstream protocol)."""
 
     __slots__ = ("inputs", "ctx", "loop", "transport", "codec", "ex", "paused", "write_paused",
-                 "timer", "timer_kind", "closing", "lost", "reported", "raw_up", "raw_eofs", "_labels",
+                 "timer", "timer_at", "deadline", "timer_kind", "closing", "lost", "reported", "raw_up", "raw_eofs", "_labels",
                  "draining", "requests")
 
     def __init__(self, inputs: L7Inputs, ctx: ConnContext) -> None:
@@ -143,6 +143,8 @@ class Http1Proxy(asyncio.Protocol):
         self.paused = 0  # _R_* bits
         self.write_paused = False
         self.timer: asyncio.TimerHandle | None = None
+        self.timer_at = 0.0  # when `timer` fires
+        self.deadline = 0.0  # when the running clock expires
         self.timer_kind = _T_NONE
         self.closing = False
         self.lost = False
@@ -200,7 +202,7 @@ class Http1Proxy(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.lost = True
         self.closing = True
-        self._cancel_timer()
+        self._stop_timer()
         ex = self.ex
         if ex is not None and not ex.finished:
             ex.client_gone()
@@ -265,26 +267,41 @@ class Http1Proxy(asyncio.Protocol):
             self.transport.resume_reading()
 
     def _arm(self, kind: int) -> None:
-        if self.timer is not None:
-            self.timer.cancel()
+        """Start the header or idle clock. Lazy: a pending timer that fires no later than the
+        new deadline is kept and re-armed when it fires (no timer churn per request)."""
         lim = self.inputs.limits
         delay = lim.header_timeout if kind == _T_HEADER else lim.idle_timeout
         if not delay:
-            self.timer, self.timer_kind = None, _T_NONE
+            self.timer_kind = _T_NONE
             return
-        self.timer = self.loop.call_later(delay, self._on_timer)
         self.timer_kind = kind
+        deadline = self.deadline = self.loop.time() + delay
+        if self.timer is not None:
+            if self.timer_at <= deadline:
+                return
+            self.timer.cancel()
+        self.timer = self.loop.call_at(deadline, self._on_timer)
+        self.timer_at = deadline
 
     def _cancel_timer(self) -> None:
+        """Stop the clock (the pending timer, if any, finds nothing to do)."""
+        self.timer_kind = _T_NONE
+
+    def _stop_timer(self) -> None:
+        self.timer_kind = _T_NONE
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
-        self.timer_kind = _T_NONE
 
     def _on_timer(self) -> None:
-        self.timer, self.timer_kind = None, _T_NONE
-        if self.closing or self.raw_up is not None:
+        self.timer = None
+        if self.timer_kind == _T_NONE or self.closing or self.raw_up is not None:
             return
+        if self.loop.time() < self.deadline - 0.001:  # the clock was restarted since
+            self.timer = self.loop.call_at(self.deadline, self._on_timer)
+            self.timer_at = self.deadline
+            return
+        self.timer_kind = _T_NONE
         out = self.codec.on_timeout()
         if out:
             self.transport.write(out)
@@ -344,15 +361,21 @@ class Http1Proxy(asyncio.Protocol):
                 ex.direct(UNKNOWN_SERVICE)
                 return
             ex.labels = self._labels_for(None, ep)
-            authority = _host(head.headers) or b"%s:%d" % (ctx.dst_ip.encode(), ctx.dst_port)
-            ex.dispatch(ep, self._upstream_head(head, head.target, authority, head.headers, None),
+            authority = _host(head.headers)
+            had_host = authority is not None
+            if authority is None:
+                authority = b"%s:%d" % (ctx.dst_ip.encode(), ctx.dst_port)
+            ex.dispatch(ep, self._upstream_head(head, head.target, authority, head.headers, None, had_host),
                         self.inputs.routes.default_pool_limits(), "")
             return
         authority = _host(head.headers)
-        req = RequestInfo(head.method, head.target, head.headers, authority or b"", False, scheme=ctx.scheme,
-                          source_namespace=ctx.source_namespace, source_ip=ctx.src_ip, dst_ip=ctx.dst_ip,
-                          dst_port=ctx.dst_port)
-        d = router.match(req)
+        had_host = authority is not None
+        if router.producer is None and not router.consumers:
+            d = router.default  # no route attached: skip building the match input
+        else:
+            d = router.match(RequestInfo(head.method, head.target, head.headers, authority or b"", False,
+                                         scheme=ctx.scheme, source_namespace=ctx.source_namespace,
+                                         source_ip=ctx.src_ip, dst_ip=ctx.dst_ip, dst_port=ctx.dst_port))
         if type(d) is not RouteDecision:
             ex.direct(d)
             return
@@ -372,18 +395,20 @@ class Http1Proxy(asyncio.Protocol):
         ex.arm_timeouts(d.timeouts)
         if ex.finished:
             return
-        up_head = self._upstream_head(head, target, new_auth, headers, authority if new_auth != authority else None)
+        up_head = self._upstream_head(head, target, new_auth, headers, authority if new_auth != authority else None,
+                                      had_host)
         if d.mirrors:
             ex.start_mirrors(d.mirrors, up_head)
         ex.dispatch(ep, up_head, self.inputs.routes.pool_limits(ctx.table, backend), backend.hostname)
 
     def _upstream_head(self, head: RequestHead, target: bytes, authority: bytes, headers: list,
-                       forwarded_host: bytes | None) -> RequestHead:
+                       forwarded_host: bytes | None, had_host: bool) -> RequestHead:
+        """``forwarded_host``: the original Host when a URLRewrite changed it (then ``host`` is
+        replaced); ``had_host``: the request carried one (HTTP/1.0 may not: it gets ``authority``)."""
         ctx = self.ctx
-        upgrade = head.upgrade is not None
-        headers, _rid = prepare_request(headers, client=ctx.src_ip, proto=ctx.scheme, upgrade=upgrade,
+        headers, _rid = prepare_request(headers, client=ctx.src_ip, proto=ctx.scheme, upgrade=head.upgrade is not None,
                                         forwarded_host=forwarded_host)
-        if forwarded_host is not None or _host(headers) is None:
+        if forwarded_host is not None or not had_host:
             headers = [(n, v) for n, v in headers if n != b"host"]
             headers.insert(0, (b"host", authority))
         return RequestHead(head.method, target, headers, b"1.1", True, head.content_length, head.chunked,
@@ -410,7 +435,8 @@ class Http1Proxy(asyncio.Protocol):
         if self.lost:
             self._maybe_done()
             return
-        self._unpause(_R_UPSTREAM | _R_UPWRITE)
+        if self.paused & (_R_UPSTREAM | _R_UPWRITE):
+            self._unpause(_R_UPSTREAM | _R_UPWRITE)
         if self.raw_up is not None:
             return
         codec = self.codec
@@ -430,7 +456,7 @@ class Http1Proxy(asyncio.Protocol):
         if self.closing:
             return
         self.closing = True
-        self._cancel_timer()
+        self._stop_timer()
         if self.paused:
             self.paused = 0
             self.transport.resume_reading()  # read and drop what the client still sends
@@ -650,7 +676,9 @@ class _Exchange:
             elif t is ResponseHead:
                 out.append(self._response_head(ev))
             elif t is EndOfMessage:
-                out.append(codec.send_end(ev.trailers))
+                end = codec.send_end(ev.trailers)
+                if end:
+                    out.append(end)
                 _write(down.transport, out)
                 self._done_ok()
                 return
