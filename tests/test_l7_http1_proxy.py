@@ -18,6 +18,8 @@ import json
 import os
 import random
 import shutil
+import socket
+import struct
 import subprocess
 import sys
 import textwrap
@@ -363,7 +365,7 @@ def test_mirror_gets_copies_client_sees_primary_and_a_failing_mirror_changes_not
             if mirror.requests >= 20:
                 break
             await asyncio.sleep(0.01)
-        assert mirror.requests == 20
+        assert mirror.requests == 20 and mirror.log.getvalue().count(" in=1000 ") == 20  # bodies copied too
         for i in range(10):
             st, _, b = await asyncio.to_thread(get, px.port, f"/broken/{i}")
             assert st == 200 and jbody(b)["pod"] == "v1"
@@ -692,3 +694,127 @@ def test_100_mib_upload_and_download_stream_with_bounded_memory(tmp_path):
                     p.wait(10)
                 except subprocess.TimeoutExpired:
                     p.kill()
+
+
+# ============================================================================ framing edge cases
+class OneShot(asyncio.Protocol):
+    """An upstream that answers each connection's first request with ``reply`` and then, if
+    ``close``, closes (a close-delimited or HTTP/1.0 server); counts connections."""
+
+    accepted = 0
+
+    def __init__(self, reply: bytes, close: bool) -> None:
+        self.reply = reply
+        self.close = close
+        OneShot.accepted += 1
+
+    def connection_made(self, transport):
+        self.t = transport
+        self.buf = b""
+
+    def data_received(self, data):
+        self.buf += data
+        while b"\r\n\r\n" in self.buf:
+            _, self.buf = self.buf.split(b"\r\n\r\n", 1)
+            self.t.write(self.reply)
+            if self.close:
+                self.t.close()
+                return
+
+
+def test_close_delimited_response_is_relayed_chunked_and_its_connection_not_reused():
+    async def main():
+        OneShot.accepted = 0
+        reply = b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n\r\nbody until close"
+        server = await asyncio.get_running_loop().create_server(lambda: OneShot(reply, True), LO, 0)
+        port = server.sockets[0].getsockname()[1]
+        px = await Proxy(NodeSnapshot(NODE, (service("web", VIP, [Endpoint(LO, port, NODE, "old", NS)]),))).start()
+        out = await raw(px.port, b"GET /1 HTTP/1.1\r\nHost: web\r\n\r\nGET /2 HTTP/1.1\r\nHost: web\r\nConnection: close\r\n\r\n")
+        assert out.count(b"HTTP/1.1 200 OK") == 2
+        assert out.count(b"transfer-encoding: chunked") == 2 and out.count(b"body until close") == 2
+        assert OneShot.accepted == 2  # never reused after a close-delimited body
+        px.close()
+        server.close()
+    run(main())
+
+
+def test_head_request_keeps_content_length_without_body():
+    async def main():
+        (up,) = await start_all("v1")
+        px = await Proxy(NodeSnapshot(NODE, (service("web", VIP, [up.endpoint()]),))).start()
+        out = await raw(px.port, b"HEAD /h HTTP/1.1\r\nHost: web\r\n\r\nGET /g HTTP/1.1\r\nHost: web\r\nConnection: close\r\n\r\n")
+        head, _, rest = out.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200") and b"content-length: " in head
+        assert rest.startswith(b"HTTP/1.1 200")  # the HEAD response had no body
+        assert up.accepted == 1
+        px.close()
+        up.close()
+    run(main())
+
+
+def test_upstream_reset_mid_response_resets_the_client():
+    async def main():
+        reply = b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\npartial"
+
+        class Reset(OneShot):
+            def data_received(self, data):
+                self.t.write(self.reply)
+                self.t.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                self.t.abort()
+        server = await asyncio.get_running_loop().create_server(lambda: Reset(reply, True), LO, 0)
+        port = server.sockets[0].getsockname()[1]
+        px = await Proxy(NodeSnapshot(NODE, (service("web", VIP, [Endpoint(LO, port, NODE, "r", NS)]),))).start()
+        r, w = await asyncio.open_connection(LO, px.port)
+        w.write(b"GET / HTTP/1.1\r\nHost: web\r\n\r\n")
+        got = b""
+        with pytest.raises((ConnectionResetError, asyncio.IncompleteReadError)):
+            got = await asyncio.wait_for(r.readuntil(b"partial"), 10)
+            await asyncio.wait_for(r.readexactly(1000), 10)  # never completes: the body was cut
+        assert got == b"" or got.endswith(b"partial")
+        w.close()
+        px.close()
+        server.close()
+    run(main())
+
+
+def test_drain_closes_idle_connections_and_finishes_in_flight_ones_with_connection_close():
+    async def main():
+        (up,) = await start_all("v1")
+        snap = NodeSnapshot(NODE, (service("web", VIP, [up.endpoint()]),))
+        inputs = L7Inputs.create(NODE, HttpMetrics(CollectorRegistry()))
+        drivers, done = [], []
+
+        class Accept(asyncio.Protocol):
+            def connection_made(self, transport):
+                ctx = ConnContext.for_connection(inputs, snap, src_ip=LO, dst_ip=VIP, dst_port=80,
+                                                 reporter="source", on_done=done.append)
+                drivers.append(serve_http1(transport, b"", ctx, inputs))
+
+        server = await asyncio.get_running_loop().create_server(Accept, LO, 0)
+        port = server.sockets[0].getsockname()[1]
+        r1, w1 = await asyncio.open_connection(LO, port)  # idle after one exchange
+        w1.write(b"GET / HTTP/1.1\r\nHost: web\r\n\r\n")
+        head = await r1.readuntil(b"\r\n\r\n")
+        await r1.readexactly(int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0]))
+        r2, w2 = await asyncio.open_connection(LO, port)  # in flight during the drain
+        w2.write(b"GET /?delay=0.3 HTTP/1.1\r\nHost: web\r\n\r\n")
+        for _ in range(100):
+            if len(drivers) == 2 and drivers[1].ex is not None:
+                break
+            await asyncio.sleep(0.01)
+        for d in drivers:
+            d.drain()
+        assert await asyncio.wait_for(r1.read(-1), 10) == b""  # closed without a reply
+        out2 = await asyncio.wait_for(r2.read(-1), 10)
+        assert out2.startswith(b"HTTP/1.1 200") and b"connection: close" in out2
+        w1.close()  # the clients close on EOF; the proxy's lingering close then ends at once
+        w2.close()
+        for _ in range(100):
+            if len(done) == 2:
+                break
+            await asyncio.sleep(0.01)
+        assert sorted(map(id, done)) == sorted(map(id, drivers))
+        server.close()
+        inputs.pool.close()
+        up.close()
+    run(main())
