@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable
 
 from nodeagent.proxy.l7.lb import LbState
-from nodeagent.proxy.l7.metrics import UNKNOWN, HttpLabels, HttpMetrics
+from nodeagent.proxy.l7.metrics import UNKNOWN, HttpLabels, HttpMetrics, http_labels
 from nodeagent.proxy.l7.routing import Backend, RouteTable, ServiceRouter, parse_duration
 from nodeagent.state import Endpoint, NodeSnapshot
 
@@ -174,6 +174,6 @@ class ConnContext:
         table = inputs.routes.get(snapshot)
         router = table.router_for(dst_ip, dst_port)
         src = snapshot.workload_by_ip(src_ip)
-        labels = HttpLabels(reporter, src.name if src else UNKNOWN, src.namespace if src else UNKNOWN)
+        labels = http_labels(reporter, src.name if src else UNKNOWN, src.namespace if src else UNKNOWN)
         return cls(table, router, src_ip, dst_ip, dst_port, labels, on_done, endpoint,
                    src.namespace if src else "")

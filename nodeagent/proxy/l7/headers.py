@@ -174,26 +174,14 @@ def prepare_request(headers: Iterable[tuple[bytes, bytes]], *, client: str | byt
     Returns ``(headers, request_id)``.
 
     The same result as ``strip_hop_by_hop`` -> ``append_forwarded_for`` -> ``add_via`` ->
-    ``ensure_request_id``, in one pass over the fields (this runs for every request).
+    ``ensure_request_id``, with one pass after the hop-by-hop one (this runs for every request).
     """
-    headers = headers if isinstance(headers, list) else list(headers)
-    nominated = _nominated(headers)
-    out: Headers = []
     chain: list[bytes] | None = [] if client is not None else None
     vias: list[bytes] | None = [] if via is not None else None
     rid: bytes | None = None
-    te_trailers = has_proto = has_fhost = False
-    hop = HOP_BY_HOP
-    for name, value in headers:
-        if name in hop:
-            if name == b"te":
-                if b"trailers" in (t.split(b";", 1)[0].strip() for t in list_tokens(value)):
-                    te_trailers = True
-            elif name == b"upgrade" and upgrade:
-                out.append((name, value))
-            continue
-        if nominated and name in nominated:
-            continue
+    has_proto = has_fhost = False
+    out: Headers = []
+    for name, value in strip_hop_by_hop(headers, upgrade=upgrade):
         if name == b"x-request-id":
             if rid is None and _REQUEST_ID.fullmatch(value) is not None:
                 rid = value
@@ -211,8 +199,6 @@ def prepare_request(headers: Iterable[tuple[bytes, bytes]], *, client: str | byt
         elif name == b"x-forwarded-host":
             has_fhost = True
         out.append((name, value))
-    if te_trailers:  # RFC 9110 asks senders of TE to list it in Connection: that is normal
-        out.append((b"te", b"trailers"))
     if chain is not None:
         chain.append(client.encode("ascii") if isinstance(client, str) else client)
         out.append((b"x-forwarded-for", b", ".join(chain)))

@@ -70,8 +70,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import socket
-import struct
 from time import perf_counter as _clock  # uvloop's loop.time() counts milliseconds
 
 from nodeagent.proxy.l7.context import ConnContext, L7Inputs
@@ -83,10 +81,10 @@ from nodeagent.proxy.l7.http1 import (Data, EndOfMessage, LocalProtocolError, Pr
 from nodeagent.proxy.l7.metrics import NO_FLAGS, UNKNOWN
 from nodeagent.proxy.l7.pool import ConnectFailed, PoolOverflow, UpstreamConn
 from nodeagent.proxy.l7.routing import UNKNOWN_SERVICE, RequestInfo, RouteDecision
+from nodeagent.proxy.relay import RST, _close_transport
 
 log = logging.getLogger(__name__)
 
-_LINGER_RST = struct.pack("ii", 1, 0)
 LINGER = 2.0  # seconds a closing connection keeps reading so the client gets its reply
 
 # reasons the client connection is not read (bit mask)
@@ -110,13 +108,7 @@ def serve_http1(transport: asyncio.Transport, first_bytes: bytes, ctx: ConnConte
 
 
 def _rst(transport: asyncio.BaseTransport) -> None:
-    sock = transport.get_extra_info("socket")
-    if sock is not None:
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RST)
-        except OSError:
-            pass
-    transport.abort()
+    _close_transport(transport, RST)
 
 
 def _write(transport: asyncio.Transport, out: list[bytes]) -> None:

@@ -23,14 +23,13 @@ additions (see ``HttpMetrics``); the Prometheus families are built at scrape tim
 from __future__ import annotations
 
 from bisect import bisect_left
-from typing import NamedTuple
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
 from prometheus_client.utils import floatToGoString
 
-UNKNOWN = "unknown"
-NO_FLAGS = "-"
+from nodeagent.telemetry import NO_FLAGS, UNKNOWN, TcpLabels
+
 
 # Istio's default duration buckets (ms) in seconds
 DURATION_BUCKETS = (0.0005, 0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
@@ -39,22 +38,16 @@ DURATION_BUCKETS = (0.0005, 0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0
 BYTE_BUCKETS = tuple(float(8 ** i) for i in range(11))
 
 
-class HttpLabels(NamedTuple):
-    """Label values known per connection/request, everything but code and flags."""
-
-    reporter: str
-    source_workload: str = UNKNOWN
-    source_namespace: str = UNKNOWN
-    source_principal: str = UNKNOWN
-    destination_service: str = UNKNOWN
-    destination_workload: str = UNKNOWN
-    destination_namespace: str = UNKNOWN
-    destination_principal: str = UNKNOWN
-    request_protocol: str = "http"
-    connection_security_policy: str = "none"
+# The connection's labels are the L4 ones (ARCHITECTURE.md names); HTTP sets
+# ``request_protocol="http"`` and fills ``destination_*`` per request from the chosen backend.
+HttpLabels = TcpLabels
 
 
-HTTP_LABEL_NAMES: tuple[str, ...] = HttpLabels._fields + ("response_code", "response_flags")
+def http_labels(reporter: str, source_workload: str = UNKNOWN, source_namespace: str = UNKNOWN) -> TcpLabels:
+    return TcpLabels(reporter, source_workload, source_namespace, request_protocol="http")
+
+
+HTTP_LABEL_NAMES: tuple[str, ...] = TcpLabels._fields + ("response_code", "response_flags")
 
 
 class RequestSeries:
