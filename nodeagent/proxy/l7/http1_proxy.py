@@ -78,6 +78,7 @@ from nodeagent.proxy.l7.filters import DirectResponse
 from nodeagent.proxy.l7.headers import prepare_request, prepare_response
 from nodeagent.proxy.l7.http1 import (Data, EndOfMessage, LocalProtocolError, ProtocolError, RequestHead,
                                       ResponseHead, ServerConnection, Upgrade)
+from nodeagent.proxy.l7.lb import LEAST_REQUEST
 from nodeagent.proxy.l7.metrics import NO_FLAGS, UNKNOWN
 from nodeagent.proxy.l7.pool import ConnectFailed, PoolOverflow, UpstreamConn
 from nodeagent.proxy.l7.routing import UNKNOWN_SERVICE, RequestInfo, RouteDecision
@@ -379,7 +380,8 @@ class Http1Proxy(asyncio.Protocol):
             ex.labels = self._labels_for(backend, None)
             ex.local("UH")
             return
-        ex.balancer = bal
+        if bal.policy == LEAST_REQUEST:  # the only policy that reads in-flight counts
+            ex.balancer = bal
         ex.labels = self._labels_for(backend, ep)
         if authority is None:
             authority = router._authority
@@ -526,7 +528,7 @@ class _Exchange:
         self.down = down
         self.head = head
         self.decision: RouteDecision | None = None
-        self.balancer = None
+        self.balancer = None  # set when the balancer counts requests in flight (least request)
         self.endpoint = None
         self.conn: UpstreamConn | None = None
         self.fut: asyncio.Future | None = None
