@@ -818,3 +818,50 @@ def test_drain_closes_idle_connections_and_finishes_in_flight_ones_with_connecti
         inputs.pool.close()
         up.close()
     run(main())
+
+
+# ============================================================================ pool and connector
+def test_dials_go_through_the_injected_connector_and_timeouts_map_to_503_uf():
+    async def main():
+        from nodeagent.proxy.l7.pool import tcp_connector
+        (up,) = await start_all("v1")
+        calls = []
+
+        async def connector(endpoint, dial, factory):
+            calls.append((endpoint.address, endpoint.port, dial.service, dial.conn.src_ip, dial.connect_timeout))
+            if endpoint.port == 1:
+                raise TimeoutError("no answer")
+            return await tcp_connector(endpoint, dial, factory)
+
+        snap = NodeSnapshot(NODE, (service("web", VIP, [up.endpoint()]),
+                                   service("slow", VIP2, [Endpoint(LO, 1, NODE, "slow", NS)])))
+        px = await Proxy(snap, connector=connector, limits=L7Limits(connect_timeout=0.5)).start()
+        st, _, _ = await asyncio.to_thread(get, px.port, "/")
+        assert st == 200
+        assert calls == [(LO, up.port, "web.shop.svc.cluster.local", LO, 0.5)]
+        px2 = await Proxy(snap, connector=connector, dst=(VIP2, 80)).start()
+        st, h, b = await asyncio.to_thread(get, px2.port, "/")
+        assert st == 503 and h["x-hostmesh-flags"] == "UF" and b"connect timeout" in b
+        px.close()
+        px2.close()
+        up.close()
+    run(main())
+
+
+def test_idle_pooled_connections_are_closed_after_the_pool_idle_timeout():
+    async def main():
+        (up,) = await start_all("v1")
+        px = await Proxy(NodeSnapshot(NODE, (service("web", VIP, [up.endpoint()]),)),
+                         limits=L7Limits(pool_idle_timeout=0.2)).start()
+        st, _, _ = await asyncio.to_thread(get, px.port, "/")
+        assert st == 200 and px.inputs.pool.stats()[f"{LO}:{up.port}"]["idle"] == 1
+        for _ in range(200):
+            if not px.inputs.pool.stats():
+                break
+            await asyncio.sleep(0.01)
+        assert px.inputs.pool.stats() == {}
+        st, _, _ = await asyncio.to_thread(get, px.port, "/")
+        assert st == 200 and up.accepted == 2
+        px.close()
+        up.close()
+    run(main())
