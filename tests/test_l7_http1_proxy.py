@@ -865,3 +865,22 @@ def test_idle_pooled_connections_are_closed_after_the_pool_idle_timeout():
         px.close()
         up.close()
     run(main())
+
+
+def test_stream_idle_timeout_ends_stalled_uploads_408_and_silent_upstreams_504():
+    async def main():
+        (up,) = await start_all("v1")
+        px = await Proxy(NodeSnapshot(NODE, (service("web", VIP, [up.endpoint()]),)),
+                         limits=L7Limits(stream_idle_timeout=0.3)).start()
+        r, w = await asyncio.open_connection(LO, px.port)
+        w.write(b"POST / HTTP/1.1\r\nHost: web\r\nContent-Length: 100\r\n\r\n0123456789")  # then stalls
+        out = await asyncio.wait_for(r.read(-1), 10)
+        assert out.startswith(b"HTTP/1.1 408 ") and b"x-hostmesh-flags: SI" in out
+        w.close()
+        st, h, _ = await asyncio.to_thread(get, px.port, "/?delay=3")
+        assert st == 504 and h["x-hostmesh-flags"] == "UT"
+        st, _, _ = await asyncio.to_thread(get, px.port, "/?delay=0.1")
+        assert st == 200
+        px.close()
+        up.close()
+    run(main())

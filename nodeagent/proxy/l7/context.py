@@ -32,6 +32,7 @@ class L7Limits:
 
     header_timeout: float = 10.0  # a request head must arrive within this (slowloris)
     idle_timeout: float = 300.0  # keep-alive: close a client connection idle this long
+    stream_idle_timeout: float = 300.0  # a request (or upgraded connection) with no bytes either way
     write_buffer_high: int = 256 * 1024  # per transport; low water = high / 4
     connect_timeout: float = 5.0  # upstream connect (TrafficPolicy connectionPool.connectTimeout wins)
     pool_idle_timeout: float = 60.0  # close pooled upstream connections unused this long
@@ -45,8 +46,9 @@ class L7Limits:
         for name in ("header_timeout", "connect_timeout", "pool_idle_timeout", "mirror_timeout"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"L7Limits.{name}: must be > 0, got {getattr(self, name)!r}")
-        if self.idle_timeout < 0:
-            raise ValueError(f"L7Limits.idle_timeout: must be >= 0, got {self.idle_timeout!r}")
+        for name in ("idle_timeout", "stream_idle_timeout"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"L7Limits.{name}: must be >= 0 (0 disables), got {getattr(self, name)!r}")
         for name in ("write_buffer_high", "max_connections_per_endpoint", "max_pending_per_endpoint",
                      "mirror_buffer"):
             if not getattr(self, name) >= 1:

@@ -42,12 +42,17 @@ too many pipelined requests (``ServerConnection.paused``); reading the upstream 
 while the client's write buffer is above its high mark. Memory per connection is bounded
 by the two write buffers plus one read each.
 
-Timers: a header-read timer (``header_timeout``, from the first byte of a head; 408 +
-close when part of a head arrived: slowloris), an idle timer between keep-alive requests
-(``idle_timeout``, silent close), the route's ``timeouts.request`` (from the head) and
-``timeouts.backendRequest`` (from the upstream request), which answer 504 ``UT`` — or,
-once the response has started, reset the client connection. At most one timer is armed
-per connection between requests, one or two per request.
+Timers: one lazy clock per connection (a deadline plus at most one pending timer that is
+re-armed when it fires early, so no timer is created or cancelled per request) runs, in
+turn, the header-read timeout (``header_timeout``, from the first byte of a head; 408 SI +
+close when part of a head arrived: slowloris), the stream idle timeout while a request is
+in flight or a connection is upgraded (``stream_idle_timeout``: no byte either way and no
+progress draining the client's buffer -> 408 SI while the request is incomplete, 504 UT
+while waiting for the upstream, a reset once the response started) and the keep-alive
+idle timeout between requests (``idle_timeout``, silent close). The route's
+``timeouts.request`` (from the head) and ``timeouts.backendRequest`` (from the upstream
+request) are per-request timers, only when configured: 504 ``UT``, or a reset once the
+response has started.
 
 Errors made here (``errors.local_reply`` via the codec): UH no endpoint, UF connect
 failure, UO pool queue full, UT timeout, UC upstream closed/reset before the response,
@@ -93,7 +98,7 @@ _R_PIPELINE = 1  # the codec holds enough pipelined requests
 _R_UPSTREAM = 2  # waiting for the upstream connection
 _R_UPWRITE = 4  # the upstream's write buffer is full
 
-_T_NONE, _T_HEADER, _T_IDLE = 0, 1, 2
+_T_NONE, _T_HEADER, _T_IDLE, _T_STREAM = 0, 1, 2, 3
 
 
 def serve_http1(transport: asyncio.Transport, first_bytes: bytes, ctx: ConnContext,
@@ -123,7 +128,7 @@ class Http1Proxy(asyncio.Protocol):
     """The client side of one proxied HTTP/1 connection (the downstream protocol)."""
 
     __slots__ = ("inputs", "ctx", "loop", "transport", "codec", "ex", "paused", "write_paused",
-                 "timer", "timer_at", "deadline", "timer_kind", "closing", "lost", "reported", "raw_up", "raw_eofs", "_labels",
+                 "timer", "timer_at", "deadline", "bufmark", "timer_kind", "closing", "lost", "reported", "raw_up", "raw_eofs", "_labels",
                  "draining", "requests")
 
     def __init__(self, inputs: L7Inputs, ctx: ConnContext) -> None:
@@ -138,6 +143,7 @@ class Http1Proxy(asyncio.Protocol):
         self.timer: asyncio.TimerHandle | None = None
         self.timer_at = 0.0  # when `timer` fires
         self.deadline = 0.0  # when the running clock expires
+        self.bufmark = 0  # write-buffer size at the last stream idle check
         self.timer_kind = _T_NONE
         self.closing = False
         self.lost = False
@@ -159,6 +165,8 @@ class Http1Proxy(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.closing:
             return  # lingering close: drain and drop
+        if self.timer_kind == _T_STREAM:
+            self._active()
         up = self.raw_up
         if up is not None:
             up.transport.write(data)
@@ -263,7 +271,8 @@ class Http1Proxy(asyncio.Protocol):
         """Start the header or idle clock. Lazy: a pending timer that fires no later than the
         new deadline is kept and re-armed when it fires (no timer churn per request)."""
         lim = self.inputs.limits
-        delay = lim.header_timeout if kind == _T_HEADER else lim.idle_timeout
+        delay = lim.header_timeout if kind == _T_HEADER else lim.idle_timeout if kind == _T_IDLE \
+            else lim.stream_idle_timeout
         if not delay:
             self.timer_kind = _T_NONE
             return
@@ -276,23 +285,27 @@ class Http1Proxy(asyncio.Protocol):
         self.timer = self.loop.call_at(deadline, self._on_timer)
         self.timer_at = deadline
 
-    def _cancel_timer(self) -> None:
-        """Stop the clock (the pending timer, if any, finds nothing to do)."""
-        self.timer_kind = _T_NONE
-
     def _stop_timer(self) -> None:
         self.timer_kind = _T_NONE
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
 
+    def _active(self) -> None:
+        """Bytes moved on the exchange (or the upgraded relay): push the stream idle deadline."""
+        self.deadline = self.loop.time() + self.inputs.limits.stream_idle_timeout
+
     def _on_timer(self) -> None:
         self.timer = None
-        if self.timer_kind == _T_NONE or self.closing or self.raw_up is not None:
+        kind = self.timer_kind
+        if kind == _T_NONE or self.closing:
             return
-        if self.loop.time() < self.deadline - 0.001:  # the clock was restarted since
+        if self.loop.time() < self.deadline - 0.001:  # the clock was restarted or pushed since
             self.timer = self.loop.call_at(self.deadline, self._on_timer)
             self.timer_at = self.deadline
+            return
+        if kind == _T_STREAM:
+            self._stream_idle()
             return
         self.timer_kind = _T_NONE
         out = self.codec.on_timeout()
@@ -300,6 +313,23 @@ class Http1Proxy(asyncio.Protocol):
             self.transport.write(out)
             self._observe_protocol_error(408, "SI")
         self._close()
+
+    def _stream_idle(self) -> None:
+        """Nothing moved for ``stream_idle_timeout``: unless the client is still draining a
+        buffered reply, end the exchange (408 SI while the request is incomplete, 504 UT
+        while waiting for the upstream; a reset once the response started)."""
+        size = self.transport.get_write_buffer_size()
+        if size and size != self.bufmark:  # a slow reader still takes bytes: that is activity
+            self.bufmark = size
+            self._arm(_T_STREAM)
+            return
+        self.timer_kind = _T_NONE
+        if self.raw_up is not None:
+            self.abort("stream idle timeout")
+            return
+        ex = self.ex
+        if ex is not None and not ex.finished:
+            ex.local("UT" if ex.req_done else "SI")
 
     def _events(self, events: list) -> None:
         for ev in events:
@@ -343,7 +373,7 @@ class Http1Proxy(asyncio.Protocol):
 
     # ---------------------------------------------------------------- a request
     def _request(self, head: RequestHead) -> None:
-        self._cancel_timer()
+        self._arm(_T_STREAM)
         self.requests += 1
         ex = self.ex = _Exchange(self, head)
         ctx = self.ctx
@@ -490,6 +520,8 @@ class Http1Proxy(asyncio.Protocol):
         self._unpause(_R_PIPELINE | _R_UPSTREAM | _R_UPWRITE)
 
     def raw_from_upstream(self, data: bytes) -> None:
+        if self.timer_kind == _T_STREAM:
+            self._active()
         self.transport.write(data)
 
     def raw_upstream_eof(self) -> None:
@@ -660,6 +692,8 @@ class _Exchange:
     # ---------------------------------------------------------------- upstream events
     def up_events(self, conn: UpstreamConn, events: list) -> None:
         down = self.down
+        if down.timer_kind == _T_STREAM:
+            down._active()
         codec = down.codec
         out: list[bytes] = []
         for ev in events:
