@@ -68,7 +68,9 @@ Mirrors (``RequestMirror``): fire and forget. Each mirror gets the upstream head
 with ``-shadow`` appended, as Envoy and Istio do) and the body as it streams; its
 response is read and dropped. A mirror never holds the main request back: while it is
 connecting at most ``mirror_buffer`` bytes are held for it, and a mirror whose buffer is
-full, whose connection fails or that takes longer than ``mirror_timeout`` is abandoned.
+full, whose connection fails, that takes longer than ``mirror_timeout`` or whose request
+will not be read to its end (the client connection closes first) is abandoned. A mirror
+outlives the main exchange when it is slower (its response is still read, then dropped).
 """
 
 from __future__ import annotations
@@ -205,8 +207,10 @@ class Http1Proxy(asyncio.Protocol):
         self.closing = True
         self._stop_timer()
         ex = self.ex
-        if ex is not None and not ex.finished:
-            ex.client_gone()
+        if ex is not None:
+            ex.drop_incomplete_mirrors()
+            if not ex.finished:
+                ex.client_gone()
         up = self.raw_up
         if up is not None:
             self.raw_up = None
@@ -481,6 +485,8 @@ class Http1Proxy(asyncio.Protocol):
             return
         self.closing = True
         self._stop_timer()
+        if self.ex is not None:
+            self.ex.drop_incomplete_mirrors()  # the rest of the request will not be read
         if self.paused:
             self.paused = 0
             self.transport.resume_reading()  # read and drop what the client still sends
@@ -660,14 +666,19 @@ class _Exchange:
             self.mirrors.append(m)
             m.start(ep, down.inputs.routes.pool_limits(down.ctx.table, backend), backend.hostname)
 
+    def drop_incomplete_mirrors(self) -> None:
+        if self.mirrors and not self.req_done:
+            for m in self.mirrors:
+                m.kill()
+
     # ---------------------------------------------------------------- request body (from the client)
     def req_data(self, data: bytes) -> None:
         self.req_bytes += len(data)
-        if self.finished:
-            return
-        if self.mirrors:
+        if self.mirrors:  # even after a local reply: a mirror gets the whole request or is killed
             for m in self.mirrors:
                 m.data(data)
+        if self.finished:
+            return
         conn = self.conn
         if conn is not None:
             conn.transport.write(conn.codec.send_data(data))
@@ -676,11 +687,11 @@ class _Exchange:
 
     def req_end(self, trailers) -> None:
         self.req_done = True
-        if self.finished:
-            return
         if self.mirrors:
             for m in self.mirrors:
                 m.end(trailers)
+        if self.finished:
+            return
         conn = self.conn
         if conn is not None:
             out = conn.codec.send_end(trailers)
