@@ -623,7 +623,11 @@ class _Exchange:
             flag = getattr(exc, "flag", "UF")
             self.local(flag, None, str(exc) if isinstance(exc, (ConnectFailed, PoolOverflow)) else None)
             return
-        self._attach(fut.result())
+        conn = fut.result()
+        if conn.closed:  # closed between being handed over and this callback
+            self.local("UC", 503, "upstream closed the connection before the request was sent")
+            return
+        self._attach(conn)
         down = self.down
         if not self.finished and not down.closing:
             down._unpause(_R_UPSTREAM)
@@ -922,6 +926,9 @@ class _Mirror:
             self.down.inputs.pool.release(conn)
             return
         self.fut = None
+        if conn.closed:
+            self.kill()
+            return
         self._attach(conn)
 
     def _attach(self, conn: UpstreamConn) -> None:
