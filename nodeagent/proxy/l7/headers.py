@@ -73,40 +73,48 @@ def connection_options(headers: Iterable[tuple[bytes, bytes]]) -> set[bytes]:
     return opts
 
 
-def _nominated(headers: Headers) -> set[bytes] | None:
-    """The fields named by ``Connection`` options that may be removed (None: no Connection)."""
-    nominated: set[bytes] | None = None
-    for name, value in headers:
-        if name == b"connection":
-            if value in _PLAIN_CONNECTION:  # the usual values name no field: skip the parse
-                continue
-            if nominated is None:
-                nominated = set()
-            nominated.update(t for t in list_tokens(value) if t not in PROTECTED and not t.startswith(b":"))
-    return nominated
+def _removable(options: list[bytes]) -> set[bytes]:
+    """The fields that the ``Connection`` values ``options`` nominate and that may be removed."""
+    out: set[bytes] = set()
+    for value in options:
+        out.update(t for t in list_tokens(value) if t not in PROTECTED and t not in HOP_BY_HOP
+                   and not t.startswith(b":"))
+    return out
+
+
+def _hop_field(name: bytes, value: bytes, upgrade: bool, out: Headers, options: list[bytes]) -> bool:
+    """One hop-by-hop field: an ``upgrade`` kept when asked, ``Connection`` values collected
+    into ``options`` (the usual ones name nothing and are skipped); True for ``TE: trailers``."""
+    if name == b"connection":
+        if value not in _PLAIN_CONNECTION:
+            options.append(value)
+    elif name == b"te":
+        return b"trailers" in (t.split(b";", 1)[0].strip() for t in list_tokens(value))
+    elif name == b"upgrade" and upgrade:
+        out.append((name, value))
+    return False
 
 
 def strip_hop_by_hop(headers: Iterable[tuple[bytes, bytes]], *, upgrade: bool = False) -> Headers:
     """``headers`` without hop-by-hop fields (see the module doc); keeps ``te: trailers``.
 
-    ``upgrade=True`` keeps the ``upgrade`` field (WebSocket passthrough).
+    ``upgrade=True`` keeps the ``upgrade`` field (WebSocket passthrough). One pass; fields
+    nominated by ``Connection`` options are filtered afterwards (rare).
     """
-    headers = headers if isinstance(headers, list) else list(headers)
-    nominated = _nominated(headers)
     out: Headers = []
+    options: list[bytes] = []
     te_trailers = False
     hop = HOP_BY_HOP
     for name, value in headers:
         if name in hop:
-            if name == b"te":
-                if b"trailers" in (t.split(b";", 1)[0].strip() for t in list_tokens(value)):
-                    te_trailers = True
-            elif name == b"upgrade" and upgrade:
-                out.append((name, value))
-            continue
-        if nominated and name in nominated:
+            if _hop_field(name, value, upgrade, out, options):
+                te_trailers = True
             continue
         out.append((name, value))
+    if options:
+        drop = _removable(options)
+        if drop:
+            out = [(n, v) for n, v in out if n not in drop]
     if te_trailers:  # RFC 9110 asks senders of TE to list it in Connection: that is normal
         out.append((b"te", b"trailers"))
     return out
@@ -174,14 +182,20 @@ def prepare_request(headers: Iterable[tuple[bytes, bytes]], *, client: str | byt
     Returns ``(headers, request_id)``.
 
     The same result as ``strip_hop_by_hop`` -> ``append_forwarded_for`` -> ``add_via`` ->
-    ``ensure_request_id``, with one pass after the hop-by-hop one (this runs for every request).
+    ``ensure_request_id``, in one pass over the fields (this runs for every request).
     """
     chain: list[bytes] | None = [] if client is not None else None
     vias: list[bytes] | None = [] if via is not None else None
     rid: bytes | None = None
-    has_proto = has_fhost = False
+    has_proto = has_fhost = te_trailers = False
     out: Headers = []
-    for name, value in strip_hop_by_hop(headers, upgrade=upgrade):
+    options: list[bytes] = []
+    hop = HOP_BY_HOP
+    for name, value in headers:
+        if name in hop:
+            if _hop_field(name, value, upgrade, out, options):
+                te_trailers = True
+            continue
         if name == b"x-request-id":
             if rid is None and _REQUEST_ID.fullmatch(value) is not None:
                 rid = value
@@ -199,6 +213,14 @@ def prepare_request(headers: Iterable[tuple[bytes, bytes]], *, client: str | byt
         elif name == b"x-forwarded-host":
             has_fhost = True
         out.append((name, value))
+    if options:
+        drop = _removable(options)
+        if drop:
+            out = [(n, v) for n, v in out if n not in drop]
+            if vias and b"via" in drop:
+                vias = []
+    if te_trailers:
+        out.append((b"te", b"trailers"))
     if chain is not None:
         chain.append(client.encode("ascii") if isinstance(client, str) else client)
         out.append((b"x-forwarded-for", b", ".join(chain)))
