@@ -316,7 +316,7 @@ class Http1Proxy(asyncio.Protocol):
         if out:
             self.transport.write(out)
             self._observe_protocol_error(408, "SI")
-        self._close()
+        self._close(linger=bool(out))
 
     def _stream_idle(self) -> None:
         """Nothing moved for ``stream_idle_timeout``: unless the client is still draining a
@@ -367,7 +367,7 @@ class Http1Proxy(asyncio.Protocol):
         elif out:
             self._observe_protocol_error(ev.status, ev.flag)
         if out:
-            self._close()
+            self._close(linger=True)
         else:  # the response had started: the client cannot be told; reset
             self.closing = True
             _rst(self.transport)
@@ -479,18 +479,27 @@ class Http1Proxy(asyncio.Protocol):
         if not codec.paused:
             self._unpause(_R_PIPELINE)
 
-    def _close(self) -> None:
-        """Close after the buffered reply is flushed (lingering if the client may still send)."""
+    def _close(self, linger: bool = False) -> None:
+        """Close after the buffered reply is flushed (``linger``: the client may still send).
+
+        When the client may still be sending (its request was not read to the end, or reading
+        was paused with bytes possibly queued in the kernel), closing at once would make the
+        kernel answer those bytes with a RST that can destroy the reply in flight: then only
+        our side is shut down and the rest is read and dropped for up to ``LINGER`` seconds
+        (nginx's lingering close).
+        """
         if self.closing:
             return
         self.closing = True
         self._stop_timer()
-        if self.ex is not None:
-            self.ex.drop_incomplete_mirrors()  # the rest of the request will not be read
+        ex = self.ex
+        if ex is not None:
+            ex.drop_incomplete_mirrors()  # the rest of the request will not be read
+        unread = linger or self.paused or (ex is not None and not ex.req_done) or self.codec.partial_head
         if self.paused:
             self.paused = 0
             self.transport.resume_reading()  # read and drop what the client still sends
-        if self.codec.eof_received or not self.transport.can_write_eof():
+        if not unread or self.codec.eof_received or not self.transport.can_write_eof():
             self.transport.close()
             return
         self.transport.write_eof()
