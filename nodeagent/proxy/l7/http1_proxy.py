@@ -15,8 +15,13 @@ Wiring (what the listener does after protocol detection said HTTP/1)::
 reading, feeds the bytes detection already read, and returns the ``Http1Proxy``
 protocol. ``ctx.on_done(driver)`` is called exactly once, after the client connection
 is closed and no upstream exchange of it is in flight (mirrors never delay it): that is
-where the listener stops counting the connection. Nothing else is reported back; the
-request metrics go to ``inputs.metrics``.
+where the listener stops counting the connection (the transport's protocol is replaced,
+so ``Relay.connection_lost`` no longer runs: TCP-level metrics of the connection are the
+caller's to record). Nothing else is reported back; the request metrics go to
+``inputs.metrics``. ``drain()`` closes an idle connection now and a busy one after its
+response (``connection: close``); an upgraded (WebSocket) connection runs until
+``abort()``. ``listen_http1`` (end of this module) is the same driver behind a plain
+listener, for tests and ``bench/l7.py``.
 
 Per request (``RequestHead`` from ``http1.ServerConnection``):
 
@@ -59,6 +64,12 @@ failure, UO pool queue full, UT timeout, UC upstream closed/reset before the res
 UPE upstream protocol error, NR no route, DPE the client broke HTTP (400/431/414/505...,
 then close). After the response started, an upstream failure resets the client (RST),
 so a truncated body is never mistaken for a complete one.
+
+Performance (bench/l7.py, loopback, nginx backend, shared 2-vCPU VM, Python 3.11 +
+uvloop): ~30 us of Python per keep-alive request (codec ~12, header preparation ~2, the
+rest here: routing, LB, pool, metrics, timers), ~50 us of process CPU with the four
+syscalls; HAProxy (nbthread 1) uses ~15 us. Per request nothing allocates a task,
+future or timer unless the request needs one (a dial, a queue slot, a route timeout).
 
 Upgrade (WebSocket): the request keeps ``Upgrade``; a 101 from the upstream switches
 both connections to raw byte relay (half-close passed on), any other answer continues
