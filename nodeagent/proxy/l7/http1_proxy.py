@@ -47,17 +47,17 @@ too many pipelined requests (``ServerConnection.paused``); reading the upstream 
 while the client's write buffer is above its high mark. Memory per connection is bounded
 by the two write buffers plus one read each.
 
-Timers: one lazy clock per connection (a deadline plus at most one pending timer that is
-re-armed when it fires early, so no timer is created or cancelled per request) runs, in
-turn, the header-read timeout (``header_timeout``, from the first byte of a head; 408 SI +
-close when part of a head arrived: slowloris), the stream idle timeout while a request is
-in flight or a connection is upgraded (``stream_idle_timeout``: no byte either way and no
+Timers: one periodic tick per connection (every half of the smallest of the three
+timeouts; no timer is created, cancelled or read per request) checks, in turn, the
+header-read timeout (``header_timeout``, from the first byte of a head; 408 SI + close
+when part of a head arrived: slowloris), the stream idle timeout while a request is in
+flight or a connection is upgraded (``stream_idle_timeout``: no byte either way and no
 progress draining the client's buffer -> 408 SI while the request is incomplete, 504 UT
 while waiting for the upstream, a reset once the response started) and the keep-alive
-idle timeout between requests (``idle_timeout``, silent close). The route's
-``timeouts.request`` (from the head) and ``timeouts.backendRequest`` (from the upstream
-request) are per-request timers, only when configured: 504 ``UT``, or a reset once the
-response has started.
+idle timeout between requests (``idle_timeout``, silent close); each fires at most one
+tick late. The route's ``timeouts.request`` (from the head) and
+``timeouts.backendRequest`` (from the upstream request) are per-request timers, only when
+configured: 504 ``UT``, or a reset once the response has started.
 
 Errors made here (``errors.local_reply`` via the codec): UH no endpoint, UF connect
 failure, UO pool queue full, UT timeout, UC upstream closed/reset before the response,
@@ -141,7 +141,7 @@ class Http1Proxy(asyncio.Protocol):
     """The client side of one proxied HTTP/1 connection (the downstream protocol)."""
 
     __slots__ = ("inputs", "ctx", "loop", "transport", "codec", "ex", "paused", "write_paused",
-                 "timer", "timer_at", "deadline", "bufmark", "timer_kind", "closing", "lost", "reported", "raw_up", "raw_eofs", "_labels",
+                 "timer", "tick_every", "since", "mark", "head_since", "activity", "timer_kind", "closing", "lost", "reported", "raw_up", "raw_eofs", "_labels",
                  "draining", "requests")
 
     def __init__(self, inputs: L7Inputs, ctx: ConnContext) -> None:
@@ -154,9 +154,11 @@ class Http1Proxy(asyncio.Protocol):
         self.paused = 0  # _R_* bits
         self.write_paused = False
         self.timer: asyncio.TimerHandle | None = None
-        self.timer_at = 0.0  # when `timer` fires
-        self.deadline = 0.0  # when the running clock expires
-        self.bufmark = 0  # write-buffer size at the last stream idle check
+        self.tick_every = 1.0
+        self.since = 0.0  # when `mark` last changed
+        self.mark: tuple[int, int] = (-1, -1)  # (activity, client write-buffer size) at the last tick
+        self.head_since = 0.0  # first byte of the head being read
+        self.activity = 0  # bumped by every read on either side and every phase change
         self.timer_kind = _T_NONE
         self.closing = False
         self.lost = False
@@ -173,13 +175,13 @@ class Http1Proxy(asyncio.Protocol):
         self.loop = asyncio.get_running_loop()
         lim = self.inputs.limits
         transport.set_write_buffer_limits(lim.write_buffer_high, lim.write_buffer_low)
+        self._start_ticks()
         self._arm(_T_HEADER)
 
     def data_received(self, data: bytes) -> None:
         if self.closing:
             return  # lingering close: drain and drop
-        if self.timer_kind == _T_STREAM:
-            self._active()
+        self.activity += 1
         up = self.raw_up
         if up is not None:
             up.transport.write(data)
@@ -283,22 +285,18 @@ class Http1Proxy(asyncio.Protocol):
             self.transport.resume_reading()
 
     def _arm(self, kind: int) -> None:
-        """Start the header or idle clock. Lazy: a pending timer that fires no later than the
-        new deadline is kept and re-armed when it fires (no timer churn per request)."""
-        lim = self.inputs.limits
-        delay = lim.header_timeout if kind == _T_HEADER else lim.idle_timeout if kind == _T_IDLE \
-            else lim.stream_idle_timeout
-        if not delay:
-            self.timer_kind = _T_NONE
-            return
+        """Switch the connection's clock to ``kind`` (the tick measures it; see ``_tick``)."""
         self.timer_kind = kind
-        deadline = self.deadline = self.loop.time() + delay
-        if self.timer is not None:
-            if self.timer_at <= deadline:
-                return
-            self.timer.cancel()
-        self.timer = self.loop.call_at(deadline, self._on_timer)
-        self.timer_at = deadline
+        self.activity += 1  # a new phase: its idle time starts now
+        if kind == _T_HEADER:
+            self.head_since = self.loop.time()
+
+    def _start_ticks(self) -> None:
+        lim = self.inputs.limits
+        limits = [t for t in (lim.header_timeout, lim.idle_timeout, lim.stream_idle_timeout) if t]
+        self.tick_every = max(0.05, min(limits) / 2)
+        self.since = self.loop.time()
+        self.timer = self.loop.call_at(self.since + self.tick_every, self._tick)
 
     def _stop_timer(self) -> None:
         self.timer_kind = _T_NONE
@@ -306,22 +304,37 @@ class Http1Proxy(asyncio.Protocol):
             self.timer.cancel()
             self.timer = None
 
-    def _active(self) -> None:
-        """Bytes moved on the exchange (or the upgraded relay): push the stream idle deadline."""
-        self.deadline = self.loop.time() + self.inputs.limits.stream_idle_timeout
+    def _tick(self) -> None:
+        """The connection's one periodic timer (every ``tick_every`` s, half the smallest timeout).
 
-    def _on_timer(self) -> None:
+        Per request nothing touches a timer or the clock: reads on either side bump
+        ``activity`` and phase changes set ``timer_kind``. A phase expires when ``activity``
+        (and, while streaming, the client's write-buffer size) did not change for its whole
+        timeout, checked here: at most one tick late. The header timeout counts from the
+        first byte of the head (``head_since``), so trickling bytes cannot extend it.
+        """
         self.timer = None
+        if self.closing:
+            return
+        now = self.loop.time()
         kind = self.timer_kind
-        if kind == _T_NONE or self.closing:
-            return
-        if self.loop.time() < self.deadline - 0.001:  # the clock was restarted or pushed since
-            self.timer = self.loop.call_at(self.deadline, self._on_timer)
-            self.timer_at = self.deadline
-            return
-        if kind == _T_STREAM:
-            self._stream_idle()
-            return
+        lim = self.inputs.limits
+        if kind == _T_HEADER:
+            if lim.header_timeout and now - self.head_since >= lim.header_timeout:
+                return self._expire_head()
+        elif kind != _T_NONE:
+            mark = (self.activity, self.transport.get_write_buffer_size())
+            if mark != self.mark:
+                self.mark = mark
+                self.since = now
+            else:
+                timeout = lim.idle_timeout if kind == _T_IDLE else lim.stream_idle_timeout
+                if timeout and now - self.since >= timeout:
+                    return self._expire_idle() if kind == _T_IDLE else self._stream_idle()
+        self.timer = self.loop.call_at(now + self.tick_every, self._tick)
+
+    def _expire_head(self) -> None:
+        """Header-read timeout: 408 + close when part of a head arrived (slowloris)."""
         self.timer_kind = _T_NONE
         out = self.codec.on_timeout()
         if out:
@@ -329,15 +342,16 @@ class Http1Proxy(asyncio.Protocol):
             self._observe_protocol_error(408, "SI")
         self._close(linger=bool(out))
 
+    def _expire_idle(self) -> None:
+        """Keep-alive idle timeout: a silent close."""
+        self.timer_kind = _T_NONE
+        self.codec.on_timeout()
+        self._close()
+
     def _stream_idle(self) -> None:
-        """Nothing moved for ``stream_idle_timeout``: unless the client is still draining a
-        buffered reply, end the exchange (408 SI while the request is incomplete, 504 UT
-        while waiting for the upstream; a reset once the response started)."""
-        size = self.transport.get_write_buffer_size()
-        if size and size != self.bufmark:  # a slow reader still takes bytes: that is activity
-            self.bufmark = size
-            self._arm(_T_STREAM)
-            return
+        """Nothing moved for ``stream_idle_timeout`` (no byte either way, the client's write
+        buffer not draining): end the exchange (408 SI while the request is incomplete, 504
+        UT while waiting for the upstream; a reset once the response started)."""
         self.timer_kind = _T_NONE
         if self.raw_up is not None:
             self.abort("stream idle timeout")
@@ -546,8 +560,7 @@ class Http1Proxy(asyncio.Protocol):
         self._unpause(_R_PIPELINE | _R_UPSTREAM | _R_UPWRITE)
 
     def raw_from_upstream(self, data: bytes) -> None:
-        if self.timer_kind == _T_STREAM:
-            self._active()
+        self.activity += 1
         self.transport.write(data)
 
     def raw_upstream_eof(self) -> None:
@@ -727,8 +740,7 @@ class _Exchange:
     # ---------------------------------------------------------------- upstream events
     def up_events(self, conn: UpstreamConn, events: list) -> None:
         down = self.down
-        if down.timer_kind == _T_STREAM:
-            down._active()
+        down.activity += 1
         codec = down.codec
         out: list[bytes] = []
         for ev in events:
