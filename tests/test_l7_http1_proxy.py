@@ -884,3 +884,32 @@ def test_stream_idle_timeout_ends_stalled_uploads_408_and_silent_upstreams_504()
         px.close()
         up.close()
     run(main())
+
+
+# ============================================================================ limits, metrics
+@pytest.mark.parametrize("field,value", [("header_timeout", 0), ("idle_timeout", -1), ("connect_timeout", -2),
+                                         ("max_pending_per_endpoint", 0), ("write_buffer_high", 0)])
+def test_limits_reject_unsafe_values_naming_the_field(field, value):
+    with pytest.raises(ValueError, match=f"L7Limits.{field}"):
+        L7Limits(**{field: value})
+
+
+def test_request_metrics_expose_counts_durations_and_body_sizes():
+    from prometheus_client import generate_latest
+    async def main():
+        (up,) = await start_all("v1")
+        px = await Proxy(NodeSnapshot(NODE, (service("web", VIP, [up.endpoint()]),))).start()
+        st, _, _ = await asyncio.to_thread(get, px.port, "/echo", None, "POST", b"x" * 5000)
+        assert st == 200
+        text = generate_latest(px.registry).decode()
+        want = ('destination_service="web.shop.svc.cluster.local",destination_workload="v1",reporter="source",'
+                'request_protocol="http",response_code="200",response_flags="-"')
+        assert f'hostmesh_requests_total{{connection_security_policy="none",destination_namespace="shop",' \
+               f'destination_principal="unknown",{want},source_namespace="unknown",source_principal="unknown",' \
+               f'source_workload="unknown"}} 1.0' in text
+        assert "hostmesh_request_duration_seconds_count{" in text
+        assert any(line.startswith("hostmesh_request_bytes_sum{") and line.endswith(" 5000.0") for line in text.splitlines())
+        assert any(line.startswith("hostmesh_response_bytes_sum{") and line.endswith(" 5000.0") for line in text.splitlines())
+        px.close()
+        up.close()
+    run(main())
