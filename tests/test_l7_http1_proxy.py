@@ -210,6 +210,22 @@ def test_pipelined_requests_are_answered_in_order():
     run(main())
 
 
+def test_deep_pipeline_pauses_reading_and_answers_everything_in_order():
+    async def main():
+        (up,) = await start_all("v1")
+        px = await Proxy(NodeSnapshot(NODE, (service("web", VIP, [up.endpoint()]),))).start()
+        n = 60  # far past the codec's max_pipelined (16): reading pauses, then resumes
+        reqs = b"".join(b"GET /q%d HTTP/1.1\r\nHost: web\r\n\r\n" % i for i in range(n - 1))
+        reqs += b"GET /q%d HTTP/1.1\r\nHost: web\r\nConnection: close\r\n\r\n" % (n - 1)
+        out = await raw(px.port, reqs)
+        bodies = [part.split(b"\n", 1)[0] for part in out.split(b"\r\n\r\n")[1:]]
+        assert [json.loads(b)["path"] for b in bodies] == [f"/q{i}" for i in range(n)]
+        assert up.accepted == 1
+        px.close()
+        up.close()
+    run(main())
+
+
 def test_chunked_upload_and_chunked_echo():
     async def main():
         (up,) = await start_all("v1")
