@@ -36,8 +36,8 @@ Forwarding fields:
 
 from __future__ import annotations
 
+import os
 import re
-import uuid
 from collections.abc import Callable, Iterable
 
 Headers = list[tuple[bytes, bytes]]
@@ -52,6 +52,9 @@ PROTECTED = frozenset({
     b"host", b"content-length", b"x-forwarded-for", b"x-forwarded-proto",
     b"x-forwarded-host", b"x-request-id",
 })
+
+# Connection values that nominate no removable field (keep-alive/upgrade are hop-by-hop anyway)
+_PLAIN_CONNECTION = frozenset({b"keep-alive", b"Keep-Alive", b"close", b"Close", b"upgrade", b"Upgrade"})
 
 _REQUEST_ID = re.compile(rb"[A-Za-z0-9._:+/=@-]{1,128}")
 
@@ -70,29 +73,48 @@ def connection_options(headers: Iterable[tuple[bytes, bytes]]) -> set[bytes]:
     return opts
 
 
+def _removable(options: list[bytes]) -> set[bytes]:
+    """The fields that the ``Connection`` values ``options`` nominate and that may be removed."""
+    out: set[bytes] = set()
+    for value in options:
+        out.update(t for t in list_tokens(value) if t not in PROTECTED and t not in HOP_BY_HOP
+                   and not t.startswith(b":"))
+    return out
+
+
+def _hop_field(name: bytes, value: bytes, upgrade: bool, out: Headers, options: list[bytes]) -> bool:
+    """One hop-by-hop field: an ``upgrade`` kept when asked, ``Connection`` values collected
+    into ``options`` (the usual ones name nothing and are skipped); True for ``TE: trailers``."""
+    if name == b"connection":
+        if value not in _PLAIN_CONNECTION:
+            options.append(value)
+    elif name == b"te":
+        return b"trailers" in (t.split(b";", 1)[0].strip() for t in list_tokens(value))
+    elif name == b"upgrade" and upgrade:
+        out.append((name, value))
+    return False
+
+
 def strip_hop_by_hop(headers: Iterable[tuple[bytes, bytes]], *, upgrade: bool = False) -> Headers:
     """``headers`` without hop-by-hop fields (see the module doc); keeps ``te: trailers``.
 
-    ``upgrade=True`` keeps the ``upgrade`` field (WebSocket passthrough).
+    ``upgrade=True`` keeps the ``upgrade`` field (WebSocket passthrough). One pass; fields
+    nominated by ``Connection`` options are filtered afterwards (rare).
     """
-    headers = headers if isinstance(headers, list) else list(headers)
-    nominated = connection_options(headers)
-    nominated.difference_update(PROTECTED)
-    nominated = {n for n in nominated if not n.startswith(b":")}
     out: Headers = []
+    options: list[bytes] = []
     te_trailers = False
+    hop = HOP_BY_HOP
     for name, value in headers:
-        if name in HOP_BY_HOP:
-            if name == b"te":
-                if b"trailers" in (t.split(b";", 1)[0].strip() for t in list_tokens(value)):
-                    te_trailers = True
-                continue
-            if name == b"upgrade" and upgrade:
-                out.append((name, value))
-            continue
-        if name in nominated:
+        if name in hop:
+            if _hop_field(name, value, upgrade, out, options):
+                te_trailers = True
             continue
         out.append((name, value))
+    if options:
+        drop = _removable(options)
+        if drop:
+            out = [(n, v) for n, v in out if n not in drop]
     if te_trailers:  # RFC 9110 asks senders of TE to list it in Connection: that is normal
         out.append((b"te", b"trailers"))
     return out
@@ -116,7 +138,11 @@ def append_forwarded_for(headers: Iterable[tuple[bytes, bytes]], client: str | b
 
 
 def _uuid4() -> bytes:
-    return str(uuid.uuid4()).encode("ascii")
+    """A random (version 4) UUID as text, ~4x cheaper than ``str(uuid.uuid4())``; from
+    ``os.urandom`` like uuid4 (a module-level PRNG would repeat ids in forked children)."""
+    h = os.urandom(16).hex()
+    return ("%s-%s-4%s-%s%s-%s" % (h[:8], h[8:12], h[13:16], "89ab"[int(h[16], 16) & 3], h[17:20],
+                                   h[20:])).encode("ascii")
 
 
 def valid_request_id(value: bytes) -> bool:
@@ -154,18 +180,61 @@ def prepare_request(headers: Iterable[tuple[bytes, bytes]], *, client: str | byt
     ``x-forwarded-host`` to ``forwarded_host`` when the caller rewrote Host (an existing
     one is kept), appends ``via`` when given, and keeps or creates ``x-request-id``.
     Returns ``(headers, request_id)``.
+
+    The same result as ``strip_hop_by_hop`` -> ``append_forwarded_for`` -> ``add_via`` ->
+    ``ensure_request_id``, in one pass over the fields (this runs for every request).
     """
-    out = strip_hop_by_hop(headers, upgrade=upgrade)
-    if client is not None:
-        out = append_forwarded_for(out, client)
-    names = {n for n, _ in out}
-    if b"x-forwarded-proto" not in names:
+    chain: list[bytes] | None = [] if client is not None else None
+    vias: list[bytes] | None = [] if via is not None else None
+    rid: bytes | None = None
+    has_proto = has_fhost = te_trailers = False
+    out: Headers = []
+    options: list[bytes] = []
+    hop = HOP_BY_HOP
+    for name, value in headers:
+        if name in hop:
+            if _hop_field(name, value, upgrade, out, options):
+                te_trailers = True
+            continue
+        if name == b"x-request-id":
+            if rid is None and _REQUEST_ID.fullmatch(value) is not None:
+                rid = value
+            continue
+        if name == b"x-forwarded-for" and chain is not None:
+            v = value.strip(b" \t")
+            if v:
+                chain.append(v)
+            continue
+        if name == b"via" and vias is not None:
+            vias.append(value)
+            continue
+        if name == b"x-forwarded-proto":
+            has_proto = True
+        elif name == b"x-forwarded-host":
+            has_fhost = True
+        out.append((name, value))
+    if options:
+        drop = _removable(options)
+        if drop:
+            out = [(n, v) for n, v in out if n not in drop]
+            if vias and b"via" in drop:
+                vias = []
+    if te_trailers:
+        out.append((b"te", b"trailers"))
+    if chain is not None:
+        chain.append(client.encode("ascii") if isinstance(client, str) else client)
+        out.append((b"x-forwarded-for", b", ".join(chain)))
+    if not has_proto:
         out.append((b"x-forwarded-proto", proto.encode("ascii") if isinstance(proto, str) else proto))
-    if forwarded_host is not None and b"x-forwarded-host" not in names:
+    if forwarded_host is not None and not has_fhost:
         out.append((b"x-forwarded-host", forwarded_host))
-    if via is not None:
-        out = add_via(out, via)
-    return ensure_request_id(out, new_id)
+    if vias is not None:
+        vias.append(via)
+        out.append((b"via", b", ".join(vias)))
+    if rid is None:
+        rid = new_id()
+    out.append((b"x-request-id", rid))
+    return out, rid
 
 
 def prepare_response(headers: Iterable[tuple[bytes, bytes]], *, upgrade: bool = False,

@@ -577,6 +577,11 @@ class ServerConnection(_Side):
         return not self._reqs and not self._dead and not self._switched and not self._input_closed
 
     @property
+    def partial_head(self) -> bool:
+        """Part of the next request was received (the header-read clock is running)."""
+        return self._partial()
+
+    @property
     def in_flight(self) -> bool:
         """A request head was delivered and its response has not ended."""
         return bool(self._reqs) and self._resp != 2 and not self._switched

@@ -1,0 +1,1079 @@
+"""The asyncio driver of HTTP/1.1 proxying: one client connection, routed request by request.
+
+Wiring (what the listener does after protocol detection said HTTP/1)::
+
+    inputs = L7Inputs.create(node, HttpMetrics(registry), limits=L7Limits(...),
+                             connector=tcp_connector)            # once per proxy
+    ctx = ConnContext.for_connection(inputs, snapshot, src_ip=peer_ip, dst_ip=dst_ip,
+                                     dst_port=dst_port, reporter="source",
+                                     on_done=lambda drv: listener.relay_done(relay))
+    # inbound / a workload address: ConnContext.for_connection(..., endpoint=Endpoint(...))
+    driver = serve_http1(transport, detected.data, ctx, inputs)
+    ...drain deadline / shutdown: driver.abort("drain"); graceful: driver.drain()
+
+``serve_http1`` takes the accepted transport over (``transport.set_protocol``), resumes
+reading, feeds the bytes detection already read, and returns the ``Http1Proxy``
+protocol. ``ctx.on_done(driver)`` is called exactly once, after the client connection
+is closed and no upstream exchange of it is in flight (mirrors never delay it): that is
+where the listener stops counting the connection (the transport's protocol is replaced,
+so ``Relay.connection_lost`` no longer runs: TCP-level metrics of the connection are the
+caller's to record). Nothing else is reported back; the request metrics go to
+``inputs.metrics``. ``drain()`` closes an idle connection now and a busy one after its
+response (``connection: close``); an upgraded (WebSocket) connection runs until
+``abort()``. ``listen_http1`` (end of this module) is the same driver behind a plain
+listener, for tests and ``bench/l7.py``.
+
+Per request (``RequestHead`` from ``http1.ServerConnection``):
+
+1. route: ``ctx.router.match(RequestInfo)`` (HTTPRoute matches, weighted backendRefs,
+   filters) -> a ``DirectResponse`` (redirect, 404 NR, 500) is answered here; a
+   ``RouteDecision`` picks an endpoint with ``inputs.lb`` (no endpoint: 503 UH). Without
+   a router, ``ctx.endpoint`` is the fixed destination (no endpoint either: 404 NR).
+2. the upstream head: URLRewrite / RequestHeaderModifier, hop-by-hop fields stripped
+   (``Upgrade`` kept only for a passed-through WebSocket upgrade; ``Upgrade: h2c`` and
+   ``HTTP2-Settings`` are always gone, so a 101 for h2c cannot happen), ``host`` set to the
+   rewritten authority (``x-forwarded-host`` keeps the original), ``x-forwarded-for`` /
+   ``x-forwarded-proto`` / ``x-request-id``.
+3. an upstream connection from ``inputs.pool`` (idle: synchronous; dial or queue: the
+   request's events wait, reading of the client paused, at most one read held).
+4. bodies are streamed piece by piece as the codecs produce them; mirrors get a copy.
+5. the response head gets ResponseHeaderModifier and hop-by-hop stripping; the end of the
+   response releases the upstream connection, observes the metrics and releases the next
+   pipelined request (``ServerConnection.next_events``) or closes when ``must_close``.
+
+Flow control: reading the client pauses while the upstream's write buffer is above its
+high mark, while the upstream connection is being acquired, and while the codec holds
+too many pipelined requests (``ServerConnection.paused``); reading the upstream pauses
+while the client's write buffer is above its high mark. Memory per connection is bounded
+by the two write buffers plus one read each.
+
+Timers: one periodic tick per connection (every half of the smallest of the three
+timeouts; no timer is created, cancelled or read per request) checks, in turn, the
+header-read timeout (``header_timeout``, from the first byte of a head; 408 SI + close
+when part of a head arrived: slowloris), the stream idle timeout while a request is in
+flight or a connection is upgraded (``stream_idle_timeout``: no byte either way and no
+progress draining the client's buffer -> 408 SI while the request is incomplete, 504 UT
+while waiting for the upstream, a reset once the response started) and the keep-alive
+idle timeout between requests (``idle_timeout``, silent close); each fires at most one
+tick late. The route's ``timeouts.request`` (from the head) and
+``timeouts.backendRequest`` (from the upstream request) are per-request timers, only when
+configured: 504 ``UT``, or a reset once the response has started.
+
+Errors made here (``errors.local_reply`` via the codec): UH no endpoint, UF connect
+failure, UO pool queue full, UT timeout, UC upstream closed/reset before the response,
+UPE upstream protocol error, NR no route, DPE the client broke HTTP (400/431/414/505...,
+then close). After the response started, an upstream failure resets the client (RST),
+so a truncated body is never mistaken for a complete one.
+
+Performance (bench/l7.py, loopback, nginx backend, shared 2-vCPU VM, Python 3.11 +
+uvloop): ~30 us of Python per keep-alive request (codec ~12, header preparation ~2, the
+rest here: routing, LB, pool, metrics, timers), ~50 us of process CPU with the four
+syscalls; HAProxy (nbthread 1) uses ~15 us. Per request nothing allocates a task,
+future or timer unless the request needs one (a dial, a queue slot, a route timeout).
+
+Upgrade (WebSocket): the request keeps ``Upgrade``; a 101 from the upstream switches
+both connections to raw byte relay (half-close passed on), any other answer continues
+HTTP. The upgraded upstream connection never returns to the pool.
+
+Mirrors (``RequestMirror``): fire and forget. Each mirror gets the upstream head (host
+with ``-shadow`` appended, as Envoy and Istio do) and the body as it streams; its
+response is read and dropped. A mirror never holds the main request back: while it is
+connecting at most ``mirror_buffer`` bytes are held for it, and a mirror whose buffer is
+full, whose connection fails, that takes longer than ``mirror_timeout`` or whose request
+will not be read to its end (the client connection closes first) is abandoned. A mirror
+outlives the main exchange when it is slower (its response is still read, then dropped).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from time import perf_counter as _clock  # uvloop's loop.time() counts milliseconds
+
+from nodeagent.proxy.l7.context import ConnContext, L7Inputs
+from nodeagent.proxy.l7.errors import FLAGS
+from nodeagent.proxy.l7.filters import DirectResponse
+from nodeagent.proxy.l7.headers import prepare_request, prepare_response
+from nodeagent.proxy.l7.http1 import (Data, EndOfMessage, LocalProtocolError, ProtocolError, RequestHead,
+                                      ResponseHead, ServerConnection, Upgrade)
+from nodeagent.proxy.l7.lb import LEAST_REQUEST
+from nodeagent.proxy.l7.metrics import NO_FLAGS, UNKNOWN
+from nodeagent.proxy.l7.pool import ConnectFailed, PoolOverflow, UpstreamConn
+from nodeagent.proxy.l7.routing import UNKNOWN_SERVICE, RequestInfo, RouteDecision
+from nodeagent.proxy.relay import RST, _close_transport
+
+log = logging.getLogger(__name__)
+
+LINGER = 2.0  # seconds a closing connection keeps reading so the client gets its reply
+
+# reasons the client connection is not read (bit mask)
+_R_PIPELINE = 1  # the codec holds enough pipelined requests
+_R_UPSTREAM = 2  # waiting for the upstream connection
+_R_UPWRITE = 4  # the upstream's write buffer is full
+
+_T_NONE, _T_HEADER, _T_IDLE, _T_STREAM = 0, 1, 2, 3
+
+
+def serve_http1(transport: asyncio.Transport, first_bytes: bytes, ctx: ConnContext,
+                inputs: L7Inputs) -> "Http1Proxy":
+    """Take over an accepted transport whose first bytes were detected as HTTP/1 (see module doc)."""
+    proto = Http1Proxy(inputs, ctx)
+    transport.set_protocol(proto)
+    proto.connection_made(transport)
+    transport.resume_reading()
+    if first_bytes:
+        proto.data_received(first_bytes)
+    return proto
+
+
+def _rst(transport: asyncio.BaseTransport) -> None:
+    _close_transport(transport, RST)
+
+
+def _write(transport: asyncio.Transport, out: list[bytes]) -> None:
+    if len(out) == 1:
+        transport.write(out[0])
+    elif out:
+        transport.writelines(out)
+
+
+class Http1Proxy(asyncio.Protocol):
+    """The client side of one proxied HTTP/1 connection (the downstream protocol)."""
+
+    __slots__ = ("inputs", "ctx", "loop", "transport", "codec", "ex", "paused", "write_paused",
+                 "timer", "tick_every", "since", "mark", "head_since", "activity", "timer_kind", "closing", "lost", "reported", "raw_up", "raw_eofs", "_labels",
+                 "draining", "requests")
+
+    def __init__(self, inputs: L7Inputs, ctx: ConnContext) -> None:
+        self.inputs = inputs
+        self.ctx = ctx
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.transport: asyncio.Transport | None = None
+        self.codec = ServerConnection()
+        self.ex: _Exchange | None = None
+        self.paused = 0  # _R_* bits
+        self.write_paused = False
+        self.timer: asyncio.TimerHandle | None = None
+        self.tick_every = 1.0
+        self.since = 0.0  # when `mark` last changed
+        self.mark: tuple[int, int] = (-1, -1)  # (activity, client write-buffer size) at the last tick
+        self.head_since = 0.0  # first byte of the head being read
+        self.activity = 0  # bumped by every read on either side and every phase change
+        self.timer_kind = _T_NONE
+        self.closing = False
+        self.lost = False
+        self.reported = False
+        self.raw_up: UpstreamConn | None = None  # after a 101: the upstream of the byte relay
+        self.raw_eofs = 0  # bit 1: client EOF, bit 2: upstream EOF (raw relay)
+        self._labels: dict = {}
+        self.draining = False
+        self.requests = 0
+
+    # ================================================================ asyncio (client side)
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+        self.loop = asyncio.get_running_loop()
+        lim = self.inputs.limits
+        transport.set_write_buffer_limits(lim.write_buffer_high, lim.write_buffer_low)
+        self._start_ticks()
+        self._arm(_T_HEADER)
+
+    def data_received(self, data: bytes) -> None:
+        if self.closing:
+            return  # lingering close: drain and drop
+        self.activity += 1
+        up = self.raw_up
+        if up is not None:
+            up.transport.write(data)
+            return
+        events = self.codec.receive_data(data)
+        if events:
+            self._events(events)
+        elif self.timer_kind == _T_IDLE and self.codec.awaiting_head:
+            self._arm(_T_HEADER)  # the first bytes of the next head: the header clock starts
+        if self.codec.paused and not self.closing:
+            self._pause(_R_PIPELINE)
+
+    def eof_received(self) -> bool:
+        if self.closing:
+            self._close_now()
+            return False
+        up = self.raw_up
+        if up is not None:
+            self.raw_eofs |= 1
+            if self.raw_eofs == 3:
+                self._close_now()
+                return False
+            up.transport.write_eof()
+            return True
+        events = self.codec.receive_eof()
+        if events:
+            self._events(events)
+        ex = self.ex
+        if ex is None or ex.finished:
+            if not self.closing:
+                self._close()
+        return True  # an in-flight exchange may still answer (HTTP allows the client's half-close)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = True
+        self.closing = True
+        self._stop_timer()
+        ex = self.ex
+        if ex is not None:
+            ex.drop_incomplete_mirrors()
+            if not ex.finished:
+                ex.client_gone()
+        up = self.raw_up
+        if up is not None:
+            self.raw_up = None
+            up.owner = None
+            if exc is None:
+                up.transport.close()
+            else:
+                _rst(up.transport)
+        self._maybe_done()
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+        up = self.raw_up
+        if up is not None:
+            up.pause_reading()
+            return
+        ex = self.ex
+        if ex is not None and ex.conn is not None:
+            ex.conn.pause_reading()
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        up = self.raw_up
+        if up is not None:
+            up.resume_reading()
+            return
+        ex = self.ex
+        if ex is not None and ex.conn is not None:
+            ex.conn.resume_reading()
+
+    # ================================================================ control
+    def drain(self) -> None:
+        """Graceful: close now if idle, else after the current response (``connection: close``)."""
+        self.draining = True
+        self.codec.must_close = True
+        ex = self.ex
+        if self.raw_up is None and (ex is None or ex.finished):
+            self._close()
+
+    def abort(self, reason: str = "drain") -> None:
+        """Close everything now (drain deadline, shutdown)."""
+        log.debug("http1: aborting connection from %s: %s", self.ctx.src_ip, reason)
+        if self.lost:
+            return
+        self.closing = True
+        self.transport.abort()  # connection_lost follows and cleans up
+
+    # ================================================================ internals
+    def _pause(self, bit: int) -> None:
+        if not self.paused:
+            self.transport.pause_reading()
+        self.paused |= bit
+
+    def _unpause(self, bits: int) -> None:
+        if not self.paused & bits:
+            return
+        self.paused &= ~bits
+        if not self.paused and not self.closing:
+            self.transport.resume_reading()
+
+    def _arm(self, kind: int) -> None:
+        """Switch the connection's clock to ``kind`` (the tick measures it; see ``_tick``)."""
+        self.timer_kind = kind
+        self.activity += 1  # a new phase: its idle time starts now
+        if kind == _T_HEADER:
+            self.head_since = self.loop.time()
+
+    def _start_ticks(self) -> None:
+        lim = self.inputs.limits
+        limits = [t for t in (lim.header_timeout, lim.idle_timeout, lim.stream_idle_timeout) if t]
+        self.tick_every = max(0.05, min(limits) / 2)
+        self.since = self.loop.time()
+        self.timer = self.loop.call_at(self.since + self.tick_every, self._tick)
+
+    def _stop_timer(self) -> None:
+        self.timer_kind = _T_NONE
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+
+    def _tick(self) -> None:
+        """The connection's one periodic timer (every ``tick_every`` s, half the smallest timeout).
+
+        Per request nothing touches a timer or the clock: reads on either side bump
+        ``activity`` and phase changes set ``timer_kind``. A phase expires when ``activity``
+        (and, while streaming, the client's write-buffer size) did not change for its whole
+        timeout, checked here: at most one tick late. The header timeout counts from the
+        first byte of the head (``head_since``), so trickling bytes cannot extend it.
+        """
+        self.timer = None
+        if self.closing:
+            return
+        now = self.loop.time()
+        kind = self.timer_kind
+        lim = self.inputs.limits
+        if kind == _T_HEADER:
+            if lim.header_timeout and now - self.head_since >= lim.header_timeout:
+                return self._expire_head()
+        elif kind != _T_NONE:
+            mark = (self.activity, self.transport.get_write_buffer_size())
+            if mark != self.mark:
+                self.mark = mark
+                self.since = now
+            else:
+                timeout = lim.idle_timeout if kind == _T_IDLE else lim.stream_idle_timeout
+                if timeout and now - self.since >= timeout:
+                    return self._expire_idle() if kind == _T_IDLE else self._stream_idle()
+        self.timer = self.loop.call_at(now + self.tick_every, self._tick)
+
+    def _expire_head(self) -> None:
+        """Header-read timeout: 408 + close when part of a head arrived (slowloris)."""
+        self.timer_kind = _T_NONE
+        out = self.codec.on_timeout()
+        if out:
+            self.transport.write(out)
+            self._observe_protocol_error(408, "SI")
+        self._close(linger=bool(out))
+
+    def _expire_idle(self) -> None:
+        """Keep-alive idle timeout: a silent close."""
+        self.timer_kind = _T_NONE
+        self.codec.on_timeout()
+        self._close()
+
+    def _stream_idle(self) -> None:
+        """Nothing moved for ``stream_idle_timeout`` (no byte either way, the client's write
+        buffer not draining): end the exchange (408 SI while the request is incomplete, 504
+        UT while waiting for the upstream; a reset once the response started)."""
+        self.timer_kind = _T_NONE
+        if self.raw_up is not None:
+            self.abort("stream idle timeout")
+            return
+        ex = self.ex
+        if ex is not None and not ex.finished:
+            ex.local("UT" if ex.req_done else "SI")
+
+    def _events(self, events: list) -> None:
+        for ev in events:
+            t = type(ev)
+            if t is Data:
+                ex = self.ex
+                if ex is not None:
+                    ex.req_data(ev.data)
+            elif t is RequestHead:
+                self._request(ev)
+            elif t is EndOfMessage:
+                ex = self.ex
+                if ex is not None:
+                    ex.req_end(ev.trailers)
+            elif t is Upgrade:
+                self._raw_start(ev.data)
+            elif t is ProtocolError:
+                self._protocol_error(ev)
+            if self.closing:
+                return
+
+    def _protocol_error(self, ev: ProtocolError) -> None:
+        ex = self.ex
+        if ex is not None and not ex.finished:
+            ex.abandon_upstream()
+        out = self.codec.send_error(ev)
+        if out:
+            self.transport.write(out)
+        if ex is not None and not ex.finished:
+            ex.finish(ev.status if out else 0, ev.flag)
+        elif out:
+            self._observe_protocol_error(ev.status, ev.flag)
+        if out:
+            self._close(linger=True)
+        else:  # the response had started: the client cannot be told; reset
+            self.closing = True
+            _rst(self.transport)
+
+    def _observe_protocol_error(self, status: int, flag: str) -> None:
+        self.inputs.metrics.observe(self.ctx.labels, status, flag, 0.0, 0, 0)
+
+    # ---------------------------------------------------------------- a request
+    def _request(self, head: RequestHead) -> None:
+        self._arm(_T_STREAM)
+        self.requests += 1
+        ex = self.ex = _Exchange(self, head)
+        ctx = self.ctx
+        router = ctx.router
+        if router is None:
+            ep = ctx.endpoint
+            if ep is None:
+                ex.direct(UNKNOWN_SERVICE)
+                return
+            ex.labels = self._labels_for(None, ep)
+            authority = _host(head.headers)
+            had_host = authority is not None
+            if authority is None:
+                authority = b"%s:%d" % (ctx.dst_ip.encode(), ctx.dst_port)
+            ex.dispatch(ep, self._upstream_head(head, head.target, authority, head.headers, None, had_host),
+                        self.inputs.routes.default_pool_limits(), "")
+            return
+        authority = _host(head.headers)
+        had_host = authority is not None
+        if router.producer is None and not router.consumers:
+            d = router.default  # no route attached: skip building the match input
+        else:
+            d = router.match(RequestInfo(head.method, head.target, head.headers, authority or b"", False,
+                                         scheme=ctx.scheme, source_namespace=ctx.source_namespace,
+                                         source_ip=ctx.src_ip, dst_ip=ctx.dst_ip, dst_port=ctx.dst_port))
+        if type(d) is not RouteDecision:
+            ex.direct(d)
+            return
+        ex.decision = d
+        backend = d.backend
+        bal = self.inputs.lb.get(backend)
+        ep = bal.pick(head.headers, ctx.src_ip)
+        if ep is None:
+            ex.labels = self._labels_for(backend, None)
+            ex.local("UH")
+            return
+        if bal.policy == LEAST_REQUEST:  # the only policy that reads in-flight counts
+            ex.balancer = bal
+        ex.labels = self._labels_for(backend, ep)
+        if authority is None:
+            authority = router._authority
+        target, new_auth, headers = d.rewrite_request(head.target, authority, head.headers)
+        ex.arm_timeouts(d.timeouts)
+        if ex.finished:
+            return
+        up_head = self._upstream_head(head, target, new_auth, headers, authority if new_auth != authority else None,
+                                      had_host)
+        if d.mirrors:
+            ex.start_mirrors(d.mirrors, up_head)
+        ex.dispatch(ep, up_head, self.inputs.routes.pool_limits(ctx.table, backend), backend.hostname)
+
+    def _upstream_head(self, head: RequestHead, target: bytes, authority: bytes, headers: list,
+                       forwarded_host: bytes | None, had_host: bool) -> RequestHead:
+        """``forwarded_host``: the original Host when a URLRewrite changed it (then ``host`` is
+        replaced); ``had_host``: the request carried one (HTTP/1.0 may not: it gets ``authority``)."""
+        ctx = self.ctx
+        headers, _rid = prepare_request(headers, client=ctx.src_ip, proto=ctx.scheme, upgrade=head.upgrade is not None,
+                                        forwarded_host=forwarded_host)
+        if forwarded_host is not None or not had_host:
+            headers = [(n, v) for n, v in headers if n != b"host"]
+            headers.insert(0, (b"host", authority))
+        return RequestHead(head.method, target, headers, b"1.1", True, head.content_length, head.chunked,
+                           head.upgrade, head.expect_continue)
+
+    def _labels_for(self, backend, ep):
+        key = (id(backend), id(ep))
+        lab = self._labels.get(key)
+        if lab is None:
+            base = self.ctx.labels
+            service = backend.hostname if backend is not None else base.destination_service
+            if ep is not None and ep.workload:
+                wl, ns = ep.workload, ep.namespace
+            elif backend is not None:
+                wl, ns = UNKNOWN, backend.service.namespace
+            else:
+                wl, ns = base.destination_workload, base.destination_namespace
+            lab = self._labels[key] = base._replace(destination_service=service, destination_workload=wl,
+                                                    destination_namespace=ns)
+        return lab
+
+    def _exchange_done(self, ex: "_Exchange") -> None:
+        """The response to ``ex`` ended (or was given up): close, or serve the next request."""
+        if self.lost:
+            self._maybe_done()
+            return
+        if self.paused & (_R_UPSTREAM | _R_UPWRITE):
+            self._unpause(_R_UPSTREAM | _R_UPWRITE)
+        if self.raw_up is not None:
+            return
+        codec = self.codec
+        if codec.must_close or self.draining:
+            self._close()
+            return
+        events = codec.next_events()
+        if events:
+            self._events(events)
+        if self.ex is ex and not self.closing:  # nothing pipelined: wait for the next head
+            self._arm(_T_HEADER if codec.partial_head else _T_IDLE)
+        if not codec.paused:
+            self._unpause(_R_PIPELINE)
+
+    def _close(self, linger: bool = False) -> None:
+        """Close after the buffered reply is flushed (``linger``: the client may still send).
+
+        When the client may still be sending (its request was not read to the end, or reading
+        was paused with bytes possibly queued in the kernel), closing at once would make the
+        kernel answer those bytes with a RST that can destroy the reply in flight: then only
+        our side is shut down and the rest is read and dropped for up to ``LINGER`` seconds
+        (nginx's lingering close).
+        """
+        if self.closing:
+            return
+        self.closing = True
+        self._stop_timer()
+        ex = self.ex
+        if ex is not None:
+            ex.drop_incomplete_mirrors()  # the rest of the request will not be read
+        unread = linger or self.paused or (ex is not None and not ex.req_done) or self.codec.partial_head
+        if self.paused:
+            self.paused = 0
+            self.transport.resume_reading()  # read and drop what the client still sends
+        if not unread or self.codec.eof_received or not self.transport.can_write_eof():
+            self.transport.close()
+            return
+        self.transport.write_eof()
+        self.timer = self.loop.call_later(LINGER, self._close_now)
+
+    def _close_now(self) -> None:
+        self.timer = None
+        self.closing = True
+        self.transport.close()
+
+    def _maybe_done(self) -> None:
+        if self.reported or not self.lost:
+            return
+        ex = self.ex
+        if ex is not None and not ex.finished:
+            return
+        self.reported = True
+        self.ex = None
+        try:
+            self.ctx.on_done(self)
+        except Exception:  # the listener's bookkeeping must not break the loop
+            log.exception("http1: on_done callback failed")
+
+    # ---------------------------------------------------------------- upgrade
+    def _raw_start(self, tail: bytes) -> None:
+        """The client side of a 101: from now on the connection is a byte relay."""
+        up = self.raw_up
+        if up is None:  # cannot happen: the exchange sets raw_up before the codec releases Upgrade
+            self._close()
+            return
+        if tail:
+            up.transport.write(tail)
+        self._unpause(_R_PIPELINE | _R_UPSTREAM | _R_UPWRITE)
+
+    def raw_from_upstream(self, data: bytes) -> None:
+        self.activity += 1
+        self.transport.write(data)
+
+    def raw_upstream_eof(self) -> None:
+        self.raw_eofs |= 2
+        if self.raw_eofs == 3:
+            self._close_now()
+        else:
+            self.transport.write_eof()
+
+    def raw_upstream_lost(self, exc: Exception | None) -> None:
+        self.raw_up = None
+        if self.lost:
+            return
+        self.closing = True
+        if exc is None:
+            self.transport.close()
+        else:
+            _rst(self.transport)
+
+
+def _host(headers: list) -> bytes | None:
+    for n, v in headers:
+        if n == b"host":
+            return v
+    return None
+
+
+class _Exchange:
+    """One request/response through the proxy; the owner of its upstream connection."""
+
+    __slots__ = ("down", "head", "decision", "balancer", "endpoint", "conn", "fut", "pending", "started",
+                 "req_bytes", "resp_bytes", "status", "flag", "timer", "btimer", "backend_timeout",
+                 "finished", "req_done", "mirrors", "labels", "up_head")
+
+    def __init__(self, down: Http1Proxy, head: RequestHead) -> None:
+        self.down = down
+        self.head = head
+        self.decision: RouteDecision | None = None
+        self.balancer = None  # set when the balancer counts requests in flight (least request)
+        self.endpoint = None
+        self.conn: UpstreamConn | None = None
+        self.fut: asyncio.Future | None = None
+        self.pending: list | None = None  # request events waiting for the upstream connection
+        self.started = _clock()
+        self.req_bytes = 0
+        self.resp_bytes = 0
+        self.status = 0
+        self.flag = NO_FLAGS
+        self.timer: asyncio.TimerHandle | None = None
+        self.btimer: asyncio.TimerHandle | None = None
+        self.backend_timeout = 0.0
+        self.finished = False
+        self.req_done = False
+        self.mirrors: list[_Mirror] | None = None
+        self.labels = down.ctx.labels
+        self.up_head: RequestHead | None = None
+
+    # ---------------------------------------------------------------- setup
+    def arm_timeouts(self, timeouts) -> None:
+        req, be = timeouts.request, timeouts.backend_request
+        if req:
+            self.timer = self.down.loop.call_later(req, self.on_timeout)
+        if be:
+            self.backend_timeout = be
+
+    def dispatch(self, ep, up_head: RequestHead, limits, service: str) -> None:
+        self.endpoint = ep
+        self.up_head = up_head
+        down = self.down
+        try:
+            r = down.inputs.pool.acquire(ep, limits, self, service, down.ctx)
+        except PoolOverflow as exc:
+            self.local("UO", None, str(exc))
+            return
+        if type(r) is UpstreamConn:
+            self._attach(r)
+            return
+        self.fut = r
+        self.pending = []
+        down._pause(_R_UPSTREAM)
+        r.add_done_callback(self._on_conn)
+
+    def _on_conn(self, fut: asyncio.Future) -> None:
+        if fut.cancelled():
+            return
+        exc = fut.exception()
+        if self.finished:
+            if exc is None:
+                self.down.inputs.pool.release(fut.result())
+            return
+        self.fut = None
+        if exc is not None:
+            flag = getattr(exc, "flag", "UF")
+            self.local(flag, None, str(exc) if isinstance(exc, (ConnectFailed, PoolOverflow)) else None)
+            return
+        conn = fut.result()
+        if conn.closed:  # closed between being handed over and this callback
+            self.local("UC", 503, "upstream closed the connection before the request was sent")
+            return
+        self._attach(conn)
+        down = self.down
+        if not self.finished and not down.closing:
+            down._unpause(_R_UPSTREAM)
+
+    def _attach(self, conn: UpstreamConn) -> None:
+        conn.owner = self
+        self.conn = conn
+        if self.balancer is not None:
+            self.balancer.on_request_start(self.endpoint)
+        if self.backend_timeout:
+            self.btimer = self.down.loop.call_later(self.backend_timeout, self.on_timeout)
+        codec = conn.codec
+        try:
+            out = [codec.send_request(self.up_head)]
+        except LocalProtocolError as exc:  # a filter produced an invalid head
+            log.warning("http1: cannot forward request: %s", exc)
+            self.local("UPE", 500, "invalid request after filters")
+            return
+        pending, self.pending = self.pending, None
+        if pending:
+            for kind, value in pending:
+                out.append(codec.send_data(value) if kind else codec.send_end(value))
+        _write(conn.transport, out)
+        if self.down.write_paused:
+            conn.pause_reading()
+
+    def start_mirrors(self, backends, up_head: RequestHead) -> None:
+        down = self.down
+        for backend in backends:
+            ep = down.inputs.lb.get(backend).pick(up_head.headers, down.ctx.src_ip)
+            if ep is None:
+                continue
+            host = _host(up_head.headers) or b""
+            headers = [(n, v) for n, v in up_head.headers if n != b"host"]
+            headers.insert(0, (b"host", host + b"-shadow"))
+            m = _Mirror(down, RequestHead(up_head.method, up_head.target, headers, b"1.1", True,
+                                          up_head.content_length, up_head.chunked, None, False))
+            if self.mirrors is None:
+                self.mirrors = []
+            self.mirrors.append(m)
+            m.start(ep, down.inputs.routes.pool_limits(down.ctx.table, backend), backend.hostname)
+
+    def drop_incomplete_mirrors(self) -> None:
+        if self.mirrors and not self.req_done:
+            for m in self.mirrors:
+                m.kill()
+
+    # ---------------------------------------------------------------- request body (from the client)
+    def req_data(self, data: bytes) -> None:
+        self.req_bytes += len(data)
+        if self.mirrors:  # even after a local reply: a mirror gets the whole request or is killed
+            for m in self.mirrors:
+                m.data(data)
+        if self.finished:
+            return
+        conn = self.conn
+        if conn is not None:
+            conn.transport.write(conn.codec.send_data(data))
+        elif self.pending is not None:
+            self.pending.append((True, data))
+
+    def req_end(self, trailers) -> None:
+        self.req_done = True
+        if self.mirrors:
+            for m in self.mirrors:
+                m.end(trailers)
+        if self.finished:
+            return
+        conn = self.conn
+        if conn is not None:
+            out = conn.codec.send_end(trailers)
+            if out:
+                conn.transport.write(out)
+        elif self.pending is not None:
+            self.pending.append((False, trailers))
+
+    # ---------------------------------------------------------------- upstream events
+    def up_events(self, conn: UpstreamConn, events: list) -> None:
+        down = self.down
+        down.activity += 1
+        codec = down.codec
+        out: list[bytes] = []
+        for ev in events:
+            t = type(ev)
+            if t is Data:
+                self.resp_bytes += len(ev.data)
+                out.append(codec.send_data(ev.data))
+            elif t is ResponseHead:
+                out.append(self._response_head(ev))
+            elif t is EndOfMessage:
+                end = codec.send_end(ev.trailers)
+                if end:
+                    out.append(end)
+                _write(down.transport, out)
+                self._done_ok()
+                return
+            elif t is Upgrade:
+                if ev.data:
+                    out.append(ev.data)
+                _write(down.transport, out)
+                self._upgraded(conn)
+                return
+            elif t is ProtocolError:
+                _write(down.transport, out)
+                self.local(ev.flag, ev.status, ev.reason)
+                return
+        _write(down.transport, out)
+
+    def _response_head(self, ev: ResponseHead) -> bytes:
+        status = ev.status
+        if status >= 200:
+            self.status = status
+            headers = prepare_response(ev.headers)
+            d = self.decision
+            if d is not None and d.filters.response_ops:
+                headers = d.rewrite_response_headers(headers)
+        else:
+            headers = prepare_response(ev.headers, upgrade=status == 101)
+            if status == 101:
+                self.status = 101
+        ev.headers = headers
+        return self.down.codec.send_response(ev)
+
+    def _upgraded(self, conn: UpstreamConn) -> None:
+        down = self.down
+        conn.raw = True
+        conn.ep_pool.forget(conn)  # never back to the pool
+        conn.owner = _RawUpstream(down)
+        self.conn = None
+        down.raw_up = conn
+        self.finish(101, NO_FLAGS)
+        if down.write_paused:
+            conn.pause_reading()
+        down._events(down.codec.next_events())  # -> Upgrade(tail): the client's held bytes
+
+    def up_raw(self, conn, data) -> None:  # pragma: no cover - raw connections have a _RawUpstream owner
+        conn.close()
+
+    up_raw_eof = up_raw
+
+    def up_lost(self, conn: UpstreamConn, exc: Exception | None) -> None:
+        if self.finished or conn is not self.conn:
+            return
+        self.conn = None
+        self.local("UC", 503, "upstream connection reset before the response" if exc is not None
+                   else "upstream closed the connection before responding")
+
+    def up_pause_writing(self, conn: UpstreamConn) -> None:
+        self.down._pause(_R_UPWRITE)
+
+    def up_resume_writing(self, conn: UpstreamConn) -> None:
+        self.down._unpause(_R_UPWRITE)
+
+    # ---------------------------------------------------------------- outcomes
+    def direct(self, d: DirectResponse) -> None:
+        """Answer a routing decision that is not a forward: a redirect or an error."""
+        codec = self.down.codec
+        if d.location is not None:
+            out = codec.send_response(ResponseHead(d.status, list(d.headers), content_length=0))
+            out += codec.send_end()
+            self.down.transport.write(out)
+            self.finish(d.status, NO_FLAGS)
+            return
+        self.local(d.flag, d.status, d.message or None)
+
+    def local(self, flag: str, status: int | None = None, message: str | None = None) -> None:
+        """A proxy-made error response (or a reset once the response has started)."""
+        if self.finished:
+            return
+        self.abandon_upstream()
+        down = self.down
+        codec = down.codec
+        if down.lost:
+            self.finish(0, flag)
+            return
+        if codec.response_started:
+            self.finish(0, flag)
+            down.closing = True
+            _rst(down.transport)
+            return
+        out = codec.send_local_reply(flag, status, message)
+        down.transport.write(out)
+        self.finish(status if status is not None else FLAGS[flag].status, flag)
+
+    def on_timeout(self) -> None:
+        self.timer = self.btimer = None
+        self.local("UT")
+
+    def client_gone(self) -> None:
+        """The client connection closed or reset mid-exchange."""
+        self.abandon_upstream()
+        self.finish(0 if not self.status else self.status, "DC")
+
+    def abandon_upstream(self) -> None:
+        fut, self.fut = self.fut, None
+        if fut is not None:
+            fut.cancel()
+        conn, self.conn = self.conn, None
+        if conn is not None:
+            if self.balancer is not None:
+                self.balancer.on_request_end(self.endpoint)
+                self.balancer = None
+            self.down.inputs.pool.discard(conn)
+
+    def _done_ok(self) -> None:
+        conn, self.conn = self.conn, None
+        if self.balancer is not None:
+            self.balancer.on_request_end(self.endpoint)
+            self.balancer = None
+        if conn is not None:
+            self.down.inputs.pool.release(conn)
+        self.finish(self.status, self.flag)
+
+    def finish(self, status: int, flag: str) -> None:
+        if self.finished:
+            return
+        self.finished = True
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        if self.btimer is not None:
+            self.btimer.cancel()
+            self.btimer = None
+        down = self.down
+        down.inputs.metrics.observe(self.labels, status, flag, _clock() - self.started,
+                                    self.req_bytes, self.resp_bytes)
+        down._exchange_done(self)
+
+
+class _RawUpstream:
+    """The owner of an upgraded upstream connection: forwards to the client as bytes."""
+
+    __slots__ = ("down",)
+
+    def __init__(self, down: Http1Proxy) -> None:
+        self.down = down
+
+    def up_raw(self, conn, data: bytes) -> None:
+        self.down.raw_from_upstream(data)
+
+    def up_raw_eof(self, conn) -> None:
+        self.down.raw_upstream_eof()
+
+    def up_events(self, conn, events) -> None:  # pragma: no cover - raw connections are not parsed
+        pass
+
+    def up_lost(self, conn, exc) -> None:
+        self.down.raw_upstream_lost(exc)
+
+    def up_pause_writing(self, conn) -> None:
+        self.down._pause(_R_UPWRITE)
+
+    def up_resume_writing(self, conn) -> None:
+        self.down._unpause(_R_UPWRITE)
+
+
+class _Mirror:
+    """A fire-and-forget copy of one request; never affects the main exchange."""
+
+    __slots__ = ("down", "head", "conn", "fut", "pending", "held", "dead", "timer")
+
+    def __init__(self, down: Http1Proxy, head: RequestHead) -> None:
+        self.down = down
+        self.head = head
+        self.conn: UpstreamConn | None = None
+        self.fut: asyncio.Future | None = None
+        self.pending: list | None = []
+        self.held = 0
+        self.dead = False
+        self.timer: asyncio.TimerHandle | None = None
+
+    def start(self, ep, limits, service: str) -> None:
+        down = self.down
+        self.timer = down.loop.call_later(down.inputs.limits.mirror_timeout, self.kill)
+        try:
+            r = down.inputs.pool.acquire(ep, limits, self, service, down.ctx)
+        except PoolOverflow:
+            self.kill()
+            return
+        if type(r) is UpstreamConn:
+            self._attach(r)
+        else:
+            self.fut = r
+            r.add_done_callback(self._on_conn)
+
+    def _on_conn(self, fut: asyncio.Future) -> None:
+        if fut.cancelled():
+            return
+        if fut.exception() is not None:
+            self.fut = None
+            self.kill()
+            return
+        conn = fut.result()
+        if self.dead:
+            self.down.inputs.pool.release(conn)
+            return
+        self.fut = None
+        if conn.closed:
+            self.kill()
+            return
+        self._attach(conn)
+
+    def _attach(self, conn: UpstreamConn) -> None:
+        conn.owner = self
+        self.conn = conn
+        codec = conn.codec
+        try:
+            out = [codec.send_request(self.head)]
+            pending, self.pending = self.pending, None
+            for kind, value in pending:
+                out.append(codec.send_data(value) if kind else codec.send_end(value))
+        except LocalProtocolError:
+            self.kill()
+            return
+        _write(conn.transport, out)
+
+    def data(self, data: bytes) -> None:
+        if self.dead:
+            return
+        conn = self.conn
+        if conn is None:
+            self.held += len(data)
+            if self.held > self.down.inputs.limits.mirror_buffer:
+                self.kill()
+                return
+            self.pending.append((True, data))
+            return
+        if conn.transport.get_write_buffer_size() > self.down.inputs.limits.write_buffer_high:
+            self.kill()  # a slow mirror must never hold the main request back
+            return
+        conn.transport.write(conn.codec.send_data(data))
+
+    def end(self, trailers) -> None:
+        if self.dead:
+            return
+        conn = self.conn
+        if conn is None:
+            self.pending.append((False, trailers))
+            return
+        out = conn.codec.send_end(trailers)
+        if out:
+            conn.transport.write(out)
+
+    def up_events(self, conn, events) -> None:
+        for ev in events:
+            t = type(ev)
+            if t is EndOfMessage:
+                self.conn = None
+                self._stop_timer()
+                self.dead = True
+                self.down.inputs.pool.release(conn)
+                return
+            if t is ProtocolError or t is Upgrade:
+                self.kill()
+                return
+
+    def up_raw(self, conn, data) -> None:  # pragma: no cover - mirrors never upgrade
+        self.kill()
+
+    up_raw_eof = up_raw
+
+    def up_lost(self, conn, exc) -> None:
+        self.conn = None
+        self.kill()
+
+    def up_pause_writing(self, conn) -> None:
+        self.kill()
+
+    def up_resume_writing(self, conn) -> None:
+        pass
+
+    def _stop_timer(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+
+    def kill(self) -> None:
+        """Abandon the mirror (its failure is nobody's problem)."""
+        self.dead = True
+        self._stop_timer()
+        self.pending = None
+        fut, self.fut = self.fut, None
+        if fut is not None:
+            fut.cancel()
+        conn, self.conn = self.conn, None
+        if conn is not None:
+            self.down.inputs.pool.discard(conn)
+
+
+class _Accept(asyncio.Protocol):
+    """Accept side of ``listen_http1``: hands each connection to ``serve_http1``."""
+
+    __slots__ = ("inputs", "snapshot", "dst", "reporter", "on_done")
+
+    def __init__(self, inputs: L7Inputs, snapshot, dst: tuple[str, int], reporter: str, on_done) -> None:
+        self.inputs = inputs
+        self.snapshot = snapshot
+        self.dst = dst
+        self.reporter = reporter
+        self.on_done = on_done
+
+    def connection_made(self, transport) -> None:
+        peer = transport.get_extra_info("peername")
+        ctx = ConnContext.for_connection(self.inputs, self.snapshot(), src_ip=peer[0] if peer else "",
+                                         dst_ip=self.dst[0], dst_port=self.dst[1], reporter=self.reporter,
+                                         on_done=self.on_done)
+        serve_http1(transport, b"", ctx, self.inputs)
+
+
+async def listen_http1(inputs: L7Inputs, snapshot, host: str, port: int, *, dst: tuple[str, int],
+                       reporter: str = "source", on_done=lambda driver: None, backlog: int = 1024):
+    """A plain HTTP/1 listener that treats every connection as captured for ``dst`` (a Service
+    VIP:port of ``snapshot()``): the driver without capture, for tests and benchmarks."""
+    loop = asyncio.get_running_loop()
+    return await loop.create_server(lambda: _Accept(inputs, snapshot, dst, reporter, on_done), host, port,
+                                    backlog=backlog, reuse_address=True)
