@@ -74,3 +74,48 @@ def mesh_lab(request):
         yield the_lab
     finally:
         the_lab.down()
+
+
+# ---------------------------------------------------------------- the rotation soak
+# tests/test_zz_rotation_soak.py checks ten minutes of certificate rotation under traffic.
+# Its lab runs in a process started as soon as the test is collected, so those minutes
+# overlap the rest of the suite instead of adding to it; the test (collected last) waits
+# for the summary. The process removes its lab on SIGTERM, sent if the suite ends first.
+
+SOAK_FILE = "test_zz_rotation_soak.py"
+SOAK_SECONDS = float(os.environ.get("HOSTMESH_SOAK_SECONDS", "600"))
+_soak_key = pytest.StashKey[dict]()
+
+
+def pytest_collection_modifyitems(session, config, items) -> None:
+    if os.geteuid() != 0 or not any(Path(str(item.fspath)).name == SOAK_FILE for item in items):
+        return
+    import subprocess
+    import tempfile
+
+    out = Path(tempfile.mkdtemp(prefix="hostmesh-soak-")) / "summary.json"
+    log = open(out.with_name("soak.log"), "wb")
+    proc = subprocess.Popen([sys.executable, "-m", "tests.soak_rotation", "--out", str(out),
+                             "--seconds", str(SOAK_SECONDS)], cwd=Path(__file__).resolve().parent.parent,
+                            stdin=subprocess.DEVNULL, stdout=log, stderr=log)
+    config.stash[_soak_key] = {"proc": proc, "out": out, "log": log}
+
+
+def soak_run(config) -> dict | None:
+    return config.stash.get(_soak_key, None)
+
+
+def pytest_unconfigure(config) -> None:
+    run = config.stash.get(_soak_key, None)
+    if run is None:
+        return
+    proc = run["proc"]
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=60)
+        except Exception:
+            proc.kill()
+    run["log"].close()
+    import shutil
+    shutil.rmtree(run["out"].parent, ignore_errors=True)
