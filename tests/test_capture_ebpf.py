@@ -55,6 +55,7 @@ def _c_struct_fields(header: str, name: str) -> list[str]:
 @pytest.mark.parametrize("cname, ctype", [
     ("hm_config", m.HmConfig), ("hm_cidr_key", m.HmCidrKey), ("hm_tuple", m.HmTuple),
     ("hm_origdst", m.HmOrigdst), ("hm_meta", m.HmMeta), ("hm_attachment", m.HmAttachment),
+    ("hm_sock_key", m.HmSockKey),
 ])
 def test_ctypes_mirror_matches_the_c_header(cname, ctype):
     header = (BPF_DIR / "lib" / "hostmesh.h").read_text()

@@ -15,7 +15,7 @@
 #define HOSTMESH_H
 
 /* bumped whenever a struct below changes shape; stored in the pinned hm_meta map */
-#define HM_LAYOUT_VERSION 1
+#define HM_LAYOUT_VERSION 2
 
 /* hm_config.flags */
 #define HM_F_OUTBOUND 0x1      /* cgroup/connect4 redirects mesh destinations to the proxy */
@@ -56,6 +56,18 @@ struct hm_origdst {
 	__u16 _pad;
 };
 
+/* hm_socks key: one end of a TCP connection as that socket sees it (local, remote). The peer
+ * socket of a same-node pair is found under the reversed key. No netns cookie in the key: the
+ * two ends of a pair live in different namespaces (pod, node) and each must compute the
+ * other's key from its own tuple; uniqueness comes from what is inserted (every key has the
+ * proxy's address or a local pod's unique address on one side, see bpf/sockops_accel.c). */
+struct hm_sock_key {
+	__u32 local_ip4;
+	__u32 remote_ip4;
+	__u16 local_port;         /* network order */
+	__u16 remote_port;        /* network order */
+};
+
 /* the single entry of the hm_meta array map: what built the pinned programs */
 struct hm_meta {
 	__u32 layout;             /* HM_LAYOUT_VERSION */
@@ -85,6 +97,11 @@ enum hm_counter {
 	HM_C_INBOUND_NO_LISTENER,    /* ... no listener: dropped (fail closed) */
 	HM_C_INBOUND_ERROR,          /* ... bpf_sk_assign failed: dropped */
 	HM_C_INBOUND_ESTABLISHED,    /* tc routed a packet of an intercepted connection locally */
+	HM_C_ACCEL_INSERTED,         /* sockops put a same-node socket into hm_socks */
+	HM_C_ACCEL_INSERT_ERROR,     /* ... the kernel refused it (map full, ...): it stays on TCP/IP */
+	HM_C_ACCEL_REDIRECTED,       /* sk_msg handed a message straight to the peer socket */
+	HM_C_ACCEL_REDIRECTED_BYTES, /* ... bytes of those messages */
+	HM_C_ACCEL_PASSED,           /* sk_msg found no peer in hm_socks: the message took TCP/IP */
 	HM_C_MAX,
 };
 

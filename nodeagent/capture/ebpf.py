@@ -81,6 +81,7 @@ from nodeagent.capture import ebpf_maps as m
 from nodeagent.capture import netns as nsmod
 from nodeagent.capture.base import Capture, CaptureSpec, CaptureStatus
 from nodeagent.capture.ebpf_loader import (
+    CGROUP_PROGRAMS,
     PIN_ROOT,
     PROGRAMS,
     BpfLoader,
@@ -103,6 +104,10 @@ SO_COOKIE = 57
 SO_NETNS_COOKIE = 71
 # attached to every capture cgroup (the agent's own cgroup gets only getsockopt)
 CAPTURE_PROGRAMS = ("connect4", "connect6", "sockops")
+# same-node acceleration (spec.accelerate): sockops_accel on the capture cgroups and the agent's
+# cgroup, sk_msg on the hm_socks sockhash
+ACCEL_PROGRAM = "sockops_accel"
+ACCEL_MSG_PROGRAM = "sk_msg"
 
 
 def netns_cookie(netns: str | None) -> int:
@@ -302,6 +307,7 @@ class EbpfCapture(Capture):
                             ld.attach_cgroup(cg, key)
                     if proxy:
                         ld.attach_cgroup(proxy, "getsockopt")
+                    self._reconcile_acceleration(ld, cgroups, proxy)
                     keep = set(cgroups) | ({proxy} if proxy else set())
                     for path in ld.registered_cgroups():
                         if path not in keep:
@@ -322,10 +328,58 @@ class EbpfCapture(Capture):
             self.notes = [] if proxy else [
                 "the agent runs in the root cgroup (or none is known): cgroup/getsockopt is not attached there, "
                 "the original destination is read from the map by the agent"]
+            if self.spec.accelerate and not proxy:
+                self.notes.append("acceleration is on but the agent runs in the root cgroup: the proxy's sockets "
+                                  "cannot be put into hm_socks, so nothing is accelerated")
             self._open_runtime()
             self.last_status = CaptureStatus(ok=True, problems=[], checked_at=time.time())
             log.info("eBPF capture installed", extra={"instance": self.instance, "programs": self.how_loaded,
                                                       "cgroups": len(cgroups)})
+
+    def _accelerating(self, proxy: str | None) -> bool:
+        """Acceleration needs the proxy's sockets in hm_socks: sockops on the agent's own cgroup."""
+        return self.spec.accelerate and proxy is not None
+
+    def _reconcile_acceleration(self, ld: BpfLoader, cgroups: list[str], proxy: str | None) -> None:
+        """On: sockops_accel on the capture cgroups and the agent's, sk_msg on hm_socks. Off: none
+        of it anywhere (an earlier agent may have switched it on)."""
+        targets = cgroups + ([proxy] if proxy else [])
+        if self._accelerating(proxy):
+            ld.attach_sockmap(ACCEL_MSG_PROGRAM)  # first, so every inserted socket gets it
+            for cg in targets:
+                ld.attach_cgroup(cg, ACCEL_PROGRAM)
+            return
+        for cg in set(targets) | set(ld.registered_cgroups()):
+            ld.detach_program(cg, ACCEL_PROGRAM)
+        ld.detach_sockmap(ACCEL_MSG_PROGRAM)
+
+    def _verify_acceleration(self, ld: BpfLoader) -> list[str]:
+        proxy = self.proxy_cgroup()
+        targets = self.capture_cgroups() + ([proxy] if proxy else [])
+        p = PROGRAMS[ACCEL_PROGRAM]
+        problems = []
+        on = self._accelerating(proxy)
+        for cg in targets:
+            ids = [pid for pid, name in ld.attached(cg, p.attach_type) if name == p.func]
+            if on and ld.prog_ids[ACCEL_PROGRAM] not in ids:
+                problems.append(f"{p.func} is not attached to {cg} (acceleration is on)")
+            if not on and ids:
+                problems.append(f"{p.func} is attached to {cg} but acceleration is off")
+        msg = ld.sockmap_attached(ACCEL_MSG_PROGRAM)
+        if on and msg != [ld.prog_ids[ACCEL_MSG_PROGRAM]]:
+            problems.append(f"hm_sk_msg is not (the only program) attached to hm_socks (have {msg})")
+        if not on and msg:
+            problems.append(f"programs {msg} are attached to hm_socks but acceleration is off")
+        return problems
+
+    def acceleration_view(self, ld: BpfLoader) -> dict[str, Any]:
+        """For /capture: switched on?, what is attached, how many sockets are in hm_socks now."""
+        limit = 4096
+        n = ld.maps["hm_socks"].count(limit)
+        return {"enabled": self._accelerating(self.proxy_cgroup()), "requested": self.spec.accelerate,
+                "sk_msg_attached": ld.sockmap_attached(ACCEL_MSG_PROGRAM),
+                "sockets": n if n < limit else f">={limit}",
+                "pending_peers": ld.maps["hm_pending"].count(limit)}
 
     def _install_in_netns(self, ld: BpfLoader) -> None:
         ifaces = self.inbound_interfaces()
@@ -440,6 +494,10 @@ class EbpfCapture(Capture):
                     except OSError as exc:
                         errors.append(f"detach from {cg}: {exc}")
                 try:
+                    ld.detach_sockmap(ACCEL_MSG_PROGRAM)  # unpinning would release it too; be explicit
+                except OSError as exc:
+                    errors.append(f"detach sk_msg from hm_socks: {exc}")
+                try:
                     self._in_netns(self._remove_in_netns, ld)
                 except (OSError, CaptureError) as exc:
                     errors.append(str(exc))
@@ -503,6 +561,7 @@ class EbpfCapture(Capture):
         if proxy and not any(pid == ld.prog_ids["getsockopt"]
                              for pid, _ in ld.attached(proxy, PROGRAMS["getsockopt"].attach_type)):
             problems.append(f"hm_getsockopt is not attached to the agent's cgroup {proxy}")
+        problems += self._verify_acceleration(ld)
         problems += self._in_netns(self._verify_in_netns, ld)
         return problems
 
@@ -560,14 +619,14 @@ class EbpfCapture(Capture):
                 for cg in sorted(set(ld.registered_cgroups())):
                     if not os.path.isdir(cg):
                         continue
-                    attachments[cg] = sorted(name for at, p in ((p.attach_type, p) for p in PROGRAMS.values()
-                                                               if p.attach_type >= 0)
-                                             for _pid, name in ld.attached(cg, at) if name == p.func)
+                    attachments[cg] = sorted(name for p in CGROUP_PROGRAMS.values()
+                                             for _pid, name in ld.attached(cg, p.attach_type) if name == p.func)
                 info["attachments"] = attachments
                 info["tc"] = self._in_netns(ld.tc_interfaces)
                 rules, routes = self._in_netns(_routing_state)
                 info["policy_routing"] = {"rules": rules, "routes": routes}
                 info["counters"] = ld.counters()
+                info["acceleration"] = self.acceleration_view(ld)
                 info["inbound_listener"] = self._in_netns(self.listener_status)
                 info["entries"] = {"mesh": sorted(m.cidr_text(k) for k in ld.maps["hm_mesh"].keys()),
                                    "pods": sorted(m.cidr_text(k) for k in ld.maps["hm_pods"].keys())}
