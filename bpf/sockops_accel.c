@@ -96,6 +96,8 @@ int hm_sock_accel(struct bpf_sock_ops *skops)
 		return 1;
 	}
 	count(HM_C_ACCEL_INSERTED);
+	struct hm_flow fresh = {};
+	hm_flows.update(&k, &fresh); /* a reused tuple starts over */
 	if (active)
 		expect_peer(&k);
 	return 1;

@@ -230,6 +230,8 @@ def cmd_lab(args) -> int:
 
 
 def lab_up(args, labmod) -> int:
+    if args.accelerate and args.capture == "iptables":
+        raise CliError("--accelerate needs --capture ebpf (or auto): only the eBPF backend accelerates")
     lab = labmod.Lab(args.name)
     lab.accelerate = args.accelerate  # read by meshlab.mesh.agent_bootstrap
     status = lab.up(args.nodes, args.pods_per_node, apps=not args.no_apps, capture=args.capture if args.mesh else None)

@@ -55,7 +55,7 @@ def _c_struct_fields(header: str, name: str) -> list[str]:
 @pytest.mark.parametrize("cname, ctype", [
     ("hm_config", m.HmConfig), ("hm_cidr_key", m.HmCidrKey), ("hm_tuple", m.HmTuple),
     ("hm_origdst", m.HmOrigdst), ("hm_meta", m.HmMeta), ("hm_attachment", m.HmAttachment),
-    ("hm_sock_key", m.HmSockKey),
+    ("hm_sock_key", m.HmSockKey), ("hm_flow", m.HmFlow),
 ])
 def test_ctypes_mirror_matches_the_c_header(cname, ctype):
     header = (BPF_DIR / "lib" / "hostmesh.h").read_text()
@@ -163,11 +163,11 @@ def _pins_of(lab: Lab) -> list[str]:
         return []
 
 
-@pytest.fixture(scope="module")
-def L():
+def _ebpf_lab(accelerate: bool):
+    """A 2x2 lab with eBPF agents; always removed, pins included."""
     require_root("the eBPF lab")
     lab = Lab(unique_lab_name())
-    lab.capture = "ebpf"
+    lab.capture, lab.accelerate = "ebpf", accelerate
     try:
         lab.up(2, 2, capture="ebpf")
         yield lab
@@ -180,6 +180,11 @@ def L():
             for inst in _pins_of(lab):
                 BpfLoader(inst).unpin_all()
                 logging.getLogger(__name__).warning("unpinned %s after lab down (agent was SIGKILLed)", inst)
+
+
+@pytest.fixture(scope="module")
+def L():
+    yield from _ebpf_lab(accelerate=False)
 
 
 def capture_view(lab: Lab, node: str) -> dict:
@@ -479,19 +484,8 @@ print("done", flush=True)
 
 @pytest.fixture(scope="module")
 def LA():
-    """A 2x2 lab whose eBPF agents accelerate same-node pairs; always removed (pins too)."""
-    require_root("the accelerated eBPF lab")
-    lab = Lab(unique_lab_name())
-    lab.capture, lab.accelerate = "ebpf", True
-    try:
-        lab.up(2, 2, capture="ebpf")
-        yield lab
-    finally:
-        try:
-            lab.down()
-        finally:
-            for inst in _pins_of(lab):
-                BpfLoader(inst).unpin_all()
+    """The eBPF lab with same-node acceleration on."""
+    yield from _ebpf_lab(accelerate=True)
 
 
 def socks(lab: Lab, node: str) -> set[str]:
@@ -591,8 +585,11 @@ def test_only_the_same_node_legs_of_a_remote_connection_are_accelerated(LA):
 
 @pytest.mark.lab
 def test_half_close_and_bulk_through_two_accelerated_legs(LA):
-    """Same node end to end (pod-1 -> proxy -> pod-2): every byte of the request and of the
-    reply sent after EOF goes through sk_msg; FIN still travels over TCP behind them."""
+    """Same node end to end (pod-1 -> proxy -> pod-2), more bytes than the redirect budget:
+    each socket hands its first ACCEL_BUDGET bytes to its peer, then continues over TCP/IP,
+    and the streams stay byte-identical across that switch; the reply after EOF arrives
+    (FIN travels over TCP behind the redirected bytes)."""
+    from nodeagent.capture.ebpf import ACCEL_BUDGET
     ready = [f"{LA.names.run_dir}/accel-{p}.ready" for p in (7000, 7001)]
     target = LA.target("node1/pod-2")
     LA.spawn(target, [sys.executable, "-m", "meshlab.tcptools", "serve", "--port", "7000", "--ready-file", ready[0]],
@@ -605,14 +602,17 @@ def test_half_close_and_bulk_through_two_accelerated_legs(LA):
                                "--bytes", str(8 << 20)], timeout=60)
     assert r.returncode == 0 and json.loads(r.stdout)["ok"], r.stdout + r.stderr
     mid = accel_counters(LA, "node1")
-    assert mid["accel_redirected_bytes"] - before["accel_redirected_bytes"] >= 2 * (8 << 20)  # both legs
+    # the client's and the proxy's upstream socket each sent 8 MiB: both spent their budget
+    assert mid["accel_budget_spent"] - before["accel_budget_spent"] >= 2
+    assert 0 < mid["accel_redirected_bytes"] - before["accel_redirected_bytes"] <= 4 * ACCEL_BUDGET
     r = LA.run("node1/pod-1", [sys.executable, "-m", "meshlab.tcptools", "stream", "198.18.1.2:7000",
                                "--bytes", str(256 << 20)], timeout=120)
     assert r.returncode == 0, r.stdout + r.stderr
     out = json.loads(r.stdout)
     assert out["received"] == 256 << 20 and out["sent_sha256"] == out["received_sha256"]
     after = accel_counters(LA, "node1")
-    assert after["accel_redirected_bytes"] - mid["accel_redirected_bytes"] >= 4 * (256 << 20)
+    assert after["accel_budget_spent"] - mid["accel_budget_spent"] == 4  # every socket of both legs
+    assert 0 < after["accel_redirected_bytes"] - mid["accel_redirected_bytes"] <= 4 * ACCEL_BUDGET
     assert after["accel_insert_error"] == 0
     wait_for(lambda: socks(LA, "node1") == set(), what="hm_socks to drain")
 

@@ -32,7 +32,7 @@ struct hm_config {
 	__u64 proxy_cgroup_id;    /* the agent's cgroup v2 id: its sockets are never redirected */
 	__u64 proxy_netns_cookie; /* the proxy's network namespace (SO_NETNS_COOKIE) */
 	__u32 flags;              /* HM_F_* */
-	__u32 _pad;
+	__u32 accel_budget;       /* bytes a socket may hand to its peer before it stays on TCP (0: none) */
 };
 
 /* LPM trie key for the mesh (destination) and local pod CIDR tries */
@@ -68,6 +68,14 @@ struct hm_sock_key {
 	__u16 remote_port;        /* network order */
 };
 
+/* hm_flows value: what one accelerated socket has handed to its peer so far. Written by
+ * the socket's own sk_msg runs only (they are serialised by the socket lock). */
+struct hm_flow {
+	__u64 redirected;         /* bytes redirected */
+	__u32 tcp_only;           /* 1: every further message takes TCP/IP (never back: see sk_msg.c) */
+	__u32 _pad;
+};
+
 /* the single entry of the hm_meta array map: what built the pinned programs */
 struct hm_meta {
 	__u32 layout;             /* HM_LAYOUT_VERSION */
@@ -101,7 +109,8 @@ enum hm_counter {
 	HM_C_ACCEL_INSERT_ERROR,     /* ... the kernel refused it (map full, ...): it stays on TCP/IP */
 	HM_C_ACCEL_REDIRECTED,       /* sk_msg handed a message straight to the peer socket */
 	HM_C_ACCEL_REDIRECTED_BYTES, /* ... bytes of those messages */
-	HM_C_ACCEL_PASSED,           /* sk_msg found no peer in hm_socks: the message took TCP/IP */
+	HM_C_ACCEL_PASSED,           /* a message of a socket in hm_socks took TCP/IP (no peer, or tcp_only) */
+	HM_C_ACCEL_BUDGET_SPENT,     /* a socket used its accel_budget: it continues over TCP/IP */
 	HM_C_MAX,
 };
 

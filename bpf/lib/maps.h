@@ -58,6 +58,9 @@ struct hm_socks_table_t hm_socks = {.max_entries = HM_SOCKS_MAX};
 BPF_ANNOTATE_KV_PAIR(hm_socks, struct hm_sock_key, u64);
 /* keys of passive sockets whose active peer went into hm_socks (see bpf/sockops_accel.c) */
 BPF_TABLE_PINNED("lru_hash", struct hm_sock_key, u32, hm_pending, 65536, HM_PIN(hm_pending));
+/* per accelerated socket (same key as hm_socks): bytes redirected, and whether it has fallen
+ * back to TCP/IP for good (bpf/sk_msg.c); created by bpf/sockops_accel.c on insertion */
+BPF_TABLE_PINNED("lru_hash", struct hm_sock_key, struct hm_flow, hm_flows, 65536, HM_PIN(hm_flows));
 /* counters, enum hm_counter */
 BPF_TABLE_PINNED("percpu_array", u32, u64, hm_counters, HM_C_MAX, HM_PIN(hm_counters));
 /* cgroup id -> where programs are attached (agent bookkeeping, never read by programs) */

@@ -9,6 +9,8 @@ share a kernel, each with its own pins)::
     tc clsact ingress filter              on the node's fabric interface(s)
     ip rule fwmark 0x150060 lookup 15006  + `local 0.0.0.0/0 dev lo table 15006`
     IP_TRANSPARENT on the inbound listener, which goes into the hm_listen sockmap
+    spec.accelerate only: sockops_accel on the capture cgroups and the agent's cgroup,
+                          sk_msg attached to the hm_socks sockhash
 
 Outbound (bpf/connect4.c, bpf/connect6.c, bpf/sockops.c). A pod's connect() to a mesh destination (LPM
 trie of spec.mesh_cidrs) is rewritten *before the SYN exists* to the proxy's outbound
@@ -60,6 +62,20 @@ recorded in hm_cgroups, removes the tc filter (and the clsact qdisc when it hold
 else), the ip rule and route, and every pin. Instances whose cgroups no longer exist
 (a lab removed under a SIGKILLed agent) are unpinned by the next install().
 
+Same-node acceleration (spec.accelerate, off by default: README, "Capture benchmark").
+bpf/sockops_accel.c puts both ends of each same-node leg into the hm_socks sockhash when
+they are established: a pod's redirected connection and the proxy's accepted socket, the
+proxy's upstream socket to a local pod and the pod's accepted socket. bpf/sk_msg.c then
+hands every message of such a socket to its peer's receive queue (bpf_msg_redirect_hash,
+BPF_F_INGRESS), skipping TCP/IP and the veth. Connections to other hosts keep their
+node-facing leg on TCP. The kernel unlinks a socket from the map when it is closed; no
+state callback deletes entries at TCP_CLOSE, because that would drop bytes still queued
+for a half-closed reader (the reply after EOF). The ingress redirect charges the receiving
+socket without looking at its receive buffer (no flow control), so each socket redirects
+at most ACCEL_BUDGET bytes and then continues over TCP/IP for good (bench/capture.py
+"stalled receiver" shows why). Switching it off (restart with accelerate: false) detaches
+both programs; sockets already in the map stay accelerated until they close.
+
 IPv4 only: connect6/IPv6 inbound are not implemented (the lab has no IPv6).
 """
 
@@ -108,6 +124,10 @@ CAPTURE_PROGRAMS = ("connect4", "connect6", "sockops")
 # cgroup, sk_msg on the hm_socks sockhash
 ACCEL_PROGRAM = "sockops_accel"
 ACCEL_MSG_PROGRAM = "sk_msg"
+# bytes one accelerated socket may hand to its peer before it continues over TCP/IP, where the
+# receive window bounds what is in flight (bpf/sk_msg.c): covers request/response traffic,
+# keeps bulk transfers from queueing unbounded kernel memory behind a slow reader
+ACCEL_BUDGET = 1 << 20
 
 
 def netns_cookie(netns: str | None) -> int:
@@ -270,7 +290,7 @@ class EbpfCapture(Capture):
         return m.HmConfig(redirect_ip4=m.ip4(self.redirect_address), outbound_port=m.port(self.spec.outbound_port),
                           inbound_port=m.port(self.spec.inbound_port), socket_mark=self.spec.socket_mark,
                           inbound_mark=INBOUND_MARK, proxy_cgroup_id=cgroup_id(proxy) if proxy else 0,
-                          proxy_netns_cookie=netns_ck, flags=flags)
+                          proxy_netns_cookie=netns_ck, flags=flags, accel_budget=ACCEL_BUDGET)
 
     def _write_config(self, ld: BpfLoader) -> None:
         ld.maps["hm_config"].put(0, self.desired_config(netns_cookie(self.netns)))

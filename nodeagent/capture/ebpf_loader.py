@@ -25,6 +25,10 @@ their layout still matches. Cgroup attachments are legacy BPF_PROG_ATTACH with
 BPF_F_ALLOW_MULTI: the kernel keeps them when the agent dies (fail closed) and other
 tools' programs on the same cgroups are left alone.
 
+Programs attach to one of three things (``Program.target``): cgroups (legacy attach, as
+above), the tc ingress hook, or a sockmap — sk_msg is attached to the hm_socks sockhash,
+so the attachment lives as long as the pinned map and needs no bookkeeping of its own.
+
 Bookkeeping: ``hm_cgroups`` (cgroup id -> path, attach types) records every attachment so
 ``remove_all()`` finds them again after a crash or a config change. Programs are
 recognised as ours by name (``hm_*``) on cgroups this instance manages.

@@ -33,7 +33,8 @@ class HmConfig(ctypes.Structure):
     _fields_ = [("redirect_ip4", ctypes.c_uint32), ("outbound_port", ctypes.c_uint16),
                 ("inbound_port", ctypes.c_uint16), ("socket_mark", ctypes.c_uint32),
                 ("inbound_mark", ctypes.c_uint32), ("proxy_cgroup_id", ctypes.c_uint64),
-                ("proxy_netns_cookie", ctypes.c_uint64), ("flags", ctypes.c_uint32), ("_pad", ctypes.c_uint32)]
+                ("proxy_netns_cookie", ctypes.c_uint64), ("flags", ctypes.c_uint32),
+                ("accel_budget", ctypes.c_uint32)]
 
 
 class HmCidrKey(ctypes.Structure):
@@ -54,6 +55,10 @@ class HmSockKey(ctypes.Structure):
                 ("remote_port", ctypes.c_uint16)]
 
 
+class HmFlow(ctypes.Structure):
+    _fields_ = [("redirected", ctypes.c_uint64), ("tcp_only", ctypes.c_uint32), ("_pad", ctypes.c_uint32)]
+
+
 class HmMeta(ctypes.Structure):
     _fields_ = [("layout", ctypes.c_uint32), ("_pad", ctypes.c_uint32), ("build_id", ctypes.c_uint8 * 32)]
 
@@ -68,7 +73,7 @@ COUNTERS = (
     "connect_redirected", "connect_proxy_skipped", "connect_error", "sockops_moved", "sockops_miss",
     "origdst_hit", "origdst_miss", "inbound_assigned", "inbound_no_listener", "inbound_error",
     "inbound_established", "accel_inserted", "accel_insert_error", "accel_redirected", "accel_redirected_bytes",
-    "accel_passed",
+    "accel_passed", "accel_budget_spent",
 )
 COUNTER_HELP = {
     "connect_redirected": "connections redirected to the outbound listener at connect()",
@@ -86,7 +91,8 @@ COUNTER_HELP = {
     "accel_insert_error": "same-node sockets the kernel refused to put into hm_socks (they stay on TCP/IP)",
     "accel_redirected": "messages sk_msg handed straight to the peer socket",
     "accel_redirected_bytes": "bytes of the messages sk_msg handed straight to the peer socket",
-    "accel_passed": "messages of sockets in hm_socks whose peer is not there (sent over TCP/IP)",
+    "accel_passed": "messages of sockets in hm_socks sent over TCP/IP (no peer yet, or the socket fell back)",
+    "accel_budget_spent": "accelerated sockets that used their redirect budget and continue over TCP/IP",
 }
 
 
@@ -112,6 +118,7 @@ MAPS: dict[str, MapSpec] = {m.name: m for m in (
     MapSpec("hm_listen", sysb.MAP_TYPE_SOCKMAP, ctypes.c_uint32, ctypes.c_uint64, 1),
     MapSpec("hm_socks", sysb.MAP_TYPE_SOCKHASH, HmSockKey, ctypes.c_uint64, 65536),
     MapSpec("hm_pending", sysb.MAP_TYPE_LRU_HASH, HmSockKey, ctypes.c_uint32, 65536),
+    MapSpec("hm_flows", sysb.MAP_TYPE_LRU_HASH, HmSockKey, HmFlow, 65536),
     MapSpec("hm_counters", sysb.MAP_TYPE_PERCPU_ARRAY, ctypes.c_uint32, ctypes.c_uint64, len(COUNTERS), percpu=True),
     MapSpec("hm_cgroups", sysb.MAP_TYPE_HASH, ctypes.c_uint64, HmAttachment, 1024),
 )}
