@@ -57,6 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--drain-grace", help="how long SIGTERM waits for connections, e.g. 10s")
     p.add_argument("--state-dir", help="where the agent keeps state (default /var/lib/hostmesh)")
     p.add_argument("--agent-log-level", help="debug, info, warning or error")
+    p.add_argument("--accelerate", action=argparse.BooleanOptionalAction, default=None,
+                   help="eBPF capture: sockops + sk_msg for same-node socket pairs (capture.accelerate)")
     p.add_argument("--dump-bpf", action="store_true",
                    help="print the final eBPF source the ebpf capture backend compiles, and exit")
 
@@ -104,6 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mesh", action=argparse.BooleanOptionalAction, default=True,
                    help="start a node agent on every node (default: on)")
     p.add_argument("--capture", default="iptables", choices=["iptables", "ebpf", "auto"], help="capture backend for the agents")
+    p.add_argument("--accelerate", action=argparse.BooleanOptionalAction, default=None,
+                   help="eBPF capture: the agents accelerate same-node socket pairs (default: the agent's)")
     _output_flag(p)
     p = lsub.add_parser("down", help="remove a lab and everything it started")
     _lab_flag(p)
@@ -281,8 +285,11 @@ def cmd_lab(args) -> int:
 
 
 def lab_up(args, labmod) -> int:
-    status = labmod.Lab(args.name).up(args.nodes, args.pods_per_node, apps=not args.no_apps,
-                                      capture=args.capture if args.mesh else None)
+    if args.accelerate and args.capture == "iptables":
+        raise CliError("--accelerate needs --capture ebpf (or auto): only the eBPF backend accelerates")
+    lab = labmod.Lab(args.name)
+    lab.accelerate = args.accelerate  # read by meshlab.mesh.agent_bootstrap
+    status = lab.up(args.nodes, args.pods_per_node, apps=not args.no_apps, capture=args.capture if args.mesh else None)
     if args.output == "json":
         print(to_json(status))
     else:

@@ -206,6 +206,9 @@ def agent_bootstrap(lab: Lab, node: str, capture: str, *, static: bool = False) 
         "stateDir": str(Path(lab.names.run_dir, "state", node)),
         "drainGrace": "5s",
     }
+    accelerate = getattr(lab, "accelerate", None)  # eBPF same-node acceleration; None: the agent's default
+    if accelerate is not None:
+        doc["capture"]["accelerate"] = accelerate
     path = config_dir(lab) / f"agent-{node}.yaml"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(doc, sort_keys=False))

@@ -82,7 +82,8 @@ class Agent:
             self.capture = make_capture(boot.capture_mode, CaptureSpec(
                 pod_cidrs=boot.pod_cidrs, mesh_cidrs=boot.mesh_cidrs, outbound_port=boot.outbound_port,
                 inbound_port=boot.inbound_port, socket_mark=boot.socket_mark, cgroups=boot.capture_cgroups,
-                redirect_address=boot.redirect_address, instance=boot.capture_instance))
+                redirect_address=boot.redirect_address, instance=boot.capture_instance,
+                accelerate=boot.capture_accelerate))
             self.capture.register_metrics(self.registry)
         # config comes from the control plane; a static snapshot file is kept for tests/benches
         self.source = SnapshotFile(boot.snapshot_file, boot.node, self.state,

@@ -33,6 +33,7 @@ class Bootstrap:
     capture_cgroups: tuple[str, ...] = ()  # eBPF: cgroup v2 dirs captured outbound (pods, host units)
     redirect_address: str = ""  # eBPF: where pods reach the node's proxy (their gateway)
     capture_instance: str = ""  # eBPF: names the pins, /sys/fs/bpf/hostmesh/<instance>
+    capture_accelerate: bool = False  # eBPF: sockops + sk_msg for same-node socket pairs (README: measured)
     admin_host: str = "127.0.0.1"
     admin_port: int = 15000
     outbound_port: int = 15001
@@ -59,7 +60,7 @@ class Bootstrap:
             "node": self.node,
             "capture": {"mode": self.capture_mode, "podCIDRs": list(self.pod_cidrs), "meshCIDRs": list(self.mesh_cidrs),
                         "cgroups": list(self.capture_cgroups), "redirectAddress": self.redirect_address,
-                        "instance": self.capture_instance},
+                        "instance": self.capture_instance, "accelerate": self.capture_accelerate},
             "admin": {"address": f"{self.admin_host}:{self.admin_port}"},
             "proxy": {
                 "outboundPort": self.outbound_port, "inboundPort": self.inbound_port,
@@ -82,7 +83,7 @@ class Bootstrap:
 _SCHEMA: dict[str, Any] = {
     "node": str, "snapshotFile": str, "controlPlane": "endpoint", "stateDir": str, "logLevel": str, "drainGrace": "duration",
     "capture": {"mode": str, "podCIDRs": "cidrs", "meshCIDRs": "cidrs", "cgroups": "strings",
-                "redirectAddress": "ipv4", "instance": "instance"},
+                "redirectAddress": "ipv4", "instance": "instance", "accelerate": "bool"},
     "admin": {"address": "hostport"},
     "controlPlaneAuth": {"tokenFile": str, "rootBundle": str, "serverName": str, "insecure": "bool"},
     "certDir": "abspath",
@@ -240,6 +241,9 @@ def build(file_values: dict[str, Any], overrides: dict[str, Any]) -> Bootstrap:
     if mode != "none" and (not pods or not mesh):
         errors.append("capture: podCIDRs and meshCIDRs are required when capture is on "
                       "(which pods are local, and which destinations belong to the mesh)")
+    if v.get("capture.accelerate") and mode not in ("ebpf", "auto"):
+        errors.append(f"capture.accelerate: only the eBPF backend accelerates (capture.mode is {mode!r}; "
+                      f"use ebpf or auto)")
     ports = {k: v.get(k) for k in ("proxy.outboundPort", "proxy.inboundPort") if v.get(k)}
     admin = v.get("admin.address", ("127.0.0.1", 15000))
     ports["admin.address"] = admin[1]
@@ -257,6 +261,7 @@ def build(file_values: dict[str, Any], overrides: dict[str, Any]) -> Bootstrap:
         b, capture_mode=mode, pod_cidrs=tuple(pods), mesh_cidrs=tuple(mesh),
         capture_cgroups=v.get("capture.cgroups", ()), redirect_address=v.get("capture.redirectAddress", ""),
         capture_instance=v.get("capture.instance", ""),
+        capture_accelerate=v.get("capture.accelerate", b.capture_accelerate),
         admin_host=admin[0], admin_port=admin[1],
         outbound_port=ports["proxy.outboundPort"], inbound_port=ports["proxy.inboundPort"],
         socket_mark=v.get("proxy.socketMark", b.socket_mark), unknown_destination=unknown,
@@ -303,7 +308,7 @@ def flag_overrides(args: Any) -> dict[str, Any]:
     raw = {
         "node": args.node, "capture.mode": args.capture, "snapshotFile": args.snapshot,
         "proxy.unknownDestination": args.unknown_destination, "logLevel": args.agent_log_level,
-        "stateDir": args.state_dir,
+        "stateDir": args.state_dir, "capture.accelerate": getattr(args, "accelerate", None),
         "controlPlaneAuth.tokenFile": getattr(args, "token_file", None),
         "controlPlaneAuth.rootBundle": getattr(args, "root_bundle", None),
         "controlPlaneAuth.insecure": True if getattr(args, "insecure_control_plane", False) else None,

@@ -620,7 +620,12 @@ _BPF_SYSCALL_NR = {
 }
 BPF_MAP_CREATE = 0
 BPF_PROG_LOAD = 5
+BPF_PROG_ATTACH = 8
+BPF_PROG_DETACH = 9
 BPF_MAP_TYPE_ARRAY = 2
+BPF_MAP_TYPE_SOCKHASH = 18
+BPF_PROG_TYPE_SK_MSG = 16
+BPF_SK_MSG_VERDICT = 7
 _ATTR_SIZE = 128  # larger than any field we set; the tail stays zero as the kernel requires
 
 
@@ -653,6 +658,11 @@ def bpf_prog_load(prog_type: int, expected_attach_type: int, log: bool = False) 
 
     Returns "" on success; raises OSError (with the verifier log when log=True).
     """
+    os.close(_bpf_prog_load_fd(prog_type, expected_attach_type, log))
+    return ""
+
+
+def _bpf_prog_load_fd(prog_type: int, expected_attach_type: int, log: bool = False) -> int:
     insns = ctypes.create_string_buffer(_RETURN_ONE, len(_RETURN_ONE))
     license_ = ctypes.create_string_buffer(b"GPL")
     logbuf = ctypes.create_string_buffer(4096)
@@ -670,8 +680,48 @@ def bpf_prog_load(prog_type: int, expected_attach_type: int, log: bool = False) 
     except OSError as e:
         verifier = _one_line(logbuf.value.decode(errors="replace")) if log else ""
         raise OSError(e.errno, e.strerror + (f"; verifier: {verifier}" if verifier else "")) from None
-    os.close(fd)
-    return ""
+    return fd
+
+
+def bpf_sockhash_sk_msg() -> None:
+    """What same-node acceleration needs end to end: create a sockhash (the hm_socks shape:
+    12-byte key, u64 value), load an sk_msg program and attach it to the map as its
+    BPF_SK_MSG_VERDICT program, then detach and close everything. OSError names the step."""
+    attr = ctypes.create_string_buffer(_ATTR_SIZE)
+    struct.pack_into("=IIIII", attr, 0, BPF_MAP_TYPE_SOCKHASH, 12, 8, 1, 0)
+    try:
+        map_fd = _bpf(BPF_MAP_CREATE, attr)
+    except OSError as e:
+        raise OSError(e.errno, f"creating a BPF_MAP_TYPE_SOCKHASH: {e.strerror}") from None
+    try:
+        prog_fd = _bpf_prog_load_fd(BPF_PROG_TYPE_SK_MSG, 0)
+        try:
+            att = ctypes.create_string_buffer(_ATTR_SIZE)
+            struct.pack_into("=IIII", att, 0, map_fd, prog_fd, BPF_SK_MSG_VERDICT, 0)
+            try:
+                _bpf(BPF_PROG_ATTACH, att)
+            except OSError as e:
+                raise OSError(e.errno, f"attaching sk_msg to the sockhash (BPF_SK_MSG_VERDICT): {e.strerror}") from None
+            _bpf(BPF_PROG_DETACH, att)
+        finally:
+            os.close(prog_fd)
+    finally:
+        os.close(map_fd)
+
+
+def check_bpf_sockhash() -> CheckResult:
+    name = "bpf-sockhash-sk-msg"
+    try:
+        bpf_sockhash_sk_msg()
+    except (OSError, ProbeError) as e:
+        if isinstance(e, OSError) and e.errno == errno.EPERM:
+            hint = "needs root (CAP_BPF+CAP_NET_ADMIN)"
+        else:
+            hint = ("needs kernel >= 4.18 (sockhash) with CONFIG_BPF_STREAM_PARSER; without it capture.accelerate "
+                    "cannot be switched on (eBPF capture itself still works)")
+        return CheckResult(name, MISSING, f"same-node acceleration unavailable: {e}", hint, False)
+    return CheckResult(name, OK, "sockhash created and an sk_msg program attached to it (capture.accelerate "
+                                 "can be switched on)", "", False)
 
 
 def check_bpf_syscall() -> CheckResult:
@@ -731,7 +781,7 @@ BPF_PROG_TYPES: tuple[BpfProgType, ...] = (
     BpfProgType("bpf-sockops", "sockops", 13, "BPF_PROG_TYPE_SOCK_OPS", 0, "",
                 "4.13", "recording original destinations of established sockets"),
     BpfProgType("bpf-sk-msg", "sk_msg", 16, "BPF_PROG_TYPE_SK_MSG", 0, "",
-                "4.17", "socket-to-socket redirection on the same host"),
+                "4.17", "same-node acceleration (capture.accelerate: socket-to-socket redirection)"),
     BpfProgType("bpf-cgroup-getsockopt", "cgroup/getsockopt", 25, "BPF_PROG_TYPE_CGROUP_SOCKOPT",
                 21, "BPF_CGROUP_GETSOCKOPT", "5.3", "answering SO_ORIGINAL_DST for the proxy"),
 )
@@ -1019,6 +1069,7 @@ def run_checks() -> list[CheckResult]:
     results += _guard([("bpf-syscall", False)], check_bpf_syscall)
     results += _guard([("kernel-btf", False)], check_btf)
     results += _guard([(p.name, False) for p in BPF_PROG_TYPES], check_bpf_prog_types)
+    results += _guard([("bpf-sockhash-sk-msg", False)], check_bpf_sockhash)
     try:
         bcc_probe = probe_bcc()
     except Exception as e:  # noqa: BLE001

@@ -58,7 +58,8 @@ def lab():
         the_lab.down()
 
 
-CAPTURE_BACKENDS = ["iptables", "ebpf"]
+# capture backend, or backend-variant: "ebpf-accel" is eBPF with same-node acceleration on
+CAPTURE_BACKENDS = ["iptables", "ebpf", "ebpf-accel"]
 
 
 @pytest.fixture(scope="module", params=CAPTURE_BACKENDS)
@@ -67,10 +68,13 @@ def mesh_lab(request):
     require_root("the mesh lab fixture")
     from meshlab.lab import Lab
 
+    backend, _, variant = request.param.partition("-")
     the_lab = Lab(unique_lab_name())
-    the_lab.capture = request.param
+    the_lab.capture = backend
+    if backend == "ebpf":
+        the_lab.accelerate = variant == "accel"  # explicit either way: both variants run whatever the default
     try:
-        the_lab.up(2, 2, capture=request.param)
+        the_lab.up(2, 2, capture=backend)
         yield the_lab
     finally:
         the_lab.down()

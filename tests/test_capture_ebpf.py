@@ -34,7 +34,7 @@ from nodeagent.capture import CaptureSpec, make_capture
 from nodeagent.capture import ebpf_maps as m
 from nodeagent.capture.ebpf_loader import PIN_ROOT, PROGRAMS, BpfLoader
 from nodeagent.errors import CaptureError
-from tests.conftest import require_root, unique_lab_name
+from tests.conftest import require_root, unique_lab_name, wait_for
 
 BPF_DIR = Path(__file__).resolve().parents[1] / "bpf"
 MESH = ("198.19.0.0/16", "198.18.1.0/24", "198.18.2.0/24")
@@ -55,6 +55,7 @@ def _c_struct_fields(header: str, name: str) -> list[str]:
 @pytest.mark.parametrize("cname, ctype", [
     ("hm_config", m.HmConfig), ("hm_cidr_key", m.HmCidrKey), ("hm_tuple", m.HmTuple),
     ("hm_origdst", m.HmOrigdst), ("hm_meta", m.HmMeta), ("hm_attachment", m.HmAttachment),
+    ("hm_sock_key", m.HmSockKey), ("hm_flow", m.HmFlow),
 ])
 def test_ctypes_mirror_matches_the_c_header(cname, ctype):
     header = (BPF_DIR / "lib" / "hostmesh.h").read_text()
@@ -162,11 +163,11 @@ def _pins_of(lab: Lab) -> list[str]:
         return []
 
 
-@pytest.fixture(scope="module")
-def L():
+def _ebpf_lab(accelerate: bool):
+    """A 2x2 lab with eBPF agents; always removed, pins included."""
     require_root("the eBPF lab")
     lab = Lab(unique_lab_name())
-    lab.capture = "ebpf"
+    lab.capture, lab.accelerate = "ebpf", accelerate
     try:
         lab.up(2, 2, capture="ebpf")
         yield lab
@@ -179,6 +180,11 @@ def L():
             for inst in _pins_of(lab):
                 BpfLoader(inst).unpin_all()
                 logging.getLogger(__name__).warning("unpinned %s after lab down (agent was SIGKILLed)", inst)
+
+
+@pytest.fixture(scope="module")
+def L():
+    yield from _ebpf_lab(accelerate=False)
 
 
 def capture_view(lab: Lab, node: str) -> dict:
@@ -444,3 +450,276 @@ def test_a_failed_compile_leaves_nothing_pinned(tmp_path):
         with BpfLoader(instance, bpf_dir=bad) as ld:
             ld.load()
     assert not os.path.exists(f"{PIN_ROOT}/{instance}")
+
+
+# ======================================================================================
+# same-node acceleration (sockops_accel + sk_msg on the hm_socks sockhash)
+# ======================================================================================
+
+ACCEL_PROGS = ["cgroup_inet4_connect hm_connect4", "cgroup_inet6_connect hm_connect6",
+               "cgroup_sock_ops hm_sock_accel", "cgroup_sock_ops hm_sockops"]
+
+# run in a pod: connect, one HTTP request, print the local address, hold the connection until
+# stdin closes, then a second request on it and close
+HOLD = r"""
+import socket, sys
+def request(s):
+    s.sendall(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+    buf = b""
+    while b"\r\n\r\n" not in buf:
+        buf += s.recv(65536)
+    head, _, body = buf.partition(b"\r\n\r\n")
+    n = int([l.split(b":")[1] for l in head.split(b"\r\n") if l.lower().startswith(b"content-length")][0])
+    while len(body) < n:
+        body += s.recv(65536)
+s = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=10)
+request(s)
+print("%s:%d" % s.getsockname(), flush=True)
+sys.stdin.readline()
+request(s)
+s.close()
+print("done", flush=True)
+"""
+
+
+@pytest.fixture(scope="module")
+def LA():
+    """The eBPF lab with same-node acceleration on."""
+    yield from _ebpf_lab(accelerate=True)
+
+
+def socks(lab: Lab, node: str) -> set[str]:
+    """hm_socks of `node` as 'local -> remote' strings."""
+    ld = BpfLoader(f"{lab.name}-{node}")
+    ld.load(compile=False)
+    try:
+        return {f"{m.ip4_text(k.local_ip4)}:{m.port_host(k.local_port)} -> "
+                f"{m.ip4_text(k.remote_ip4)}:{m.port_host(k.remote_port)}" for k in ld.maps["hm_socks"].keys()}
+    finally:
+        ld.close()
+
+
+class Held:
+    """A connection from a pod held open by HOLD (a context manager)."""
+
+    def __init__(self, lab: Lab, pod: str, host: str, port: int) -> None:
+        self.proc = subprocess.Popen(lab.exec_argv(lab.target(pod), [sys.executable, "-c", HOLD, host, str(port)]),
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    def __enter__(self) -> str:
+        line = self.proc.stdout.readline().strip()
+        assert line, self.proc.stderr.read()
+        return line  # the client's address
+
+    def second_request_and_close(self) -> None:
+        out, err = self.proc.communicate("\n", timeout=20)
+        assert self.proc.returncode == 0 and "done" in out, err
+
+    def __exit__(self, *exc) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def accel_counters(lab: Lab, node: str) -> dict[str, int]:
+    return {k: v for k, v in capture_view(lab, node)["counters"].items() if k.startswith("accel_")}
+
+
+@pytest.mark.lab
+def test_accelerated_agents_attach_sockops_accel_and_sk_msg(LA):
+    top = str(labcg.cgroup_root() / LA.names.cgroup_dir)
+    want = {f"{top}/{node}/{pod}": ACCEL_PROGS for node in ("node1", "node2") for pod in ("pod-1", "pod-2")}
+    want.update({f"{top}/{node}/system": ["cgroup_getsockopt hm_getsockopt", "cgroup_sock_ops hm_sock_accel"]
+                 for node in ("node1", "node2")})
+    assert bpftool_tree(LA) == want
+    for node in ("node1", "node2"):
+        view = capture_view(LA, node)
+        acc = view["acceleration"]
+        assert acc["enabled"] and acc["sk_msg_attached"] == [view["programs"]["sk_msg"]["id"]], acc
+        assert view["last_verification"]["ok"], view["last_verification"]
+        assert "hm_socks" in view["pinned"] and "prog_sk_msg" in view["pinned"]
+    r = subprocess.run(["bpftool", "-j", "prog", "show", "id", str(capture_view(LA, "node1")["programs"]["sk_msg"]["id"])],
+                       capture_output=True, text=True, check=True)
+    assert json.loads(r.stdout)["type"] == "sk_msg"
+
+
+@pytest.mark.lab
+def test_same_node_pair_is_in_the_sockhash_while_open_and_redirected(LA):
+    assert socks(LA, "node1") == set()
+    before = accel_counters(LA, "node1")
+    held = Held(LA, "node1/pod-1", "198.18.1.2", 8080)   # pod-1 -> proxy -> pod-2, all on node1
+    with held as client:
+        # both legs, both ends: pod-1 <-> proxy (outbound) and proxy <-> pod-2 (inbound delivery)
+        have = socks(LA, "node1")
+        upstream = next(s for s in have if s.endswith("-> 198.18.1.2:8080"))
+        proxy_side = upstream.split(" -> ")[0]
+        assert proxy_side.startswith("198.18.0.11:")  # the proxy dials from the node's address
+        assert have == {f"{client} -> 169.254.1.1:15001", f"169.254.1.1:15001 -> {client}",
+                        upstream, f"198.18.1.2:8080 -> {proxy_side}"}
+        mid = accel_counters(LA, "node1")
+        held.second_request_and_close()
+    after = accel_counters(LA, "node1")
+    assert mid["accel_inserted"] - before["accel_inserted"] == 4
+    # request pod-1 -> proxy -> pod-2 and response back: 4 messages at least, per request
+    assert after["accel_redirected"] - mid["accel_redirected"] >= 4
+    assert after["accel_redirected_bytes"] > mid["accel_redirected_bytes"]
+    assert after["accel_insert_error"] == 0
+    # closed sockets leave the map (the kernel unlinks them on close): nothing piles up
+    wait_for(lambda: socks(LA, "node1") == set(), what="hm_socks to drain after close")
+    assert capture_view(LA, "node1")["acceleration"]["pending_peers"] == 0
+
+
+@pytest.mark.lab
+def test_only_the_same_node_legs_of_a_remote_connection_are_accelerated(LA):
+    held = Held(LA, "node1/pod-1", "198.18.2.1", 8080)   # pod-1 -> node1 proxy -> node2 proxy -> pod
+    with held as client:
+        assert socks(LA, "node1") == {f"{client} -> 169.254.1.1:15001", f"169.254.1.1:15001 -> {client}"}
+        on2 = socks(LA, "node2")
+        # node2: its proxy's dialed socket to the pod and the pod's accepted one; the socket
+        # node2's proxy accepted from node1 (a different host) stays on TCP/IP
+        assert len(on2) == 2 and all("198.18.2.1:8080" in s for s in on2), on2
+        assert not any("198.18.0.11" in s for s in on2)
+        held.second_request_and_close()
+    wait_for(lambda: not socks(LA, "node1") and not socks(LA, "node2"), what="hm_socks to drain")
+
+
+@pytest.mark.lab
+def test_half_close_and_bulk_through_two_accelerated_legs(LA):
+    """Same node end to end (pod-1 -> proxy -> pod-2), more bytes than the redirect budget:
+    each socket hands its first ACCEL_BUDGET bytes to its peer, then continues over TCP/IP,
+    and the streams stay byte-identical across that switch; the reply after EOF arrives
+    (FIN travels over TCP behind the redirected bytes)."""
+    from nodeagent.capture.ebpf import ACCEL_BUDGET
+    ready = [f"{LA.names.run_dir}/accel-{p}.ready" for p in (7000, 7001)]
+    target = LA.target("node1/pod-2")
+    LA.spawn(target, [sys.executable, "-m", "meshlab.tcptools", "serve", "--port", "7000", "--ready-file", ready[0]],
+             "accel-echo")
+    LA.spawn(target, [sys.executable, "-m", "meshlab.tcptools", "serve", "--port", "7001", "--reply-after-eof",
+                      "--ready-file", ready[1]], "accel-digest")
+    wait_for(lambda: all(os.path.exists(f) for f in ready), what="tcp servers in node1/pod-2")
+    before = accel_counters(LA, "node1")
+    r = LA.run("node1/pod-1", [sys.executable, "-m", "meshlab.tcptools", "halfclose", "198.18.1.2:7001",
+                               "--bytes", str(8 << 20)], timeout=60)
+    assert r.returncode == 0 and json.loads(r.stdout)["ok"], r.stdout + r.stderr
+    mid = accel_counters(LA, "node1")
+    # the client's and the proxy's upstream socket each sent 8 MiB: both spent their budget
+    assert mid["accel_budget_spent"] - before["accel_budget_spent"] >= 2
+    assert 0 < mid["accel_redirected_bytes"] - before["accel_redirected_bytes"] <= 4 * ACCEL_BUDGET
+    r = LA.run("node1/pod-1", [sys.executable, "-m", "meshlab.tcptools", "stream", "198.18.1.2:7000",
+                               "--bytes", str(256 << 20)], timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    out = json.loads(r.stdout)
+    assert out["received"] == 256 << 20 and out["sent_sha256"] == out["received_sha256"]
+    after = accel_counters(LA, "node1")
+    assert after["accel_budget_spent"] - mid["accel_budget_spent"] == 4  # every socket of both legs
+    assert 0 < after["accel_redirected_bytes"] - mid["accel_redirected_bytes"] <= 4 * ACCEL_BUDGET
+    assert after["accel_insert_error"] == 0
+    wait_for(lambda: socks(LA, "node1") == set(), what="hm_socks to drain")
+
+
+@pytest.mark.lab
+def test_accelerated_restart_adopts_the_sockhash_and_sk_msg(LA):
+    before = capture_view(LA, "node1")
+    pin = f"{PIN_ROOT}/{LA.name}-node1/hm_socks"
+    mp = m.Map.open_pinned(m.MAPS["hm_socks"], pin)
+    socks_id = mp.id
+    mp.close()
+    kill_agent(LA, "node1", signal.SIGKILL)
+    # the proxy's sockets died with it; the kernel unlinked them
+    assert not any("15001 ->" in s for s in socks(LA, "node1"))
+    start_agent(LA, "node1")
+    after = capture_view(LA, "node1")
+    assert after["programs_loaded"] == "adopted"
+    for key in ("sockops_accel", "sk_msg"):
+        assert after["programs"][key]["id"] == before["programs"][key]["id"]
+    assert after["acceleration"]["sk_msg_attached"] == before["acceleration"]["sk_msg_attached"]
+    assert after["attachments"] == before["attachments"]
+    mp = m.Map.open_pinned(m.MAPS["hm_socks"], pin)
+    assert mp.id == socks_id
+    mp.close()
+    n0 = accel_counters(LA, "node1")["accel_redirected"]
+    r = curl(LA, "node1/pod-1", "http://198.18.1.2:8080/")
+    assert r.returncode == 0 and json.loads(r.stdout)["pod"] == "pod-2"
+    assert accel_counters(LA, "node1")["accel_redirected"] > n0
+
+
+@pytest.mark.lab
+def test_accelerated_stop_leaves_nothing_attached_or_pinned(LA):
+    ids = {k: v["id"] for k, v in capture_view(LA, "node2")["programs"].items()}
+    socks_pin = f"{PIN_ROOT}/{LA.name}-node2/hm_socks"
+    mp = m.Map.open_pinned(m.MAPS["hm_socks"], socks_pin)
+    socks_id = mp.id
+    mp.close()
+    kill_agent(LA, "node2", signal.SIGTERM)
+    try:
+        assert all(not progs for progs in bpftool_tree(LA, "node2").values())
+        assert f"{LA.name}-node2" not in _pins_of(LA)
+        progs = {p["id"] for p in json.loads(subprocess.run(["bpftool", "-j", "prog", "show"], capture_output=True,
+                                                            text=True, check=True).stdout)}
+        assert not set(ids.values()) & progs  # sk_msg and sockops_accel included
+        # unpinned, sk_msg detached, no program using it: the kernel frees the sockhash (its
+        # release is deferred to a workqueue, hence the wait)
+        wait_for(lambda: socks_id not in {mm["id"] for mm in json.loads(subprocess.run(
+            ["bpftool", "-j", "map", "show"], capture_output=True, text=True, check=True).stdout)},
+            what="the kernel to free hm_socks")
+    finally:
+        start_agent(LA, "node2")
+    assert capture_view(LA, "node2")["acceleration"]["enabled"]
+
+
+@pytest.mark.lab
+def test_acceleration_switches_on_and_off_across_restarts(L):
+    """The plain eBPF lab: restart node1's agent with capture.accelerate: true, then false."""
+    top = str(labcg.cgroup_root() / L.names.cgroup_dir)
+    cfg = mesh.agent_bootstrap(L, "node1", "ebpf")
+    for on in (True, False):
+        doc = yaml.safe_load(cfg.read_text())
+        doc["capture"]["accelerate"] = on
+        custom = cfg.with_name(f"agent-node1-accel-{on}.yaml")
+        custom.write_text(yaml.safe_dump(doc, sort_keys=False))
+        kill_agent(L, "node1", signal.SIGTERM if on else signal.SIGKILL)  # SIGKILL: the new agent must clean up
+        start_agent(L, "node1", config=custom)
+        tree = bpftool_tree(L, "node1")
+        view = capture_view(L, "node1")
+        assert view["last_verification"]["ok"], view["last_verification"]
+        assert view["acceleration"]["enabled"] is on
+        has_accel = {cg: "cgroup_sock_ops hm_sock_accel" in progs for cg, progs in tree.items()}
+        assert has_accel == {f"{top}/node1/{c}": on for c in ("pod-1", "pod-2", "system")}, tree
+        assert bool(view["acceleration"]["sk_msg_attached"]) is on
+        n0 = accel_counters(L, "node1")["accel_redirected"]
+        r = curl(L, "node1/pod-1", "http://198.18.1.2:8080/")
+        assert r.returncode == 0 and json.loads(r.stdout)["pod"] == "pod-2"
+        assert (accel_counters(L, "node1")["accel_redirected"] > n0) is on
+    kill_agent(L, "node1", signal.SIGTERM)
+    start_agent(L, "node1")  # the module's standard agent again
+
+
+def test_accelerate_is_validated_in_bootstrap_and_spec():
+    from nodeagent import bootstrap
+    from nodeagent.errors import ConfigError
+    base = {"node": "n1", "capture.mode": "ebpf", "capture.podCIDRs": ("198.18.1.0/24",),
+            "capture.meshCIDRs": MESH, "snapshotFile": "/x.json"}
+    assert bootstrap.build({**base, "capture.accelerate": True}, {}).capture_accelerate is True
+    assert bootstrap.build(base, {}).capture_accelerate is bootstrap.Bootstrap(node="x").capture_accelerate
+    with pytest.raises(ConfigError, match="capture.accelerate: only the eBPF backend accelerates"):
+        bootstrap.build({**base, "capture.mode": "iptables", "capture.accelerate": True}, {})
+    assert bootstrap.build({**base, "capture.mode": "auto", "capture.accelerate": True}, {}).capture_accelerate
+    with pytest.raises(CaptureError, match="accelerate"):
+        CaptureSpec(pod_cidrs=("198.18.1.0/24",), mesh_cidrs=MESH, accelerate="yes")
+    assert CaptureSpec(pod_cidrs=("198.18.1.0/24",), mesh_cidrs=MESH, accelerate=True).to_dict()["accelerate"]
+
+
+def test_accelerate_flag_overrides_the_file(tmp_path):
+    from hostmesh.cli import build_parser
+    from nodeagent import bootstrap
+    f = tmp_path / "agent.yaml"
+    f.write_text(yaml.safe_dump({"node": "n1", "snapshotFile": "/x.json", "capture": {
+        "mode": "ebpf", "podCIDRs": ["198.18.1.0/24"], "meshCIDRs": list(MESH), "accelerate": True}}))
+    values = bootstrap.load_file(str(f))
+    for argv, want in (([], True), (["--no-accelerate"], False), (["--accelerate"], True)):
+        args = build_parser().parse_args(["agent", "--config", str(f), *argv])
+        assert bootstrap.build(values, bootstrap.flag_overrides(args)).capture_accelerate is want
+    f.write_text(f.read_text().replace("accelerate: true", "accelerate: 1"))
+    from nodeagent.errors import ConfigError
+    with pytest.raises(ConfigError, match="capture.accelerate: must be true or false, got 1"):
+        bootstrap.load_file(str(f))

@@ -248,6 +248,8 @@ def test_clean_stop_leaves_no_trace(mesh_lab):
     agent first started on a node and after it stopped."""
     fresh = Lab(mesh_lab.name[:-1] + ("x" if mesh_lab.name[-1] != "x" else "y"))
     fresh.capture = mesh_lab.capture
+    if hasattr(mesh_lab, "accelerate"):
+        fresh.accelerate = mesh_lab.accelerate
     try:
         fresh.up(2, 1)
         before = net_state(fresh, "node1")

@@ -7,6 +7,7 @@ when CI=true.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -401,7 +402,7 @@ def test_run_checks_never_raises(monkeypatch):
     for fn in [
         "check_privileges", "check_netns", "check_iptables", "check_iptables_features",
         "check_policy_routing", "check_cgroup2", "check_bpf_privileges", "check_bpf_syscall",
-        "check_btf", "check_bpf_prog_types", "probe_bcc", "check_bcc", "diagnose_kernel_headers",
+        "check_btf", "check_bpf_prog_types", "check_bpf_sockhash", "probe_bcc", "check_bcc", "diagnose_kernel_headers",
         "check_bcc_compile", "check_tools", "remove_stale_check_namespaces",
     ]:
         monkeypatch.setattr(preflight, fn, boom)
@@ -453,7 +454,7 @@ EXPECTED_NAMES = [
     "privileges", "netns", "iptables",
     "iptables-redirect", "iptables-mark", "iptables-owner", "iptables-tproxy", "iptables-socket",
     "policy-routing", "cgroup2", "bpf-privileges", "bpf-syscall", "kernel-btf",
-    "bpf-cgroup-connect4", "bpf-sockops", "bpf-sk-msg", "bpf-cgroup-getsockopt",
+    "bpf-cgroup-connect4", "bpf-sockops", "bpf-sk-msg", "bpf-cgroup-getsockopt", "bpf-sockhash-sk-msg",
     "bcc", "kernel-headers", "bcc-compile",
     "curl", "nghttp", "h2load", "openssl", "tcpdump", "bpftool",
 ]
@@ -558,6 +559,10 @@ def test_run_checks_as_root_is_truthful():
                               ("bpf-sk-msg", "have_sk_msg_prog_type"),
                               ("bpf-cgroup-getsockopt", "have_cgroup_sockopt_prog_type")]:
                 assert (by[name].status == OK) == bool(feat.get(key)), f"{name} vs bpftool {key}"
+    maps = json.loads(_sh("bpftool", "-j", "feature", "probe", "kernel")).get("map_types", {}) \
+        if shutil.which("bpftool") else {}
+    if maps and by["bpf-sk-msg"].status == OK:
+        assert (by["bpf-sockhash-sk-msg"].status == OK) == bool(maps.get("have_sockhash_map_type"))
     assert (by["kernel-btf"].status == OK) == os.path.exists("/sys/kernel/btf/vmlinux")
 
     # bcc and headers
@@ -614,3 +619,27 @@ def test_throwaway_netns_is_deleted_on_error():
             raise RuntimeError("probe failed midway")
     assert not os.path.lexists(f"/run/netns/{name}")
 
+
+
+def test_sockhash_check_names_the_failing_step(monkeypatch):
+    def refuse_map(cmd, attr):
+        raise OSError(errno.EINVAL, "Invalid argument")
+
+    monkeypatch.setattr(preflight, "_bpf", refuse_map)
+    r = preflight.check_bpf_sockhash()
+    assert r.name == "bpf-sockhash-sk-msg" and r.status == MISSING and not r.required
+    assert "creating a BPF_MAP_TYPE_SOCKHASH: Invalid argument" in r.detail
+    assert "capture.accelerate" in r.hint
+
+    calls = []
+
+    def refuse_attach(cmd, attr):
+        calls.append(cmd)
+        if cmd == preflight.BPF_PROG_ATTACH:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return os.open("/dev/null", os.O_RDONLY)  # a real fd the check closes again
+
+    monkeypatch.setattr(preflight, "_bpf", refuse_attach)
+    r = preflight.check_bpf_sockhash()
+    assert r.status == MISSING and "attaching sk_msg to the sockhash (BPF_SK_MSG_VERDICT)" in r.detail
+    assert calls == [preflight.BPF_MAP_CREATE, preflight.BPF_PROG_LOAD, preflight.BPF_PROG_ATTACH]

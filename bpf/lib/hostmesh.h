@@ -15,7 +15,7 @@
 #define HOSTMESH_H
 
 /* bumped whenever a struct below changes shape; stored in the pinned hm_meta map */
-#define HM_LAYOUT_VERSION 1
+#define HM_LAYOUT_VERSION 2
 
 /* hm_config.flags */
 #define HM_F_OUTBOUND 0x1      /* cgroup/connect4 redirects mesh destinations to the proxy */
@@ -32,7 +32,7 @@ struct hm_config {
 	__u64 proxy_cgroup_id;    /* the agent's cgroup v2 id: its sockets are never redirected */
 	__u64 proxy_netns_cookie; /* the proxy's network namespace (SO_NETNS_COOKIE) */
 	__u32 flags;              /* HM_F_* */
-	__u32 _pad;
+	__u32 accel_budget;       /* bytes a socket may hand to its peer before it stays on TCP (0: none) */
 };
 
 /* LPM trie key for the mesh (destination) and local pod CIDR tries */
@@ -54,6 +54,26 @@ struct hm_origdst {
 	__u32 addr;
 	__u16 port;
 	__u16 _pad;
+};
+
+/* hm_socks key: one end of a TCP connection as that socket sees it (local, remote). The peer
+ * socket of a same-node pair is found under the reversed key. No netns cookie in the key: the
+ * two ends of a pair live in different namespaces (pod, node) and each must compute the
+ * other's key from its own tuple; uniqueness comes from what is inserted (every key has the
+ * proxy's address or a local pod's unique address on one side, see bpf/sockops_accel.c). */
+struct hm_sock_key {
+	__u32 local_ip4;
+	__u32 remote_ip4;
+	__u16 local_port;         /* network order */
+	__u16 remote_port;        /* network order */
+};
+
+/* hm_flows value: what one accelerated socket has handed to its peer so far. Written by
+ * the socket's own sk_msg runs only (they are serialised by the socket lock). */
+struct hm_flow {
+	__u64 redirected;         /* bytes redirected */
+	__u32 tcp_only;           /* 1: every further message takes TCP/IP (never back: see sk_msg.c) */
+	__u32 _pad;
 };
 
 /* the single entry of the hm_meta array map: what built the pinned programs */
@@ -85,6 +105,12 @@ enum hm_counter {
 	HM_C_INBOUND_NO_LISTENER,    /* ... no listener: dropped (fail closed) */
 	HM_C_INBOUND_ERROR,          /* ... bpf_sk_assign failed: dropped */
 	HM_C_INBOUND_ESTABLISHED,    /* tc routed a packet of an intercepted connection locally */
+	HM_C_ACCEL_INSERTED,         /* sockops put a same-node socket into hm_socks */
+	HM_C_ACCEL_INSERT_ERROR,     /* ... the kernel refused it (map full, ...): it stays on TCP/IP */
+	HM_C_ACCEL_REDIRECTED,       /* sk_msg handed a message straight to the peer socket */
+	HM_C_ACCEL_REDIRECTED_BYTES, /* ... bytes of those messages */
+	HM_C_ACCEL_PASSED,           /* a message of a socket in hm_socks took TCP/IP (no peer, or tcp_only) */
+	HM_C_ACCEL_BUDGET_SPENT,     /* a socket used its accel_budget: it continues over TCP/IP */
 	HM_C_MAX,
 };
 

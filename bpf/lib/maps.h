@@ -35,6 +35,32 @@ BPF_TABLE_PINNED("lru_hash", u64, struct hm_origdst, hm_cookie, 65536, HM_PIN(hm
 BPF_TABLE_PINNED("lru_hash", struct hm_tuple, struct hm_origdst, hm_origdst, 65536, HM_PIN(hm_origdst));
 /* the proxy's inbound listening socket (index 0); a u64 value lets the agent read its cookie */
 BPF_TABLE_PINNED("sockmap", u32, u64, hm_listen, 1, HM_PIN(hm_listen));
+/* same-node acceleration (bpf/sockops_accel.c inserts, bpf/sk_msg.c redirects): established
+ * sockets of same-node pairs by (local, remote). Not BPF_TABLE_PINNED: bcc's generic table
+ * struct has no sock_hash_update/msg_redirect_hash members, so this is bcc's BPF_SOCKHASH
+ * declaration with a pinned section. A u64 value lets the agent read socket cookies. The
+ * kernel unlinks a socket when it is closed; 65536 entries = 16384 proxied connections with
+ * both legs on this node (4 sockets each), above the proxy's default connection limit. */
+#define HM_SOCKS_MAX 65536
+struct hm_socks_table_t {
+	struct hm_sock_key key;
+	u64 leaf;
+	u64 *(*lookup)(struct hm_sock_key *);
+	int (*update)(struct hm_sock_key *, u64 *);
+	int (*delete)(struct hm_sock_key *);
+	int (*sock_hash_update)(void *, void *, u64);
+	int (*msg_redirect_hash)(void *, void *, u64);
+	int (*sk_redirect_hash)(void *, void *, u64);
+	u32 max_entries;
+};
+__attribute__((section("maps/sockhash:" HM_PIN(hm_socks))))
+struct hm_socks_table_t hm_socks = {.max_entries = HM_SOCKS_MAX};
+BPF_ANNOTATE_KV_PAIR(hm_socks, struct hm_sock_key, u64);
+/* keys of passive sockets whose active peer went into hm_socks (see bpf/sockops_accel.c) */
+BPF_TABLE_PINNED("lru_hash", struct hm_sock_key, u32, hm_pending, 65536, HM_PIN(hm_pending));
+/* per accelerated socket (same key as hm_socks): bytes redirected, and whether it has fallen
+ * back to TCP/IP for good (bpf/sk_msg.c); created by bpf/sockops_accel.c on insertion */
+BPF_TABLE_PINNED("lru_hash", struct hm_sock_key, struct hm_flow, hm_flows, 65536, HM_PIN(hm_flows));
 /* counters, enum hm_counter */
 BPF_TABLE_PINNED("percpu_array", u32, u64, hm_counters, HM_C_MAX, HM_PIN(hm_counters));
 /* cgroup id -> where programs are attached (agent bookkeeping, never read by programs) */

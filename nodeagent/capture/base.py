@@ -45,6 +45,7 @@ class CaptureSpec:
     cgroups: tuple[str, ...] = ()       # cgroup v2 dirs whose processes are captured outbound (pods, host units)
     redirect_address: str = ""          # where pods reach the node's proxy (their gateway, e.g. 169.254.1.1)
     instance: str = ""                  # names this agent's pins: /sys/fs/bpf/hostmesh/<instance>
+    accelerate: bool = False            # sockops + sk_msg for same-node socket pairs (pod <-> proxy)
 
     def __post_init__(self) -> None:
         for name in ("pod_cidrs", "mesh_cidrs"):
@@ -79,6 +80,8 @@ class CaptureSpec:
             except ValueError:
                 raise CaptureError(f"capture spec: redirect_address {self.redirect_address!r} is not an "
                                    f"IPv4 address") from None
+        if not isinstance(self.accelerate, bool):
+            raise CaptureError(f"capture spec: accelerate {self.accelerate!r} must be true or false")
         if not isinstance(self.instance, str) or (self.instance and not _INSTANCE.match(self.instance)):
             raise CaptureError(f"capture spec: instance {self.instance!r} must be 1-64 letters, digits, "
                                f"'.', '_' or '-'")

@@ -9,6 +9,8 @@ share a kernel, each with its own pins)::
     tc clsact ingress filter              on the node's fabric interface(s)
     ip rule fwmark 0x150060 lookup 15006  + `local 0.0.0.0/0 dev lo table 15006`
     IP_TRANSPARENT on the inbound listener, which goes into the hm_listen sockmap
+    spec.accelerate only: sockops_accel on the capture cgroups and the agent's cgroup,
+                          sk_msg attached to the hm_socks sockhash
 
 Outbound (bpf/connect4.c, bpf/connect6.c, bpf/sockops.c). A pod's connect() to a mesh destination (LPM
 trie of spec.mesh_cidrs) is rewritten *before the SYN exists* to the proxy's outbound
@@ -60,6 +62,20 @@ recorded in hm_cgroups, removes the tc filter (and the clsact qdisc when it hold
 else), the ip rule and route, and every pin. Instances whose cgroups no longer exist
 (a lab removed under a SIGKILLed agent) are unpinned by the next install().
 
+Same-node acceleration (spec.accelerate, off by default: README, "Capture benchmark").
+bpf/sockops_accel.c puts both ends of each same-node leg into the hm_socks sockhash when
+they are established: a pod's redirected connection and the proxy's accepted socket, the
+proxy's upstream socket to a local pod and the pod's accepted socket. bpf/sk_msg.c then
+hands every message of such a socket to its peer's receive queue (bpf_msg_redirect_hash,
+BPF_F_INGRESS), skipping TCP/IP and the veth. Connections to other hosts keep their
+node-facing leg on TCP. The kernel unlinks a socket from the map when it is closed; no
+state callback deletes entries at TCP_CLOSE, because that would drop bytes still queued
+for a half-closed reader (the reply after EOF). The ingress redirect charges the receiving
+socket without looking at its receive buffer (no flow control), so each socket redirects
+at most ACCEL_BUDGET bytes and then continues over TCP/IP for good (bench/capture.py
+"stalled receiver" shows why). Switching it off (restart with accelerate: false) detaches
+both programs; sockets already in the map stay accelerated until they close.
+
 IPv4 only: connect6/IPv6 inbound are not implemented (the lab has no IPv6).
 """
 
@@ -81,6 +97,7 @@ from nodeagent.capture import ebpf_maps as m
 from nodeagent.capture import netns as nsmod
 from nodeagent.capture.base import Capture, CaptureSpec, CaptureStatus
 from nodeagent.capture.ebpf_loader import (
+    CGROUP_PROGRAMS,
     PIN_ROOT,
     PROGRAMS,
     BpfLoader,
@@ -103,6 +120,14 @@ SO_COOKIE = 57
 SO_NETNS_COOKIE = 71
 # attached to every capture cgroup (the agent's own cgroup gets only getsockopt)
 CAPTURE_PROGRAMS = ("connect4", "connect6", "sockops")
+# same-node acceleration (spec.accelerate): sockops_accel on the capture cgroups and the agent's
+# cgroup, sk_msg on the hm_socks sockhash
+ACCEL_PROGRAM = "sockops_accel"
+ACCEL_MSG_PROGRAM = "sk_msg"
+# bytes one accelerated socket may hand to its peer before it continues over TCP/IP, where the
+# receive window bounds what is in flight (bpf/sk_msg.c): covers request/response traffic,
+# keeps bulk transfers from queueing unbounded kernel memory behind a slow reader
+ACCEL_BUDGET = 1 << 20
 
 
 def netns_cookie(netns: str | None) -> int:
@@ -265,7 +290,7 @@ class EbpfCapture(Capture):
         return m.HmConfig(redirect_ip4=m.ip4(self.redirect_address), outbound_port=m.port(self.spec.outbound_port),
                           inbound_port=m.port(self.spec.inbound_port), socket_mark=self.spec.socket_mark,
                           inbound_mark=INBOUND_MARK, proxy_cgroup_id=cgroup_id(proxy) if proxy else 0,
-                          proxy_netns_cookie=netns_ck, flags=flags)
+                          proxy_netns_cookie=netns_ck, flags=flags, accel_budget=ACCEL_BUDGET)
 
     def _write_config(self, ld: BpfLoader) -> None:
         ld.maps["hm_config"].put(0, self.desired_config(netns_cookie(self.netns)))
@@ -302,6 +327,7 @@ class EbpfCapture(Capture):
                             ld.attach_cgroup(cg, key)
                     if proxy:
                         ld.attach_cgroup(proxy, "getsockopt")
+                    self._reconcile_acceleration(ld, cgroups, proxy)
                     keep = set(cgroups) | ({proxy} if proxy else set())
                     for path in ld.registered_cgroups():
                         if path not in keep:
@@ -322,10 +348,58 @@ class EbpfCapture(Capture):
             self.notes = [] if proxy else [
                 "the agent runs in the root cgroup (or none is known): cgroup/getsockopt is not attached there, "
                 "the original destination is read from the map by the agent"]
+            if self.spec.accelerate and not proxy:
+                self.notes.append("acceleration is on but the agent runs in the root cgroup: the proxy's sockets "
+                                  "cannot be put into hm_socks, so nothing is accelerated")
             self._open_runtime()
             self.last_status = CaptureStatus(ok=True, problems=[], checked_at=time.time())
             log.info("eBPF capture installed", extra={"instance": self.instance, "programs": self.how_loaded,
                                                       "cgroups": len(cgroups)})
+
+    def _accelerating(self, proxy: str | None) -> bool:
+        """Acceleration needs the proxy's sockets in hm_socks: sockops on the agent's own cgroup."""
+        return self.spec.accelerate and proxy is not None
+
+    def _reconcile_acceleration(self, ld: BpfLoader, cgroups: list[str], proxy: str | None) -> None:
+        """On: sockops_accel on the capture cgroups and the agent's, sk_msg on hm_socks. Off: none
+        of it anywhere (an earlier agent may have switched it on)."""
+        targets = cgroups + ([proxy] if proxy else [])
+        if self._accelerating(proxy):
+            ld.attach_sockmap(ACCEL_MSG_PROGRAM)  # first, so every inserted socket gets it
+            for cg in targets:
+                ld.attach_cgroup(cg, ACCEL_PROGRAM)
+            return
+        for cg in set(targets) | set(ld.registered_cgroups()):
+            ld.detach_program(cg, ACCEL_PROGRAM)
+        ld.detach_sockmap(ACCEL_MSG_PROGRAM)
+
+    def _verify_acceleration(self, ld: BpfLoader) -> list[str]:
+        proxy = self.proxy_cgroup()
+        targets = self.capture_cgroups() + ([proxy] if proxy else [])
+        p = PROGRAMS[ACCEL_PROGRAM]
+        problems = []
+        on = self._accelerating(proxy)
+        for cg in targets:
+            ids = [pid for pid, name in ld.attached(cg, p.attach_type) if name == p.func]
+            if on and ld.prog_ids[ACCEL_PROGRAM] not in ids:
+                problems.append(f"{p.func} is not attached to {cg} (acceleration is on)")
+            if not on and ids:
+                problems.append(f"{p.func} is attached to {cg} but acceleration is off")
+        msg = ld.sockmap_attached(ACCEL_MSG_PROGRAM)
+        if on and msg != [ld.prog_ids[ACCEL_MSG_PROGRAM]]:
+            problems.append(f"hm_sk_msg is not (the only program) attached to hm_socks (have {msg})")
+        if not on and msg:
+            problems.append(f"programs {msg} are attached to hm_socks but acceleration is off")
+        return problems
+
+    def acceleration_view(self, ld: BpfLoader) -> dict[str, Any]:
+        """For /capture: switched on?, what is attached, how many sockets are in hm_socks now."""
+        limit = 4096
+        n = ld.maps["hm_socks"].count(limit)
+        return {"enabled": self._accelerating(self.proxy_cgroup()), "requested": self.spec.accelerate,
+                "sk_msg_attached": ld.sockmap_attached(ACCEL_MSG_PROGRAM),
+                "sockets": n if n < limit else f">={limit}",
+                "pending_peers": ld.maps["hm_pending"].count(limit)}
 
     def _install_in_netns(self, ld: BpfLoader) -> None:
         ifaces = self.inbound_interfaces()
@@ -440,6 +514,10 @@ class EbpfCapture(Capture):
                     except OSError as exc:
                         errors.append(f"detach from {cg}: {exc}")
                 try:
+                    ld.detach_sockmap(ACCEL_MSG_PROGRAM)  # unpinning would release it too; be explicit
+                except OSError as exc:
+                    errors.append(f"detach sk_msg from hm_socks: {exc}")
+                try:
                     self._in_netns(self._remove_in_netns, ld)
                 except (OSError, CaptureError) as exc:
                     errors.append(str(exc))
@@ -503,6 +581,7 @@ class EbpfCapture(Capture):
         if proxy and not any(pid == ld.prog_ids["getsockopt"]
                              for pid, _ in ld.attached(proxy, PROGRAMS["getsockopt"].attach_type)):
             problems.append(f"hm_getsockopt is not attached to the agent's cgroup {proxy}")
+        problems += self._verify_acceleration(ld)
         problems += self._in_netns(self._verify_in_netns, ld)
         return problems
 
@@ -560,14 +639,14 @@ class EbpfCapture(Capture):
                 for cg in sorted(set(ld.registered_cgroups())):
                     if not os.path.isdir(cg):
                         continue
-                    attachments[cg] = sorted(name for at, p in ((p.attach_type, p) for p in PROGRAMS.values()
-                                                               if p.attach_type >= 0)
-                                             for _pid, name in ld.attached(cg, at) if name == p.func)
+                    attachments[cg] = sorted(name for p in CGROUP_PROGRAMS.values()
+                                             for _pid, name in ld.attached(cg, p.attach_type) if name == p.func)
                 info["attachments"] = attachments
                 info["tc"] = self._in_netns(ld.tc_interfaces)
                 rules, routes = self._in_netns(_routing_state)
                 info["policy_routing"] = {"rules": rules, "routes": routes}
                 info["counters"] = ld.counters()
+                info["acceleration"] = self.acceleration_view(ld)
                 info["inbound_listener"] = self._in_netns(self.listener_status)
                 info["entries"] = {"mesh": sorted(m.cidr_text(k) for k in ld.maps["hm_mesh"].keys()),
                                    "pods": sorted(m.cidr_text(k) for k in ld.maps["hm_pods"].keys())}

@@ -25,6 +25,10 @@ their layout still matches. Cgroup attachments are legacy BPF_PROG_ATTACH with
 BPF_F_ALLOW_MULTI: the kernel keeps them when the agent dies (fail closed) and other
 tools' programs on the same cgroups are left alone.
 
+Programs attach to one of three things (``Program.target``): cgroups (legacy attach, as
+above), the tc ingress hook, or a sockmap — sk_msg is attached to the hm_socks sockhash,
+so the attachment lives as long as the pinned map and needs no bookkeeping of its own.
+
 Bookkeeping: ``hm_cgroups`` (cgroup id -> path, attach types) records every attachment so
 ``remove_all()`` finds them again after a crash or a config change. Programs are
 recognised as ours by name (``hm_*``) on cgroups this instance manages.
@@ -69,6 +73,12 @@ class Program:
     func: str           # function name (= kernel program name, <= 15 chars)
     prog_type: int
     attach_type: int    # expected_attach_type / cgroup attach type; -1 for tc
+    target: str = "cgroup"  # what it attaches to: "cgroup", "tc", or the name of a sockmap/sockhash
+
+    @property
+    def load_attach_type(self) -> int:
+        """expected_attach_type at load time: only cgroup programs declare one."""
+        return self.attach_type if self.target == "cgroup" else -1
 
 
 PROGRAMS: dict[str, Program] = {p.key: p for p in (
@@ -76,9 +86,13 @@ PROGRAMS: dict[str, Program] = {p.key: p for p in (
     Program("connect6", "connect6.c", "hm_connect6", sysb.PROG_TYPE_CGROUP_SOCK_ADDR, sysb.ATTACH_CGROUP_INET6_CONNECT),
     Program("sockops", "sockops.c", "hm_sockops", sysb.PROG_TYPE_SOCK_OPS, sysb.ATTACH_CGROUP_SOCK_OPS),
     Program("getsockopt", "getsockopt.c", "hm_getsockopt", sysb.PROG_TYPE_CGROUP_SOCKOPT, sysb.ATTACH_CGROUP_GETSOCKOPT),
-    Program("tc_inbound", "tc_inbound.c", "hm_tc_inbound", sysb.PROG_TYPE_SCHED_CLS, -1),
+    Program("tc_inbound", "tc_inbound.c", "hm_tc_inbound", sysb.PROG_TYPE_SCHED_CLS, -1, "tc"),
+    # same-node acceleration (attached only when it is switched on)
+    Program("sockops_accel", "sockops_accel.c", "hm_sock_accel", sysb.PROG_TYPE_SOCK_OPS, sysb.ATTACH_CGROUP_SOCK_OPS),
+    Program("sk_msg", "sk_msg.c", "hm_sk_msg", sysb.PROG_TYPE_SK_MSG, sysb.ATTACH_SK_MSG_VERDICT, "hm_socks"),
 )}
-CGROUP_PROGRAMS = {p.attach_type: p for p in PROGRAMS.values() if p.attach_type >= 0}
+CGROUP_PROGRAMS = {p.key: p for p in PROGRAMS.values() if p.target == "cgroup"}
+CGROUP_ATTACH_TYPES = sorted({p.attach_type for p in CGROUP_PROGRAMS.values()})
 OUR_PROG_NAMES = {p.func for p in PROGRAMS.values()}
 
 
@@ -382,7 +396,7 @@ class BpfLoader:
                     if problems:
                         raise CaptureError("ebpf capture: " + "; ".join(problems))
                     try:
-                        fn = b.load_func(p.func, p.prog_type, attach_type=p.attach_type)
+                        fn = b.load_func(p.func, p.prog_type, attach_type=p.load_attach_type)
                     except Exception as exc:
                         raise CaptureError(f"ebpf capture: the kernel refused program {p.func} "
                                            f"(bpf/{p.file}): {exc}") from None
@@ -468,11 +482,23 @@ class BpfLoader:
         n = 0
         if not os.path.isdir(cgroup):
             return 0
-        for at in (attach_types if attach_types is not None else CGROUP_PROGRAMS):
+        for at in (attach_types if attach_types is not None else CGROUP_ATTACH_TYPES):
             for pid, name in self.attached(cgroup, at):
                 if name in OUR_PROG_NAMES:
                     self._detach_prog_id(cgroup, at, pid)
                     n += 1
+        return n
+
+    def detach_program(self, cgroup: str, key: str) -> int:
+        """Detach program `key` (any build of it, by name) from `cgroup`; returns how many."""
+        p = PROGRAMS[key]
+        n = 0
+        if not os.path.isdir(cgroup):
+            return 0
+        for pid, name in self.attached(cgroup, p.attach_type):
+            if name == p.func:
+                self._detach_prog_id(cgroup, p.attach_type, pid)
+                n += 1
         return n
 
     def _register(self, cgroup: str, attach_type: int) -> None:
@@ -506,6 +532,45 @@ class BpfLoader:
                 else:
                     v.attach_types &= ~attach_types_mask
                     reg.put(k, v)
+
+    # ------------------------------------------------------------------ sockmap programs
+    def sockmap_attached(self, key: str) -> list[int]:
+        """Ids of the programs attached to program `key`'s map for its attach type."""
+        p = PROGRAMS[key]
+        return sysb.prog_query(self.maps[p.target].fd, p.attach_type)
+
+    def attach_sockmap(self, key: str) -> bool:
+        """Attach program `key` (sk_msg) to its map; the kernel replaces an older one. True if changed."""
+        p = PROGRAMS[key]
+        if self.prog_ids[key] in self.sockmap_attached(key):
+            return False
+        try:
+            sysb.prog_attach(self.progs[key], self.maps[p.target].fd, p.attach_type, 0)
+        except OSError as exc:
+            raise CaptureError(f"ebpf capture: cannot attach {p.func} to the {p.target} map: {exc.strerror}") from None
+        return True
+
+    def detach_sockmap(self, key: str) -> int:
+        """Detach every program from program `key`'s map (only ours can be there: the map is ours)."""
+        p = PROGRAMS[key]
+        mp = self.maps.get(p.target)
+        if mp is None:
+            return 0
+        n = 0
+        for pid in sysb.prog_query(mp.fd, p.attach_type):
+            try:
+                pfd = sysb.prog_fd_by_id(pid)
+            except OSError:
+                continue
+            try:
+                sysb.prog_detach(pfd, mp.fd, p.attach_type)
+                n += 1
+            except OSError as exc:
+                if exc.errno != errno.ENOENT:
+                    raise
+            finally:
+                os.close(pfd)
+        return n
 
     # ------------------------------------------------------------------ tc (current netns)
     def tc_name(self) -> str:

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from nodeagent.capture import ebpf_sys as sysb
 from nodeagent.errors import CaptureError
 
-HM_LAYOUT_VERSION = 1
+HM_LAYOUT_VERSION = 2
 
 HM_F_OUTBOUND = 0x1
 HM_F_INBOUND = 0x2
@@ -33,7 +33,8 @@ class HmConfig(ctypes.Structure):
     _fields_ = [("redirect_ip4", ctypes.c_uint32), ("outbound_port", ctypes.c_uint16),
                 ("inbound_port", ctypes.c_uint16), ("socket_mark", ctypes.c_uint32),
                 ("inbound_mark", ctypes.c_uint32), ("proxy_cgroup_id", ctypes.c_uint64),
-                ("proxy_netns_cookie", ctypes.c_uint64), ("flags", ctypes.c_uint32), ("_pad", ctypes.c_uint32)]
+                ("proxy_netns_cookie", ctypes.c_uint64), ("flags", ctypes.c_uint32),
+                ("accel_budget", ctypes.c_uint32)]
 
 
 class HmCidrKey(ctypes.Structure):
@@ -49,6 +50,15 @@ class HmOrigdst(ctypes.Structure):
     _fields_ = [("addr", ctypes.c_uint32), ("port", ctypes.c_uint16), ("_pad", ctypes.c_uint16)]
 
 
+class HmSockKey(ctypes.Structure):
+    _fields_ = [("local_ip4", ctypes.c_uint32), ("remote_ip4", ctypes.c_uint32), ("local_port", ctypes.c_uint16),
+                ("remote_port", ctypes.c_uint16)]
+
+
+class HmFlow(ctypes.Structure):
+    _fields_ = [("redirected", ctypes.c_uint64), ("tcp_only", ctypes.c_uint32), ("_pad", ctypes.c_uint32)]
+
+
 class HmMeta(ctypes.Structure):
     _fields_ = [("layout", ctypes.c_uint32), ("_pad", ctypes.c_uint32), ("build_id", ctypes.c_uint8 * 32)]
 
@@ -62,7 +72,8 @@ class HmAttachment(ctypes.Structure):
 COUNTERS = (
     "connect_redirected", "connect_proxy_skipped", "connect_error", "sockops_moved", "sockops_miss",
     "origdst_hit", "origdst_miss", "inbound_assigned", "inbound_no_listener", "inbound_error",
-    "inbound_established",
+    "inbound_established", "accel_inserted", "accel_insert_error", "accel_redirected", "accel_redirected_bytes",
+    "accel_passed", "accel_budget_spent",
 )
 COUNTER_HELP = {
     "connect_redirected": "connections redirected to the outbound listener at connect()",
@@ -76,6 +87,12 @@ COUNTER_HELP = {
     "inbound_no_listener": "inbound SYNs dropped because no listener was registered (fail closed)",
     "inbound_error": "inbound SYNs dropped because bpf_sk_assign failed",
     "inbound_established": "inbound packets of intercepted connections delivered locally",
+    "accel_inserted": "same-node sockets put into the hm_socks sockhash (acceleration)",
+    "accel_insert_error": "same-node sockets the kernel refused to put into hm_socks (they stay on TCP/IP)",
+    "accel_redirected": "messages sk_msg handed straight to the peer socket",
+    "accel_redirected_bytes": "bytes of the messages sk_msg handed straight to the peer socket",
+    "accel_passed": "messages of sockets in hm_socks sent over TCP/IP (no peer yet, or the socket fell back)",
+    "accel_budget_spent": "accelerated sockets that used their redirect budget and continue over TCP/IP",
 }
 
 
@@ -99,6 +116,9 @@ MAPS: dict[str, MapSpec] = {m.name: m for m in (
     MapSpec("hm_cookie", sysb.MAP_TYPE_LRU_HASH, ctypes.c_uint64, HmOrigdst, 65536),
     MapSpec("hm_origdst", sysb.MAP_TYPE_LRU_HASH, HmTuple, HmOrigdst, 65536),
     MapSpec("hm_listen", sysb.MAP_TYPE_SOCKMAP, ctypes.c_uint32, ctypes.c_uint64, 1),
+    MapSpec("hm_socks", sysb.MAP_TYPE_SOCKHASH, HmSockKey, ctypes.c_uint64, 65536),
+    MapSpec("hm_pending", sysb.MAP_TYPE_LRU_HASH, HmSockKey, ctypes.c_uint32, 65536),
+    MapSpec("hm_flows", sysb.MAP_TYPE_LRU_HASH, HmSockKey, HmFlow, 65536),
     MapSpec("hm_counters", sysb.MAP_TYPE_PERCPU_ARRAY, ctypes.c_uint32, ctypes.c_uint64, len(COUNTERS), percpu=True),
     MapSpec("hm_cgroups", sysb.MAP_TYPE_HASH, ctypes.c_uint64, HmAttachment, 1024),
 )}
@@ -198,6 +218,18 @@ class Map:
                 return out
             out.append(nxt)
             prev = nxt
+
+    def count(self, limit: int) -> int:
+        """How many keys, counting at most `limit` (one syscall per key)."""
+        n = 0
+        prev = None
+        while n < limit:
+            nxt = self.spec.key()
+            if not sysb.map_next_key(self.fd, prev, nxt):
+                break
+            n += 1
+            prev = nxt
+        return n
 
     def items(self) -> list[tuple]:
         out = []

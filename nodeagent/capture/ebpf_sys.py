@@ -34,16 +34,19 @@ BPF_PROG_QUERY = 16
 # enum bpf_prog_type (the ones used here)
 PROG_TYPE_SCHED_CLS = 3
 PROG_TYPE_SOCK_OPS = 13
+PROG_TYPE_SK_MSG = 16
 PROG_TYPE_CGROUP_SOCK_ADDR = 18
 PROG_TYPE_CGROUP_SOCKOPT = 25
 
 # enum bpf_attach_type (the ones used here)
 ATTACH_CGROUP_SOCK_OPS = 3
+ATTACH_SK_MSG_VERDICT = 7
 ATTACH_CGROUP_INET4_CONNECT = 10
 ATTACH_CGROUP_INET6_CONNECT = 11
 ATTACH_CGROUP_GETSOCKOPT = 21
 ATTACH_NAMES = {ATTACH_CGROUP_SOCK_OPS: "sock_ops", ATTACH_CGROUP_INET4_CONNECT: "connect4",
-                ATTACH_CGROUP_INET6_CONNECT: "connect6", ATTACH_CGROUP_GETSOCKOPT: "getsockopt"}
+                ATTACH_CGROUP_INET6_CONNECT: "connect6", ATTACH_CGROUP_GETSOCKOPT: "getsockopt",
+                ATTACH_SK_MSG_VERDICT: "sk_msg_verdict"}
 
 # enum bpf_map_type (the ones used here)
 MAP_TYPE_HASH = 1
@@ -52,6 +55,7 @@ MAP_TYPE_PERCPU_ARRAY = 6
 MAP_TYPE_LPM_TRIE = 11
 MAP_TYPE_LRU_HASH = 9
 MAP_TYPE_SOCKMAP = 15
+MAP_TYPE_SOCKHASH = 18
 
 BPF_F_ALLOW_MULTI = 1 << 1
 BPF_F_NO_PREALLOC = 1 << 0
@@ -233,7 +237,7 @@ def prog_detach(prog_fd: int, target_fd: int, attach_type: int) -> None:
 
 
 def prog_query(target_fd: int, attach_type: int) -> list[int]:
-    """Ids of the programs attached directly to a cgroup for `attach_type` (not inherited)."""
+    """Ids of the programs attached directly to a cgroup (or a sockmap) for `attach_type`."""
     cap = 64
     while True:
         ids = (ctypes.c_uint32 * cap)()
