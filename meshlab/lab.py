@@ -286,12 +286,25 @@ def bpf_pins(lab: str) -> list[Path]:
 def teardown(prefix: str, cgroup_dirs: list[Path], run_dirs: list[Path], pins: list[Path] = ()) -> dict:
     """Kill lab processes, delete namespaces, cgroups and run dirs; report what was removed."""
     namespaces = [ns for ns in system.list_netns() if ns.startswith(prefix)]
-    pids: set[int] = set()
-    for ns in namespaces:
-        pids |= system.netns_pids(ns)
-    for d in cgroup_dirs:
-        pids |= cgroups.tree_pids(d)
-    system.kill_all(pids)
+
+    def lab_pids() -> set[int]:
+        found: set[int] = set()
+        for ns in namespaces:
+            found |= system.netns_pids(ns)
+        for d in cgroup_dirs:
+            found |= cgroups.tree_pids(d)
+        return found
+
+    pids = lab_pids()
+    killed = set(pids)
+    # a process may fork while we kill (an agent running iptables-restore, a test's
+    # client): kill again until the lab's namespaces and cgroups hold no process
+    for _ in range(5):
+        if not pids:
+            break
+        system.kill_all(pids)
+        pids = lab_pids() - {os.getpid()}
+        killed |= pids
     errors = []
     for ns in namespaces:
         try:
@@ -304,7 +317,7 @@ def teardown(prefix: str, cgroup_dirs: list[Path], run_dirs: list[Path], pins: l
         subprocess.run(["rm", "-rf", "--one-file-system", str(d)], check=False)
     if errors:
         raise LabError("lab teardown left things behind:\n  " + "\n  ".join(errors))
-    return {"namespaces": namespaces, "processes": sorted(pids), "cgroups": [str(d) for d in cgroup_dirs]}
+    return {"namespaces": namespaces, "processes": sorted(killed), "cgroups": [str(d) for d in cgroup_dirs]}
 
 
 def require_root() -> None:
