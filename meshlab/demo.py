@@ -27,14 +27,15 @@ def _curl(lab: Lab, source: str, url: str, *extra: str) -> dict:
     return json.loads(_request(lab, source, ["curl", "-sS", "--max-time", "5", *extra, url]))
 
 
-def _opened(lab: Lab, node: str) -> Counter:
-    """hostmesh_tcp_connections_opened_total by (reporter, destination workload)."""
+def _opened(lab: Lab, node: str, *keys: str) -> Counter:
+    """hostmesh_tcp_connections_opened_total by the given labels (reporter, destination workload)."""
+    keys = keys or ("reporter", "destination_workload")
     text = mesh.admin_get(lab, node, "/stats/prometheus").stdout
     out: Counter = Counter()
     for line in text.splitlines():
         if line.startswith("hostmesh_tcp_connections_opened_total{"):
             labels = dict(re.findall(r'(\w+)="([^"]*)"', line))
-            out[(labels["reporter"], labels["destination_workload"])] += float(line.rsplit(" ", 1)[1])
+            out[tuple(labels[k] for k in keys)] += float(line.rsplit(" ", 1)[1])
     return out
 
 
@@ -87,6 +88,15 @@ def run(name: str, *, keep: bool, out: TextIO) -> int:
             if reporter == "source" and delta:
                 say(f"   destination_workload={workload:<12} +{delta:.0f}")
         say()
+        say("== identity: every agent holds a certificate per local workload identity (from the control plane's CA)")
+        for c in json.loads(mesh.admin_get(lab, "node1", "/certs").stdout):
+            say(f"   node1 {c['identity']} serial {c['serial'][:12]}... valid until {c['not_after']}")
+        say("   node2's inbound connections by security policy and client identity:")
+        for (reporter, policy, principal), n in sorted(
+                _opened(lab, "node2", "reporter", "connection_security_policy", "source_principal").items()):
+            if reporter == "destination":
+                say(f"   {policy:<10} from {principal:<45} {n:.0f}")
+        say()
         cfg = mesh.cp_config_dir(lab)
         say(f"== live config change: edit {cfg}/services.yaml so testapp selects only node2's pods")
         mesh.write_config(lab, "services.yaml", [mesh.service_document(
@@ -111,7 +121,8 @@ def run(name: str, *, keep: bool, out: TextIO) -> int:
         say(f"== node1 capture: {capture.get('backend')} installed={capture.get('installed')} verified={verified}")
         say()
         say("== summary: pod traffic is captured transparently and balanced by the node proxies,")
-        say("   and a config edit reaches every node through the control plane")
+        say("   crosses nodes over mTLS with per-workload identities, and a config edit reaches")
+        say("   every node through the control plane")
         if keep:
             say(f"   the lab stays up: 'hostmesh lab status --name {name}', "
                 f"'hostmesh lab exec --name {name} node1/pod-1 -- curl -s http://{svc['vip']}/', "

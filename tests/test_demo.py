@@ -17,6 +17,7 @@ def test_demo_runs_and_cleans_up():
         assert r.returncode == 0, r.stdout + r.stderr
         assert "health SERVING" in r.stdout
         assert "pod traffic is captured transparently" in r.stdout
+        assert "mutual_tls from spiffe://cluster.local/ns/default/sa/testapp" in r.stdout
         assert "traffic goes only to: node2/pod-1, node2/pod-2" in r.stdout
         assert f"lab {name!r} removed" in r.stdout
         assert not Lab(name).exists()
