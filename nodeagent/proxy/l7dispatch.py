@@ -191,7 +191,7 @@ class L7Dispatch:
             if conn is None:
                 raise OSError(f"mTLS tunnel to {plan.dial[0]}:{plan.dial[1]}: {reason}")
         proto = factory()
-        stream = conn.open_stream(plan, proto)
+        stream = _StreamTransport(conn.open_stream(plan, proto))
         proto.connection_made(stream)
         loop, max_age, source = tunnel.loop, tunnel.limits.tunnel_max_age, plan.source
         proto.reuse_ok = lambda: (not conn.lost and not tunnel.draining and loop.time() - conn.created < max_age
@@ -217,6 +217,28 @@ class L7Dispatch:
 
     def close(self) -> None:
         self.inputs.pool.close()
+
+
+class _StreamTransport:
+    """A tunnel stream as the HTTP codecs' upstream transport: the stream's methods plus
+    ``writelines`` (the driver writes a head and body pieces in one call)."""
+
+    __slots__ = ("stream", "write", "pause_reading", "resume_reading", "is_closing", "get_write_buffer_size")
+
+    def __init__(self, stream) -> None:
+        self.stream = stream
+        # the per-request calls, bound once
+        self.write = stream.write
+        self.pause_reading = stream.pause_reading
+        self.resume_reading = stream.resume_reading
+        self.is_closing = stream.is_closing
+        self.get_write_buffer_size = stream.get_write_buffer_size
+
+    def writelines(self, chunks) -> None:
+        self.stream.write(b"".join(chunks))
+
+    def __getattr__(self, name: str):
+        return getattr(self.stream, name)
 
 
 class _Conn(asyncio.Protocol):
