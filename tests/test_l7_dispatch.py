@@ -141,9 +141,9 @@ def test_detection_runs_only_for_destinations_with_an_l7_need():
             else:
                 assert det.decision is None and det.http_only == (want == "http")
             assert l7.detector(snap, Passthrough(VIP, 80), VIP, 80) is None
-        # a pod IP that is an HTTP Service port's target: detected (that workload, no routing)
+        # a pod IP, even the target of an HTTP Service port: workload-addressed traffic stays L4
         snap = snapshot([ep], app_protocol="http")
-        assert Proxy(snap).listener.l7.detector(snap, Forward(ep), "10.0.0.5", 8080) is not None
+        assert Proxy(snap).listener.l7.detector(snap, Forward(ep), "10.0.0.5", 8080) is None
         assert Proxy(snap, l7=False).listener.l7 is None
     run(main())
 

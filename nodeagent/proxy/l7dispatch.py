@@ -10,12 +10,12 @@ When detection runs (decided per snapshot, one dict lookup per connection):
 * a Service VIP:port without an ``appProtocol`` that has an HTTPRoute/GRPCRoute attached
   or a TrafficPolicy targeting its Service — auto-detection with the detection timeout
   (``ProxyLimits.detect_timeout``; server-speaks-first protocols get TCP after it);
-* a pod IP:port that is the target port of such an HTTP-family Service port — that
-  workload, without routing (GAMMA routes attach to Services).
-
-Everything else — no routes, no policy, ``appProtocol`` tcp/tls/mysql/..., passthrough
-destinations, refusals — never enters this module: the listener's L4 path runs exactly as
+Everything else — no routes, no policy, ``appProtocol`` tcp/tls/mysql/..., workload
+(pod IP) destinations, passthrough destinations, refusals — never enters this module: the listener's L4 path runs exactly as
 without L7 and pays no detection delay. A fixed ``appProtocol`` decides without waiting.
+Workload-addressed traffic stays L4 as in Istio ambient (a waypoint serves
+service-addressed traffic): GAMMA routes and TrafficPolicies attach to Services, and a
+client that dials a pod chose its endpoint itself.
 
 After detection, ``SERVE`` (protocol -> ``serve(transport, first_bytes, ctx, inputs)``)
 picks the driver; a protocol without an entry (HTTP/2 prior knowledge until its driver
@@ -42,7 +42,7 @@ import asyncio
 import logging
 from typing import TYPE_CHECKING, Any, Callable
 
-from nodeagent.proxy.destinations import Forward, Refuse, service_endpoints
+from nodeagent.proxy.destinations import Forward, Refuse
 from nodeagent.proxy.l7.context import ConnContext, L7Inputs, L7Limits
 from nodeagent.proxy.l7.detect import _FIXED, _HTTP, HTTP1, NEED_MORE, OPAQUE, TLS, Detected, Detector, detector_for
 from nodeagent.proxy.l7.http1_proxy import serve_http1
@@ -105,8 +105,6 @@ class L7Dispatch:
                 ap = port.app_protocol.strip().lower()
                 if ap in _L7_APP_PROTOCOLS:
                     modes[(svc.cluster_ip, port.port)] = ap
-                    for ep in service_endpoints(svc, port):
-                        modes.setdefault((ep.address, ep.port), ap)
                     continue
                 if ap:  # tcp, tls, mysql, an unknown name: not ours to parse
                     continue
@@ -129,15 +127,11 @@ class L7Dispatch:
 
     def serve(self, conn: "_Conn", serve: Callable, data: bytes, eof: bool) -> None:
         relay = conn.relay
-        decision = conn.decision
         ctx = ConnContext.for_connection(self.inputs, conn.snapshot, src_ip=conn.peer_ip, dst_ip=conn.dst[0],
                                          dst_port=conn.dst[1], reporter=self.listener.reporter,
                                          on_done=lambda driver: self._done(relay, driver))
-        labels = conn.labels
-        if ctx.router is None:  # a workload address: that workload, no routing
-            ctx.endpoint = decision.endpoint
-        else:  # the L4 pick is not where requests go: the driver balances per request
-            labels = labels._replace(destination_workload=UNKNOWN)
+        # the L4 pick is not where requests go: the driver balances per request
+        labels = conn.labels._replace(destination_workload=UNKNOWN)
         relay.labels = labels
         self.listener.metrics.tcp(labels, NO_FLAGS).opened.inc()
         transport = relay.transport
