@@ -174,7 +174,7 @@ def test_http_is_routed_by_the_driver_and_tcp_metrics_are_kept():
     run(main())
 
 
-def test_no_endpoint_is_a_proxy_made_503_uh():
+def test_no_endpoint_behind_a_route_is_a_proxy_made_503_uh():
     async def main():
         v1 = await Backend("v1").start()
         snap = NodeSnapshot(node=NODE, services=(
@@ -257,3 +257,20 @@ def test_drain_closes_idle_keep_alive_l7_connections():
 def test_detected_protocols_map_to_serve_functions_or_tcp():
     from nodeagent.proxy.l7dispatch import SERVE
     assert HTTP1 in SERVE and OPAQUE not in SERVE and HTTP2_PRIOR_KNOWLEDGE not in SERVE
+
+
+def test_a_service_without_endpoints_answers_http_with_503_uh_and_resets_tcp():
+    async def main():
+        snap = NodeSnapshot(node=NODE, services=(
+            Service("web", NS, VIP, (ServicePort(80, 8080, app_protocol="http"),), ()),))
+        async with Proxy(snap) as px:
+            ((status, headers, _),) = await asyncio.to_thread(http_get, px.listener.port, ["/"])
+            assert status == 503 and headers["x-hostmesh-flags"] == "UH"
+            r, w = await asyncio.open_connection(LO, px.listener.port)
+            w.write(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")  # not served by L7 yet: the L4 refusal
+            with pytest.raises(ConnectionResetError):
+                assert await asyncio.wait_for(r.read(), 20) == b""
+            w.close()
+            await px.settle(0)
+            assert px.metric("hostmesh_agent_connections_rejected_total", reason="no_healthy_upstream") == 1
+    run(main())

@@ -10,6 +10,10 @@ When detection runs (decided per snapshot, one dict lookup per connection):
 * a Service VIP:port without an ``appProtocol`` that has an HTTPRoute/GRPCRoute attached
   or a TrafficPolicy targeting its Service — auto-detection with the detection timeout
   (``ProxyLimits.detect_timeout``; server-speaks-first protocols get TCP after it);
+The same holds for such a VIP whose Service has no endpoint (the L4 decision is a
+refusal): HTTP gets the driver's 503 ``UH`` with ``x-hostmesh-flags``, anything else the
+refusal (RST).
+
 Everything else — no routes, no policy, ``appProtocol`` tcp/tls/mysql/..., workload
 (pod IP) destinations, passthrough destinations, refusals — never enters this module: the listener's L4 path runs exactly as
 without L7 and pays no detection delay. A fixed ``appProtocol`` decides without waiting.
@@ -86,7 +90,8 @@ class L7Dispatch:
     # ------------------------------------------------------------------ when to detect
     def detector(self, snapshot: NodeSnapshot, decision, dst_ip: str, dst_port: int) -> Detector | None:
         """A detector for this connection, or None: the plain L4 path (see the module doc)."""
-        if type(decision) is not Forward:
+        t = type(decision)
+        if t is not Forward and not (t is Refuse and decision.service is not None):
             return None
         if snapshot is not self._snapshot:
             self._modes = self._plan(snapshot)
@@ -114,7 +119,7 @@ class L7Dispatch:
         return modes
 
     # ------------------------------------------------------------------ per connection
-    def start(self, relay: "Relay", detector: Detector, snapshot: NodeSnapshot, decision: Forward,
+    def start(self, relay: "Relay", detector: Detector, snapshot: NodeSnapshot, decision: Forward | Refuse,
               labels: TcpLabels, peer_ip: str, dst: tuple[str, int]) -> None:
         """Detect (unless the port's appProtocol already decided), then serve or relay."""
         conn = _Conn(self, relay, detector, snapshot, decision, labels, peer_ip, dst)

@@ -293,6 +293,8 @@ class ProxyListener:
         peer_ip = peer[0] if peer else ""
         labels = connection_labels(snapshot, decision, peer_ip, self.reporter)
         if isinstance(decision, Refuse):
+            if self.answer_refusal(relay, snapshot, decision, labels, peer_ip, (dst_ip, dst_port)):
+                return
             self.metrics.rejected(self.direction, decision.metric_reason)
             relay.refuse(labels, decision.response_flags)
             return
@@ -300,6 +302,11 @@ class ProxyListener:
 
     def intercept(self, relay: Relay, snapshot: NodeSnapshot, dst_ip: str, dst_port: int) -> bool:
         """Take over a connection before the L4 decision (the inbound tunnel); True if taken."""
+        return False
+
+    def answer_refusal(self, relay: Relay, snapshot: NodeSnapshot, decision: Refuse, labels: TcpLabels,
+                       peer_ip: str, dst: tuple[str, int]) -> bool:
+        """Take over a refusal (the outbound L7 side answers HTTP with a 503); True if taken."""
         return False
 
     def dispatch(self, relay: Relay, snapshot: NodeSnapshot, decision: Decision, labels: TcpLabels,

@@ -50,9 +50,26 @@ class OutboundProxy(ProxyListener):
                 return
         self.dispatch_l4(relay, snapshot, decision, labels, peer_ip)
 
+    def answer_refusal(self, relay: Relay, snapshot: NodeSnapshot, decision: Refuse, labels: TcpLabels,
+                       peer_ip: str, dst: tuple[str, int]) -> bool:
+        # a Service without endpoints: HTTP clients get a 503 UH from the driver, not a reset
+        l7 = self.l7
+        if l7 is None or decision.service is None:
+            return False
+        detector = l7.detector(snapshot, decision, dst[0], dst[1])
+        if detector is None:
+            return False
+        l7.start(relay, detector, snapshot, decision, labels, peer_ip, dst)
+        return True
+
     def dispatch_l4(self, relay: Relay, snapshot: NodeSnapshot, decision: Decision, labels: TcpLabels,
                     peer_ip: str) -> None:
-        """The TCP path: the mTLS tunnel when the plan says so, else a plaintext relay."""
+        """The TCP path: the mTLS tunnel when the plan says so, else a plaintext relay (a
+        refusal L7 detection took, when the connection turned out not to be HTTP: refused)."""
+        if isinstance(decision, Refuse):
+            self.metrics.rejected(self.direction, decision.metric_reason)
+            relay.refuse(labels, decision.response_flags)
+            return
         tunnel = self.tunnel
         plan = tunnel.planner.outbound(snapshot, decision, peer_ip) if tunnel is not None else None
         if plan is None:
