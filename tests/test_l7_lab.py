@@ -292,6 +292,11 @@ def test_100_mib_each_way_streams_with_bounded_agent_memory(l7lab):
     assert json.loads(r.stdout)["body_bytes"] == 100 * 1024 * 1024
     grown = rss_kib(pid) - before
     assert grown < 8 * 1024, f"agent RSS grew by {grown} KiB streaming 100 MiB each way"
+    # both went through the L7 driver (request metrics), to node2 over the tunnel
+    assert metric_sum(lab, "node1", "hostmesh_requests_total", destination_service="big.default.svc.cluster.local",
+                      response_code="200") >= 2
+    assert metric_sum(lab, "node1", "hostmesh_response_bytes_sum",
+                      destination_service="big.default.svc.cluster.local") >= 100 * 1024 * 1024
 
 
 def test_websocket_echo_through_the_agents(l7lab):
