@@ -274,3 +274,61 @@ def test_a_service_without_endpoints_answers_http_with_503_uh_and_resets_tcp():
             await px.settle(0)
             assert px.metric("hostmesh_agent_connections_rejected_total", reason="no_healthy_upstream") == 1
     run(main())
+
+
+# ------------------------------------------------------------------ over the mTLS tunnel
+def _tunnel_mesh(app_port: int):
+    from tests.tunnelharness import POD_IP, Mesh
+    web = Service("web", "shop", VIP, (ServicePort(80, app_port, app_protocol="http"),),
+                  (Endpoint(POD_IP, app_port, "node-2", "web", "shop"),))
+    return Mesh(services=(web,), l7=True, tap=True)
+
+
+def test_l7_upstream_crosses_nodes_over_the_tunnel_and_pools_per_stream():
+    from tests.tunnelharness import CLIENT_ID, POD_IP, WEB_ID
+
+    async def main():
+        app = HTTPApp("web", "node-2")
+        server = await asyncio.get_running_loop().create_server(app.protocol_factory, POD_IP, 0)
+        port = server.sockets[0].getsockname()[1]
+        async with _tunnel_mesh(port) as m:
+            m.dst = (VIP, 80)
+            out = await asyncio.to_thread(http_get, m.out.port, ["/secret-path-1", "/secret-path-2"])
+            out += await asyncio.to_thread(http_get, m.out.port, ["/secret-path-3"])
+            assert [(s, b["pod"]) for s, _, b in out] == [(200, "web")] * 3
+            async with asyncio.timeout(20):  # node-2 keeps the pooled stream's relay open
+                while m.out.active_connections:
+                    await asyncio.sleep(0.005)
+            assert b"secret-path" not in m.tap.wire  # only ciphertext between the proxies
+            # one TLS handshake, one stream: the HTTP connection was pooled across client connections
+            assert m.m1("hostmesh_agent_tunnel_handshakes_total", result="ok") == 1
+            assert m.m2("hostmesh_tcp_connections_opened_total", reporter="destination",
+                        connection_security_policy="mutual_tls", source_principal=CLIENT_ID.uri,
+                        destination_principal=WEB_ID.uri) == 1
+            assert m.m1("hostmesh_requests_total", request_protocol="http", response_code="200") == 3
+            # rotation: the pooled HTTP connection (and its TLS connection) is not reused
+            m.ids1.add(CLIENT_ID, m.ca.leaf(CLIENT_ID))
+            ((status, _, _),) = await asyncio.to_thread(http_get, m.out.port, ["/after-rotation"])
+            assert status == 200
+            assert m.m1("hostmesh_agent_tunnel_handshakes_total", result="ok") == 2
+        app.close_all()
+        server.close()
+    run(main())
+
+
+def test_l7_without_a_client_certificate_fails_closed_with_503_uf():
+    from tests.tunnelharness import CLIENT_ID, POD_IP
+
+    async def main():
+        app = HTTPApp("web", "node-2")
+        server = await asyncio.get_running_loop().create_server(app.protocol_factory, POD_IP, 0)
+        port = server.sockets[0].getsockname()[1]
+        async with _tunnel_mesh(port) as m:
+            m.dst = (VIP, 80)
+            m.ids1.remove(CLIENT_ID)
+            ((status, headers, _),) = await asyncio.to_thread(http_get, m.out.port, ["/"])
+            assert status == 503 and headers["x-hostmesh-flags"] == "UF"
+            assert m.m2("hostmesh_tcp_connections_opened_total") == 0  # nothing reached node-2, plaintext or not
+            assert m.m1("hostmesh_agent_connections_rejected_total", reason="no_client_certificate") == 1
+        server.close()
+    run(main())
