@@ -40,19 +40,20 @@ def run(coro):
 class Backend:
     """The test app (HTTP) on 127.0.0.1:0."""
 
-    def __init__(self, pod: str) -> None:
+    def __init__(self, pod: str, host: str = LO, node: str = NODE) -> None:
         self.pod = pod
-        self.app = HTTPApp(pod, NODE)
+        self.host = host
+        self.app = HTTPApp(pod, node)
         self.server = None
         self.port = 0
 
     async def start(self) -> "Backend":
-        self.server = await asyncio.get_running_loop().create_server(self.app.protocol_factory, LO, 0)
+        self.server = await asyncio.get_running_loop().create_server(self.app.protocol_factory, self.host, 0)
         self.port = self.server.sockets[0].getsockname()[1]
         return self
 
     def endpoint(self) -> Endpoint:
-        return Endpoint(LO, self.port, NODE, self.pod, NS)
+        return Endpoint(self.host, self.port, NODE, self.pod, NS)
 
     def close(self) -> None:
         self.app.close_all()
@@ -288,10 +289,8 @@ def test_l7_upstream_crosses_nodes_over_the_tunnel_and_pools_per_stream():
     from tests.tunnelharness import CLIENT_ID, POD_IP, WEB_ID
 
     async def main():
-        app = HTTPApp("web", "node-2")
-        server = await asyncio.get_running_loop().create_server(app.protocol_factory, POD_IP, 0)
-        port = server.sockets[0].getsockname()[1]
-        async with _tunnel_mesh(port) as m:
+        web = await Backend("web", POD_IP, "node-2").start()
+        async with _tunnel_mesh(web.port) as m:
             m.dst = (VIP, 80)
             out = await asyncio.to_thread(http_get, m.out.port, ["/secret-path-1", "/secret-path-2"])
             out += await asyncio.to_thread(http_get, m.out.port, ["/secret-path-3"])
@@ -311,8 +310,7 @@ def test_l7_upstream_crosses_nodes_over_the_tunnel_and_pools_per_stream():
             ((status, _, _),) = await asyncio.to_thread(http_get, m.out.port, ["/after-rotation"])
             assert status == 200
             assert m.m1("hostmesh_agent_tunnel_handshakes_total", result="ok") == 2
-        app.close_all()
-        server.close()
+        web.close()
     run(main())
 
 
@@ -320,15 +318,13 @@ def test_l7_without_a_client_certificate_fails_closed_with_503_uf():
     from tests.tunnelharness import CLIENT_ID, POD_IP
 
     async def main():
-        app = HTTPApp("web", "node-2")
-        server = await asyncio.get_running_loop().create_server(app.protocol_factory, POD_IP, 0)
-        port = server.sockets[0].getsockname()[1]
-        async with _tunnel_mesh(port) as m:
+        web = await Backend("web", POD_IP, "node-2").start()
+        async with _tunnel_mesh(web.port) as m:
             m.dst = (VIP, 80)
             m.ids1.remove(CLIENT_ID)
             ((status, headers, _),) = await asyncio.to_thread(http_get, m.out.port, ["/"])
             assert status == 503 and headers["x-hostmesh-flags"] == "UF"
             assert m.m2("hostmesh_tcp_connections_opened_total") == 0  # nothing reached node-2, plaintext or not
             assert m.m1("hostmesh_agent_connections_rejected_total", reason="no_client_certificate") == 1
-        server.close()
+        web.close()
     run(main())

@@ -20,6 +20,7 @@ import pytest
 
 from meshlab import mesh
 from tests.conftest import wait_for
+from tests.test_mesh_l4 import metric_sum
 
 pytestmark = [pytest.mark.lab, pytest.mark.timeout(600)]
 
@@ -152,15 +153,6 @@ def requests(lab, host: str, n: int, *, src: str = CLIENT_POD, **spec) -> list:
     r = lab.run(src, [sys.executable, "-c", CLIENT, json.dumps({"host": host, "n": n, **spec})], timeout=180)
     assert r.returncode == 0, r.stderr[-2000:]
     return json.loads(r.stdout)
-
-
-def metric_sum(lab, node: str, name: str, **labels: str) -> float:
-    text = mesh.admin_get(lab, node, "/stats/prometheus").stdout
-    total = 0.0
-    for line in text.splitlines():
-        if line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in labels.items()):
-            total += float(line.rsplit(" ", 1)[1])
-    return total
 
 
 def rss_kib(pid: int) -> int:
