@@ -328,3 +328,8 @@ def test_l7_without_a_client_certificate_fails_closed_with_503_uf():
             assert m.m1("hostmesh_agent_connections_rejected_total", reason="no_client_certificate") == 1
         web.close()
     run(main())
+
+
+def test_detect_timeout_must_be_positive():
+    with pytest.raises(ValueError, match="detect_timeout"):
+        ProxyLimits(detect_timeout=0)

@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 from typing import TYPE_CHECKING, Any, Callable
 
 from nodeagent.proxy.destinations import Forward, Refuse
@@ -127,8 +128,7 @@ class L7Dispatch:
             conn.decided(detector.decision, False)
             return
         relay.transport.set_protocol(conn)
-        if detector.timeout_s:
-            conn.timer = relay.loop.call_later(detector.timeout_s, conn.timed_out)
+        conn.timer = relay.loop.call_later(detector.timeout_s, conn.timed_out)
 
     def serve(self, conn: "_Conn", serve: Callable, data: bytes, eof: bool) -> None:
         relay = conn.relay
@@ -140,6 +140,10 @@ class L7Dispatch:
         relay.labels = labels
         self.listener.metrics.tcp(labels, NO_FLAGS).opened.inc()
         transport = relay.transport
+        if not self.listener.nodelay_by_loop:  # uvloop sets it on every TCP transport already
+            sock = transport.get_extra_info("socket")
+            if sock is not None:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         relay.driver = driver = serve(transport, data, ctx, self.inputs)
         if eof and not driver.eof_received():
             transport.close()

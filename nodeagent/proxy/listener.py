@@ -53,7 +53,8 @@ class ProxyLimits:
     # how often long connections publish their byte counters (also bounds idle-check lateness)
     stats_flush_interval: float = 30.0
     # protocol detection (outbound, ports with an L7 need but no appProtocol): how long to wait
-    # for the client's first bytes before treating the connection as TCP (server-speaks-first)
+    # for the client's first bytes before treating the connection as TCP (server-speaks-first);
+    # > 0: nothing else bounds a connection that is still being detected
     detect_timeout: float = 1.0
     # mTLS tunnel: idle pooled connections per (source, destination, address), how long they
     # stay pooled, the age after which one is not reused, how long a server keeps an idle one
@@ -64,13 +65,12 @@ class ProxyLimits:
     tunnel_server_idle_timeout: float = 60.0
 
     def __post_init__(self) -> None:
-        for name in ("connect_timeout", "stats_flush_interval", "tunnel_pool_idle_timeout", "tunnel_max_age",
-                     "tunnel_server_idle_timeout"):
+        for name in ("connect_timeout", "stats_flush_interval", "detect_timeout", "tunnel_pool_idle_timeout",
+                     "tunnel_max_age", "tunnel_server_idle_timeout"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"ProxyLimits.{name}: must be > 0, got {getattr(self, name)!r}")
-        for name in ("idle_timeout", "detect_timeout"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"ProxyLimits.{name}: must be >= 0, got {getattr(self, name)!r}")
+        if self.idle_timeout < 0:
+            raise ValueError(f"ProxyLimits.idle_timeout: must be >= 0, got {self.idle_timeout!r}")
         if self.tunnel_pool_max_idle < 0:
             raise ValueError(f"ProxyLimits.tunnel_pool_max_idle: must be >= 0, got {self.tunnel_pool_max_idle!r}")
         for name in ("max_connections", "write_buffer_high", "backlog"):

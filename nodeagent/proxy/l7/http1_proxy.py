@@ -17,7 +17,8 @@ protocol. ``ctx.on_done(driver)`` is called exactly once, after the client conne
 is closed and no upstream exchange of it is in flight (mirrors never delay it): that is
 where the listener stops counting the connection (the transport's protocol is replaced,
 so ``Relay.connection_lost`` no longer runs: TCP-level metrics of the connection are the
-caller's to record). Nothing else is reported back; the request metrics go to
+caller's to record; ``driver.rx`` / ``driver.tx`` count the bytes read from / written to
+the client for them). Nothing else is reported back; the request metrics go to
 ``inputs.metrics``. ``drain()`` closes an idle connection now and a busy one after its
 response (``connection: close``); an upgraded (WebSocket) connection runs until
 ``abort()``. ``listen_http1`` (end of this module) is the same driver behind a plain
