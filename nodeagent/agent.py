@@ -34,6 +34,7 @@ from nodeagent.errors import AgentError
 from nodeagent.identity.cpauth import ControlPlaneAuth, GrpcSigner
 from nodeagent.identity.manager import CertificateManager
 from nodeagent.proxy import NodeProxy, ProxyInputs, ProxyLimits
+from nodeagent.proxy.l7.metrics import HttpMetrics
 from nodeagent.proxy.destinations import service_endpoints
 from nodeagent.state import AgentState, NodeSnapshot
 from nodeagent.telemetry import ProxyMetrics
@@ -114,6 +115,7 @@ class Agent:
                 unknown_destination=boot.unknown_destination,
                 original_destination=self.capture.original_destination if self.capture else so_original_dst,
                 identities=self.certs,
+                http_metrics=HttpMetrics(self.registry),
             ),
             outbound_port=boot.outbound_port, inbound_port=boot.inbound_port,
         )
@@ -248,7 +250,7 @@ class Agent:
             config_dump=self.config_dump,
             listeners=self.listeners,
             clusters=self.clusters,
-            routes=lambda: [],  # L4 only: HTTP routes arrive with the L7 issue
+            routes=self.routes,
             certs=self.certs.status if self.certs else lambda: [],
             capture=self.capture_view,
             drain=self.drain_listeners,
@@ -282,8 +284,16 @@ class Agent:
              "active_connections": self.proxy.outbound.active_connections},
             {"name": "inbound", "address": f"0.0.0.0:{self.boot.inbound_port}",
              "active_connections": self.proxy.inbound.active_connections},
+            *([{"name": "tunnel", "address": f"0.0.0.0:{self.proxy.tunnel.port}",
+                "active_connections": len(self.proxy.inbound.tunnel.connections)}]
+              if self.proxy.tunnel is not None else []),
             {"name": "admin", "address": f"{self.boot.admin_host}:{self.admin.bound_port}"},
         ]
+
+    def routes(self) -> list[dict]:
+        """The HTTP routes in force per Service port (what the outbound L7 driver applies)."""
+        l7 = self.proxy.outbound.l7
+        return l7.routes_view(self.state.snapshot) if l7 is not None else []
 
     def clusters(self) -> list[dict]:
         snap = self.state.snapshot

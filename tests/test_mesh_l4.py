@@ -292,7 +292,7 @@ def test_cli_proxy_config_reads_the_agent(mesh_lab):
     r = subprocess.run([HOSTMESH, "proxy-config", "listeners", "--lab", mesh_lab.name, "--node", "node2", "-o", "json"],
                        capture_output=True, text=True, timeout=30)
     assert r.returncode == 0, r.stderr
-    assert {l["name"] for l in json.loads(r.stdout)} == {"outbound", "inbound", "admin"}
+    assert {l["name"] for l in json.loads(r.stdout)} == {"outbound", "inbound", "tunnel", "admin"}
     r = subprocess.run([HOSTMESH, "proxy-config", "clusters", "--lab", mesh_lab.name, "--node", "node1"],
                        capture_output=True, text=True, timeout=30)
     assert r.returncode == 0 and "198.19.0.10:80" in r.stdout

@@ -20,6 +20,7 @@ from prometheus_client import CollectorRegistry
 
 from nodeagent.identity import spiffe_id
 from nodeagent.proxy import InboundProxy, OutboundProxy, ProxyInputs, ProxyLimits
+from nodeagent.proxy.l7.metrics import HttpMetrics
 from nodeagent.proxy.tunnel import TunnelListener
 from nodeagent.state import AgentState, NodeSnapshot, Workload
 from nodeagent.telemetry import ProxyMetrics
@@ -55,8 +56,8 @@ def workloads(web_sa: str = "web") -> tuple[Workload, ...]:
             Workload("db", "shop", NODE2, OTHER_POD_IP, "db", (("app", "db"),)))
 
 
-def snapshot(node: str, *, web_sa: str = "web", config=()) -> NodeSnapshot:
-    return NodeSnapshot(node=node, workloads=workloads(web_sa), config=tuple(config))
+def snapshot(node: str, *, web_sa: str = "web", config=(), services=()) -> NodeSnapshot:
+    return NodeSnapshot(node=node, services=tuple(services), workloads=workloads(web_sa), config=tuple(config))
 
 
 def metric(registry: CollectorRegistry, name: str, **labels) -> float:
@@ -112,7 +113,8 @@ class Mesh:
     """node-1's outbound proxy, node-2's inbound proxy (+ tunnel listener), one test CA."""
 
     def __init__(self, *, web_sa_on_node2: str = "web", config=(), limits: ProxyLimits | None = None,
-                 tap: bool = False, intermediate: bool = True, client_identity: bool = True) -> None:
+                 tap: bool = False, intermediate: bool = True, client_identity: bool = True,
+                 services=(), l7: bool = False) -> None:
         self.tmp = tempfile.TemporaryDirectory(prefix="hm-tunnel-")
         self.ca = TestCA(Path(self.tmp.name), intermediate=intermediate)
         self.ids1 = FileIdentities(self.ca.bundle)
@@ -129,8 +131,9 @@ class Mesh:
         self.dst: tuple[str, int] | None = None  # what node-1's client "dialed"
         self.inbound_dst: tuple[str, int] | None = None  # override node-2's original destination
         self.state1, self.state2 = AgentState(), AgentState()
-        self.state1.apply(snapshot(NODE1, config=config))
-        self.state2.apply(snapshot(NODE2, web_sa=web_sa_on_node2, config=config))
+        self.state1.apply(snapshot(NODE1, config=config, services=services))
+        self.state2.apply(snapshot(NODE2, web_sa=web_sa_on_node2, config=config, services=services))
+        self.l7 = l7  # node-1's outbound listener runs the L7 dispatch
         self.reg1, self.reg2 = CollectorRegistry(), CollectorRegistry()
         self.out: OutboundProxy | None = None
         self.inb: InboundProxy | None = None
@@ -151,7 +154,7 @@ class Mesh:
             dial_port = self.tap.port
         inputs1 = ProxyInputs(state=self.state1, node=NODE1, metrics=ProxyMetrics(self.reg1), limits=self.limits,
                               original_destination=lambda sock: self.dst, identities=self.ids1,
-                              tunnel_port=dial_port)
+                              tunnel_port=dial_port, http_metrics=HttpMetrics(self.reg1) if self.l7 else None)
         self.out = OutboundProxy(inputs1, CLIENT_IP, 0)
         await self.out.start()
         return self

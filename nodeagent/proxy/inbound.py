@@ -59,7 +59,7 @@ class InboundProxy(ProxyListener):
         return True
 
     def dispatch(self, relay: Relay, snapshot: NodeSnapshot, decision: Decision, labels: TcpLabels,
-                 peer_ip: str) -> None:
+                 peer_ip: str, dst: tuple[str, int]) -> None:
         if isinstance(decision, Forward) and decision.workload is not None \
                 and self.peerauth.mode(snapshot, decision.workload, decision.endpoint.port) == STRICT:
             self.metrics.rejected(self.direction, "mtls_required")

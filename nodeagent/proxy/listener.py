@@ -8,7 +8,8 @@ On accept (``admit``): connection limit -> original destination (injected functi
 iptables REDIRECT's SO_ORIGINAL_DST by default) -> the snapshot current *now*, kept by
 the connection -> ``intercept`` (the inbound side takes tunnel connections here) ->
 decision -> ``Relay.refuse`` or ``dispatch`` (plaintext ``Relay.forward`` by default; the
-outbound side may tunnel, the inbound side enforces PeerAuthentication STRICT). No
+outbound side may detect the protocol and hand HTTP to an L7 driver (``l7dispatch``) or
+tunnel, the inbound side enforces PeerAuthentication STRICT). No
 module-level mutable state: everything comes from one ``ProxyInputs``.
 """
 
@@ -19,7 +20,7 @@ import errno
 import logging
 import socket
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from nodeagent.errors import ProxyError
 from nodeagent.proxy.destinations import (PASSTHROUGH, UNKNOWN_DESTINATION_POLICIES, Decision,
@@ -30,6 +31,9 @@ from nodeagent.proxy.relay import Relay
 from nodeagent.proxy.tunnel_plan import TUNNEL_PORT
 from nodeagent.state import AgentState, NodeSnapshot
 from nodeagent.telemetry import ProxyMetrics, TcpLabels
+
+if TYPE_CHECKING:  # pragma: no cover
+    from nodeagent.proxy.l7.metrics import HttpMetrics
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +52,10 @@ class ProxyLimits:
     backlog: int = 4096
     # how often long connections publish their byte counters (also bounds idle-check lateness)
     stats_flush_interval: float = 30.0
+    # protocol detection (outbound, ports with an L7 need but no appProtocol): how long to wait
+    # for the client's first bytes before treating the connection as TCP (server-speaks-first);
+    # > 0: nothing else bounds a connection that is still being detected
+    detect_timeout: float = 1.0
     # mTLS tunnel: idle pooled connections per (source, destination, address), how long they
     # stay pooled, the age after which one is not reused, how long a server keeps an idle one
     # (longer than the client's, so a client rarely reuses what the server is closing)
@@ -57,8 +65,8 @@ class ProxyLimits:
     tunnel_server_idle_timeout: float = 60.0
 
     def __post_init__(self) -> None:
-        for name in ("connect_timeout", "stats_flush_interval", "tunnel_pool_idle_timeout", "tunnel_max_age",
-                     "tunnel_server_idle_timeout"):
+        for name in ("connect_timeout", "stats_flush_interval", "detect_timeout", "tunnel_pool_idle_timeout",
+                     "tunnel_max_age", "tunnel_server_idle_timeout"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"ProxyLimits.{name}: must be > 0, got {getattr(self, name)!r}")
         if self.idle_timeout < 0:
@@ -97,6 +105,8 @@ class ProxyInputs:
     # the port tunnel connections are dialed at (a pod IP's, captured into 15006) and the
     # node-addressed tunnel listener's
     tunnel_port: int = TUNNEL_PORT
+    # request metrics on the agent's registry; None: no L7 (every connection is relayed as TCP)
+    http_metrics: "HttpMetrics | None" = None
 
     def __post_init__(self) -> None:
         if isinstance(self.tunnel_port, bool) or not isinstance(self.tunnel_port, int) \
@@ -212,6 +222,9 @@ class ProxyListener:
         self.draining = True
         if self.server is not None:
             self.server.close()
+        for relay in list(self.connections):
+            if relay.driver is not None:  # L7: close when idle, else after the current response
+                relay.driver.drain()
         aborted = 0
         if self.connections:
             self._empty = asyncio.Event()
@@ -280,18 +293,26 @@ class ProxyListener:
         peer_ip = peer[0] if peer else ""
         labels = connection_labels(snapshot, decision, peer_ip, self.reporter)
         if isinstance(decision, Refuse):
+            if self.answer_refusal(relay, snapshot, decision, labels, peer_ip, (dst_ip, dst_port)):
+                return
             self.metrics.rejected(self.direction, decision.metric_reason)
             relay.refuse(labels, decision.response_flags)
             return
-        self.dispatch(relay, snapshot, decision, labels, peer_ip)
+        self.dispatch(relay, snapshot, decision, labels, peer_ip, (dst_ip, dst_port))
 
     def intercept(self, relay: Relay, snapshot: NodeSnapshot, dst_ip: str, dst_port: int) -> bool:
         """Take over a connection before the L4 decision (the inbound tunnel); True if taken."""
         return False
 
+    def answer_refusal(self, relay: Relay, snapshot: NodeSnapshot, decision: Refuse, labels: TcpLabels,
+                       peer_ip: str, dst: tuple[str, int]) -> bool:
+        """Take over a refusal (the outbound L7 side answers HTTP with a 503); True if taken."""
+        return False
+
     def dispatch(self, relay: Relay, snapshot: NodeSnapshot, decision: Decision, labels: TcpLabels,
-                 peer_ip: str) -> None:
-        """Act on a decision that is not a refusal: plaintext L4 unless a subclass knows better."""
+                 peer_ip: str, dst: tuple[str, int]) -> None:
+        """Act on a decision that is not a refusal (``dst``: the original destination):
+        plaintext L4 unless a subclass knows better."""
         relay.forward(decision.address, labels)
 
     def relay_done(self, relay: Relay) -> None:

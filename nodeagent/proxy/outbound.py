@@ -9,11 +9,17 @@ With workload certificates (``ProxyInputs.identities``), a connection from a mes
 workload here to a workload on another node goes through the mTLS tunnel
 (``tunnel_plan`` decides, ``tunnel.TunnelClient`` dials and pools); without a valid
 certificate for the source it is refused, never sent in plaintext.
+
+With ``ProxyInputs.http_metrics`` set, connections to destinations with an L7 need
+(``l7dispatch`` says exactly which) are protocol-detected and HTTP/1.1 is served by the
+L7 driver (routing, LB, filters, request metrics; its upstream dials take the same tunnel
+decision); every other connection takes the TCP path above unchanged.
 """
 
 from __future__ import annotations
 
 from nodeagent.proxy.destinations import REPORTER_OUTBOUND, Decision, Refuse
+from nodeagent.proxy.l7dispatch import L7Dispatch
 from nodeagent.proxy.listener import OUTBOUND_PORT, ProxyInputs, ProxyListener
 from nodeagent.proxy.relay import Relay
 from nodeagent.proxy.tunnel import TunnelClient
@@ -29,12 +35,41 @@ class OutboundProxy(ProxyListener):
     def __init__(self, inputs: ProxyInputs, host: str = "0.0.0.0", port: int = OUTBOUND_PORT) -> None:
         super().__init__(inputs, host, port)
         self.tunnel = TunnelClient(self, inputs.identities) if inputs.identities is not None else None
+        self.l7 = L7Dispatch(self, inputs.http_metrics, self.tunnel) if inputs.http_metrics is not None else None
 
     def decide(self, snapshot: NodeSnapshot, dst_ip: str, dst_port: int) -> Decision:
         return self.destinations.outbound(snapshot, dst_ip, dst_port)
 
     def dispatch(self, relay: Relay, snapshot: NodeSnapshot, decision: Decision, labels: TcpLabels,
-                 peer_ip: str) -> None:
+                 peer_ip: str, dst: tuple[str, int]) -> None:
+        l7 = self.l7
+        if l7 is not None:
+            detector = l7.detector(snapshot, decision, dst[0], dst[1])
+            if detector is not None:
+                l7.start(relay, detector, snapshot, decision, labels, peer_ip, dst)
+                return
+        self.dispatch_l4(relay, snapshot, decision, labels, peer_ip)
+
+    def answer_refusal(self, relay: Relay, snapshot: NodeSnapshot, decision: Refuse, labels: TcpLabels,
+                       peer_ip: str, dst: tuple[str, int]) -> bool:
+        # a Service without endpoints: HTTP clients get a 503 UH from the driver, not a reset
+        l7 = self.l7
+        if l7 is None or decision.service is None:
+            return False
+        detector = l7.detector(snapshot, decision, dst[0], dst[1])
+        if detector is None:
+            return False
+        l7.start(relay, detector, snapshot, decision, labels, peer_ip, dst)
+        return True
+
+    def dispatch_l4(self, relay: Relay, snapshot: NodeSnapshot, decision: Decision, labels: TcpLabels,
+                    peer_ip: str) -> None:
+        """The TCP path: the mTLS tunnel when the plan says so, else a plaintext relay (a
+        refusal L7 detection took, when the connection turned out not to be HTTP: refused)."""
+        if isinstance(decision, Refuse):
+            self.metrics.rejected(self.direction, decision.metric_reason)
+            relay.refuse(labels, decision.response_flags)
+            return
         tunnel = self.tunnel
         plan = tunnel.planner.outbound(snapshot, decision, peer_ip) if tunnel is not None else None
         if plan is None:
@@ -56,10 +91,15 @@ class OutboundProxy(ProxyListener):
         if self.tunnel is not None:
             self.tunnel.draining = True
             self.tunnel.close_idle()
-        return await super().drain(grace)
+        aborted = await super().drain(grace)
+        if self.l7 is not None:
+            self.l7.close()
+        return aborted
 
     def close(self) -> None:
         if self.tunnel is not None:
             self.tunnel.draining = True
             self.tunnel.close_idle()
         super().close()
+        if self.l7 is not None:
+            self.l7.close()

@@ -207,12 +207,13 @@ class Relay(asyncio.Protocol):
 
     Created by a listener's protocol factory; ``connection_made`` hands it to the
     listener's ``admit()``, which calls exactly one of ``reject()``, ``refuse()`` or
-    ``forward()``.
+    ``forward()`` — or hands the transport to protocol detection (``l7dispatch``), which
+    comes back to ``forward()`` for TCP or sets ``driver`` when an L7 driver takes over.
     """
 
     __slots__ = (
         "owner", "loop", "transport", "out", "up", "nbytes", "labels", "flags",
-        "tracked", "closing", "d_lost", "u_done", "d_eof", "u_eof", "torn_down",
+        "tracked", "closing", "d_lost", "u_done", "d_eof", "u_eof", "torn_down", "driver",
         "_task", "_wrapping", "_timer", "_mark", "_bufmark", "_since", "_flushed_rx", "_flushed_tx",
     )
 
@@ -232,6 +233,8 @@ class Relay(asyncio.Protocol):
         self.d_eof = False
         self.u_eof = False
         self.torn_down = False
+        # an L7 driver that took the transport over (l7dispatch); it owns the connection then
+        self.driver = None
         self._task: asyncio.Task | None = None
         self._wrapping = False
         self._timer: asyncio.TimerHandle | None = None
@@ -485,6 +488,9 @@ class Relay(asyncio.Protocol):
         if self.torn_down:
             return
         self.owner.metrics.terminated(self.owner.direction, reason)
+        if self.driver is not None:  # an L7 connection: its driver closes both sides
+            self.driver.abort(reason)
+            return
         self.closing = False  # may already be closing, e.g. stuck flushing: force it
         self._finish(None, ABORT, ABORT)
 

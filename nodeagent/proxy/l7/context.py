@@ -136,12 +136,13 @@ class L7Inputs:
 
     @classmethod
     def create(cls, node: str, metrics: HttpMetrics, *, limits: L7Limits | None = None, connector=None,
-               rand: Any = None) -> "L7Inputs":
-        """The usual wiring: a fresh LB state, route-table cache and pool (``connector``: see pool.py)."""
+               partition=None, rand: Any = None) -> "L7Inputs":
+        """The usual wiring: a fresh LB state, route-table cache and pool (``connector`` and
+        ``partition``: see pool.py)."""
         from nodeagent.proxy.l7.pool import UpstreamPool, tcp_connector
         limits = limits or L7Limits()
         lb = LbState(node, rng=rand)
-        return cls(node, metrics, UpstreamPool(connector or tcp_connector, limits), lb,
+        return cls(node, metrics, UpstreamPool(connector or tcp_connector, limits, partition=partition), lb,
                    RouteTables(lb, limits, rand=rand), limits)
 
 
@@ -154,7 +155,8 @@ class ConnContext:
     address; both None: answer 404 NR). ``labels``: metric labels of the connection
     (``destination_*`` are filled per request from the chosen backend). ``on_done(driver)``
     is called exactly once, when the client connection and every upstream exchange of it
-    are finished.
+    are finished. ``snapshot``: the snapshot the connection took at accept (the connector
+    plans the mTLS tunnel from it).
     """
 
     table: RouteTable | None
@@ -167,6 +169,7 @@ class ConnContext:
     endpoint: Endpoint | None = None
     source_namespace: str = ""
     scheme: bytes = b"http"
+    snapshot: NodeSnapshot | None = None
 
     @classmethod
     def for_connection(cls, inputs: L7Inputs, snapshot: NodeSnapshot, *, src_ip: str, dst_ip: str, dst_port: int,
@@ -178,4 +181,4 @@ class ConnContext:
         src = snapshot.workload_by_ip(src_ip)
         labels = http_labels(reporter, src.name if src else UNKNOWN, src.namespace if src else UNKNOWN)
         return cls(table, router, src_ip, dst_ip, dst_port, labels, on_done, endpoint,
-                   src.namespace if src else "")
+                   src.namespace if src else "", snapshot=snapshot)

@@ -17,7 +17,8 @@ protocol. ``ctx.on_done(driver)`` is called exactly once, after the client conne
 is closed and no upstream exchange of it is in flight (mirrors never delay it): that is
 where the listener stops counting the connection (the transport's protocol is replaced,
 so ``Relay.connection_lost`` no longer runs: TCP-level metrics of the connection are the
-caller's to record). Nothing else is reported back; the request metrics go to
+caller's to record; ``driver.rx`` / ``driver.tx`` count the bytes read from / written to
+the client for them). Nothing else is reported back; the request metrics go to
 ``inputs.metrics``. ``drain()`` closes an idle connection now and a busy one after its
 response (``connection: close``); an upgraded (WebSocket) connection runs until
 ``abort()``. ``listen_http1`` (end of this module) is the same driver behind a plain
@@ -142,7 +143,7 @@ class Http1Proxy(asyncio.Protocol):
 
     __slots__ = ("inputs", "ctx", "loop", "transport", "codec", "ex", "paused", "write_paused",
                  "timer", "tick_every", "since", "mark", "head_since", "activity", "timer_kind", "closing", "lost", "reported", "raw_up", "raw_eofs", "_labels",
-                 "draining", "requests")
+                 "draining", "requests", "rx", "tx")
 
     def __init__(self, inputs: L7Inputs, ctx: ConnContext) -> None:
         self.inputs = inputs
@@ -168,6 +169,8 @@ class Http1Proxy(asyncio.Protocol):
         self._labels: dict = {}
         self.draining = False
         self.requests = 0
+        self.rx = 0  # bytes read from the client (the connection's TCP metrics)
+        self.tx = 0  # bytes written to the client
 
     # ================================================================ asyncio (client side)
     def connection_made(self, transport) -> None:
@@ -179,6 +182,7 @@ class Http1Proxy(asyncio.Protocol):
         self._arm(_T_HEADER)
 
     def data_received(self, data: bytes) -> None:
+        self.rx += len(data)
         if self.closing:
             return  # lingering close: drain and drop
         self.activity += 1
@@ -253,6 +257,18 @@ class Http1Proxy(asyncio.Protocol):
         ex = self.ex
         if ex is not None and ex.conn is not None:
             ex.conn.resume_reading()
+
+    def send(self, data: bytes) -> None:
+        """Write to the client (counted)."""
+        self.tx += len(data)
+        self.transport.write(data)
+
+    def send_all(self, out: list[bytes]) -> None:
+        if len(out) == 1:
+            self.send(out[0])
+        elif out:
+            self.tx += sum(map(len, out))
+            self.transport.writelines(out)
 
     # ================================================================ control
     def drain(self) -> None:
@@ -338,7 +354,7 @@ class Http1Proxy(asyncio.Protocol):
         self.timer_kind = _T_NONE
         out = self.codec.on_timeout()
         if out:
-            self.transport.write(out)
+            self.send(out)
             self._observe_protocol_error(408, "SI")
         self._close(linger=bool(out))
 
@@ -386,7 +402,7 @@ class Http1Proxy(asyncio.Protocol):
             ex.abandon_upstream()
         out = self.codec.send_error(ev)
         if out:
-            self.transport.write(out)
+            self.send(out)
         if ex is not None and not ex.finished:
             ex.finish(ev.status if out else 0, ev.flag)
         elif out:
@@ -561,7 +577,7 @@ class Http1Proxy(asyncio.Protocol):
 
     def raw_from_upstream(self, data: bytes) -> None:
         self.activity += 1
-        self.transport.write(data)
+        self.send(data)
 
     def raw_upstream_eof(self) -> None:
         self.raw_eofs |= 2
@@ -754,20 +770,20 @@ class _Exchange:
                 end = codec.send_end(ev.trailers)
                 if end:
                     out.append(end)
-                _write(down.transport, out)
+                down.send_all(out)
                 self._done_ok()
                 return
             elif t is Upgrade:
                 if ev.data:
                     out.append(ev.data)
-                _write(down.transport, out)
+                down.send_all(out)
                 self._upgraded(conn)
                 return
             elif t is ProtocolError:
-                _write(down.transport, out)
+                down.send_all(out)
                 self.local(ev.flag, ev.status, ev.reason)
                 return
-        _write(down.transport, out)
+        down.send_all(out)
 
     def _response_head(self, ev: ResponseHead) -> bytes:
         status = ev.status
@@ -821,7 +837,7 @@ class _Exchange:
         if d.location is not None:
             out = codec.send_response(ResponseHead(d.status, list(d.headers), content_length=0))
             out += codec.send_end()
-            self.down.transport.write(out)
+            self.down.send(out)
             self.finish(d.status, NO_FLAGS)
             return
         self.local(d.flag, d.status, d.message or None)
@@ -842,7 +858,7 @@ class _Exchange:
             _rst(down.transport)
             return
         out = codec.send_local_reply(flag, status, message)
-        down.transport.write(out)
+        down.send(out)
         self.finish(status if status is not None else FLAGS[flag].status, flag)
 
     def on_timeout(self) -> None:

@@ -36,7 +36,13 @@ awaitable ``(transport, protocol)``, the shape of ``loop.create_connection``. Th
 ``SO_MARK`` when configured), dials with ``relay._dial`` (connect timeout included) and
 wraps it with ``create_connection(sock=...)``. The mTLS tunnel plugs in here: it gets the
 endpoint, the Service and the client's ``ConnContext`` (identity) and returns a transport
-of its own. Pools are keyed by ``(address, port)``.
+of its own. Pools are keyed by ``(address, port)``, plus ``partition(endpoint, conn)``
+when one is given: connections that must not be shared between clients (a tunnel stream
+authenticates its source workload) live in a pool of their own. A connector may set
+``UpstreamConn.reuse_ok`` (a ``() -> bool``): an idle connection for which it returns
+False is closed instead of handed out (the tunnel's own age and certificate-rotation
+rules). After the upstream's EOF the connection closes its transport itself (a tunnel
+stream does not close on the protocol's ``False`` as a socket transport does).
 """
 
 from __future__ import annotations
@@ -86,11 +92,10 @@ Connector = Callable[[Endpoint, DialContext, Callable[[], asyncio.Protocol]],
                      Awaitable[tuple[asyncio.BaseTransport, asyncio.Protocol]]]
 
 
-async def tcp_connector(endpoint: Endpoint, dial: DialContext,
-                        factory: Callable[[], asyncio.Protocol]) -> tuple[asyncio.BaseTransport, asyncio.Protocol]:
-    """Plain TCP, the way the L4 relay dials (see the module doc)."""
+async def dialed_socket(address: tuple[str, int], dial: DialContext) -> socket.socket:
+    """A connected non-blocking socket to ``address`` made like the L4 relay's (``TCP_NODELAY``,
+    ``SO_MARK``), or the dial's exception (TimeoutError, ConnectionRefusedError, OSError)."""
     loop = asyncio.get_running_loop()
-    address = (endpoint.address, endpoint.port)
     sock = socket.socket(socket.AF_INET6 if ":" in address[0] else socket.AF_INET, socket.SOCK_STREAM)
     try:
         sock.setblocking(False)
@@ -101,14 +106,21 @@ async def tcp_connector(endpoint: Endpoint, dial: DialContext,
     except BaseException:
         sock.close()
         raise
-    return await loop.create_connection(factory, sock=sock)
+    return sock
+
+
+async def tcp_connector(endpoint: Endpoint, dial: DialContext,
+                        factory: Callable[[], asyncio.Protocol]) -> tuple[asyncio.BaseTransport, asyncio.Protocol]:
+    """Plain TCP, the way the L4 relay dials (see the module doc)."""
+    sock = await dialed_socket((endpoint.address, endpoint.port), dial)
+    return await asyncio.get_running_loop().create_connection(factory, sock=sock)
 
 
 class UpstreamConn(asyncio.Protocol):
     """One upstream connection: the codec and whoever uses it now (``owner``)."""
 
     __slots__ = ("ep_pool", "codec", "transport", "owner", "served", "idle_since", "closed", "raw",
-                 "read_paused", "counted")
+                 "read_paused", "counted", "reuse_ok")
 
     def __init__(self, ep_pool: "EndpointPool") -> None:
         self.ep_pool = ep_pool
@@ -121,6 +133,7 @@ class UpstreamConn(asyncio.Protocol):
         self.raw = False  # upgraded: bytes relayed as they are
         self.read_paused = False
         self.counted = True  # counted in ep_pool.total
+        self.reuse_ok: Callable[[], bool] | None = None  # set by a connector with reuse rules of its own
 
     # -------------------------------------------------------------- asyncio
     def connection_made(self, transport) -> None:
@@ -150,6 +163,8 @@ class UpstreamConn(asyncio.Protocol):
             events = self.codec.receive_eof()
             if events:
                 owner.up_events(self, events)
+        if not self.closed and self.transport is not None:
+            self.transport.close()  # a socket transport would on False; a tunnel stream does not
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -189,11 +204,12 @@ class UpstreamConn(asyncio.Protocol):
 class EndpointPool:
     """The connections to one endpoint."""
 
-    __slots__ = ("pool", "endpoint", "limits", "idle", "total", "waiters")
+    __slots__ = ("pool", "endpoint", "limits", "idle", "total", "waiters", "key")
 
-    def __init__(self, pool: "UpstreamPool", endpoint: Endpoint, limits: PoolLimits) -> None:
+    def __init__(self, pool: "UpstreamPool", endpoint: Endpoint, limits: PoolLimits, key: tuple = ()) -> None:
         self.pool = pool
         self.endpoint = endpoint
+        self.key = key or (endpoint.address, endpoint.port)
         self.limits = limits
         self.idle: list[UpstreamConn] = []
         self.total = 0  # open or dialing
@@ -215,10 +231,12 @@ class EndpointPool:
 class UpstreamPool:
     """Every endpoint's pool of one proxy (one event loop)."""
 
-    def __init__(self, connector: Connector, limits: L7Limits) -> None:
+    def __init__(self, connector: Connector, limits: L7Limits, *,
+                 partition: Callable[[Endpoint, Any], Any] | None = None) -> None:
         self.connector = connector
         self.limits = limits
-        self._pools: dict[tuple[str, int], EndpointPool] = {}
+        self.partition = partition
+        self._pools: dict[tuple, EndpointPool] = {}
         self._sweeper: asyncio.TimerHandle | None = None
         self._dials: set[asyncio.Task] = set()
         self.dialed = 0  # connections dialed (for tests and /debug)
@@ -227,15 +245,20 @@ class UpstreamPool:
     def acquire(self, endpoint: Endpoint, limits: PoolLimits, owner: Any, service: str = "",
                 conn: Any = None) -> UpstreamConn | asyncio.Future:
         key = (endpoint.address, endpoint.port)
+        if self.partition is not None:
+            key = key + (self.partition(endpoint, conn),)
         ep = self._pools.get(key)
         if ep is None:
-            ep = self._pools[key] = EndpointPool(self, endpoint, limits)
+            ep = self._pools[key] = EndpointPool(self, endpoint, limits, key)
         else:
             ep.limits = limits
         idle = ep.idle
         while idle:
             c = idle.pop()
             if c.closed or c.transport.is_closing():
+                continue
+            if c.reuse_ok is not None and not c.reuse_ok():
+                c.close()
                 continue
             c.owner = owner
             c.served += 1
@@ -295,8 +318,8 @@ class UpstreamPool:
             fut, dial = waiters.popleft()
             if not fut.done():
                 self._dial(ep, fut, dial)
-        if not ep.total and not ep.waiters and self._pools.get((ep.endpoint.address, ep.endpoint.port)) is ep:
-            del self._pools[(ep.endpoint.address, ep.endpoint.port)]
+        if not ep.total and not ep.waiters and self._pools.get(ep.key) is ep:
+            del self._pools[ep.key]
 
     # ------------------------------------------------------------------ release
     def release(self, conn: UpstreamConn) -> None:
@@ -346,8 +369,11 @@ class UpstreamPool:
     # ------------------------------------------------------------------ introspection / shutdown
     def stats(self) -> dict[str, dict[str, int]]:
         """Per endpoint: open (incl. dialing), idle and pending counts."""
-        return {f"{a}:{p}": {"total": ep.total, "idle": len(ep.idle), "pending": len(ep.waiters)}
-                for (a, p), ep in self._pools.items()}
+        out: dict[str, dict[str, int]] = {}
+        for key, ep in self._pools.items():
+            name = f"{key[0]}:{key[1]}" + "".join(f" {part}" for part in key[2:] if part)
+            out[name] = {"total": ep.total, "idle": len(ep.idle), "pending": len(ep.waiters)}
+        return out
 
     def close(self) -> None:
         """Close every idle connection and stop dialing (shutdown)."""

@@ -1,0 +1,310 @@
+"""L7 on the outbound listener: which connections are detected, and who serves them.
+
+The outbound listener (the client's node, where Istio's ztunnel+waypoint or Cilium's
+per-node Envoy make routing decisions) asks ``L7Dispatch.detector`` after its L4 decision.
+
+When detection runs (decided per snapshot, one dict lookup per connection):
+
+* a Service VIP:port whose ``appProtocol`` is HTTP-family (``http``, ``http2``, ``grpc``,
+  ... see ``detect.detector_for``) — always;
+* a Service VIP:port without an ``appProtocol`` that has an HTTPRoute/GRPCRoute attached
+  or a TrafficPolicy targeting its Service — auto-detection with the detection timeout
+  (``ProxyLimits.detect_timeout``; server-speaks-first protocols get TCP after it);
+The same holds for such a VIP whose Service has no endpoint (the L4 decision is a
+refusal): HTTP gets the driver's 503 ``UH`` with ``x-hostmesh-flags``, anything else the
+refusal (RST).
+
+Everything else — no routes, no policy, ``appProtocol`` tcp/tls/mysql/..., workload
+(pod IP) destinations, passthrough destinations, refusals — never enters this module: the listener's L4 path runs exactly as
+without L7 and pays no detection delay. A fixed ``appProtocol`` decides without waiting.
+Workload-addressed traffic stays L4 as in Istio ambient (a waypoint serves
+service-addressed traffic): GAMMA routes and TrafficPolicies attach to Services, and a
+client that dials a pod chose its endpoint itself.
+
+After detection, ``SERVE`` (protocol -> ``serve(transport, first_bytes, ctx, inputs)``)
+picks the driver; a protocol without an entry (HTTP/2 prior knowledge until its driver
+lands, TLS, anything else) goes back to the L4 relay with the bytes read so far forwarded
+unchanged (and a half-close seen during detection passed on).
+
+An L7 connection stays in the listener's connection set as its ``Relay`` (``relay.driver``
+set): ``relay.abort()`` aborts the driver, listener drain calls ``driver.drain()`` first,
+and ``on_done`` records the connection's TCP metrics (opened at hand-over, bytes and closed
+at the end: the driver's ``rx``/``tx``) and calls ``relay_done``.
+
+Upstream dials (``connect``, the pool's injected connector): through the mTLS tunnel when
+``tunnel_plan`` says the L4 path would tunnel (a pooled tunnel connection, else a new
+handshake; one HTTP connection = one tunnel stream), failing closed when the source has no
+certificate; plain TCP marked like relay.py otherwise. HTTP connections over tunnel
+streams are pooled per client address (``partition``: a stream authenticates its source
+workload and carries its address), and an idle one is not reused once its tunnel
+connection is past ``tunnel_max_age`` or the source's certificate rotated.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+from typing import TYPE_CHECKING, Any, Callable
+
+from nodeagent.proxy.destinations import Forward, Refuse
+from nodeagent.proxy.l7.context import ConnContext, L7Inputs, L7Limits
+from nodeagent.proxy.l7.detect import _FIXED, _HTTP, HTTP1, NEED_MORE, OPAQUE, TLS, Detected, Detector, detector_for
+from nodeagent.proxy.l7.http1_proxy import serve_http1
+from nodeagent.proxy.l7.metrics import HttpMetrics
+from nodeagent.proxy.l7.pool import DialContext, dialed_socket, tcp_connector
+from nodeagent.state import Endpoint, NodeSnapshot
+from nodeagent.telemetry import NO_FLAGS, UNKNOWN, TcpLabels
+
+if TYPE_CHECKING:  # pragma: no cover
+    from nodeagent.proxy.listener import ProxyListener
+    from nodeagent.proxy.relay import Relay
+    from nodeagent.proxy.tunnel import TunnelClient
+
+log = logging.getLogger(__name__)
+
+# protocol -> the driver that serves it; protocols without an entry are relayed as TCP
+SERVE: dict[Any, Callable] = {HTTP1: serve_http1}
+
+# appProtocol values that make a port L7 (detection, or a fixed HTTP/2 decision)
+_L7_APP_PROTOCOLS = frozenset(_HTTP) | frozenset(ap for ap, p in _FIXED.items() if p not in (OPAQUE, TLS))
+
+_AUTO = ""  # the mode of a port with routes or a policy but no appProtocol
+
+
+class L7Dispatch:
+    """The L7 side of one outbound listener: detection plan, drivers' inputs, the connector."""
+
+    def __init__(self, listener: "ProxyListener", metrics: HttpMetrics, tunnel: "TunnelClient | None") -> None:
+        self.listener = listener
+        self.tunnel = tunnel
+        pin = listener.inputs
+        limits = L7Limits(connect_timeout=pin.limits.connect_timeout, socket_mark=pin.socket_mark,
+                          write_buffer_high=pin.limits.write_buffer_high)
+        self.node = pin.node
+        self.detect_timeout = pin.limits.detect_timeout
+        self.inputs = L7Inputs.create(pin.node, metrics, limits=limits, connector=self.connect,
+                                      partition=self.partition if tunnel is not None else None)
+        self._snapshot: NodeSnapshot | None = None
+        self._modes: dict[tuple[str, int], str] = {}
+
+    # ------------------------------------------------------------------ when to detect
+    def detector(self, snapshot: NodeSnapshot, decision, dst_ip: str, dst_port: int) -> Detector | None:
+        """A detector for this connection, or None: the plain L4 path (see the module doc)."""
+        t = type(decision)
+        if t is not Forward and not (t is Refuse and decision.service is not None):
+            return None
+        if snapshot is not self._snapshot:
+            self._modes = self._plan(snapshot)
+            self._snapshot = snapshot
+        mode = self._modes.get((dst_ip, dst_port))
+        if mode is None:
+            return None
+        return detector_for(mode, timeout_s=self.detect_timeout)
+
+    def _plan(self, snapshot: NodeSnapshot) -> dict[tuple[str, int], str]:
+        table = self.inputs.routes.get(snapshot)
+        modes: dict[tuple[str, int], str] = {}
+        for svc in snapshot.services:
+            policy = table.traffic_policy(svc) is not None
+            for port in svc.ports:
+                ap = port.app_protocol.strip().lower()
+                if ap in _L7_APP_PROTOCOLS:
+                    modes[(svc.cluster_ip, port.port)] = ap
+                    continue
+                if ap:  # tcp, tls, mysql, an unknown name: not ours to parse
+                    continue
+                router = table.routers.get((svc.namespace, svc.name, port.port))
+                if policy or (router is not None and (router.producer is not None or router.consumers)):
+                    modes[(svc.cluster_ip, port.port)] = _AUTO
+        return modes
+
+    # ------------------------------------------------------------------ per connection
+    def start(self, relay: "Relay", detector: Detector, snapshot: NodeSnapshot, decision: Forward | Refuse,
+              labels: TcpLabels, peer_ip: str, dst: tuple[str, int]) -> None:
+        """Detect (unless the port's appProtocol already decided), then serve or relay."""
+        conn = _Conn(self, relay, detector, snapshot, decision, labels, peer_ip, dst)
+        if detector.decision is not None:
+            conn.decided(detector.decision, False)
+            return
+        relay.transport.set_protocol(conn)
+        conn.timer = relay.loop.call_later(detector.timeout_s, conn.timed_out)
+
+    def serve(self, conn: "_Conn", serve: Callable, data: bytes, eof: bool) -> None:
+        relay = conn.relay
+        ctx = ConnContext.for_connection(self.inputs, conn.snapshot, src_ip=conn.peer_ip, dst_ip=conn.dst[0],
+                                         dst_port=conn.dst[1], reporter=self.listener.reporter,
+                                         on_done=lambda driver: self._done(relay, driver))
+        # the L4 pick is not where requests go: the driver balances per request
+        labels = conn.labels._replace(destination_workload=UNKNOWN)
+        relay.labels = labels
+        self.listener.metrics.tcp(labels, NO_FLAGS).opened.inc()
+        transport = relay.transport
+        if not self.listener.nodelay_by_loop:  # uvloop sets it on every TCP transport already
+            sock = transport.get_extra_info("socket")
+            if sock is not None:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        relay.driver = driver = serve(transport, data, ctx, self.inputs)
+        if eof and not driver.eof_received():
+            transport.close()
+
+    def _done(self, relay: "Relay", driver) -> None:
+        """The driver's on_done: the connection's TCP metrics, then the listener forgets it."""
+        if relay.torn_down:
+            return
+        relay.torn_down = relay.closing = relay.d_lost = True
+        series = self.listener.metrics.tcp(relay.labels, NO_FLAGS)
+        if driver.rx:
+            series.received_bytes.inc(driver.rx)
+        if driver.tx:
+            series.sent_bytes.inc(driver.tx)
+        series.closed.inc()
+        self.listener.relay_done(relay)
+
+    # ------------------------------------------------------------------ upstream dials
+    def partition(self, endpoint: Endpoint, ctx: Any) -> str:
+        """Pool key part: the client address for endpoints a tunnel may carry, else shared."""
+        if ctx is None or not endpoint.node or endpoint.node == self.node:
+            return ""
+        return ctx.src_ip
+
+    async def connect(self, endpoint: Endpoint, dial: DialContext, factory: Callable[[], asyncio.Protocol]):
+        """The pool's connector: the mTLS tunnel when the L4 path would tunnel, else plain TCP."""
+        tunnel = self.tunnel
+        ctx = dial.conn
+        if tunnel is None or ctx is None or ctx.snapshot is None:
+            return await tcp_connector(endpoint, dial, factory)
+        snapshot = ctx.snapshot
+        plan = tunnel.planner.outbound(snapshot, Forward(endpoint, None, snapshot.workload_by_ip(endpoint.address)),
+                                       ctx.src_ip)
+        if plan is None:
+            return await tcp_connector(endpoint, dial, factory)
+        if isinstance(plan, Refuse):
+            self.listener.metrics.rejected(self.listener.direction, "no_identity")
+            raise OSError(f"no mTLS identity for {ctx.src_ip} -> {endpoint.address}: {plan.reason}")
+        identities = tunnel.identities
+        context = identities.client_context(plan.source)
+        if context is None:  # no valid certificate for the source: fail closed, never plaintext
+            self.listener.metrics.rejected(self.listener.direction, "no_client_certificate")
+            raise OSError(f"no valid certificate for {plan.source.uri}")
+        conn = tunnel.take(plan, context)
+        if conn is None:
+            sock = await dialed_socket(plan.dial, dial)
+            conn, reason = await tunnel.handshake(sock, plan, context)
+            if conn is None:
+                raise OSError(f"mTLS tunnel to {plan.dial[0]}:{plan.dial[1]}: {reason}")
+        proto = factory()
+        stream = _StreamTransport(conn.open_stream(plan, proto))
+        proto.connection_made(stream)
+        loop, max_age, source = tunnel.loop, tunnel.limits.tunnel_max_age, plan.source
+        proto.reuse_ok = lambda: (not conn.lost and not tunnel.draining and loop.time() - conn.created < max_age
+                                  and identities.client_context(source) is conn.context)
+        return stream, proto
+
+    # ------------------------------------------------------------------ admin / lifecycle
+    def routes_view(self, snapshot: NodeSnapshot | None) -> list[dict]:
+        """The HTTP routes in force per Service port (admin ``/routes``)."""
+        if snapshot is None:
+            return []
+        table = self.inputs.routes.get(snapshot)
+        modes = self._plan(snapshot) if snapshot is not self._snapshot else self._modes
+        out = []
+        for router in (table.routers[k] for k in sorted(table.routers)):
+            d = router.describe()
+            mode = modes.get((router.service.cluster_ip, router.port.port))
+            d["l7"] = "tcp" if mode is None else (mode or "detect")
+            out.append(d)
+        if table.errors:
+            out.append({"errors": list(table.errors)})
+        return out
+
+    def close(self) -> None:
+        self.inputs.pool.close()
+
+
+class _StreamTransport:
+    """A tunnel stream as the HTTP codecs' upstream transport: the stream's methods plus
+    ``writelines`` (the driver writes a head and body pieces in one call)."""
+
+    __slots__ = ("stream", "write", "pause_reading", "resume_reading", "is_closing", "get_write_buffer_size")
+
+    def __init__(self, stream) -> None:
+        self.stream = stream
+        # the per-request calls, bound once
+        self.write = stream.write
+        self.pause_reading = stream.pause_reading
+        self.resume_reading = stream.resume_reading
+        self.is_closing = stream.is_closing
+        self.get_write_buffer_size = stream.get_write_buffer_size
+
+    def writelines(self, chunks) -> None:
+        self.stream.write(b"".join(chunks))
+
+    def __getattr__(self, name: str):
+        return getattr(self.stream, name)
+
+
+class _Conn(asyncio.Protocol):
+    """The protocol of a connection while its first bytes are being detected."""
+
+    __slots__ = ("dispatch", "relay", "detector", "snapshot", "decision", "labels", "peer_ip", "dst", "timer",
+                 "done")
+
+    def __init__(self, dispatch: L7Dispatch, relay: "Relay", detector: Detector, snapshot: NodeSnapshot,
+                 decision: Forward, labels: TcpLabels, peer_ip: str, dst: tuple[str, int]) -> None:
+        self.dispatch = dispatch
+        self.relay = relay
+        self.detector = detector
+        self.snapshot = snapshot
+        self.decision = decision
+        self.labels = labels
+        self.peer_ip = peer_ip
+        self.dst = dst
+        self.timer: asyncio.TimerHandle | None = None
+        self.done = False
+
+    def data_received(self, data: bytes) -> None:
+        if self.done:
+            return
+        r = self.detector.feed(data)
+        if r is not NEED_MORE:
+            self.decided(r, False)
+
+    def eof_received(self) -> bool:
+        if not self.done:
+            self.decided(self.detector.eof(), True)
+        return True  # the reply may still come (the L4 relay or the driver closes)
+
+    def timed_out(self) -> None:
+        self.timer = None
+        if not self.done:
+            self.decided(self.detector.timeout(), False)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        # gone (or aborted by drain) during detection: the relay accounts for it, no TCP series
+        self.done = True
+        self._stop_timer()
+        self.relay.connection_lost(exc)
+
+    def _stop_timer(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+
+    def decided(self, detected: Detected, eof: bool) -> None:
+        self.done = True
+        self._stop_timer()
+        relay = self.relay
+        if relay.closing:  # aborted (drain) while detecting; connection_lost follows
+            return
+        serve = SERVE.get(detected.protocol)
+        if serve is not None:
+            self.dispatch.serve(self, serve, detected.data, eof)
+            return
+        # TCP: back to the relay, which gets the bytes read so far exactly as they came
+        relay.transport.set_protocol(relay)
+        self.dispatch.listener.dispatch_l4(relay, self.snapshot, self.decision, self.labels, self.peer_ip)
+        if detected.data and not relay.closing:
+            relay.data_received(detected.data)
+        if eof and not relay.closing:
+            relay.eof_received()
