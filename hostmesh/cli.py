@@ -43,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("agent", help="run the node agent (capture + proxy + admin) on this host")
     p.add_argument("--config", help="bootstrap YAML file; flags override its values")
     p.add_argument("--node", help="this node's name")
-    p.add_argument("--capture", help="capture mode: iptables or none")
+    p.add_argument("--capture", help="capture mode: iptables, ebpf, auto (eBPF, else iptables with a logged reason) or none")
     p.add_argument("--pod-cidr", action="append", help="a CIDR of this node's pods (repeatable)")
     p.add_argument("--mesh-cidr", action="append", help="a destination CIDR captured outbound (repeatable)")
     p.add_argument("--control-plane", help="the control plane's gRPC address, HOST:PORT (port 15010)")
