@@ -400,7 +400,7 @@ class _Stream:
         self.timer: asyncio.TimerHandle | None = None
         self.btimer: asyncio.TimerHandle | None = None
         self.backend_timeout = 0.0
-        self.deadline: float | None = None  # loop time of the gRPC deadline
+        self.deadline: float | None = None  # time.monotonic() of the gRPC deadline
         self.retry_body: list | None = []  # request pieces kept for one replay
         self.retried = False
         self.started = _clock()
@@ -424,7 +424,7 @@ class _Stream:
                 if req <= 0:
                     self.local("UT")
                     return
-                self.deadline = self.down.loop.time() + req
+                self.deadline = time.monotonic() + req  # uvloop's loop.time() has ms resolution
         if req:
             self.timer = self.down.loop.call_later(req, self.on_timeout)
 
@@ -490,7 +490,7 @@ class _Stream:
         """Send the head (and what arrived meanwhile) on the upstream connection."""
         head = self.up_head
         if self.deadline is not None:
-            remaining = self.deadline - self.down.loop.time()
+            remaining = self.deadline - time.monotonic()
             if remaining <= 0:
                 if self.kind == _K_H2:
                     conn.unreserve() if reserved else None
@@ -582,7 +582,7 @@ class _Stream:
         if self.mirrors:
             for m in self.mirrors:
                 m.end(trailers)
-        if self.finished:
+        if self.finished or self.head.end_stream:  # a head with END_STREAM went upstream as such
             return
         trailers = list(trailers)
         if self.retry_body is not None and not self.retried:
