@@ -134,6 +134,8 @@ class Http2Proxy(asyncio.Protocol):
         self.tick_every = 1.0
         self.requests = 0
         self._labels: dict = {}
+        self._out: list[bytes] = []
+        self._dirty = False
 
     # ================================================================ asyncio (client side)
     def connection_made(self, transport) -> None:
@@ -150,6 +152,14 @@ class Http2Proxy(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.closing:
             return
+        batch = self.h2pool.batch
+        batch.depth += 1
+        try:
+            self._received(data)
+        finally:
+            batch.end()
+
+    def _received(self, data: bytes) -> None:
         codec = self.codec
         for ev in codec.receive_data(data):
             t = type(ev)
@@ -236,8 +246,26 @@ class Http2Proxy(asyncio.Protocol):
 
     # ================================================================ internals
     def write(self, out: bytes) -> None:
-        if out and not self.lost:
+        """Write now, or at the end of the read being handled (``WriteBatch``): the frames of
+        every stream produced by one read share one writev."""
+        if not out or self.lost:
+            return
+        batch = self.h2pool.batch
+        if batch.depth:
+            self._out.append(out)
+            if not self._dirty:
+                self._dirty = True
+                batch.dirty.append(self)
+        else:
             self.transport.write(out)
+
+    def flush(self) -> None:
+        self._dirty = False
+        out = self._out
+        if out:
+            self._out = []
+            if not self.lost:
+                self.transport.writelines(out)
 
     def _terminated(self, ev: ConnectionTerminated) -> None:
         if ev.remote and not ev.error_code and not self.codec.closed:
@@ -258,6 +286,7 @@ class Http2Proxy(asyncio.Protocol):
             self.timer.cancel()
             self.timer = None
         self.write(self.codec.close(NO_ERROR, "closing") if not self.codec.closed else self.codec.data_to_send())
+        self.flush()
         self.transport.close()
 
     def _maybe_done(self) -> None:

@@ -59,7 +59,8 @@ def speaks_h2(app_protocol: str | None) -> bool:
 class H2Upstream(asyncio.Protocol):
     """One HTTP/2 connection to an upstream and the owners of its streams."""
 
-    __slots__ = ("ep", "codec", "transport", "owners", "closed", "write_paused", "idle_since", "read_paused", "reserved")
+    __slots__ = ("ep", "codec", "transport", "owners", "closed", "write_paused", "idle_since", "read_paused", "reserved",
+                 "_out", "_dirty")
 
     def __init__(self, ep: "H2EndpointPool", limits: Http2Limits) -> None:
         self.ep = ep
@@ -71,6 +72,8 @@ class H2Upstream(asyncio.Protocol):
         self.read_paused = False
         self.idle_since = time.monotonic()
         self.reserved = 0  # slots handed to waiting streams that have not opened yet
+        self._out: list[bytes] = []
+        self._dirty = False
 
     # -------------------------------------------------------------- asyncio
     def connection_made(self, transport) -> None:
@@ -80,11 +83,17 @@ class H2Upstream(asyncio.Protocol):
         transport.write(self.codec.data_to_send())  # preface + SETTINGS
 
     def data_received(self, data: bytes) -> None:
+        batch = self.ep.pool.batch
+        batch.depth += 1
+        try:
+            self._received(data)
+        finally:
+            batch.end()
+
+    def _received(self, data: bytes) -> None:
         codec = self.codec
         events = codec.receive_data(data)
-        out = codec.data_to_send()
-        if out:
-            self.transport.write(out)
+        self._write(codec.data_to_send())
         owners = self.owners
         for ev in events:
             t = type(ev)
@@ -98,9 +107,7 @@ class H2Upstream(asyncio.Protocol):
             if t is StreamReset:
                 self._release(sid)  # the codec forgot the stream
             owner.up2_event(self, ev)
-        out = codec.data_to_send()
-        if out and not self.closed:
-            self.transport.write(out)
+        self._write(codec.data_to_send())
         if codec.closed:
             self.close()
             return
@@ -148,7 +155,7 @@ class H2Upstream(asyncio.Protocol):
             self.reserved -= 1
         sid = self.codec.send_request(head)
         self.owners[sid] = owner
-        self.transport.write(self.codec.data_to_send())
+        self._write(self.codec.data_to_send())
         return sid
 
     def send_data(self, sid: int, data: bytes) -> None:
@@ -180,8 +187,23 @@ class H2Upstream(asyncio.Protocol):
         self.ep.capacity_changed(self)
 
     def _write(self, out: bytes) -> None:
-        if out and not self.closed:
+        """Write now, or at the end of the read being handled (``WriteBatch``)."""
+        if not out or self.closed:
+            return
+        batch = self.ep.pool.batch
+        if batch.depth:
+            self._out.append(out)
+            if not self._dirty:
+                self._dirty = True
+                batch.dirty.append(self)
+        else:
             self.transport.write(out)
+
+    def flush(self) -> None:
+        self._dirty = False
+        out, self._out = self._out, []
+        if out and not self.closed:
+            self.transport.writelines(out)
 
     @property
     def capacity(self) -> int:
@@ -192,8 +214,35 @@ class H2Upstream(asyncio.Protocol):
     def close(self) -> None:
         self.ep.forget(self)
         if not self.closed and self.transport is not None:
+            self.flush()
             self.closed = True
             self.transport.close()
+
+
+class WriteBatch:
+    """Output held while one read is handled (HTTP/2 connections of one loop, both sides).
+
+    A read from a client can open a hundred streams toward one upstream connection and a
+    read from an upstream can finish a hundred responses: their frames are held and each
+    connection written once (one writev) when the outermost ``data_received`` returns —
+    synchronously, so flow control (write-buffer high water) still sees every byte at
+    once. Outside a read (timers, dial callbacks) writes go straight to the transport.
+    """
+
+    __slots__ = ("depth", "dirty")
+
+    def __init__(self) -> None:
+        self.depth = 0
+        self.dirty: list = []
+
+    def end(self) -> None:
+        self.depth -= 1
+        if self.depth:
+            return
+        while self.dirty:
+            dirty, self.dirty = self.dirty, []
+            for conn in dirty:
+                conn.flush()
 
 
 class H2EndpointPool:
@@ -266,6 +315,7 @@ class H2Pool:
         self._dials: set[asyncio.Task] = set()
         self._sweeper: asyncio.TimerHandle | None = None
         self.dialed = 0
+        self.batch = WriteBatch()
 
     def acquire(self, endpoint: Endpoint, limits: PoolLimits, service: str = "", conn: Any = None,
                 avoid: Any = None) -> H2Upstream | asyncio.Future:
