@@ -309,6 +309,15 @@ def _stop(procs: list) -> None:
             p.kill()
 
 
+def _measure_paths(paths, rate_fn, seconds: int) -> list[dict]:
+    """``rate_fn(port, seconds, pids)`` -> (rps, CPU us per request) for each (label, port, pids)."""
+    out = []
+    for label, port, pids in paths:
+        rps, cpu_us = rate_fn(port, seconds, pids)
+        out.append({"path": label, "rps": rps, "cpu_us_per_request": cpu_us})
+    return out
+
+
 def run_h2(seconds: int) -> list[dict]:
     """h2load -m100 rps: direct (nginx h2c) vs hostmesh HTTP/2 vs HAProxy h2."""
     for tool in ("h2load", "nginx", "haproxy"):
@@ -326,12 +335,9 @@ def run_h2(seconds: int) -> list[dict]:
             hm = _start(procs, [sys.executable, __file__, "--serve-proxy", str(hm_port), str(nginx_port), "h2"])
             for p in (nginx_port, ha_port, hm_port):
                 wait_port(p)
-            out = []
-            for label, port, pids in (("direct", nginx_port, [nginx.pid] + _children(nginx.pid)),
-                                      ("hostmesh", hm_port, [hm.pid]), ("haproxy", ha_port, [ha.pid])):
-                rps, cpu_us = h2load_rps(f"http://{LO}:{port}/", seconds, pids)
-                out.append({"path": label, "rps": rps, "cpu_us_per_request": cpu_us})
-            return out
+            return _measure_paths([("direct", nginx_port, [nginx.pid] + _children(nginx.pid)),
+                                   ("hostmesh", hm_port, [hm.pid]), ("haproxy", ha_port, [ha.pid])],
+                                  lambda port, s, pids: h2load_rps(f"http://{LO}:{port}/", s, pids), seconds)
         finally:
             _stop(procs)
 
@@ -351,12 +357,8 @@ def run_grpc(seconds: int) -> list[dict]:
             hm = _start(procs, [sys.executable, __file__, "--serve-proxy", str(hm_port), str(app_port), "grpc"])
             for p in (app_port, ha_port, hm_port):
                 wait_port(p)
-            out = []
-            for label, port, pids in (("direct", app_port, [app.pid]), ("hostmesh", hm_port, [hm.pid]),
-                                      ("haproxy", ha_port, [ha.pid])):
-                rps, cpu_us = grpc_rps(port, seconds, pids)
-                out.append({"path": label, "rps": rps, "cpu_us_per_request": cpu_us})
-            return out
+            return _measure_paths([("direct", app_port, [app.pid]), ("hostmesh", hm_port, [hm.pid]),
+                                   ("haproxy", ha_port, [ha.pid])], grpc_rps, seconds)
         finally:
             _stop(procs)
 
@@ -396,13 +398,7 @@ def run(seconds: int, connections: int, rate: int) -> list[dict]:
                     measure("hostmesh", hm_port, [procs[2].pid], seconds, connections, rate),
                     measure("haproxy", ha_port, [procs[1].pid], seconds, connections, rate)]
         finally:
-            for p in procs:
-                p.terminate()
-            for p in procs:
-                try:
-                    p.wait(10)
-                except subprocess.TimeoutExpired:
-                    p.kill()
+            _stop(procs)
 
 
 def _children(pid: int) -> list[int]:

@@ -36,6 +36,7 @@ from nodeagent.proxy.l7.http2 import H2_PREFACE, REFUSED_STREAM, ClientConnectio
 from nodeagent.proxy.l7.http2_proxy import listen_http2, serve_http2
 from nodeagent.proxy.l7.metrics import HttpMetrics
 from nodeagent.state import ConfigObject, Endpoint, NodeSnapshot, Service, ServicePort
+from tests.test_l7_http1_proxy import _rss_kib
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -711,14 +712,6 @@ PROXY_SCRIPT = textwrap.dedent("""
 
     uvloop.run(main(int(sys.argv[1]), sys.argv[2] if len(sys.argv) > 2 else ""))
 """)
-
-
-def _rss_kib(pid: int, field: str) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise AssertionError(field)
 
 
 @needs("curl")

@@ -81,9 +81,9 @@ from nodeagent.proxy.l7.http2 import (CANCEL, DEFAULT_LIMITS, NO_ERROR, Connecti
 from nodeagent.proxy.l7.lb import LEAST_REQUEST
 from nodeagent.proxy.l7.metrics import NO_FLAGS
 from nodeagent.proxy.l7.pool import ConnectFailed, PoolOverflow, UpstreamConn
-from nodeagent.proxy.l7.pool_h2 import H2Pool, H2Upstream, speaks_h2
+from nodeagent.proxy.l7.pool_h2 import H2Pool, H2Upstream, flush, speaks_h2
 from nodeagent.proxy.l7.routing import UNKNOWN_SERVICE, RequestInfo, RouteDecision
-from nodeagent.proxy.l7.shared import labels_for
+from nodeagent.proxy.l7.shared import labels_for, listen
 
 log = logging.getLogger(__name__)
 
@@ -246,26 +246,10 @@ class Http2Proxy(asyncio.Protocol):
 
     # ================================================================ internals
     def write(self, out: bytes) -> None:
-        """Write now, or at the end of the read being handled (``WriteBatch``): the frames of
-        every stream produced by one read share one writev."""
-        if not out or self.lost:
-            return
-        batch = self.h2pool.batch
-        if batch.depth:
-            self._out.append(out)
-            if not self._dirty:
-                self._dirty = True
-                batch.dirty.append(self)
-        else:
-            self.transport.write(out)
-
-    def flush(self) -> None:
-        self._dirty = False
-        out = self._out
-        if out:
-            self._out = []
-            if not self.lost:
-                self.transport.writelines(out)
+        """Write now, or at the end of the read being handled (``pool_h2.WriteBatch``): the
+        frames of every stream produced by one read share one writev."""
+        if out and not self.lost:
+            self.h2pool.batch.write(self, out)
 
     def _terminated(self, ev: ConnectionTerminated) -> None:
         if ev.remote and not ev.error_code and not self.codec.closed:
@@ -286,7 +270,7 @@ class Http2Proxy(asyncio.Protocol):
             self.timer.cancel()
             self.timer = None
         self.write(self.codec.close(NO_ERROR, "closing") if not self.codec.closed else self.codec.data_to_send())
-        self.flush()
+        flush(self)
         self.transport.close()
 
     def _maybe_done(self) -> None:
@@ -938,32 +922,13 @@ class _Stream:
         down.stream_done(self)
 
 
-class _Accept(asyncio.Protocol):
-    """Accept side of ``listen_http2``: hands each connection to ``serve_http2``."""
-
-    def __init__(self, inputs: L7Inputs, snapshot, dst: tuple[str, int], reporter: str, on_done,
-                 limits: Http2Limits) -> None:
-        self.inputs = inputs
-        self.snapshot = snapshot
-        self.dst = dst
-        self.reporter = reporter
-        self.on_done = on_done
-        self.limits = limits
-
-    def connection_made(self, transport) -> None:
-        peer = transport.get_extra_info("peername")
-        ctx = ConnContext.for_connection(self.inputs, self.snapshot(), src_ip=peer[0] if peer else "",
-                                         dst_ip=self.dst[0], dst_port=self.dst[1], reporter=self.reporter,
-                                         on_done=self.on_done)
-        serve_http2(transport, b"", ctx, self.inputs, limits=self.limits)
-
-
 async def listen_http2(inputs: L7Inputs, snapshot, host: str, port: int, *, dst: tuple[str, int],
                        reporter: str = "source", on_done=lambda driver: None, backlog: int = 1024,
                        limits: Http2Limits = DEFAULT_LIMITS):
     """A plain HTTP/2 (prior knowledge) listener treating every connection as captured for
     ``dst`` (a Service VIP:port of ``snapshot()``): the driver without capture, for tests
     and benchmarks."""
-    loop = asyncio.get_running_loop()
-    return await loop.create_server(lambda: _Accept(inputs, snapshot, dst, reporter, on_done, limits), host, port,
-                                    backlog=backlog, reuse_address=True)
+    def serve(transport, first, ctx, inputs):
+        return serve_http2(transport, first, ctx, inputs, limits=limits)
+    return await listen(serve, inputs, snapshot, host, port, dst=dst, reporter=reporter, on_done=on_done,
+                        backlog=backlog)

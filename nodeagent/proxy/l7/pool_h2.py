@@ -187,23 +187,8 @@ class H2Upstream(asyncio.Protocol):
         self.ep.capacity_changed(self)
 
     def _write(self, out: bytes) -> None:
-        """Write now, or at the end of the read being handled (``WriteBatch``)."""
-        if not out or self.closed:
-            return
-        batch = self.ep.pool.batch
-        if batch.depth:
-            self._out.append(out)
-            if not self._dirty:
-                self._dirty = True
-                batch.dirty.append(self)
-        else:
-            self.transport.write(out)
-
-    def flush(self) -> None:
-        self._dirty = False
-        out, self._out = self._out, []
         if out and not self.closed:
-            self.transport.writelines(out)
+            self.ep.pool.batch.write(self, out)
 
     @property
     def capacity(self) -> int:
@@ -214,7 +199,7 @@ class H2Upstream(asyncio.Protocol):
     def close(self) -> None:
         self.ep.forget(self)
         if not self.closed and self.transport is not None:
-            self.flush()
+            flush(self)
             self.closed = True
             self.transport.close()
 
@@ -235,6 +220,16 @@ class WriteBatch:
         self.depth = 0
         self.dirty: list = []
 
+    def write(self, conn, out: bytes) -> None:
+        """``conn`` (``transport``, ``_out``, ``_dirty``): write ``out`` now, or hold it until ``end``."""
+        if self.depth:
+            conn._out.append(out)
+            if not conn._dirty:
+                conn._dirty = True
+                self.dirty.append(conn)
+        else:
+            conn.transport.write(out)
+
     def end(self) -> None:
         self.depth -= 1
         if self.depth:
@@ -242,7 +237,17 @@ class WriteBatch:
         while self.dirty:
             dirty, self.dirty = self.dirty, []
             for conn in dirty:
-                conn.flush()
+                flush(conn)
+
+
+def flush(conn) -> None:
+    """Write what ``WriteBatch.write`` held for ``conn`` (before closing it, too)."""
+    conn._dirty = False
+    out = conn._out
+    if out:
+        conn._out = []
+        if not conn.transport.is_closing():
+            conn.transport.writelines(out)
 
 
 class H2EndpointPool:
