@@ -741,3 +741,43 @@ def test_100_mib_upload_and_download_through_one_stream_with_bounded_memory():
         except subprocess.TimeoutExpired:
             proxy.kill()
         app.close()
+
+
+# ============================================================================ mirrors, stream timeouts
+def test_mirror_gets_copies_over_http1_and_the_client_sees_only_the_primary():
+    async def main():
+        v1, shadow = await Upstream("v1").start(), await Upstream("shadow").start()
+        svcs = (service("web", VIP, [v1.endpoint()]), service("web-shadow", VIP2, [shadow.endpoint()]))
+        snap = NodeSnapshot(NODE, svcs, config=(route("web", {"parentRefs": parent(), "rules": [{
+            "filters": [{"type": "RequestMirror", "requestMirror": {"backendRef": {"name": "web-shadow", "port": 80}}}],
+            "backendRefs": [{"name": "web", "port": 80}]}]}),))
+        px = await Proxy(snap).start()
+        c = await H2Client.connect(px.port)
+        replies = await asyncio.gather(*(c.get(f"/m{i}", method=b"POST", body=b"copy me") for i in range(10)))
+        assert {json.loads(r.body)["pod"] for r in replies} == {"v1"}
+        await eventually(lambda: shadow.log.getvalue().count("\n") == 10)
+        log = shadow.log.getvalue()
+        assert all(f'"POST /m{i}" 200 in=7 ' in log for i in range(10)), log  # each with its whole body
+        c.close()
+        px.close()
+        v1.close()
+        shadow.close()
+    run(main())
+
+
+def test_stream_idle_timeout_answers_504_ut_while_waiting_and_408_si_for_a_stalled_upload():
+    async def main():
+        s = await ScriptedServer(lambda conn, head: None).start()  # takes requests, never answers
+        px = await Proxy(NodeSnapshot(NODE, (service("web", VIP, [s.endpoint()], app_protocol="http2"),)),
+                         limits=L7Limits(stream_idle_timeout=0.3)).start()
+        c = await H2Client.connect(px.port)
+        r = await c.get("/wait")
+        assert r.status == 504 and r.headers[b"x-hostmesh-flags"] == b"UT"
+        _, stalled = c.request("/upload", method=b"POST", body=b"part", end=False)
+        r = await asyncio.wait_for(stalled.done, 10)
+        assert r.status == 408 and r.headers[b"x-hostmesh-flags"] == b"SI"
+        await eventually(lambda: len(s.resets) >= 2)  # both upstream streams were reset
+        c.close()
+        px.close()
+        s.close()
+    run(main())

@@ -501,6 +501,13 @@ class _Stream:
 
     def _attach(self, conn, reserved: bool) -> None:
         """Send the head (and what arrived meanwhile) on the upstream connection."""
+        if self.kind == _K_H2 and conn.codec.capacity <= 0:
+            # the peer lowered SETTINGS_MAX_CONCURRENT_STREAMS (or sent GOAWAY) since the slot
+            # was handed out: queue again, elsewhere
+            if reserved:
+                conn.unreserve()
+            self._acquire(conn)
+            return
         head = self.up_head
         if self.deadline is not None:
             remaining = self.deadline - time.monotonic()
