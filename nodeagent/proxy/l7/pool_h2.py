@@ -369,6 +369,9 @@ class H2Pool:
             ep.serve()
             return
         ep.dialing -= 1
+        if up.closed:  # gone before we got it (connection_lost already ran)
+            ep.serve()
+            return
         ep.conns.append(up)
         up.idle_since = time.monotonic()
         if self._sweeper is None:
