@@ -735,11 +735,43 @@ def test_100_mib_upload_and_download_through_one_stream_with_bounded_memory():
         peak = _rss_kib(proxy.pid, "VmHWM")
         assert peak - before < 8 * 1024, (before, peak)
     finally:
-        proxy.terminate()
-        try:
-            proxy.wait(10)
-        except subprocess.TimeoutExpired:
-            proxy.kill()
+        _terminate(proxy)
+        app.close()
+
+
+def _terminate(p: subprocess.Popen) -> None:
+    p.terminate()
+    try:
+        p.wait(10)
+    except subprocess.TimeoutExpired:
+        p.kill()
+
+
+def test_100_mib_grpc_streams_both_ways_over_an_http2_upstream_with_bounded_memory():
+    grpc = pytest.importorskip("grpc")
+    from meshlab.testapp import echo_pb2, echo_pb2_grpc
+    env = dict(os.environ, PYTHONPATH=os.getcwd() + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    app = AppProcess("big")
+    proxy = subprocess.Popen([sys.executable, "-c", PROXY_SCRIPT, str(app.grpc_port), "grpc"], stdout=subprocess.PIPE,
+                             text=True, env=env)
+    try:
+        pport = int(proxy.stdout.readline())
+        mib = 1024 * 1024
+        with grpc.insecure_channel(f"{LO}:{pport}") as ch:
+            stub = echo_pb2_grpc.EchoStub(ch)
+            stub.Echo(echo_pb2.EchoRequest(message="warm", response_size=mib), timeout=30)
+            before = _rss_kib(proxy.pid, "VmRSS")
+            got = sum(len(m.payload) for m in stub.ServerStream(
+                echo_pb2.StreamRequest(message="down", count=100, response_size=mib), timeout=120))
+            assert got == 100 * mib
+            chunk = b"x" * mib
+            r = stub.ClientStream(iter([echo_pb2.EchoRequest(message=chunk.decode()) for _ in range(100)]),
+                                  timeout=120)
+            assert r.count == 100
+        peak = _rss_kib(proxy.pid, "VmHWM")
+        assert peak - before < 8 * 1024, (before, peak)
+    finally:
+        _terminate(proxy)
         app.close()
 
 
