@@ -43,7 +43,7 @@ from nodeagent.proxy.l7.context import L7Limits, PoolLimits
 from nodeagent.proxy.l7.detect import _FIXED, HTTP2_PRIOR_KNOWLEDGE
 from nodeagent.proxy.l7.http2 import (DEFAULT_LIMITS, ConnectionTerminated, Http2Limits, ClientConnection,
                                       RequestHead, StreamReset)
-from nodeagent.proxy.l7.pool import ConnectFailed, Connector, DialContext, PoolOverflow, connect_error
+from nodeagent.proxy.l7.pool import Connector, DialContext, PoolOverflow, connect_error
 from nodeagent.state import Endpoint
 
 log = logging.getLogger(__name__)
