@@ -821,3 +821,33 @@ def test_stream_idle_timeout_answers_504_ut_while_waiting_and_408_si_for_a_stall
         px.close()
         s.close()
     run(main())
+
+
+def test_mirror_of_a_grpc_request_goes_over_http2_and_a_dead_mirror_changes_nothing():
+    async def main():
+        primary = await ScriptedServer(lambda conn, head: conn.answer(
+            head.stream_id, b"\x00\x00\x00\x00\x00", headers=[(b"content-type", b"application/grpc")],
+            trailers=[(b"grpc-status", b"0")])).start()
+        mirror = await ScriptedServer(lambda conn, head: conn.answer(head.stream_id, b"dropped")).start()
+        dead = Endpoint(LO, 1, NODE, "dead", NS)  # nothing listens on port 1
+        svcs = (service("web", VIP, [primary.endpoint()], "grpc"), service("shadow", VIP2, [mirror.endpoint()], "grpc"),
+                service("gone", VIP3, [dead], "grpc"))
+        mirrors = [{"type": "RequestMirror", "requestMirror": {"backendRef": {"name": n, "port": 80}}}
+                   for n in ("shadow", "gone")]
+        snap = NodeSnapshot(NODE, svcs, config=(route("web", {"parentRefs": parent(), "rules": [
+            {"filters": mirrors, "backendRefs": [{"name": "web", "port": 80}]}]}),))
+        px = await Proxy(snap).start()
+        c = await H2Client.connect(px.port)
+        grpc_headers = [(b"content-type", b"application/grpc"), (b"te", b"trailers")]
+        replies = await asyncio.gather(*(c.get("/pkg.Svc/Call", method=b"POST", headers=grpc_headers,
+                                               body=b"\x00\x00\x00\x00\x03abc") for _ in range(5)))
+        assert all(r.status == 200 and r.trailers[b"grpc-status"] == b"0" for r in replies)
+        assert all(bytes(r.body) == b"\x00\x00\x00\x00\x00" for r in replies)
+        await eventually(lambda: len(mirror.heads) == 5 and mirror.received == 5 * 8)
+        assert {h.authority for h in mirror.heads} == {b"web-shadow"}
+        assert {h.path for h in mirror.heads} == {b"/pkg.Svc/Call"}
+        c.close()
+        px.close()
+        primary.close()
+        mirror.close()
+    run(main())

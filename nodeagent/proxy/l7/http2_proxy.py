@@ -57,9 +57,10 @@ Metrics: as HTTP/1.1 (``inputs.metrics``), ``request_protocol`` ``http2`` or ``g
 ``response_code`` the HTTP status sent (200 for gRPC, whose status travels in
 ``grpc-status``: ARCHITECTURE.md has no label for it, so none is added).
 
-Mirrors (``RequestMirror``) of HTTP/2 requests are sent like the HTTP/1.1 driver's
-(fire and forget, ``http1_proxy._Mirror``, over HTTP/1.1) to mirror backends that speak
-HTTP/1.1; mirrors of gRPC requests or to HTTP/2-only backends are not sent (logged).
+Mirrors (``RequestMirror``): fire and forget, ``host``/``:authority`` + ``-shadow`` as
+Envoy and Istio do; over HTTP/2 (``_H2Mirror``) for gRPC or an HTTP/2 mirror backend,
+else over HTTP/1.1 with the HTTP/1.1 driver's ``_Mirror``. A mirror never holds the main
+request back (bounded buffer while connecting, abandoned when blocked, failing or slow).
 """
 
 from __future__ import annotations
@@ -552,20 +553,20 @@ class _Stream:
             conn.pause_reading()
         self.release_req()
 
-    # ---------------------------------------------------------------- mirrors (HTTP/1.1 copies)
+    # ---------------------------------------------------------------- mirrors
     def start_mirrors(self, backends, up_head: RequestHead) -> None:
-        from nodeagent.proxy.l7.http1_proxy import _Mirror  # the HTTP/1.1 driver's fire-and-forget copy
+        """Fire-and-forget copies: over HTTP/2 (``_H2Mirror``) when the request is gRPC or the
+        mirror backend speaks HTTP/2, else with the HTTP/1.1 driver's ``_Mirror``."""
+        from nodeagent.proxy.l7.http1_proxy import _Mirror
         down = self.down
         for backend in backends:
-            if self.grpc or speaks_h2(backend.port.app_protocol):
-                log.debug("http2: mirror to %s not sent: HTTP/2 mirrors are not supported", backend.hostname)
-                continue
             ep = down.inputs.lb.get(backend).pick(up_head.headers, down.ctx.src_ip)
             if ep is None:
                 continue
-            h1 = translate.h2_request_to_h1(up_head)
-            h1.headers = [(n, v + b"-shadow" if n == b"host" else v) for n, v in h1.headers]
-            m = _Mirror(down, h1)
+            h2 = self.grpc or speaks_h2(backend.port.app_protocol)
+            shadow = RequestHead(0, up_head.method, up_head.scheme, up_head.authority + b"-shadow", up_head.path,
+                                 up_head.headers, up_head.end_stream, up_head.content_length, up_head.grpc)
+            m = _H2Mirror(down, shadow) if h2 else _Mirror(down, translate.h2_request_to_h1(shadow))
             if self.mirrors is None:
                 self.mirrors = []
             self.mirrors.append(m)
@@ -927,6 +928,132 @@ class _Stream:
         down.inputs.metrics.observe(self.labels, status, flag, _clock() - self.started, self.req_bytes,
                                     self.resp_bytes)
         down.stream_done(self)
+
+
+class _H2Mirror:
+    """A fire-and-forget copy of one request over HTTP/2 (``pool_h2`` owner); its response is
+    read and dropped, and it never holds the main request back: abandoned when its buffer
+    (while connecting) is over ``mirror_buffer``, when its stream is blocked, on any failure
+    and after ``mirror_timeout``."""
+
+    __slots__ = ("down", "head", "up", "usid", "fut", "pending", "held", "dead", "timer")
+
+    def __init__(self, down: Http2Proxy, head: RequestHead) -> None:
+        self.down = down
+        self.head = head
+        self.up: H2Upstream | None = None
+        self.usid = 0
+        self.fut: asyncio.Future | None = None
+        self.pending: list | None = []
+        self.held = 0
+        self.dead = False
+        self.timer: asyncio.TimerHandle | None = None
+
+    def start(self, ep, limits, service: str) -> None:
+        down = self.down
+        self.timer = down.loop.call_later(down.inputs.limits.mirror_timeout, self.kill)
+        try:
+            r = down.h2pool.acquire(ep, limits, service, down.ctx)
+        except PoolOverflow:
+            self.kill()
+            return
+        if isinstance(r, asyncio.Future):
+            self.fut = r
+            r.add_done_callback(self._on_conn)
+        else:
+            self._attach(r, False)
+
+    def _on_conn(self, fut: asyncio.Future) -> None:
+        if fut.cancelled():
+            return
+        self.fut = None
+        if fut.exception() is not None:
+            self.kill()
+            return
+        conn = fut.result()
+        if self.dead or conn.closed:
+            conn.unreserve()
+            self.kill()
+            return
+        self._attach(conn, True)
+
+    def _attach(self, conn: H2Upstream, reserved: bool) -> None:
+        if conn.codec.capacity <= 0:
+            if reserved:
+                conn.unreserve()
+            self.kill()
+            return
+        try:
+            self.usid = conn.open(self, self.head, reserved)
+        except LocalProtocolError:
+            self.kill()
+            return
+        self.up = conn
+        pending, self.pending = self.pending, None
+        for piece in pending:
+            if type(piece) is bytes:
+                conn.send_data(self.usid, piece)
+            else:
+                conn.send_end(self.usid, piece)
+
+    def data(self, data: bytes) -> None:
+        if self.dead:
+            return
+        up = self.up
+        if up is None:
+            self.held += len(data)
+            if self.held > self.down.inputs.limits.mirror_buffer:
+                self.kill()
+            else:
+                self.pending.append(data)
+            return
+        if up.blocked(self.usid):
+            self.kill()  # a slow mirror must never hold the main request back
+            return
+        up.send_data(self.usid, data)
+
+    def end(self, trailers) -> None:
+        if self.dead or self.head.end_stream:
+            return
+        if self.up is None:
+            self.pending.append(list(trailers))
+        else:
+            self.up.send_end(self.usid, list(trailers))
+
+    def up2_event(self, up: H2Upstream, ev) -> None:
+        t = type(ev)
+        if t is Data:
+            up.consumed(self.usid, len(ev.data))
+        elif t is EndOfMessage:
+            self.up = None
+            up.done(self.usid)
+            self.kill()
+        elif t is StreamReset or t is ProtocolError:
+            self.up = None  # the codec already reset or forgot the stream
+            if t is ProtocolError:
+                up.done(self.usid)
+            self.kill()
+
+    def up2_lost(self, up: H2Upstream, retryable: bool) -> None:
+        self.up = None
+        self.kill()
+
+    def up2_writable(self, up: H2Upstream, writable: bool) -> None:
+        pass
+
+    def kill(self) -> None:
+        """Abandon the mirror (its failure is nobody's problem)."""
+        self.dead = True
+        self.pending = None
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        fut, self.fut = self.fut, None
+        if fut is not None:
+            fut.cancel()
+        up, self.up = self.up, None
+        if up is not None:
+            up.done(self.usid, CANCEL)
 
 
 async def listen_http2(inputs: L7Inputs, snapshot, host: str, port: int, *, dst: tuple[str, int],
