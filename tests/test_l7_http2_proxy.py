@@ -851,3 +851,42 @@ def test_mirror_of_a_grpc_request_goes_over_http2_and_a_dead_mirror_changes_noth
         primary.close()
         mirror.close()
     run(main())
+
+
+def test_peer_stream_limit_is_respected_then_queued_with_a_bound_then_503_uo():
+    async def main():
+        held = []
+
+        class OneStream(ScriptedH2):  # SETTINGS_MAX_CONCURRENT_STREAMS 1
+            def __init__(self, owner):
+                super().__init__(owner)
+                self.codec = ServerConnection(Http2Limits(max_concurrent_streams=1))
+        s = ScriptedServer(lambda conn, head: held.append((conn, head.stream_id)))
+        s.server = await asyncio.get_running_loop().create_server(lambda: OneStream(s), LO, 0)
+        s.port = s.server.sockets[0].getsockname()[1]
+        policy = ConfigObject("TrafficPolicy", NS, "tp", json.dumps({
+            "targetRef": {"kind": "Service", "name": "web"},
+            "connectionPool": {"maxConnections": 1, "maxPendingRequests": 1}}))
+        snap = NodeSnapshot(NODE, (service("web", VIP, [s.endpoint()], "http2"),), config=(policy,))
+        px = await Proxy(snap).start()
+        c = await H2Client.connect(px.port)
+        _, first = c.request("/1")
+        await eventually(lambda: held)
+        stats = lambda: next(iter(px.inputs.h2pool.stats().values()))  # noqa: E731
+        await eventually(lambda: stats()["capacity"] == 0)  # the peer's SETTINGS arrived: 1 stream max
+        _, second = c.request("/2")
+        await eventually(lambda: stats()["pending"] == 1)
+        third = await c.get("/3")
+        assert third.status == 503 and third.headers[b"x-hostmesh-flags"] == b"UO"
+        assert len(held) == 1 and len(s.conns) == 1  # never more than the peer allows
+        conn, sid = held[0]
+        conn.answer(sid, b"one")
+        assert bytes((await asyncio.wait_for(first.done, 10)).body) == b"one"
+        await eventually(lambda: len(held) == 2)  # the queued stream got the freed slot
+        conn, sid = held[1]
+        conn.answer(sid, b"two")
+        assert bytes((await asyncio.wait_for(second.done, 10)).body) == b"two"
+        c.close()
+        px.close()
+        s.close()
+    run(main())

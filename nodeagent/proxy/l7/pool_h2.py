@@ -402,9 +402,10 @@ class H2Pool:
 
     # ------------------------------------------------------------------ introspection / shutdown
     def stats(self) -> dict[str, dict[str, int]]:
-        """Per endpoint: connections, dials in progress, open streams and waiting streams."""
+        """Per endpoint: connections, dials in progress, open streams, free stream slots and waiting streams."""
         return {f"{a}:{p}": {"connections": len(ep.conns), "dialing": ep.dialing,
-                             "streams": sum(len(c.owners) for c in ep.conns), "pending": len(ep.waiters)}
+                             "streams": sum(len(c.owners) for c in ep.conns),
+                             "capacity": sum(c.capacity for c in ep.conns), "pending": len(ep.waiters)}
                 for (a, p), ep in self._pools.items()}
 
     def close(self) -> None:
