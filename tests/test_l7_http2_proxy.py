@@ -94,10 +94,11 @@ def parent(name: str = "web", port: int | None = None) -> list:
 
 class Proxy:
     def __init__(self, snapshot: NodeSnapshot, *, limits: L7Limits | None = None, h2limits=http2.DEFAULT_LIMITS,
-                 seed: int = 1, dst=(VIP, 80)) -> None:
+                 seed: int = 1, dst=(VIP, 80), connector=None, partition=None) -> None:
         self.snapshot = snapshot
         self.registry = CollectorRegistry()
-        self.inputs = L7Inputs.create(NODE, HttpMetrics(self.registry), limits=limits, rand=random.Random(seed))
+        self.inputs = L7Inputs.create(NODE, HttpMetrics(self.registry), limits=limits, rand=random.Random(seed),
+                                      connector=connector, partition=partition)
         self.h2limits = h2limits
         self.dst = dst
         self.done: list = []
@@ -887,6 +888,36 @@ def test_peer_stream_limit_is_respected_then_queued_with_a_bound_then_503_uo():
         conn.answer(sid, b"two")
         assert bytes((await asyncio.wait_for(second.done, 10)).body) == b"two"
         c.close()
+        px.close()
+        s.close()
+    run(main())
+
+
+def test_connector_partition_and_reuse_ok_rules_apply_to_http2_upstreams():
+    async def main():
+        from nodeagent.proxy.l7.pool import tcp_connector
+        s = await ScriptedServer(lambda conn, head: conn.answer(head.stream_id, b"ok")).start()
+        generation = {"now": 0}
+        dials = []
+
+        async def connector(endpoint, dial, factory):
+            dials.append(dial.conn.src_ip)
+            transport, proto = await tcp_connector(endpoint, dial, factory)
+            born = generation["now"]
+            proto.reuse_ok = lambda: generation["now"] == born  # the tunnel's age / rotation rules
+            return transport, proto
+        px = await Proxy(NodeSnapshot(NODE, (service("web", VIP, [s.endpoint()], "http2"),)), connector=connector,
+                         partition=lambda ep, ctx: id(ctx)).start()  # one pool per client connection
+        a, b = await H2Client.connect(px.port), await H2Client.connect(px.port)
+        for c in (a, b, a, b):
+            assert (await c.get("/")).status == 200
+        assert len(s.conns) == 2 and len(dials) == 2  # never shared between the two clients
+        generation["now"] += 1  # e.g. the source's certificate rotated
+        assert (await a.get("/")).status == 200
+        assert len(s.conns) == 3  # a fresh connection; the retired one is closed
+        await eventually(lambda: s.conns[0].t.is_closing() or s.conns[1].t.is_closing())
+        a.close()
+        b.close()
         px.close()
         s.close()
     run(main())

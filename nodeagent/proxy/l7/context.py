@@ -138,15 +138,16 @@ class L7Inputs:
 
     @classmethod
     def create(cls, node: str, metrics: HttpMetrics, *, limits: L7Limits | None = None, connector=None,
-               rand: Any = None) -> "L7Inputs":
-        """The usual wiring: a fresh LB state, route-table cache and pool (``connector``: see pool.py)."""
+               partition=None, rand: Any = None) -> "L7Inputs":
+        """The usual wiring: a fresh LB state, route-table cache and pools (``connector``: see pool.py;
+        ``partition``: see pool_h2.py)."""
         from nodeagent.proxy.l7.pool import UpstreamPool, tcp_connector
         from nodeagent.proxy.l7.pool_h2 import H2Pool
         limits = limits or L7Limits()
         lb = LbState(node, rng=rand)
         connector = connector or tcp_connector
         return cls(node, metrics, UpstreamPool(connector, limits), lb,
-                   RouteTables(lb, limits, rand=rand), limits, H2Pool(connector, limits))
+                   RouteTables(lb, limits, rand=rand), limits, H2Pool(connector, limits, partition=partition))
 
 
 @dataclass(slots=True)

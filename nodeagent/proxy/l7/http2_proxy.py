@@ -8,7 +8,8 @@ contract); the listener calls this one when detection said HTTP/2 prior knowledg
     ...driver.abort("drain")   # close everything now
 
 ``ctx.on_done(driver)`` is called exactly once, after the client connection is closed and
-every stream of it is finished. ``listen_http2`` (end of this module) is the driver behind
+every stream of it is finished; ``driver.rx`` / ``driver.tx`` count the bytes read from /
+written to the client (the connection's TCP metrics are the caller's, as with HTTP/1.1). ``listen_http2`` (end of this module) is the driver behind
 a plain listener, for tests and ``bench/l7.py``.
 
 Downstream: one ``http2.ServerConnection`` per connection. Each request stream is
@@ -137,6 +138,8 @@ class Http2Proxy(asyncio.Protocol):
         self._labels: dict = {}
         self._out: list[bytes] = []
         self._dirty = False
+        self.rx = 0  # bytes read from the client (the connection's TCP metrics)
+        self.tx = 0  # bytes written to the client
 
     # ================================================================ asyncio (client side)
     def connection_made(self, transport) -> None:
@@ -145,12 +148,13 @@ class Http2Proxy(asyncio.Protocol):
         lim = self.inputs.limits
         transport.set_write_buffer_limits(lim.write_buffer_high, lim.write_buffer_low)
         self.started = self.idle_since = self.loop.time()
-        transport.write(self.codec.data_to_send())  # our SETTINGS and connection WINDOW_UPDATE
+        self.write(self.codec.data_to_send())  # our SETTINGS and connection WINDOW_UPDATE
         timeouts = [t for t in (lim.header_timeout, lim.idle_timeout, lim.stream_idle_timeout) if t]
         self.tick_every = max(0.05, min(timeouts) / 2)
         self.timer = self.loop.call_later(self.tick_every, self._tick)
 
     def data_received(self, data: bytes) -> None:
+        self.rx += len(data)
         if self.closing:
             return
         batch = self.h2pool.batch
@@ -201,7 +205,9 @@ class Http2Proxy(asyncio.Protocol):
             self._close()
 
     def eof_received(self) -> bool:
-        return False  # no half-close in HTTP/2: close (connection_lost cleans up)
+        # no half-close in HTTP/2: close ourselves (a tunnel stream transport does not on False)
+        self._close()
+        return False
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.lost = True
@@ -250,6 +256,7 @@ class Http2Proxy(asyncio.Protocol):
         """Write now, or at the end of the read being handled (``pool_h2.WriteBatch``): the
         frames of every stream produced by one read share one writev."""
         if out and not self.lost:
+            self.tx += len(out)
             self.h2pool.batch.write(self, out)
 
     def _terminated(self, ev: ConnectionTerminated) -> None:

@@ -28,7 +28,11 @@ The owner of a stream receives its events (``http2.ClientConnection`` events)::
     owner.up2_writable(up, bool)   # the transport's write buffer crossed high/low water
 
 The connector is the one of ``pool`` (``connector(endpoint, DialContext, factory)``):
-dials go through it only (the mTLS tunnel plugs in there).
+dials go through it only (the mTLS tunnel plugs in there). As in ``pool``: pools are keyed
+by ``(address, port)`` plus ``partition(endpoint, conn)`` when given (a tunnel stream
+authenticates one source workload, so its connection carries only that client's
+streams), and a connector may set ``H2Upstream.reuse_ok`` (``() -> bool``): once False
+the connection takes no new streams and closes when its last one ends.
 """
 
 from __future__ import annotations
@@ -37,7 +41,7 @@ import asyncio
 import logging
 import time
 from collections import deque
-from typing import Any
+from typing import Any, Callable
 
 from nodeagent.proxy.l7.context import L7Limits, PoolLimits
 from nodeagent.proxy.l7.detect import _FIXED, HTTP2_PRIOR_KNOWLEDGE
@@ -60,7 +64,7 @@ class H2Upstream(asyncio.Protocol):
     """One HTTP/2 connection to an upstream and the owners of its streams."""
 
     __slots__ = ("ep", "codec", "transport", "owners", "closed", "write_paused", "idle_since", "read_paused", "reserved",
-                 "_out", "_dirty")
+                 "_out", "_dirty", "reuse_ok", "opened")
 
     def __init__(self, ep: "H2EndpointPool", limits: Http2Limits) -> None:
         self.ep = ep
@@ -74,6 +78,8 @@ class H2Upstream(asyncio.Protocol):
         self.reserved = 0  # slots handed to waiting streams that have not opened yet
         self._out: list[bytes] = []
         self._dirty = False
+        self.reuse_ok: Any = None  # a connector's () -> bool: False = take no new streams (tunnel rules)
+        self.opened = 0  # streams opened (a fresh connection is not judged by reuse_ok)
 
     # -------------------------------------------------------------- asyncio
     def connection_made(self, transport) -> None:
@@ -114,7 +120,9 @@ class H2Upstream(asyncio.Protocol):
         self.ep.capacity_changed(self)
 
     def eof_received(self) -> bool:
-        return False  # HTTP/2 has no half-close: connection_lost follows
+        # HTTP/2 has no half-close: close (a tunnel stream transport does not close on False)
+        self.close()
+        return False
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -154,6 +162,7 @@ class H2Upstream(asyncio.Protocol):
         if reserved and self.reserved:
             self.reserved -= 1
         sid = self.codec.send_request(head)
+        self.opened += 1
         self.owners[sid] = owner
         self._write(self.codec.data_to_send())
         return sid
@@ -181,7 +190,7 @@ class H2Upstream(asyncio.Protocol):
             return
         if not self.owners:
             self.idle_since = time.monotonic()
-            if not self.codec.reusable:  # after GOAWAY: closed once its last stream ended
+            if not self.codec.reusable or self not in self.ep.conns:  # GOAWAY'd or retired: closed once idle
                 self.close()
                 return
         self.ep.capacity_changed(self)
@@ -253,11 +262,12 @@ def flush(conn) -> None:
 class H2EndpointPool:
     """The HTTP/2 connections to one endpoint, the dials in progress and the waiting streams."""
 
-    __slots__ = ("pool", "endpoint", "limits", "conns", "dialing", "waiters", "dial")
+    __slots__ = ("pool", "endpoint", "limits", "conns", "dialing", "waiters", "dial", "key")
 
-    def __init__(self, pool: "H2Pool", endpoint: Endpoint, limits: PoolLimits) -> None:
+    def __init__(self, pool: "H2Pool", endpoint: Endpoint, limits: PoolLimits, key: tuple) -> None:
         self.pool = pool
         self.endpoint = endpoint
+        self.key = key
         self.limits = limits
         self.conns: list[H2Upstream] = []
         self.dialing = 0
@@ -270,7 +280,12 @@ class H2EndpointPool:
 
     def pick(self, avoid: Any = None) -> H2Upstream | None:
         best = None
-        for c in self.conns:
+        for c in list(self.conns):
+            if c.opened and c.reuse_ok is not None and not c.reuse_ok():  # retired: streams finish, no new ones
+                self.conns.remove(c)
+                if not c.owners and not c.reserved:
+                    c.close()
+                continue
             if c is not avoid and c.capacity > 0 and (best is None or len(c.owners) < len(best.owners)):
                 best = c
         return best
@@ -312,8 +327,10 @@ class H2EndpointPool:
 class H2Pool:
     """Every endpoint's HTTP/2 connections of one proxy (one event loop)."""
 
-    def __init__(self, connector: Connector, limits: L7Limits, h2_limits: Http2Limits = DEFAULT_LIMITS) -> None:
+    def __init__(self, connector: Connector, limits: L7Limits, h2_limits: Http2Limits = DEFAULT_LIMITS, *,
+                 partition: Callable[[Endpoint, Any], Any] | None = None) -> None:
         self.connector = connector
+        self.partition = partition
         self.limits = limits
         self.h2_limits = h2_limits
         self._pools: dict[tuple[str, int], H2EndpointPool] = {}
@@ -325,9 +342,11 @@ class H2Pool:
     def acquire(self, endpoint: Endpoint, limits: PoolLimits, service: str = "", conn: Any = None,
                 avoid: Any = None) -> H2Upstream | asyncio.Future:
         key = (endpoint.address, endpoint.port)
+        if self.partition is not None:  # connections that must not be shared between clients
+            key = key + (self.partition(endpoint, conn),)
         ep = self._pools.get(key)
         if ep is None:
-            ep = self._pools[key] = H2EndpointPool(self, endpoint, limits)
+            ep = self._pools[key] = H2EndpointPool(self, endpoint, limits, key)
         else:
             ep.limits = limits
         if not ep.waiters:
@@ -379,9 +398,8 @@ class H2Pool:
         ep.serve()
 
     def _drop(self, ep: H2EndpointPool) -> None:
-        key = (ep.endpoint.address, ep.endpoint.port)
-        if self._pools.get(key) is ep:
-            del self._pools[key]
+        if self._pools.get(ep.key) is ep:
+            del self._pools[ep.key]
 
     # ------------------------------------------------------------------ idle sweep
     def _arm_sweeper(self) -> None:
@@ -403,10 +421,13 @@ class H2Pool:
     # ------------------------------------------------------------------ introspection / shutdown
     def stats(self) -> dict[str, dict[str, int]]:
         """Per endpoint: connections, dials in progress, open streams, free stream slots and waiting streams."""
-        return {f"{a}:{p}": {"connections": len(ep.conns), "dialing": ep.dialing,
-                             "streams": sum(len(c.owners) for c in ep.conns),
-                             "capacity": sum(c.capacity for c in ep.conns), "pending": len(ep.waiters)}
-                for (a, p), ep in self._pools.items()}
+        out: dict[str, dict[str, int]] = {}
+        for key, ep in self._pools.items():
+            name = f"{key[0]}:{key[1]}" + "".join(f" {part}" for part in key[2:] if part)
+            out[name] = {"connections": len(ep.conns), "dialing": ep.dialing,
+                         "streams": sum(len(c.owners) for c in ep.conns),
+                         "capacity": sum(c.capacity for c in ep.conns), "pending": len(ep.waiters)}
+        return out
 
     def close(self) -> None:
         """Close idle connections, stop dialing, fail waiting streams (shutdown)."""
