@@ -293,6 +293,12 @@ def measure(label: str, port: int, pids: list[int], seconds: int, connections: i
     return {"path": label, "rps": rps, "cpu_us_per_request": cpu_us, "p50_ms": p50, "p99_ms": p99}
 
 
+def _need(*tools: str) -> None:
+    for tool in tools:
+        if shutil.which(tool) is None:
+            raise SystemExit(f"bench/l7.py needs {tool} on PATH")
+
+
 def _start(procs: list, argv: list[str], **kw) -> subprocess.Popen:
     p = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, **kw)
     procs.append(p)
@@ -320,9 +326,7 @@ def _measure_paths(paths, rate_fn, seconds: int) -> list[dict]:
 
 def run_h2(seconds: int) -> list[dict]:
     """h2load -m100 rps: direct (nginx h2c) vs hostmesh HTTP/2 vs HAProxy h2."""
-    for tool in ("h2load", "nginx", "haproxy"):
-        if shutil.which(tool) is None:
-            raise SystemExit(f"bench/l7.py needs {tool} on PATH")
+    _need("h2load", "nginx", "haproxy")
     procs: list[subprocess.Popen] = []
     with tempfile.TemporaryDirectory(prefix="hostmesh-l7-bench-") as run_dir:
         os.makedirs(f"{run_dir}/logs")
@@ -374,9 +378,7 @@ def render_simple(title: str, results: list[dict]) -> str:
 
 
 def run(seconds: int, connections: int, rate: int) -> list[dict]:
-    for tool in ("wrk", "nginx", "haproxy"):
-        if shutil.which(tool) is None:
-            raise SystemExit(f"bench/l7.py needs {tool} on PATH")
+    _need("wrk", "nginx", "haproxy")
     procs: list[subprocess.Popen] = []
     with tempfile.TemporaryDirectory(prefix="hostmesh-l7-bench-") as run_dir:
         os.makedirs(f"{run_dir}/logs")
