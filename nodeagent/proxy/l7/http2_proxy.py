@@ -669,6 +669,7 @@ class _Stream:
             up.resume_reading()
 
     def _resp_head(self, status: int, headers: list, end_stream: bool) -> None:
+        self.retry_body = None  # answered: never retried, the replay copy can go
         down = self.down
         headers = prepare_response(headers)
         if self.grpc:
