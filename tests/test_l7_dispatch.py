@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import http.client
 import json
+import subprocess
 
 import pytest
 import uvloop
@@ -217,8 +218,7 @@ def test_server_speaks_first_gets_tcp_after_the_detection_timeout():
     run(main())
 
 
-@pytest.mark.parametrize("first", [b"\x16\x03\x01\x00\x10\x01tls-client-hello", b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\nh2",
-                                   b"\x00\x01binary", b"GE"])
+@pytest.mark.parametrize("first", [b"\x16\x03\x01\x00\x10\x01tls-client-hello", b"\x00\x01binary", b"GE"])
 def test_non_http_bytes_are_relayed_unchanged_with_half_close(first):
     async def echo(reader, writer):
         writer.write(await reader.read())  # until EOF: the half-close must arrive
@@ -256,19 +256,43 @@ def test_drain_closes_idle_keep_alive_l7_connections():
 
 
 def test_detected_protocols_map_to_serve_functions_or_tcp():
+    from nodeagent.proxy.l7.http2_proxy import serve_http2
     from nodeagent.proxy.l7dispatch import SERVE
-    assert HTTP1 in SERVE and OPAQUE not in SERVE and HTTP2_PRIOR_KNOWLEDGE not in SERVE
+    assert HTTP1 in SERVE and OPAQUE not in SERVE and SERVE[HTTP2_PRIOR_KNOWLEDGE] is serve_http2
+
+
+def test_http2_prior_knowledge_is_served_by_the_http2_driver_with_routes():
+    async def main():
+        v1, v2 = await Backend("v1").start(), await Backend("v2").start()
+        snap = snapshot([v1.endpoint(), v2.endpoint()], routes=[header_route("v2")])
+        snap = NodeSnapshot(node=NODE, services=snap.services + (
+            Service("v2", NS, "198.19.9.9", (ServicePort(80, v2.port),), (v2.endpoint(),)),), config=snap.config)
+        async with Proxy(snap) as px:
+            def curl(*extra: str) -> dict:
+                r = subprocess.run(["curl", "-sS", "--http2-prior-knowledge", "--max-time", "10", *extra,
+                                    f"http://{LO}:{px.listener.port}/"], capture_output=True, text=True, timeout=30)
+                assert r.returncode == 0, r.stderr
+                return json.loads(r.stdout)
+            plain = await asyncio.to_thread(curl)
+            canary = await asyncio.to_thread(curl, "-H", "x-canary: 1")
+            assert plain["protocol"] == "HTTP/1.1"  # an HTTP/2 client, an HTTP/1.1 upstream
+            assert canary["pod"] == "v2"
+            await px.settle(0)
+            assert px.metric("hostmesh_requests_total", request_protocol="http2", response_code="200") == 2
+        v1.close()
+        v2.close()
+    run(main())
 
 
 def test_a_service_without_endpoints_answers_http_with_503_uh_and_resets_tcp():
     async def main():
-        snap = NodeSnapshot(node=NODE, services=(
-            Service("web", NS, VIP, (ServicePort(80, 8080, app_protocol="http"),), ()),))
+        snap = NodeSnapshot(node=NODE, services=(  # routes attached, no appProtocol: detected
+            Service("web", NS, VIP, (ServicePort(80, 8080),), ()),), config=(header_route("web"),))
         async with Proxy(snap) as px:
             ((status, headers, _),) = await asyncio.to_thread(http_get, px.listener.port, ["/"])
             assert status == 503 and headers["x-hostmesh-flags"] == "UH"
             r, w = await asyncio.open_connection(LO, px.listener.port)
-            w.write(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")  # not served by L7 yet: the L4 refusal
+            w.write(b"\x00\x01binary")  # not HTTP: the L4 refusal
             with pytest.raises(ConnectionResetError):
                 assert await asyncio.wait_for(r.read(), 20) == b""
             w.close()

@@ -22,8 +22,8 @@ service-addressed traffic): GAMMA routes and TrafficPolicies attach to Services,
 client that dials a pod chose its endpoint itself.
 
 After detection, ``SERVE`` (protocol -> ``serve(transport, first_bytes, ctx, inputs)``)
-picks the driver; a protocol without an entry (HTTP/2 prior knowledge until its driver
-lands, TLS, anything else) goes back to the L4 relay with the bytes read so far forwarded
+picks the driver (HTTP/1.x -> ``serve_http1``, HTTP/2 prior knowledge -> ``serve_http2``,
+gRPC included); a protocol without an entry (TLS, anything else) goes back to the L4 relay with the bytes read so far forwarded
 unchanged (and a half-close seen during detection passed on).
 
 An L7 connection stays in the listener's connection set as its ``Relay`` (``relay.driver``
@@ -49,8 +49,10 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from nodeagent.proxy.destinations import Forward, Refuse
 from nodeagent.proxy.l7.context import ConnContext, L7Inputs, L7Limits
-from nodeagent.proxy.l7.detect import _FIXED, _HTTP, HTTP1, NEED_MORE, OPAQUE, TLS, Detected, Detector, detector_for
+from nodeagent.proxy.l7.detect import (_FIXED, _HTTP, HTTP1, HTTP2_PRIOR_KNOWLEDGE, NEED_MORE, OPAQUE, TLS, Detected,
+                                       Detector, detector_for)
 from nodeagent.proxy.l7.http1_proxy import serve_http1
+from nodeagent.proxy.l7.http2_proxy import serve_http2
 from nodeagent.proxy.l7.metrics import HttpMetrics
 from nodeagent.proxy.l7.pool import DialContext, dialed_socket, tcp_connector
 from nodeagent.state import Endpoint, NodeSnapshot
@@ -64,7 +66,7 @@ if TYPE_CHECKING:  # pragma: no cover
 log = logging.getLogger(__name__)
 
 # protocol -> the driver that serves it; protocols without an entry are relayed as TCP
-SERVE: dict[Any, Callable] = {HTTP1: serve_http1}
+SERVE: dict[Any, Callable] = {HTTP1: serve_http1, HTTP2_PRIOR_KNOWLEDGE: serve_http2}
 
 # appProtocol values that make a port L7 (detection, or a fixed HTTP/2 decision)
 _L7_APP_PROTOCOLS = frozenset(_HTTP) | frozenset(ap for ap, p in _FIXED.items() if p not in (OPAQUE, TLS))
@@ -220,6 +222,7 @@ class L7Dispatch:
 
     def close(self) -> None:
         self.inputs.pool.close()
+        self.inputs.h2pool.close()
 
 
 class _StreamTransport:

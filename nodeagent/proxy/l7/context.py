@@ -5,7 +5,8 @@
   snapshot object (snapshots are immutable; identity is the cache key) and the upstream
   pool limits of each backend (TrafficPolicy ``connectionPool``). Keeps ``LbState`` in step.
 * ``L7Inputs`` — one per proxy (shared by the connections of all listeners of one loop):
-  route tables, LB state, the upstream pool, metrics, limits.
+  route tables, LB state, the upstream pools (HTTP/1.1 ``pool``, HTTP/2 ``h2pool``),
+  metrics, limits.
 * ``ConnContext`` — one per accepted connection: where it was going, who sent it, the
   metric labels, the router of its destination and the callback that reports completion.
 
@@ -133,17 +134,20 @@ class L7Inputs:
     lb: LbState
     routes: RouteTables
     limits: L7Limits = field(default_factory=L7Limits)
+    h2pool: Any = None  # pool_h2.H2Pool: HTTP/2 upstreams (created on first use when None)
 
     @classmethod
     def create(cls, node: str, metrics: HttpMetrics, *, limits: L7Limits | None = None, connector=None,
                partition=None, rand: Any = None) -> "L7Inputs":
-        """The usual wiring: a fresh LB state, route-table cache and pool (``connector`` and
-        ``partition``: see pool.py)."""
+        """The usual wiring: a fresh LB state, route-table cache and pools (``connector``: see pool.py;
+        ``partition``: see pool_h2.py)."""
         from nodeagent.proxy.l7.pool import UpstreamPool, tcp_connector
+        from nodeagent.proxy.l7.pool_h2 import H2Pool
         limits = limits or L7Limits()
         lb = LbState(node, rng=rand)
-        return cls(node, metrics, UpstreamPool(connector or tcp_connector, limits, partition=partition), lb,
-                   RouteTables(lb, limits, rand=rand), limits)
+        connector = connector or tcp_connector
+        return cls(node, metrics, UpstreamPool(connector, limits, partition=partition), lb,
+                   RouteTables(lb, limits, rand=rand), limits, H2Pool(connector, limits, partition=partition))
 
 
 @dataclass(slots=True)

@@ -98,9 +98,10 @@ from nodeagent.proxy.l7.headers import prepare_request, prepare_response
 from nodeagent.proxy.l7.http1 import (Data, EndOfMessage, LocalProtocolError, ProtocolError, RequestHead,
                                       ResponseHead, ServerConnection, Upgrade)
 from nodeagent.proxy.l7.lb import LEAST_REQUEST
-from nodeagent.proxy.l7.metrics import NO_FLAGS, UNKNOWN
+from nodeagent.proxy.l7.metrics import NO_FLAGS
 from nodeagent.proxy.l7.pool import ConnectFailed, PoolOverflow, UpstreamConn
 from nodeagent.proxy.l7.routing import UNKNOWN_SERVICE, RequestInfo, RouteDecision
+from nodeagent.proxy.l7.shared import labels_for, listen
 from nodeagent.proxy.relay import RST, _close_transport
 
 log = logging.getLogger(__name__)
@@ -484,20 +485,7 @@ class Http1Proxy(asyncio.Protocol):
                            head.upgrade, head.expect_continue)
 
     def _labels_for(self, backend, ep):
-        key = (id(backend), id(ep))
-        lab = self._labels.get(key)
-        if lab is None:
-            base = self.ctx.labels
-            service = backend.hostname if backend is not None else base.destination_service
-            if ep is not None and ep.workload:
-                wl, ns = ep.workload, ep.namespace
-            elif backend is not None:
-                wl, ns = UNKNOWN, backend.service.namespace
-            else:
-                wl, ns = base.destination_workload, base.destination_namespace
-            lab = self._labels[key] = base._replace(destination_service=service, destination_workload=wl,
-                                                    destination_namespace=ns)
-        return lab
+        return labels_for(self._labels, self.ctx.labels, backend, ep)
 
     def _exchange_done(self, ex: "_Exchange") -> None:
         """The response to ``ex`` ended (or was given up): close, or serve the next request."""
@@ -1066,30 +1054,9 @@ class _Mirror:
             self.down.inputs.pool.discard(conn)
 
 
-class _Accept(asyncio.Protocol):
-    """Accept side of ``listen_http1``: hands each connection to ``serve_http1``."""
-
-    __slots__ = ("inputs", "snapshot", "dst", "reporter", "on_done")
-
-    def __init__(self, inputs: L7Inputs, snapshot, dst: tuple[str, int], reporter: str, on_done) -> None:
-        self.inputs = inputs
-        self.snapshot = snapshot
-        self.dst = dst
-        self.reporter = reporter
-        self.on_done = on_done
-
-    def connection_made(self, transport) -> None:
-        peer = transport.get_extra_info("peername")
-        ctx = ConnContext.for_connection(self.inputs, self.snapshot(), src_ip=peer[0] if peer else "",
-                                         dst_ip=self.dst[0], dst_port=self.dst[1], reporter=self.reporter,
-                                         on_done=self.on_done)
-        serve_http1(transport, b"", ctx, self.inputs)
-
-
 async def listen_http1(inputs: L7Inputs, snapshot, host: str, port: int, *, dst: tuple[str, int],
                        reporter: str = "source", on_done=lambda driver: None, backlog: int = 1024):
     """A plain HTTP/1 listener that treats every connection as captured for ``dst`` (a Service
     VIP:port of ``snapshot()``): the driver without capture, for tests and benchmarks."""
-    loop = asyncio.get_running_loop()
-    return await loop.create_server(lambda: _Accept(inputs, snapshot, dst, reporter, on_done), host, port,
-                                    backlog=backlog, reuse_address=True)
+    return await listen(serve_http1, inputs, snapshot, host, port, dst=dst, reporter=reporter, on_done=on_done,
+                        backlog=backlog)

@@ -78,6 +78,17 @@ class PoolOverflow(Exception):
     flag = "UO"
 
 
+def connect_error(endpoint: Endpoint, exc: Exception) -> ConnectFailed:
+    """The ``ConnectFailed`` (flag UF) for a connector's exception, with its reason."""
+    where = f"{endpoint.address}:{endpoint.port}"
+    if isinstance(exc, TimeoutError):
+        return ConnectFailed("connect_timeout", f"upstream connect timeout ({where})")
+    if isinstance(exc, ConnectionRefusedError):
+        return ConnectFailed("connect_refused", f"upstream connect refused ({where})")
+    log.debug("connect to %s failed: %r", where, exc)
+    return ConnectFailed("connect_error", f"upstream connect error ({where})")
+
+
 @dataclass(frozen=True, slots=True)
 class DialContext:
     """What a connector gets besides the endpoint: the timeout, the mark, who is calling."""
@@ -293,13 +304,7 @@ class UpstreamPool:
             raise
         except Exception as exc:
             ep.total -= 1
-            if isinstance(exc, TimeoutError):
-                err = ConnectFailed("connect_timeout", f"upstream connect timeout ({endpoint.address}:{endpoint.port})")
-            elif isinstance(exc, ConnectionRefusedError):
-                err = ConnectFailed("connect_refused", f"upstream connect refused ({endpoint.address}:{endpoint.port})")
-            else:
-                log.debug("connect to %s:%d failed: %r", endpoint.address, endpoint.port, exc)
-                err = ConnectFailed("connect_error", f"upstream connect error ({endpoint.address}:{endpoint.port})")
+            err = connect_error(endpoint, exc)
             if not fut.done():
                 fut.set_exception(err)
             self._serve_waiters(ep)
