@@ -145,6 +145,36 @@ def traffic_policy(name: str, lb: dict) -> dict:
             "spec": {"targetRef": {"kind": "Service", "name": name}, "loadBalancer": lb}}
 
 
+GRPC_V1, GRPC_V2, GRPC_WEB = "198.19.0.73", "198.19.0.74", "198.19.0.75"
+GRPC_LB_VIPS = {"ROUND_ROBIN": "198.19.0.76", "LEAST_REQUEST": "198.19.0.77", "RING_HASH": "198.19.0.78",
+                "RANDOM": "198.19.0.79"}
+GRPC_LOCAL = "198.19.0.80"
+
+
+def grpc_documents() -> list[dict]:
+    """gRPC services (appProtocol grpc on 9090), a GRPCRoute 90/10 + header canary, a RR policy."""
+    def grpc_svc(name, vip, selector):
+        return mesh.service_document(name, vip, selector, [{"name": "grpc", "port": 9090, "targetPort": 9090,
+                                                            "appProtocol": "grpc"}])
+    route = {"apiVersion": "gateway.networking.k8s.io/v1", "kind": "GRPCRoute",
+             "metadata": {"name": "grpc-web", "namespace": "default"},
+             "spec": {"parentRefs": [{"group": "", "kind": "Service", "name": "grpc-web", "port": 9090}],
+                      "rules": [{"matches": [{"headers": [{"name": "x-canary", "value": "1"}]}],
+                                 "backendRefs": [{"name": "grpc-v2", "port": 9090}]},
+                                {"backendRefs": [{"name": "grpc-v1", "port": 9090, "weight": 90},
+                                                 {"name": "grpc-v2", "port": 9090, "weight": 10}]}]}}
+    docs = [grpc_svc("grpc-v1", GRPC_V1, {"app": "testapp", "pod": "pod-1"}),
+            grpc_svc("grpc-v2", GRPC_V2, {"app": "testapp", "pod": "pod-2"}),
+            grpc_svc("grpc-web", GRPC_WEB, {"app": "testapp"}), route,
+            grpc_svc("grpc-local", GRPC_LOCAL, {"app": "testapp"}),
+            traffic_policy("grpc-local", {"type": "ROUND_ROBIN", "preferSameNode": True})]
+    for policy, vip in GRPC_LB_VIPS.items():
+        name = "grpc-" + policy.lower().replace("_", "-")
+        lb = {"type": policy, **({"ringHash": {"header": "x-user"}} if policy == "RING_HASH" else {})}
+        docs += [grpc_svc(name, vip, {"app": "testapp"}), traffic_policy(name, lb)]
+    return docs
+
+
 def ready_file(lab, name: str) -> str:
     return f"{lab.names.run_dir}/{name}.ready"
 
@@ -190,6 +220,7 @@ def l7lab(mesh_lab):
         svc("ws", WS, {"node": "node2", "pod": "pod-1"}, target=WS_PORT, app_protocol="http"),
         svc("big", BIG, {"node": "node2", "pod": "pod-1"}, app_protocol="http"),
     ]
+    docs += grpc_documents()
     for policy, vip in LB_VIPS.items():
         name = "lb-" + policy.lower().replace("_", "-")
         lb = {"type": policy}
