@@ -28,7 +28,7 @@ V1, V2, WEB, MIRRORED, SHADOW = "198.19.0.60", "198.19.0.61", "198.19.0.62", "19
 LB_VIPS = {"ROUND_ROBIN": "198.19.0.65", "LEAST_REQUEST": "198.19.0.66", "RING_HASH": "198.19.0.67",
            "RANDOM": "198.19.0.68"}
 LOCAL, EMPTY, WS, BIG = "198.19.0.69", "198.19.0.70", "198.19.0.71", "198.19.0.72"
-SHADOW_PORT, WS_PORT = 8081, 8082
+SHADOW_PORT, WS_PORT, SHADOW_GRPC_PORT = 8081, 8082, 9091
 CLIENT_POD = "node1/pod-1"
 ALL_PODS = {"node1/pod-1", "node1/pod-2", "node2/pod-1", "node2/pod-2"}
 
@@ -148,7 +148,7 @@ def traffic_policy(name: str, lb: dict) -> dict:
 GRPC_V1, GRPC_V2, GRPC_WEB = "198.19.0.73", "198.19.0.74", "198.19.0.75"
 GRPC_LB_VIPS = {"ROUND_ROBIN": "198.19.0.76", "LEAST_REQUEST": "198.19.0.77", "RING_HASH": "198.19.0.78",
                 "RANDOM": "198.19.0.79"}
-GRPC_LOCAL = "198.19.0.80"
+GRPC_LOCAL, GRPC_MIRRORED, GRPC_SHADOW = "198.19.0.80", "198.19.0.81", "198.19.0.82"
 
 
 def grpc_documents() -> list[dict]:
@@ -163,7 +163,16 @@ def grpc_documents() -> list[dict]:
                                  "backendRefs": [{"name": "grpc-v2", "port": 9090}]},
                                 {"backendRefs": [{"name": "grpc-v1", "port": 9090, "weight": 90},
                                                  {"name": "grpc-v2", "port": 9090, "weight": 10}]}]}}
-    docs = [grpc_svc("grpc-v1", GRPC_V1, {"app": "testapp", "pod": "pod-1"}),
+    mirror = {"apiVersion": "gateway.networking.k8s.io/v1", "kind": "GRPCRoute",
+              "metadata": {"name": "grpc-mirrored", "namespace": "default"},
+              "spec": {"parentRefs": [{"group": "", "kind": "Service", "name": "grpc-mirrored", "port": 9090}],
+                       "rules": [{"filters": [{"type": "RequestMirror", "requestMirror": {
+                                      "backendRef": {"name": "grpc-shadow", "port": 9090}}}],
+                                  "backendRefs": [{"name": "grpc-mirrored", "port": 9090}]}]}}
+    shadow = mesh.service_document("grpc-shadow", GRPC_SHADOW, {"node": "node2", "pod": "pod-2"}, [
+        {"name": "grpc", "port": 9090, "targetPort": SHADOW_GRPC_PORT, "appProtocol": "grpc"}])
+    docs = [grpc_svc("grpc-mirrored", GRPC_MIRRORED, {"node": "node1", "pod": "pod-1"}), shadow, mirror,
+            grpc_svc("grpc-v1", GRPC_V1, {"app": "testapp", "pod": "pod-1"}),
             grpc_svc("grpc-v2", GRPC_V2, {"app": "testapp", "pod": "pod-2"}),
             grpc_svc("grpc-web", GRPC_WEB, {"app": "testapp"}), route,
             grpc_svc("grpc-local", GRPC_LOCAL, {"app": "testapp"}),
@@ -199,7 +208,7 @@ def l7lab(mesh_lab):
     shadow_log = Path(lab.names.run_dir, "logs", "shadow.log")
     shadow_log.unlink(missing_ok=True)
     lab.spawn(lab.target("node2/pod-2"), [sys.executable, "-m", "meshlab.testapp", "--pod", "shadow", "--node", "node2",
-                                         "--http-port", str(SHADOW_PORT), "--grpc-port", "0", "--log-requests",
+                                         "--http-port", str(SHADOW_PORT), "--grpc-port", str(SHADOW_GRPC_PORT), "--log-requests",
                                          "--ready-file", ready_file(lab, "shadow")], "shadow")
     lab.spawn(lab.target("node2/pod-1"), [sys.executable, "-c", WS_SERVER, str(WS_PORT), ready_file(lab, "ws")], "ws")
     docs = [

@@ -12,7 +12,7 @@ import textwrap
 
 import pytest
 
-from tests.test_l7_lab import (ALL_PODS, CLIENT_POD, GRPC_LB_VIPS, GRPC_LOCAL, GRPC_WEB, LB_VIPS, LOCAL, MIRRORED, WEB,
+from tests.test_l7_lab import (ALL_PODS, CLIENT_POD, GRPC_LB_VIPS, GRPC_LOCAL, GRPC_MIRRORED, GRPC_WEB, LB_VIPS, LOCAL, MIRRORED, WEB,
                                l7lab)  # noqa: F401
 from tests.test_mesh_l4 import metric_sum
 from tests.conftest import wait_for
@@ -151,3 +151,12 @@ def test_grpc_prefer_same_node(l7lab):
     for src, node in (("node1/pod-2", "node1"), ("node2/pod-2", "node2")):
         answers = grpc_calls(l7lab, GRPC_LOCAL, 20, src=src)["unary"]
         assert {w.split("/")[0] for w in answers} == {node} and len(set(answers)) == 2
+
+
+def test_grpc_mirror_gets_copies_while_the_client_sees_the_primary(l7lab):
+    log = Path(l7lab.names.run_dir, "logs", "shadow.log")
+    calls = lambda: log.read_text().count("/hostmesh.testapp.v1.Echo/Echo") if log.exists() else 0  # noqa: E731
+    before = calls()
+    out = grpc_calls(l7lab, GRPC_MIRRORED, 15)
+    assert set(out["unary"]) == {"node1/pod-1"}  # the primary answered every call
+    wait_for(lambda: calls() - before == 15, timeout=20, what="15 mirrored gRPC calls at the shadow app")
