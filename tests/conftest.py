@@ -91,6 +91,7 @@ SOAK_SECONDS = float(os.environ.get("HOSTMESH_SOAK_SECONDS", "600"))
 _soak_key = pytest.StashKey[dict]()
 
 
+@pytest.hookimpl(trylast=True)  # after -k / -m deselection: start it only when the test will run
 def pytest_collection_modifyitems(session, config, items) -> None:
     if os.geteuid() != 0 or not any(Path(str(item.fspath)).name == SOAK_FILE for item in items):
         return
