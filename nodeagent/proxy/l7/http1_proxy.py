@@ -101,7 +101,7 @@ from nodeagent.proxy.l7.lb import LEAST_REQUEST
 from nodeagent.proxy.l7.metrics import NO_FLAGS
 from nodeagent.proxy.l7.pool import ConnectFailed, PoolOverflow, UpstreamConn
 from nodeagent.proxy.l7.routing import UNKNOWN_SERVICE, RequestInfo, RouteDecision
-from nodeagent.proxy.l7.shared import labels_for, listen
+from nodeagent.proxy.l7.shared import DriverLifecycle, labels_for, listen
 from nodeagent.proxy.relay import RST, _close_transport
 
 log = logging.getLogger(__name__)
@@ -139,8 +139,10 @@ def _write(transport: asyncio.Transport, out: list[bytes]) -> None:
         transport.writelines(out)
 
 
-class Http1Proxy(asyncio.Protocol):
+class Http1Proxy(DriverLifecycle, asyncio.Protocol):
     """The client side of one proxied HTTP/1 connection (the downstream protocol)."""
+
+    name = "http1"  # DriverLifecycle's log prefix
 
     __slots__ = ("inputs", "ctx", "loop", "transport", "codec", "ex", "paused", "write_paused",
                  "timer", "tick_every", "since", "mark", "head_since", "activity", "timer_kind", "closing", "lost", "reported", "raw_up", "raw_eofs", "_labels",
@@ -279,14 +281,6 @@ class Http1Proxy(asyncio.Protocol):
         ex = self.ex
         if self.raw_up is None and (ex is None or ex.finished):
             self._close()
-
-    def abort(self, reason: str = "drain") -> None:
-        """Close everything now (drain deadline, shutdown)."""
-        log.debug("http1: aborting connection from %s: %s", self.ctx.src_ip, reason)
-        if self.lost:
-            return
-        self.closing = True
-        self.transport.abort()  # connection_lost follows and cleans up
 
     # ================================================================ internals
     def _pause(self, bit: int) -> None:
@@ -545,12 +539,8 @@ class Http1Proxy(asyncio.Protocol):
         ex = self.ex
         if ex is not None and not ex.finished:
             return
-        self.reported = True
         self.ex = None
-        try:
-            self.ctx.on_done(self)
-        except Exception:  # the listener's bookkeeping must not break the loop
-            log.exception("http1: on_done callback failed")
+        self._report_done()
 
     # ---------------------------------------------------------------- upgrade
     def _raw_start(self, tail: bytes) -> None:

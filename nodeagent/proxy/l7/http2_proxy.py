@@ -85,7 +85,7 @@ from nodeagent.proxy.l7.metrics import NO_FLAGS
 from nodeagent.proxy.l7.pool import ConnectFailed, PoolOverflow, UpstreamConn
 from nodeagent.proxy.l7.pool_h2 import H2Pool, H2Upstream, flush, speaks_h2
 from nodeagent.proxy.l7.routing import UNKNOWN_SERVICE, RequestInfo, RouteDecision
-from nodeagent.proxy.l7.shared import labels_for, listen
+from nodeagent.proxy.l7.shared import DriverLifecycle, labels_for, listen
 
 log = logging.getLogger(__name__)
 
@@ -113,8 +113,10 @@ def _h2pool(inputs: L7Inputs) -> H2Pool:
     return pool
 
 
-class Http2Proxy(asyncio.Protocol):
+class Http2Proxy(DriverLifecycle, asyncio.Protocol):
     """The client side of one proxied HTTP/2 connection (the downstream protocol)."""
+
+    name = "http2"  # DriverLifecycle's log prefix
 
     def __init__(self, inputs: L7Inputs, ctx: ConnContext, limits: Http2Limits = DEFAULT_LIMITS) -> None:
         self.inputs = inputs
@@ -243,14 +245,6 @@ class Http2Proxy(asyncio.Protocol):
         if not self.streams:
             self._close()
 
-    def abort(self, reason: str = "drain") -> None:
-        """Close everything now (drain deadline, shutdown)."""
-        log.debug("http2: aborting connection from %s: %s", self.ctx.src_ip, reason)
-        if self.lost:
-            return
-        self.closing = True
-        self.transport.abort()  # connection_lost follows and cleans up
-
     # ================================================================ internals
     def write(self, out: bytes) -> None:
         """Write now, or at the end of the read being handled (``pool_h2.WriteBatch``): the
@@ -284,11 +278,7 @@ class Http2Proxy(asyncio.Protocol):
     def _maybe_done(self) -> None:
         if self.reported or not self.lost or self.streams:
             return
-        self.reported = True
-        try:
-            self.ctx.on_done(self)
-        except Exception:  # the listener's bookkeeping must not break the loop
-            log.exception("http2: on_done callback failed")
+        self._report_done()
 
     def stream_done(self, st: "_Stream") -> None:
         self.streams.pop(st.sid, None)

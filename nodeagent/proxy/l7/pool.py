@@ -62,6 +62,16 @@ from nodeagent.state import Endpoint
 log = logging.getLogger(__name__)
 
 
+
+def sweep_interval(limits) -> float:
+    """How often a pool looks for idle connections past the idle timeout (both pools)."""
+    return max(0.05, min(limits.pool_idle_timeout / 2, 5.0))
+
+
+def endpoint_name(key: tuple) -> str:
+    """A pool key (address, port, partition...) as shown by ``stats()``."""
+    return f"{key[0]}:{key[1]}" + "".join(f" {part}" for part in key[2:] if part)
+
 class ConnectFailed(Exception):
     """The upstream could not be reached (flag UF)."""
 
@@ -356,8 +366,7 @@ class UpstreamPool:
 
     # ------------------------------------------------------------------ idle sweep
     def _arm_sweeper(self) -> None:
-        interval = max(0.05, min(self.limits.pool_idle_timeout / 2, 5.0))
-        self._sweeper = asyncio.get_running_loop().call_later(interval, self._sweep)
+        self._sweeper = asyncio.get_running_loop().call_later(sweep_interval(self.limits), self._sweep)
 
     def _sweep(self) -> None:
         self._sweeper = None
@@ -376,8 +385,7 @@ class UpstreamPool:
         """Per endpoint: open (incl. dialing), idle and pending counts."""
         out: dict[str, dict[str, int]] = {}
         for key, ep in self._pools.items():
-            name = f"{key[0]}:{key[1]}" + "".join(f" {part}" for part in key[2:] if part)
-            out[name] = {"total": ep.total, "idle": len(ep.idle), "pending": len(ep.waiters)}
+            out[endpoint_name(key)] = {"total": ep.total, "idle": len(ep.idle), "pending": len(ep.waiters)}
         return out
 
     def close(self) -> None:

@@ -47,7 +47,7 @@ from nodeagent.proxy.l7.context import L7Limits, PoolLimits
 from nodeagent.proxy.l7.detect import _FIXED, HTTP2_PRIOR_KNOWLEDGE
 from nodeagent.proxy.l7.http2 import (DEFAULT_LIMITS, ConnectionTerminated, Http2Limits, ClientConnection,
                                       RequestHead, StreamReset)
-from nodeagent.proxy.l7.pool import Connector, DialContext, PoolOverflow, connect_error
+from nodeagent.proxy.l7.pool import Connector, DialContext, PoolOverflow, connect_error, endpoint_name, sweep_interval
 from nodeagent.state import Endpoint
 
 log = logging.getLogger(__name__)
@@ -403,8 +403,7 @@ class H2Pool:
 
     # ------------------------------------------------------------------ idle sweep
     def _arm_sweeper(self) -> None:
-        interval = max(0.05, min(self.limits.pool_idle_timeout / 2, 5.0))
-        self._sweeper = asyncio.get_running_loop().call_later(interval, self._sweep)
+        self._sweeper = asyncio.get_running_loop().call_later(sweep_interval(self.limits), self._sweep)
 
     def _sweep(self) -> None:
         self._sweeper = None
@@ -423,8 +422,7 @@ class H2Pool:
         """Per endpoint: connections, dials in progress, open streams, free stream slots and waiting streams."""
         out: dict[str, dict[str, int]] = {}
         for key, ep in self._pools.items():
-            name = f"{key[0]}:{key[1]}" + "".join(f" {part}" for part in key[2:] if part)
-            out[name] = {"connections": len(ep.conns), "dialing": ep.dialing,
+            out[endpoint_name(key)] = {"connections": len(ep.conns), "dialing": ep.dialing,
                          "streams": sum(len(c.owners) for c in ep.conns),
                          "capacity": sum(c.capacity for c in ep.conns), "pending": len(ep.waiters)}
         return out

@@ -3,8 +3,34 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 
 from nodeagent.proxy.l7.metrics import UNKNOWN, HttpLabels
+
+log = logging.getLogger(__name__)
+
+
+class DriverLifecycle:
+    """What both HTTP drivers do the same way toward the listener: ``abort()`` closes now,
+    ``_report_done()`` calls ``ctx.on_done`` exactly once. Needs ``ctx``, ``transport``,
+    ``lost``, ``closing``, ``reported`` and ``name`` ("http1" / "http2") on the driver."""
+
+    __slots__ = ()
+
+    def abort(self, reason: str = "drain") -> None:
+        """Close everything now (drain deadline, shutdown)."""
+        log.debug("%s: aborting connection from %s: %s", self.name, self.ctx.src_ip, reason)
+        if self.lost:
+            return
+        self.closing = True
+        self.transport.abort()  # connection_lost follows and cleans up
+
+    def _report_done(self) -> None:
+        self.reported = True
+        try:
+            self.ctx.on_done(self)
+        except Exception:  # the listener's bookkeeping must not break the loop
+            log.exception("%s: on_done callback failed", self.name)
 
 
 def labels_for(cache: dict, base: HttpLabels, backend, ep, protocol: str | None = None) -> HttpLabels:
