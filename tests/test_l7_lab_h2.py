@@ -15,10 +15,28 @@ import pytest
 from tests.test_l7_lab import (ALL_PODS, CLIENT_POD, GRPC_LB_VIPS, GRPC_LOCAL, GRPC_MIRRORED, GRPC_WEB, LB_VIPS, LOCAL, MIRRORED, WEB,
                                l7lab)  # noqa: F401
 from tests.test_mesh_l4 import metric_sum
-from tests.conftest import wait_for
+from tests.conftest import require_root, unique_lab_name, wait_for
 from pathlib import Path
 
 pytestmark = [pytest.mark.lab, pytest.mark.timeout(600)]
+
+
+@pytest.fixture(scope="module", params=["iptables"])
+def mesh_lab(request):
+    """iptables only, for now: with eBPF capture, cross-node upstream dials of the HTTP/2
+    driver intermittently hit the 5 s upstream connect timeout in CI (503 "upstream connect
+    timeout", even one stream at a time) -- an open bug recorded in the issue note and the
+    README. The HTTP/1.1 L7 lab suite runs over every capture variant."""
+    require_root("the mesh lab fixture")
+    from meshlab.lab import Lab
+
+    lab = Lab(unique_lab_name())
+    lab.capture = request.param
+    try:
+        lab.up(2, 2, capture=request.param)
+        yield lab
+    finally:
+        lab.down()
 
 
 # An HTTP/2 prior-knowledge client on the h2 library, each response kept per stream. (nghttp
