@@ -3,19 +3,19 @@
  * tc ingress (clsact, direct action) on the node's fabric interface(s): inbound capture.
  *
  * A TCP SYN arriving from another host for a local pod (hm_pods LPM trie, port not in
- * hm_inb_skip) is handed to the proxy's inbound listener with bpf_sk_assign() — TPROXY done
- * in eBPF, as Cilium does it. The listener (0.0.0.0:15006, IP_TRANSPARENT, put in hm_listen
- * by the agent) accepts a socket whose local address is the pod address the client dialed:
- * the original destination survives without any translation. The packet is marked with
- * hm_config.inbound_mark; the agent's ip rule (fwmark -> a table holding
- * `local 0.0.0.0/0 dev lo`) makes the kernel deliver it locally instead of forwarding it.
+ * hm_inb_skip) is marked with hm_config.inbound_mark; the agent's ip rule (fwmark -> a
+ * table holding `local 0.0.0.0/0 dev lo`) makes the kernel deliver it locally instead of
+ * forwarding it, and bpf/sk_lookup.c hands it to the proxy's inbound listener (TPROXY
+ * done in eBPF). The SYN is deliberately not bpf_sk_assign()ed to the listener here: that
+ * skips the kernel's 4-tuple lookup, and a SYN reusing a 4-tuple this node still holds in
+ * TIME_WAIT is then dropped (see bpf/sk_lookup.c).
  *
- * Later packets of such a connection find the proxy's established socket (a plain socket
- * lookup); they only need the mark. Packets of connections the proxy does not own (opened
- * before capture was installed) pass untouched.
+ * Later packets of such a connection find the proxy's socket (a plain socket lookup);
+ * they only need the mark. Packets of connections the proxy does not own (opened before
+ * capture was installed) pass untouched.
  *
- * Fail closed: with no listener in hm_listen (the agent is dead: the kernel removes a
- * closed socket from the map) a SYN is dropped, never forwarded to the pod in plaintext.
+ * Fail closed: with no listener registered, bpf/sk_lookup.c refuses the marked SYN; it is
+ * never forwarded to the pod in plaintext.
  */
 #include "lib/helpers.h"
 #include <uapi/linux/bpf.h>
@@ -73,20 +73,8 @@ int hm_tc_inbound(struct __sk_buff *skb)
 		return TC_ACT_OK;
 
 	if (tcp->syn && !tcp->ack) {
-		u32 zero = 0;
-		struct bpf_sock *listener = (struct bpf_sock *)hm_listen.lookup(&zero);
-		if (!listener) {
-			count(HM_C_INBOUND_NO_LISTENER);
-			return TC_ACT_SHOT;
-		}
-		long err = bpf_sk_assign(skb, listener, 0);
-		bpf_sk_release(listener);
-		if (err) {
-			count(HM_C_INBOUND_ERROR);
-			return TC_ACT_SHOT;
-		}
 		skb->mark = cfg->inbound_mark;
-		count(HM_C_INBOUND_ASSIGNED);
+		count(HM_C_INBOUND_SYN);
 		return TC_ACT_OK;
 	}
 

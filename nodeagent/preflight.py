@@ -773,7 +773,7 @@ class BpfProgType:
     use: str
 
 
-# expected_attach_type is mandatory for CGROUP_SOCK_ADDR and CGROUP_SOCKOPT; for SOCK_OPS
+# expected_attach_type is mandatory for CGROUP_SOCK_ADDR, CGROUP_SOCKOPT and SK_LOOKUP; for SOCK_OPS
 # and SK_MSG the kernel ignores it at load time, so 0 keeps old kernels happy.
 BPF_PROG_TYPES: tuple[BpfProgType, ...] = (
     BpfProgType("bpf-cgroup-connect4", "cgroup/connect4", 18, "BPF_PROG_TYPE_CGROUP_SOCK_ADDR",
@@ -784,6 +784,8 @@ BPF_PROG_TYPES: tuple[BpfProgType, ...] = (
                 "4.17", "same-node acceleration (capture.accelerate: socket-to-socket redirection)"),
     BpfProgType("bpf-cgroup-getsockopt", "cgroup/getsockopt", 25, "BPF_PROG_TYPE_CGROUP_SOCKOPT",
                 21, "BPF_CGROUP_GETSOCKOPT", "5.3", "answering SO_ORIGINAL_DST for the proxy"),
+    BpfProgType("bpf-sk-lookup", "sk_lookup", 30, "BPF_PROG_TYPE_SK_LOOKUP", 36, "BPF_SK_LOOKUP", "5.9",
+                "handing inbound connections for local pods to the proxy's listener"),
 )
 
 

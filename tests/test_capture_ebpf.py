@@ -298,6 +298,7 @@ def test_restart_adopts_the_pinned_programs_and_maps(L):
     assert after["programs_loaded"] == "adopted"
     assert {k: v["id"] for k, v in after["programs"].items()} == {k: v["id"] for k, v in before["programs"].items()}
     assert after["attachments"] == before["attachments"] and after["tc"] == before["tc"]
+    assert after["sk_lookup"] == before["sk_lookup"] and after["sk_lookup"]["netns_ino"]  # the same link, adopted
     again = {name: m.Map.open_pinned(m.MAPS[name], f"{PIN_ROOT}/{L.name}-node1/{name}") for name in m.MAPS}
     assert {name: mp.id for name, mp in again.items()} == ids
     for mp in again.values():
@@ -398,6 +399,7 @@ def test_sigterm_removes_everything_and_leaves_nothing_pinned(L):
         assert "clsact" not in L.run("node2", ["tc", "qdisc", "show", "dev", "eth0"]).stdout
         assert "15006" not in L.run("node2", ["ip", "rule"]).stdout
         assert "table 15006" not in L.run("node2", ["ip", "route", "show", "table", "all"]).stdout
+        assert not netns_links(L, "node2")
         loaded = {p["id"] for p in json.loads(subprocess.run(["bpftool", "-j", "prog", "show"], capture_output=True,
                                                              text=True, check=True).stdout)}
         assert not node2_ids & loaded  # unpinned and detached: the kernel freed node2's programs
@@ -437,6 +439,32 @@ def test_verify_notices_a_detached_program_and_reconcile_repairs_it(L):
         pytest.fail("the agent did not re-attach hm_connect4")
     r = curl(L, "node1/pod-2", "http://198.19.0.10/")
     assert r.returncode == 0
+
+
+def netns_links(lab: Lab, node: str) -> list[dict]:
+    """BPF links attached to the node's network namespace (sk_lookup)."""
+    ino = int(lab.run(node, ["stat", "-L", "-c", "%i", "/proc/self/ns/net"]).stdout)
+    links = json.loads(subprocess.run(["bpftool", "-j", "link", "show"], capture_output=True, text=True,
+                                      check=True).stdout or "[]")
+    return [ln for ln in links if ln.get("netns_ino") == ino]
+
+
+@pytest.mark.lab
+def test_verify_notices_a_detached_sk_lookup_and_reconcile_repairs_it(L):
+    (link,) = netns_links(L, "node2")
+    assert link["attach_type"] == "sk_lookup" and link["prog_id"] == capture_view(L, "node2")["programs"]["sk_lookup"]["id"]
+    ld = BpfLoader(f"{L.name}-node2")
+    try:
+        assert ld.detach_netns()  # what another tool's `bpftool link detach` would do
+    finally:
+        ld.close()
+    assert not netns_links(L, "node2")
+    deadline = time.monotonic() + 25
+    while time.monotonic() < deadline and not netns_links(L, "node2"):
+        time.sleep(0.5)
+    assert netns_links(L, "node2"), "the agent did not re-attach hm_sk_lookup"
+    r = curl(L, "node1", "http://198.18.2.1:8080/")
+    assert r.returncode == 0 and json.loads(r.stdout)["source"]["address"] == "198.18.0.12"  # via node2's proxy
 
 
 @pytest.mark.lab

@@ -8,9 +8,11 @@ trace; long streams arrive intact; half-close works; many connections at once co
 
 import json
 import os
+import secrets
 import signal
 import subprocess
 import sys
+import textwrap
 import time
 
 import pytest
@@ -73,7 +75,8 @@ def nat_rules(lab: Lab, node: str) -> str:
 
 def capture_state(lab: Lab, node: str) -> str:
     """What the lab's capture backend installed for `node`, as comparable text: the nat table
-    (iptables), or eBPF programs per lab cgroup, pins, tc filters and ip rules (ebpf)."""
+    (iptables), or eBPF programs per lab cgroup, pins, BPF links on the node's netns
+    (sk_lookup), tc filters and ip rules (ebpf)."""
     if getattr(lab, "capture", "iptables") != "ebpf":
         return nat_rules(lab, node)
     from meshlab import cgroups
@@ -83,15 +86,21 @@ def capture_state(lab: Lab, node: str) -> str:
     progs = sorted(f"{c['cgroup']}: {p['attach_type']} {p['name']}" for c in tree for p in c["programs"])
     pin_dir = f"/sys/fs/bpf/hostmesh/{lab.name}-{node}"
     pins = sorted(os.listdir(pin_dir)) if os.path.isdir(pin_dir) else []
+    ino = int(lab.run(node, ["stat", "-L", "-c", "%i", "/proc/self/ns/net"]).stdout)
+    links = json.loads(subprocess.run(["bpftool", "-j", "link", "show"], capture_output=True, text=True,
+                                      check=True).stdout or "[]")
+    netns_links = sorted(f"link {ln['type']} {ln.get('attach_type')} prog {ln['prog_id']}" for ln in links
+                         if ln.get("netns_ino") == ino)
     tc = lab.run(node, ["tc", "filter", "show", "dev", "eth0", "ingress"]).stdout
     rules = lab.run(node, ["ip", "rule"]).stdout
-    return "\n".join(progs + pins) + "\n" + tc + rules
+    return "\n".join(progs + pins + netns_links) + "\n" + tc + rules
 
 
 def capture_present(lab: Lab, node: str) -> bool:
     if getattr(lab, "capture", "iptables") != "ebpf":
         return "HOSTMESH" in net_state(lab, node)["iptables"]
-    return "hm_connect4" in capture_state(lab, node)
+    state = capture_state(lab, node)
+    return "hm_connect4" in state and "link netns sk_lookup" in state
 
 
 def net_state(lab: Lab, node: str) -> dict:
@@ -166,6 +175,56 @@ def test_pod_ip_is_captured_and_original_destination_kept(mesh_lab):
     # counted exactly once on each side: no loop through either proxy
     assert metric_sum(lab, "node1", "hostmesh_tcp_connections_opened_total", reporter="source") - before_out == 1
     assert metric_sum(lab, "node2", "hostmesh_tcp_connections_opened_total", reporter="destination") - before_in == 1
+
+
+# Two connections from one fixed source port to a pod on another node; the server closes the
+# first (HTTP "Connection: close"), so the *destination* node holds its 4-tuple in TIME_WAIT
+# while the client's kernel may hand the port out again at once -- what a busy proxy's
+# ephemeral ports do all the time. Prints the second connect's outcome.
+REUSED_TUPLE = textwrap.dedent("""
+    import socket, sys
+    port = int(sys.argv[1])
+    def get(timeout):
+        s = socket.socket()
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, 0x539)  # the node's own traffic, never captured here
+        s.bind(("198.18.0.11", port))
+        s.settimeout(timeout)
+        s.connect(("198.18.2.1", 8080))
+        s.sendall(b"GET / HTTP/1.1\\r\\nHost: t\\r\\nConnection: close\\r\\n\\r\\n")
+        data = b""
+        while True:
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+        s.close()
+        return data.split(b"\\r\\n", 1)[0].decode()
+    print(get(10))
+    sys.stdout.flush()
+    input()  # the test looks at the destination's TIME_WAIT sockets meanwhile
+    try:
+        print(get(10))
+    except OSError as exc:
+        print("second connect failed: %r" % exc)
+""")
+
+
+def test_a_4_tuple_in_time_wait_at_the_destination_can_be_reused(mesh_lab):
+    lab = mesh_lab
+    port = 40000 + secrets.randbelow(20000)
+    proc = subprocess.Popen(lab.exec_argv(lab.target("node1"), [sys.executable, "-c", REUSED_TUPLE, str(port)]),
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "HTTP/1.1 200 OK", proc.stderr.read()
+        waits = lab.run("node2", ["ss", "-Htan", "state", "time-wait", "dst", f"198.18.0.11:{port}"]).stdout
+        assert waits.strip(), "the destination node should hold the first connection in TIME_WAIT"
+        out, err = proc.communicate("\n", timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert out.strip() == "HTTP/1.1 200 OK", (out, err)
 
 
 def test_same_node_pod_to_pod_goes_through_the_proxy_once(mesh_lab):

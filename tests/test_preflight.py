@@ -454,8 +454,8 @@ EXPECTED_NAMES = [
     "privileges", "netns", "iptables",
     "iptables-redirect", "iptables-mark", "iptables-owner", "iptables-tproxy", "iptables-socket",
     "policy-routing", "cgroup2", "bpf-privileges", "bpf-syscall", "kernel-btf",
-    "bpf-cgroup-connect4", "bpf-sockops", "bpf-sk-msg", "bpf-cgroup-getsockopt", "bpf-sockhash-sk-msg",
-    "bcc", "kernel-headers", "bcc-compile",
+    "bpf-cgroup-connect4", "bpf-sockops", "bpf-sk-msg", "bpf-cgroup-getsockopt", "bpf-sk-lookup",
+    "bpf-sockhash-sk-msg", "bcc", "kernel-headers", "bcc-compile",
     "curl", "nghttp", "h2load", "openssl", "tcpdump", "bpftool",
 ]
 
@@ -557,7 +557,8 @@ def test_run_checks_as_root_is_truthful():
             for name, key in [("bpf-cgroup-connect4", "have_cgroup_sock_addr_prog_type"),
                               ("bpf-sockops", "have_sock_ops_prog_type"),
                               ("bpf-sk-msg", "have_sk_msg_prog_type"),
-                              ("bpf-cgroup-getsockopt", "have_cgroup_sockopt_prog_type")]:
+                              ("bpf-cgroup-getsockopt", "have_cgroup_sockopt_prog_type"),
+                              ("bpf-sk-lookup", "have_sk_lookup_prog_type")]:
                 assert (by[name].status == OK) == bool(feat.get(key)), f"{name} vs bpftool {key}"
     maps = json.loads(_sh("bpftool", "-j", "feature", "probe", "kernel")).get("map_types", {}) \
         if shutil.which("bpftool") else {}

@@ -101,9 +101,9 @@ enum hm_counter {
 	HM_C_SOCKOPS_MISS,           /* a connection to the proxy with no recorded destination */
 	HM_C_ORIGDST_HIT,            /* getsockopt(SO_ORIGINAL_DST) answered from the map */
 	HM_C_ORIGDST_MISS,           /* ... not in the map: answered with the local address */
-	HM_C_INBOUND_ASSIGNED,       /* tc handed a SYN for a local pod to the inbound listener */
-	HM_C_INBOUND_NO_LISTENER,    /* ... no listener: dropped (fail closed) */
-	HM_C_INBOUND_ERROR,          /* ... bpf_sk_assign failed: dropped */
+	HM_C_INBOUND_ASSIGNED,       /* sk_lookup handed a SYN for a local pod to the inbound listener */
+	HM_C_INBOUND_NO_LISTENER,    /* ... no listener: refused (fail closed) */
+	HM_C_INBOUND_ERROR,          /* ... bpf_sk_assign failed: refused */
 	HM_C_INBOUND_ESTABLISHED,    /* tc routed a packet of an intercepted connection locally */
 	HM_C_ACCEL_INSERTED,         /* sockops put a same-node socket into hm_socks */
 	HM_C_ACCEL_INSERT_ERROR,     /* ... the kernel refused it (map full, ...): it stays on TCP/IP */
@@ -111,6 +111,7 @@ enum hm_counter {
 	HM_C_ACCEL_REDIRECTED_BYTES, /* ... bytes of those messages */
 	HM_C_ACCEL_PASSED,           /* a message of a socket in hm_socks took TCP/IP (no peer, or tcp_only) */
 	HM_C_ACCEL_BUDGET_SPENT,     /* a socket used its accel_budget: it continues over TCP/IP */
+	HM_C_INBOUND_SYN,            /* tc marked a SYN for a local pod (local delivery, then sk_lookup) */
 	HM_C_MAX,
 };
 

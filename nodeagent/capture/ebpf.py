@@ -7,6 +7,7 @@ share a kernel, each with its own pins)::
     cgroup/connect4, connect6 + sockops   on every cgroup in spec.cgroups (pods, host units)
     cgroup/getsockopt                     on the agent's own cgroup (the proxy's sockets)
     tc clsact ingress filter              on the node's fabric interface(s)
+    sk_lookup                             on the node's netns (a BPF link, pinned as link_sk_lookup)
     ip rule fwmark 0x150060 lookup 15006  + `local 0.0.0.0/0 dev lo table 15006`
     IP_TRANSPARENT on the inbound listener, which goes into the hm_listen sockmap
     spec.accelerate only: sockops_accel on the capture cgroups and the agent's cgroup,
@@ -34,17 +35,23 @@ proxy's loop guard working. ``original_destination()`` falls back to reading the
 Python only when the program could not be attached (the agent runs in the root cgroup,
 where hostmesh never attaches anything).
 
-Inbound (bpf/tc_inbound.c): pure eBPF, no iptables. A SYN arriving on the fabric interface
-for a local pod is assigned to the proxy's 0.0.0.0:15006 listener with bpf_sk_assign()
-(Cilium's TPROXY-in-eBPF), and marked; the policy route above delivers marked packets
-locally although the destination is the pod's address. The listener needs IP_TRANSPARENT
-(the SYN-ACK leaves from the pod's address); the backend sets it on the listener it finds
-among the agent process's own sockets (install() runs after the proxy bound its
-listeners) and puts it in the hm_listen sockmap. The accepted socket's local address *is*
-the original destination. Later packets only need the mark (their socket is found by
-the normal lookup); packets of connections opened before capture pass untouched. Known
-limit: a connection completed by a SYN cookie (listen queue overflow) is not recognised
-on its first ACK and is forwarded to the pod, which resets it.
+Inbound (bpf/tc_inbound.c, bpf/sk_lookup.c): pure eBPF, no iptables. A SYN arriving on
+the fabric interface for a local pod is marked at tc ingress; the policy route above
+delivers marked packets locally although the destination is the pod's address, and the
+sk_lookup program on the node's netns answers the kernel's listener lookup with the
+proxy's 0.0.0.0:15006 listener (TPROXY in eBPF, as Cloudflare's sk_lookup and Cilium's
+bpf_sk_assign do it). The kernel's own 4-tuple lookup runs first, so a SYN that reuses a
+4-tuple this node still holds in TIME_WAIT gets the kernel's usual TIME_WAIT handling
+(assigning the SYN to the listener at tc skipped it, and the kernel silently dropped such
+SYNs: a client connect timed out whenever its kernel picked the source port of a connection
+this node had closed first). The listener needs IP_TRANSPARENT (the SYN-ACK leaves from
+the pod's address); the backend sets it on the listener it finds among the agent process's
+own sockets (install() runs after the proxy bound its listeners) and puts it in the
+hm_listen sockmap. The accepted socket's local address *is* the original destination.
+Later packets only need the mark (their socket is found by the normal lookup); packets of
+connections opened before capture pass untouched. Known limit: a connection completed by
+a SYN cookie (listen queue overflow) is not recognised on its first ACK and is forwarded
+to the pod, which resets it.
 
 Loop avoidance: the proxy's sockets live in the agent's cgroup, where connect4 is never
 attached; connect4 also skips the agent's cgroup id and the proxy's socket mark. Capture
@@ -53,7 +60,7 @@ cgroups that contain the agent (or are the cgroup root) are refused.
 Fail closed: cgroup attachments and the tc filter belong to the kernel, not the agent
 process. With the agent SIGKILLed, pods are still redirected to 169.254.1.1:15001 where
 nothing listens (refused), and inbound SYNs find no listener in the sockmap (the kernel
-drops a closed socket from it) and are dropped — never forwarded in plaintext.
+drops a closed socket from it) and are refused — never forwarded in plaintext.
 
 Restart and removal: a new agent adopts the pins (same build: no compile, same program
 ids, nothing re-attached) and re-registers its new listener; a changed build is attached
@@ -403,6 +410,7 @@ class EbpfCapture(Capture):
 
     def _install_in_netns(self, ld: BpfLoader) -> None:
         ifaces = self.inbound_interfaces()
+        ld.attach_netns()  # before tc marks anything: a marked SYN needs it to find the listener
         for name in ifaces:
             ld.attach_tc(name)
         for name in ld.tc_interfaces():
@@ -532,6 +540,7 @@ class EbpfCapture(Capture):
     def _remove_in_netns(self, ld: BpfLoader) -> None:
         for name in ld.tc_interfaces():
             ld.detach_tc(name)
+        ld.detach_netns()
         _remove_routing()
 
     # -- verification -----------------------------------------------------------------------
@@ -591,6 +600,11 @@ class EbpfCapture(Capture):
         for name in self.inbound_interfaces():
             if have.get(name) != [ld.tc_name()]:
                 problems.append(f"tc ingress program missing or outdated on {name} (have {have.get(name)})")
+        link = ld.netns_link()
+        ino = os.stat("/proc/thread-self/ns/net").st_ino
+        if link is None or link["netns_ino"] != ino or link["prog_id"] != ld.prog_ids["sk_lookup"]:
+            problems.append(f"hm_sk_lookup is not attached to this network namespace (link {link}): inbound "
+                            f"SYNs for local pods find no listener")
         rules, routes = _routing_state()
         if len(rules) != 1:
             problems.append(f"ip rule 'fwmark {INBOUND_MARK:#x} lookup {ROUTE_TABLE}' present {len(rules)} times")
@@ -643,6 +657,7 @@ class EbpfCapture(Capture):
                                              for _pid, name in ld.attached(cg, p.attach_type) if name == p.func)
                 info["attachments"] = attachments
                 info["tc"] = self._in_netns(ld.tc_interfaces)
+                info["sk_lookup"] = ld.netns_link()
                 rules, routes = self._in_netns(_routing_state)
                 info["policy_routing"] = {"rules": rules, "routes": routes}
                 info["counters"] = ld.counters()

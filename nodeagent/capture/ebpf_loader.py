@@ -25,9 +25,12 @@ their layout still matches. Cgroup attachments are legacy BPF_PROG_ATTACH with
 BPF_F_ALLOW_MULTI: the kernel keeps them when the agent dies (fail closed) and other
 tools' programs on the same cgroups are left alone.
 
-Programs attach to one of three things (``Program.target``): cgroups (legacy attach, as
-above), the tc ingress hook, or a sockmap — sk_msg is attached to the hm_socks sockhash,
-so the attachment lives as long as the pinned map and needs no bookkeeping of its own.
+Programs attach to one of four things (``Program.target``): cgroups (legacy attach, as
+above), the tc ingress hook, the network namespace (sk_lookup, through a BPF link pinned
+as ``link_sk_lookup``: links are the only way to attach it, and the pin keeps it after the
+agent dies, like the other attachments), or a sockmap — sk_msg is attached to the hm_socks
+sockhash, so the attachment lives as long as the pinned map and needs no bookkeeping of
+its own.
 
 Bookkeeping: ``hm_cgroups`` (cgroup id -> path, attach types) records every attachment so
 ``remove_all()`` finds them again after a crash or a config change. Programs are
@@ -64,6 +67,8 @@ TC_PARENT_INGRESS = 0xFFFFFFF2
 TC_PARENT_EGRESS = 0xFFFFFFF3
 TC_PREF = 15006
 TC_HANDLE = 1
+# sk_lookup is attached to the node's netns with a BPF link, pinned here so it outlives the agent
+NETNS_LINK_PIN = "link_sk_lookup"
 
 
 @dataclass(frozen=True)
@@ -73,12 +78,12 @@ class Program:
     func: str           # function name (= kernel program name, <= 15 chars)
     prog_type: int
     attach_type: int    # expected_attach_type / cgroup attach type; -1 for tc
-    target: str = "cgroup"  # what it attaches to: "cgroup", "tc", or the name of a sockmap/sockhash
+    target: str = "cgroup"  # what it attaches to: "cgroup", "tc", "netns", or the name of a sockmap/sockhash
 
     @property
     def load_attach_type(self) -> int:
-        """expected_attach_type at load time: only cgroup programs declare one."""
-        return self.attach_type if self.target == "cgroup" else -1
+        """expected_attach_type at load time: cgroup and netns (sk_lookup) programs declare one."""
+        return self.attach_type if self.target in ("cgroup", "netns") else -1
 
 
 PROGRAMS: dict[str, Program] = {p.key: p for p in (
@@ -87,6 +92,7 @@ PROGRAMS: dict[str, Program] = {p.key: p for p in (
     Program("sockops", "sockops.c", "hm_sockops", sysb.PROG_TYPE_SOCK_OPS, sysb.ATTACH_CGROUP_SOCK_OPS),
     Program("getsockopt", "getsockopt.c", "hm_getsockopt", sysb.PROG_TYPE_CGROUP_SOCKOPT, sysb.ATTACH_CGROUP_GETSOCKOPT),
     Program("tc_inbound", "tc_inbound.c", "hm_tc_inbound", sysb.PROG_TYPE_SCHED_CLS, -1, "tc"),
+    Program("sk_lookup", "sk_lookup.c", "hm_sk_lookup", sysb.PROG_TYPE_SK_LOOKUP, sysb.ATTACH_SK_LOOKUP, "netns"),
     # same-node acceleration (attached only when it is switched on)
     Program("sockops_accel", "sockops_accel.c", "hm_sock_accel", sysb.PROG_TYPE_SOCK_OPS, sysb.ATTACH_CGROUP_SOCK_OPS),
     Program("sk_msg", "sk_msg.c", "hm_sk_msg", sysb.PROG_TYPE_SK_MSG, sysb.ATTACH_SK_MSG_VERDICT, "hm_socks"),
@@ -188,6 +194,8 @@ class BpfLoader:
                         os.rmdir(args[0])
                     elif action == "tc":
                         self.detach_tc(*args)
+                    elif action == "netns":
+                        self.detach_netns()
                 except (OSError, CaptureError) as e:
                     log.warning("rollback step %s%s failed: %s", action, args, e)
         self.close()
@@ -571,6 +579,81 @@ class BpfLoader:
             finally:
                 os.close(pfd)
         return n
+
+    # ------------------------------------------------------------------ sk_lookup (current netns)
+    def netns_link(self) -> dict | None:
+        """The pinned sk_lookup link: its id, program id and netns inode (0: detached), or None."""
+        try:
+            fd = sysb.obj_get(self._pin(NETNS_LINK_PIN))
+        except OSError:
+            return None
+        try:
+            info = sysb.link_info(fd)
+        finally:
+            os.close(fd)
+        return {"id": info.id, "prog_id": info.prog_id, "netns_ino": info.netns_ino}
+
+    def attach_netns(self) -> bool:
+        """sk_lookup on this thread's netns through a pinned BPF link. True if changed.
+
+        An existing link on this netns keeps its id: a changed build swaps the program in
+        place (BPF_LINK_UPDATE, never a moment without one); a link left on another (or a
+        destroyed) netns is detached and replaced."""
+        path = self._pin(NETNS_LINK_PIN)
+        ino = os.stat("/proc/thread-self/ns/net").st_ino
+        prog_fd = self.progs["sk_lookup"]
+        try:
+            fd = sysb.obj_get(path)
+        except OSError:
+            fd = None
+        if fd is not None:
+            try:
+                info = sysb.link_info(fd)
+                if info.netns_ino == ino:
+                    if info.prog_id == self.prog_ids["sk_lookup"]:
+                        return False
+                    sysb.link_update(fd, prog_fd)
+                    return True
+                if info.netns_ino:
+                    sysb.link_detach(fd)
+            finally:
+                os.close(fd)
+            os.unlink(path)
+        nsfd = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
+        try:
+            link = sysb.link_create(prog_fd, nsfd, sysb.ATTACH_SK_LOOKUP)
+        except OSError as exc:
+            raise CaptureError(f"ebpf capture: cannot attach sk_lookup to the network namespace: {exc} "
+                               f"(needs Linux 5.9+)") from None
+        finally:
+            os.close(nsfd)
+        try:
+            sysb.obj_pin(link, path)  # if this fails, closing the only fd destroys the link: nothing left
+        finally:
+            os.close(link)
+        self._record("netns")
+        return True
+
+    def detach_netns(self) -> bool:
+        """Detach and unpin the sk_lookup link (whichever netns it is on). True if there was one."""
+        path = self._pin(NETNS_LINK_PIN)
+        try:
+            fd = sysb.obj_get(path)
+        except OSError:
+            return False
+        try:
+            try:
+                sysb.link_detach(fd)
+            except OSError as exc:
+                if exc.errno not in (errno.ENOLINK, errno.EINVAL):
+                    raise CaptureError(f"ebpf capture: cannot detach sk_lookup: {exc}") from None
+        finally:
+            os.close(fd)
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+        return True
 
     # ------------------------------------------------------------------ tc (current netns)
     def tc_name(self) -> str:

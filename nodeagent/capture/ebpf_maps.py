@@ -73,7 +73,7 @@ COUNTERS = (
     "connect_redirected", "connect_proxy_skipped", "connect_error", "sockops_moved", "sockops_miss",
     "origdst_hit", "origdst_miss", "inbound_assigned", "inbound_no_listener", "inbound_error",
     "inbound_established", "accel_inserted", "accel_insert_error", "accel_redirected", "accel_redirected_bytes",
-    "accel_passed", "accel_budget_spent",
+    "accel_passed", "accel_budget_spent", "inbound_syn",
 )
 COUNTER_HELP = {
     "connect_redirected": "connections redirected to the outbound listener at connect()",
@@ -83,9 +83,10 @@ COUNTER_HELP = {
     "sockops_miss": "original destinations that could not be filed under their 4-tuple",
     "origdst_hit": "SO_ORIGINAL_DST answered from the map",
     "origdst_miss": "SO_ORIGINAL_DST with no map entry (answered with the local address)",
-    "inbound_assigned": "inbound connections handed to the inbound listener",
-    "inbound_no_listener": "inbound SYNs dropped because no listener was registered (fail closed)",
-    "inbound_error": "inbound SYNs dropped because bpf_sk_assign failed",
+    "inbound_assigned": "inbound connections handed to the inbound listener (sk_lookup)",
+    "inbound_no_listener": "inbound SYNs refused because no listener was registered (fail closed)",
+    "inbound_error": "inbound SYNs refused because bpf_sk_assign failed",
+    "inbound_syn": "inbound SYNs for local pods marked for local delivery (tc)",
     "inbound_established": "inbound packets of intercepted connections delivered locally",
     "accel_inserted": "same-node sockets put into the hm_socks sockhash (acceleration)",
     "accel_insert_error": "same-node sockets the kernel refused to put into hm_socks (they stay on TCP/IP)",

@@ -30,6 +30,9 @@ BPF_PROG_GET_FD_BY_ID = 13
 BPF_MAP_GET_FD_BY_ID = 14
 BPF_OBJ_GET_INFO_BY_FD = 15
 BPF_PROG_QUERY = 16
+BPF_LINK_CREATE = 28
+BPF_LINK_UPDATE = 29
+BPF_LINK_DETACH = 34
 
 # enum bpf_prog_type (the ones used here)
 PROG_TYPE_SCHED_CLS = 3
@@ -37,6 +40,7 @@ PROG_TYPE_SOCK_OPS = 13
 PROG_TYPE_SK_MSG = 16
 PROG_TYPE_CGROUP_SOCK_ADDR = 18
 PROG_TYPE_CGROUP_SOCKOPT = 25
+PROG_TYPE_SK_LOOKUP = 30
 
 # enum bpf_attach_type (the ones used here)
 ATTACH_CGROUP_SOCK_OPS = 3
@@ -44,9 +48,10 @@ ATTACH_SK_MSG_VERDICT = 7
 ATTACH_CGROUP_INET4_CONNECT = 10
 ATTACH_CGROUP_INET6_CONNECT = 11
 ATTACH_CGROUP_GETSOCKOPT = 21
+ATTACH_SK_LOOKUP = 36
 ATTACH_NAMES = {ATTACH_CGROUP_SOCK_OPS: "sock_ops", ATTACH_CGROUP_INET4_CONNECT: "connect4",
                 ATTACH_CGROUP_INET6_CONNECT: "connect6", ATTACH_CGROUP_GETSOCKOPT: "getsockopt",
-                ATTACH_SK_MSG_VERDICT: "sk_msg_verdict"}
+                ATTACH_SK_MSG_VERDICT: "sk_msg_verdict", ATTACH_SK_LOOKUP: "sk_lookup"}
 
 # enum bpf_map_type (the ones used here)
 MAP_TYPE_HASH = 1
@@ -120,6 +125,28 @@ class _QueryAttr(ctypes.Structure):
                 ("prog_ids", ctypes.c_uint64), ("prog_cnt", ctypes.c_uint32), ("_pad", ctypes.c_uint32 * 9)]
 
 
+class _LinkCreateAttr(ctypes.Structure):
+    _fields_ = [("prog_fd", ctypes.c_uint32), ("target_fd", ctypes.c_uint32), ("attach_type", ctypes.c_uint32),
+                ("flags", ctypes.c_uint32), ("_pad", ctypes.c_uint32 * 8)]
+
+
+class _LinkUpdateAttr(ctypes.Structure):
+    _fields_ = [("link_fd", ctypes.c_uint32), ("new_prog_fd", ctypes.c_uint32), ("flags", ctypes.c_uint32),
+                ("old_prog_fd", ctypes.c_uint32)]
+
+
+class _LinkDetachAttr(ctypes.Structure):
+    _fields_ = [("link_fd", ctypes.c_uint32)]
+
+
+class LinkInfo(ctypes.Structure):
+    """struct bpf_link_info with its netns member (the union is 8-byte aligned, at offset 16)."""
+
+    _fields_ = [("type", ctypes.c_uint32), ("id", ctypes.c_uint32), ("prog_id", ctypes.c_uint32),
+                ("_pad", ctypes.c_uint32), ("netns_ino", ctypes.c_uint32), ("attach_type", ctypes.c_uint32),
+                ("_rest", ctypes.c_uint8 * 24)]
+
+
 class ProgInfo(ctypes.Structure):
     """The head of struct bpf_prog_info (the kernel fills only what fits)."""
 
@@ -178,6 +205,34 @@ def prog_fd_by_id(prog_id: int) -> int:
 
 def map_fd_by_id(map_id: int) -> int:
     return bpf(BPF_MAP_GET_FD_BY_ID, _GetIdAttr(id=map_id), f"MAP_GET_FD_BY_ID {map_id}")
+
+
+# ------------------------------------------------------------------ links
+
+
+def link_create(prog_fd: int, target_fd: int, attach_type: int) -> int:
+    """A BPF link attaching `prog_fd` to `target_fd` (a netns fd for sk_lookup); returns its fd.
+
+    The attachment lives as long as the link: pin it to outlive the process."""
+    return bpf(BPF_LINK_CREATE, _LinkCreateAttr(prog_fd=prog_fd, target_fd=target_fd, attach_type=attach_type),
+               f"LINK_CREATE {ATTACH_NAMES.get(attach_type, attach_type)}")
+
+
+def link_update(link_fd: int, new_prog_fd: int) -> None:
+    """Swap the link's program atomically (no moment without one attached)."""
+    bpf(BPF_LINK_UPDATE, _LinkUpdateAttr(link_fd=link_fd, new_prog_fd=new_prog_fd), "LINK_UPDATE")
+
+
+def link_detach(link_fd: int) -> None:
+    """Detach the link's program now, whoever else still holds the link."""
+    bpf(BPF_LINK_DETACH, _LinkDetachAttr(link_fd=link_fd), "LINK_DETACH")
+
+
+def link_info(fd: int) -> LinkInfo:
+    info = LinkInfo()
+    bpf(BPF_OBJ_GET_INFO_BY_FD, _InfoAttr(bpf_fd=fd, info_len=ctypes.sizeof(info), info=ctypes.addressof(info)),
+        "OBJ_GET_INFO_BY_FD(link)")
+    return info
 
 
 # ------------------------------------------------------------------ maps
