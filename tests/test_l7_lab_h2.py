@@ -1,55 +1,38 @@
-"""L7 over HTTP/2 and gRPC in the lab, with real clients inside a pod: an HTTP/2
-client on the h2 library (one connection, one stream at a time) and grpcio (unary,
-server-, client- and bidi streaming, deadlines) through the agents, both capture backends.
-The services, routes and policies are those of tests/test_l7_lab.py (its ``l7lab``
+"""L7 over HTTP/2 and gRPC in the lab, with real clients inside a pod, over every capture
+variant (tests/conftest.py's ``mesh_lab``: iptables, ebpf, ebpf-accel): an HTTP/2 client on
+the h2 library (one connection, several streams in flight), curl --http2-prior-knowledge,
+nghttp, h2load (hundreds of concurrent streams, so bursts of concurrent upstream dials on
+both nodes) and grpcio (unary, server-, client- and bidi streaming, deadlines) through the
+agents. The services, routes and policies are those of tests/test_l7_lab.py (its ``l7lab``
 fixture, run again for this module) plus the gRPC ones it defines."""
 
 from __future__ import annotations
 
 import json
+import re
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 
-from tests.test_l7_lab import (ALL_PODS, CLIENT_POD, GRPC_LB_VIPS, GRPC_LOCAL, GRPC_MIRRORED, GRPC_WEB, LB_VIPS, LOCAL, MIRRORED, WEB,
-                               l7lab)  # noqa: F401
+from meshlab import mesh
+from tests.test_l7_lab import (ALL_PODS, BIG, CLIENT_POD, GRPC_LB_VIPS, GRPC_LOCAL, GRPC_MIRRORED, GRPC_WEB, LB_VIPS,
+                               LOCAL, MIRRORED, WEB, l7lab)  # noqa: F401
 from tests.test_mesh_l4 import metric_sum
-from tests.conftest import require_root, unique_lab_name, wait_for
-from pathlib import Path
+from tests.conftest import wait_for
 
 pytestmark = [pytest.mark.lab, pytest.mark.timeout(600)]
-
-
-@pytest.fixture(scope="module", params=["iptables"])
-def mesh_lab(request):
-    """iptables only, for now: with eBPF capture, cross-node upstream dials of the HTTP/2
-    driver intermittently hit the 5 s upstream connect timeout in CI (503 "upstream connect
-    timeout", even one stream at a time) -- an open bug recorded in the issue note and the
-    README. The HTTP/1.1 L7 lab suite runs over every capture variant."""
-    require_root("the mesh lab fixture")
-    from meshlab.lab import Lab
-
-    lab = Lab(unique_lab_name())
-    lab.capture = request.param
-    try:
-        lab.up(2, 2, capture=request.param)
-        yield lab
-    finally:
-        lab.down()
 
 
 # An HTTP/2 prior-knowledge client on the h2 library, each response kept per stream. (nghttp
 # prints concurrent bodies to stdout as their DATA frames arrive, so two responses can
 # interleave there; curl 7.88's --http2-prior-knowledge cannot reuse a connection for a
-# second URL against any h2c server, the test app's own included.) One stream at a time:
-# with several in flight, each needs its own HTTP/1.1 upstream connection, and bursts of new
-# cross-node (tunnel) upstream connections have intermittently hit the 5 s upstream connect
-# timeout on this busy 2-core VM (503 "upstream connect timeout", always toward one pod) -- an
-# open bug recorded in the issue note, not something a routing test should trip over.
-# Concurrent streams are covered in-process (tests/test_l7_http2_proxy.py, h2load -m100).
+# second URL against any h2c server, the test app's own included.) Up to H2_STREAMS streams
+# in flight: each needs its own HTTP/1.1 upstream connection, so the agent dials several
+# upstreams at once, same-node and cross-node (tunnel) alike.
 # Prints [[status, body], ...] in request order.
-H2_STREAMS = 1
+H2_STREAMS = 16
 H2_CLIENT = textwrap.dedent("""
     import json, socket, sys
     import h2.config, h2.connection, h2.events
@@ -169,7 +152,7 @@ def check_policy(policy: str, answers: list[str], keys: list[str]) -> None:
 
 @pytest.mark.parametrize("policy", sorted(LB_VIPS))
 def test_h2_load_balancing_policies(l7lab, policy):
-    if policy == "RING_HASH":  # one nghttp connection per key: its headers are per invocation
+    if policy == "RING_HASH":  # one connection per key: the client's headers are per invocation
         keys = [f"k{i}" for i in range(10) for _ in range(4)]
         answers = [w for i in range(10) for w in h2_get(l7lab, LB_VIPS[policy], 4, f"x-user: k{i}")]
     else:
@@ -181,6 +164,136 @@ def test_h2_prefer_same_node(l7lab):
     for src, node in (("node1/pod-2", "node1"), ("node2/pod-2", "node2")):
         answers = h2_get(l7lab, LOCAL, 20, src=src)
         assert {w.split("/")[0] for w in answers} == {node} and len(set(answers)) == 2
+
+
+# ------------------------------------------------------------------ curl, nghttp, h2load
+def request_counts(lab, by: str, node: str = "node1", **labels: str) -> dict[str, float]:
+    """HTTP/2 requests the agent on `node` reported as the source of, summed by label `by`
+    (one scrape); tests take before/after differences, so other tests' requests do not count."""
+    text = mesh.admin_get(lab, node, "/stats/prometheus").stdout
+    want = {"reporter": "source", "request_protocol": "http2", **labels}
+    counts: dict[str, float] = {}
+    for line in text.splitlines():
+        if not line.startswith("hostmesh_requests_total{") or not all(f'{k}="{v}"' in line for k, v in want.items()):
+            continue
+        key = re.search(f'{by}="([^"]*)"', line)
+        if key:
+            counts[key.group(1)] = counts.get(key.group(1), 0.0) + float(line.rsplit(" ", 1)[1])
+    return counts
+
+
+def counted_since(lab, before: dict[str, float], n: int, by: str, **labels: str) -> dict[str, float]:
+    """Wait until `n` more requests are counted than in `before` (a request is counted once its
+    response is done, which can trail the client's view); the difference per label value."""
+    delta: dict[str, float] = {}
+
+    def done() -> bool:
+        delta.clear()
+        delta.update({k: v - before.get(k, 0.0) for k, v in request_counts(lab, by, **labels).items()
+                      if v > before.get(k, 0.0)})
+        return sum(delta.values()) >= n
+    wait_for(done, timeout=30, what=f"{n} more HTTP/2 requests in node1's request metrics")
+    assert sum(delta.values()) == n, delta
+    return dict(delta)
+
+
+def lb_service(policy: str) -> str:
+    """The metric name (destination_service) of test_l7_lab's Service for an LB policy."""
+    return "lb-" + policy.lower().replace("_", "-") + ".default.svc.cluster.local"
+
+
+def curl_h2(lab, url: str, *headers: str, src: str = CLIENT_POD) -> tuple[str, dict]:
+    """One GET with curl --http2-prior-knowledge (one URL per invocation: curl 7.88 cannot reuse
+    a prior-knowledge connection); the HTTP version curl saw and the test app's JSON answer."""
+    argv = ["curl", "-sS", "--http2-prior-knowledge", "--max-time", "60", "-w", r"\n%{http_version} %{http_code}"]
+    for h in headers:
+        argv += ["-H", h]
+    r = lab.run(src, argv + [url], timeout=90)
+    assert r.returncode == 0, r.stderr
+    body, _, tail = r.stdout.rpartition("\n")
+    version, code = tail.split()
+    assert code == "200", r.stdout[-2000:]
+    return version, json.loads(body)
+
+
+def test_curl_http2_prior_knowledge_header_routing_and_default(l7lab):
+    before = request_counts(l7lab, "destination_service")
+    canary = [curl_h2(l7lab, f"http://{WEB}/curl-canary", "x-canary: 1") for _ in range(10)]
+    assert {v for v, _ in canary} == {"2"}  # curl spoke HTTP/2 to the agent...
+    assert {d["protocol"] for _, d in canary} == {"HTTP/1.1"}  # ...which spoke HTTP/1.1 to the pod
+    assert {d["pod"] for _, d in canary} == {"pod-2"} and {d["node"] for _, d in canary} == {"node1", "node2"}
+    assert {d["headers"].get("x-canary") for _, d in canary} == {"1"}
+    default = [curl_h2(l7lab, f"http://{WEB}/curl-default") for _ in range(20)]
+    assert {v for v, _ in default} == {"2"}
+    pods = [f"{d['node']}/{d['pod']}" for _, d in default]
+    assert set(pods) <= ALL_PODS and sum(1 for p in pods if p.endswith("pod-1")) >= 10, pods  # the 90/10 rule
+    delta = counted_since(l7lab, before, 30, "destination_service")
+    assert delta["v2.default.svc.cluster.local"] >= 10  # every canary request, counted by the L7 driver
+
+
+def nghttp(lab, url: str, *args: str, src: str = CLIENT_POD) -> tuple[int, dict[str, str], str]:
+    """One nghttp request (h2c prior knowledge); status and headers from its HAR file, the body
+    from stdout (a single stream, so nothing interleaves there)."""
+    har = Path(lab.names.run_dir, "nghttp.har")
+    har.unlink(missing_ok=True)
+    r = lab.run(src, ["nghttp", "--timeout=60", f"--har={har}", *args, url], timeout=90)
+    assert r.returncode == 0, (r.stdout[-1000:], r.stderr[-2000:])
+    (entry,) = json.loads(har.read_text())["log"]["entries"]
+    har.unlink()
+    response = entry["response"]
+    return response["status"], {h["name"]: h["value"] for h in response["headers"]}, r.stdout
+
+
+def test_nghttp_get_and_post_through_the_agents(l7lab):
+    status, headers, body = nghttp(l7lab, f"http://{WEB}/nghttp-get?q=1", "-H", "x-canary: 1")
+    got = json.loads(body)
+    assert status == 200 and headers["x-testapp-pod"] == "pod-2" == got["pod"]
+    assert (got["method"], got["path"], got["query"], got["protocol"]) == ("GET", "/nghttp-get", "q=1", "HTTP/1.1")
+    # a body larger than HTTP/2's initial 64 KiB window, to node2 over the tunnel, echoed back
+    payload = "".join(f"hostmesh nghttp line {i:06d}\n" for i in range(8000))
+    upload = Path(l7lab.names.run_dir, "nghttp-post.txt")
+    upload.write_text(payload)
+    try:
+        status, headers, body = nghttp(l7lab, f"http://{BIG}/echo", "-d", str(upload))
+    finally:
+        upload.unlink()
+    assert status == 200 and headers["x-testapp-pod"] == "pod-1"
+    assert len(body) == len(payload) and body == payload
+
+
+def h2load(lab, url: str, n: int, clients: int, streams: int, src: str = CLIENT_POD) -> dict[str, int]:
+    """Run h2load (h2c prior knowledge) in a pod; its request and status-code totals."""
+    r = lab.run(src, ["h2load", "-n", str(n), "-c", str(clients), "-m", str(streams), url], timeout=400)
+    assert r.returncode == 0, (r.stdout[-2000:], r.stderr[-2000:])
+    assert "Application protocol: h2c" in r.stdout, r.stdout[-2000:]
+    req = re.search(r"^requests: (\d+) total, (\d+) started, (\d+) done, (\d+) succeeded, (\d+) failed, "
+                    r"(\d+) errored, (\d+) timeout", r.stdout, re.M)
+    codes = re.search(r"^status codes: (\d+) 2xx, (\d+) 3xx, (\d+) 4xx, (\d+) 5xx", r.stdout, re.M)
+    assert req and codes, r.stdout[-2000:]
+    keys = ("total", "started", "done", "succeeded", "failed", "errored", "timeout")
+    return {**dict(zip(keys, map(int, req.groups()))), **dict(zip(("2xx", "3xx", "4xx", "5xx"), map(int, codes.groups())))}
+
+
+def test_h2load_canary_split_over_2000_concurrent_streams(l7lab):
+    before = request_counts(l7lab, "destination_service")
+    before_wl = request_counts(l7lab, "destination_workload")
+    out = h2load(l7lab, f"http://{WEB}/", 2000, 2, 100)
+    assert out["succeeded"] == out["2xx"] == 2000 and out["failed"] == out["errored"] == out["timeout"] == 0, out
+    by_service = counted_since(l7lab, before, 2000, "destination_service")
+    v1, v2 = by_service.get("v1.default.svc.cluster.local", 0), by_service.get("v2.default.svc.cluster.local", 0)
+    assert v1 + v2 == 2000, by_service
+    assert 0.07 <= v2 / 2000 <= 0.13, f"{v2:.0f} of 2000 went to v2"  # 90/10, +-3 points
+    by_workload = counted_since(l7lab, before_wl, 2000, "destination_workload")
+    assert set(by_workload) == {p.replace("/", "-") for p in ALL_PODS}, by_workload  # both versions, both nodes
+
+
+def test_h2load_100_streams_per_connection_round_robin_over_both_nodes(l7lab):
+    service = lb_service("ROUND_ROBIN")
+    before = request_counts(l7lab, "destination_workload", destination_service=service)
+    out = h2load(l7lab, f"http://{LB_VIPS['ROUND_ROBIN']}/", 800, 2, 100)
+    assert out["succeeded"] == out["2xx"] == 800 and out["failed"] == out["errored"] == out["timeout"] == 0, out
+    delta = counted_since(l7lab, before, 800, "destination_workload", destination_service=service)
+    assert delta == {p.replace("/", "-"): 200 for p in ALL_PODS}, delta
 
 
 # ------------------------------------------------------------------ gRPC
