@@ -92,7 +92,7 @@ def pool_limits(policy: Any, limits: L7Limits) -> PoolLimits:
 class RouteTables:
     """The route table of the current snapshot, compiled once per snapshot object."""
 
-    __slots__ = ("lb", "limits", "rand", "_snapshot", "_table", "_pool_limits")
+    __slots__ = ("lb", "limits", "rand", "_snapshot", "_table", "_pool_limits", "_default_limits")
 
     def __init__(self, lb: LbState, limits: L7Limits, *, rand: Any = None) -> None:
         self.lb = lb
@@ -101,6 +101,7 @@ class RouteTables:
         self._snapshot: NodeSnapshot | None = None
         self._table: RouteTable | None = None
         self._pool_limits: dict[int, tuple[Backend, PoolLimits]] = {}
+        self._default_limits = pool_limits(None, limits)
 
     def get(self, snapshot: NodeSnapshot) -> RouteTable:
         if snapshot is self._snapshot and self._table is not None:
@@ -121,7 +122,8 @@ class RouteTables:
         return pl
 
     def default_pool_limits(self) -> PoolLimits:
-        return pool_limits(None, self.limits)
+        """The pool limits without a TrafficPolicy (from ``limits`` alone: computed once)."""
+        return self._default_limits
 
 
 @dataclass

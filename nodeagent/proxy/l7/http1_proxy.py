@@ -145,8 +145,9 @@ class Http1Proxy(DriverLifecycle, asyncio.Protocol):
     name = "http1"  # DriverLifecycle's log prefix
 
     __slots__ = ("inputs", "ctx", "loop", "transport", "codec", "ex", "paused", "write_paused",
-                 "timer", "tick_every", "since", "mark", "head_since", "activity", "timer_kind", "closing", "lost", "reported", "raw_up", "raw_eofs", "_labels",
-                 "draining", "requests", "rx", "tx")
+                 "timer", "tick_every", "since", "mark", "head_since", "activity", "timer_kind", "closing", "lost",
+                 "reported", "raw_up", "raw_eofs", "_labels", "draining", "requests", "rx", "tx",
+                 "_memo_backend", "_memo_limits", "_memo_service", "_memo_ep", "_memo_labels")
 
     def __init__(self, inputs: L7Inputs, ctx: ConnContext) -> None:
         self.inputs = inputs
@@ -170,6 +171,13 @@ class Http1Proxy(DriverLifecycle, asyncio.Protocol):
         self.raw_up: UpstreamConn | None = None  # after a 101: the upstream of the byte relay
         self.raw_eofs = 0  # bit 1: client EOF, bit 2: upstream EOF (raw relay)
         self._labels: dict = {}
+        # the previous request's backend (its pool limits and hostname) and endpoint (its
+        # labels): a keep-alive connection usually sends every request the same way
+        self._memo_backend = None
+        self._memo_limits = None
+        self._memo_service = ""
+        self._memo_ep = None
+        self._memo_labels = None
         self.draining = False
         self.requests = 0
         self.rx = 0  # bytes read from the client (the connection's TCP metrics)
@@ -413,30 +421,34 @@ class Http1Proxy(DriverLifecycle, asyncio.Protocol):
 
     # ---------------------------------------------------------------- a request
     def _request(self, head: RequestHead) -> None:
-        self._arm(_T_STREAM)
+        self.timer_kind = _T_STREAM  # _arm(_T_STREAM), inlined
+        self.activity += 1
         self.requests += 1
         ex = self.ex = _Exchange(self, head)
         ctx = self.ctx
         router = ctx.router
+        headers = head.headers
+        authority = None
+        for n, v in headers:  # _host, inlined
+            if n == b"host":
+                authority = v
+                break
+        had_host = authority is not None
         if router is None:
             ep = ctx.endpoint
             if ep is None:
                 ex.direct(UNKNOWN_SERVICE)
                 return
             ex.labels = self._labels_for(None, ep)
-            authority = _host(head.headers)
-            had_host = authority is not None
             if authority is None:
                 authority = b"%s:%d" % (ctx.dst_ip.encode(), ctx.dst_port)
-            ex.dispatch(ep, self._upstream_head(head, head.target, authority, head.headers, None, had_host),
+            ex.dispatch(ep, self._upstream_head(head, head.target, authority, headers, None, had_host),
                         self.inputs.routes.default_pool_limits(), "")
             return
-        authority = _host(head.headers)
-        had_host = authority is not None
         if router.producer is None and not router.consumers:
             d = router.default  # no route attached: skip building the match input
         else:
-            d = router.match(RequestInfo(head.method, head.target, head.headers, authority or b"", False,
+            d = router.match(RequestInfo(head.method, head.target, headers, authority or b"", False,
                                          scheme=ctx.scheme, source_namespace=ctx.source_namespace,
                                          source_ip=ctx.src_ip, dst_ip=ctx.dst_ip, dst_port=ctx.dst_port))
         if type(d) is not RouteDecision:
@@ -445,25 +457,39 @@ class Http1Proxy(DriverLifecycle, asyncio.Protocol):
         ex.decision = d
         backend = d.backend
         bal = self.inputs.lb.get(backend)
-        ep = bal.pick(head.headers, ctx.src_ip)
+        ep = bal.pick(headers, ctx.src_ip)
         if ep is None:
             ex.labels = self._labels_for(backend, None)
             ex.local("UH")
             return
         if bal.policy == LEAST_REQUEST:  # the only policy that reads in-flight counts
             ex.balancer = bal
-        ex.labels = self._labels_for(backend, ep)
+        if backend is not self._memo_backend:
+            self._memo_backend = backend
+            self._memo_limits = self.inputs.routes.pool_limits(ctx.table, backend)
+            self._memo_service = backend.hostname
+            self._memo_ep = None
+        if ep is not self._memo_ep:
+            self._memo_ep = ep
+            self._memo_labels = self._labels_for(backend, ep)
+        ex.labels = self._memo_labels
         if authority is None:
             authority = router._authority
-        target, new_auth, headers = d.rewrite_request(head.target, authority, head.headers)
-        ex.arm_timeouts(d.timeouts)
-        if ex.finished:
-            return
+        target = head.target
+        if d.filters.request_ops:
+            target, new_auth, headers = d.rewrite_request(target, authority, headers)
+        else:
+            new_auth = authority
+        t = d.timeouts
+        if t.request or t.backend_request:
+            ex.arm_timeouts(t)
+            if ex.finished:
+                return
         up_head = self._upstream_head(head, target, new_auth, headers, authority if new_auth != authority else None,
                                       had_host)
         if d.mirrors:
             ex.start_mirrors(d.mirrors, up_head)
-        ex.dispatch(ep, up_head, self.inputs.routes.pool_limits(ctx.table, backend), backend.hostname)
+        ex.dispatch(ep, up_head, self._memo_limits, self._memo_service)
 
     def _upstream_head(self, head: RequestHead, target: bytes, authority: bytes, headers: list,
                        forwarded_host: bytes | None, had_host: bool) -> RequestHead:
@@ -498,8 +524,12 @@ class Http1Proxy(DriverLifecycle, asyncio.Protocol):
         if events:
             self._events(events)
         if self.ex is ex and not self.closing:  # nothing pipelined: wait for the next head
-            self._arm(_T_HEADER if codec.partial_head else _T_IDLE)
-        if not codec.paused:
+            if codec.partial_head:
+                self._arm(_T_HEADER)
+            else:
+                self.timer_kind = _T_IDLE  # _arm(_T_IDLE), inlined
+                self.activity += 1
+        if self.paused & _R_PIPELINE and not codec.paused:
             self._unpause(_R_PIPELINE)
 
     def _close(self, linger: bool = False) -> None:
@@ -668,16 +698,19 @@ class _Exchange:
             self.btimer = self.down.loop.call_later(self.backend_timeout, self.on_timeout)
         codec = conn.codec
         try:
-            out = [codec.send_request(self.up_head)]
+            head = codec.send_request(self.up_head)
         except LocalProtocolError as exc:  # a filter produced an invalid head
             log.warning("http1: cannot forward request: %s", exc)
             self.local("UPE", 500, "invalid request after filters")
             return
         pending, self.pending = self.pending, None
         if pending:
+            out = [head]
             for kind, value in pending:
                 out.append(codec.send_data(value) if kind else codec.send_end(value))
-        _write(conn.transport, out)
+            _write(conn.transport, out)
+        else:
+            conn.transport.write(head)
         if self.down.write_paused:
             conn.pause_reading()
 
