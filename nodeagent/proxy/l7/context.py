@@ -18,6 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable
 
+from nodeagent.proxy.l7.headers import RequestIds
 from nodeagent.proxy.l7.lb import LbState
 from nodeagent.proxy.l7.metrics import UNKNOWN, HttpLabels, HttpMetrics, http_labels
 from nodeagent.proxy.l7.routing import Backend, RouteTable, ServiceRouter, parse_duration
@@ -137,6 +138,7 @@ class L7Inputs:
     routes: RouteTables
     limits: L7Limits = field(default_factory=L7Limits)
     h2pool: Any = None  # pool_h2.H2Pool: HTTP/2 upstreams (created on first use when None)
+    request_ids: Callable[[], bytes] = field(default_factory=RequestIds)  # new x-request-id values
 
     @classmethod
     def create(cls, node: str, metrics: HttpMetrics, *, limits: L7Limits | None = None, connector=None,

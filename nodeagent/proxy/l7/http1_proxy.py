@@ -497,7 +497,7 @@ class Http1Proxy(DriverLifecycle, asyncio.Protocol):
         replaced); ``had_host``: the request carried one (HTTP/1.0 may not: it gets ``authority``)."""
         ctx = self.ctx
         headers, _rid = prepare_request(headers, client=ctx.src_ip, proto=ctx.scheme, upgrade=head.upgrade is not None,
-                                        forwarded_host=forwarded_host)
+                                        forwarded_host=forwarded_host, new_id=self.inputs.request_ids)
         if forwarded_host is not None or not had_host:
             headers = [(n, v) for n, v in headers if n != b"host"]
             headers.insert(0, (b"host", authority))
