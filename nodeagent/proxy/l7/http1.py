@@ -781,7 +781,7 @@ class ServerConnection(_Side):
         else:
             mode = _CLOSE
             close = True
-        out = [_status_line(status)]
+        out = [_STATUS_LINES.get(status) or _status_line(status)]
         _write_fields(out, headers, _SKIP_OUT)
         if mode == _LENGTH or (mode == _NOBODY and status != 204 and length is not None):
             out.append(b"content-length: %d\r\n" % length)
@@ -1055,8 +1055,9 @@ class ClientConnection(_Side):
         """
         if self._req is not None or self._dead or self._switched:
             raise LocalProtocolError("connection busy or closed")
-        if not head.method or _TOKEN.fullmatch(head.method) is None:
-            raise LocalProtocolError(f"invalid method {head.method!r}")
+        method = head.method
+        if method not in _KNOWN_METHODS and (not method or _TOKEN.fullmatch(method) is None):
+            raise LocalProtocolError(f"invalid method {method!r}")
         if not head.target or _BAD_TARGET.search(head.target) is not None:
             raise LocalProtocolError(f"invalid request-target {head.target!r}")
         out = [b"%s %s HTTP/1.1\r\n" % (head.method, head.target)]

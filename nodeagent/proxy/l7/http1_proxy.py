@@ -94,7 +94,7 @@ from time import perf_counter as _clock  # uvloop's loop.time() counts milliseco
 from nodeagent.proxy.l7.context import ConnContext, L7Inputs
 from nodeagent.proxy.l7.errors import FLAGS
 from nodeagent.proxy.l7.filters import DirectResponse
-from nodeagent.proxy.l7.headers import prepare_request, prepare_response
+from nodeagent.proxy.l7.headers import _PLAIN_CONNECTION, prepare_request, prepare_response
 from nodeagent.proxy.l7.http1 import (Data, EndOfMessage, LocalProtocolError, ProtocolError, RequestHead,
                                       ResponseHead, ServerConnection, Upgrade)
 from nodeagent.proxy.l7.lb import LEAST_REQUEST
@@ -605,6 +605,17 @@ class Http1Proxy(DriverLifecycle, asyncio.Protocol):
             _rst(self.transport)
 
 
+def _needs_stripping(headers: list) -> bool:
+    """Whether ``prepare_response`` would change what ``send_response`` writes: the HTTP/1
+    serializer drops every hop-by-hop field itself except ``te``, and the fields a
+    ``Connection`` option nominates (the usual keep-alive / close nominate none)."""
+    plain = _PLAIN_CONNECTION
+    for n, v in headers:
+        if n == b"te" or (n == b"connection" and v not in plain):
+            return True
+    return False
+
+
 def _host(headers: list) -> bytes | None:
     for n, v in headers:
         if n == b"host":
@@ -800,10 +811,12 @@ class _Exchange:
         status = ev.status
         if status >= 200:
             self.status = status
-            headers = prepare_response(ev.headers)
+            headers = ev.headers
             d = self.decision
             if d is not None and d.filters.response_ops:
-                headers = d.rewrite_response_headers(headers)
+                headers = d.rewrite_response_headers(prepare_response(headers))
+            elif _needs_stripping(headers):  # else the serializer drops the hop-by-hop fields itself
+                headers = prepare_response(headers)
         else:
             headers = prepare_response(ev.headers, upgrade=status == 101)
             if status == 101:
