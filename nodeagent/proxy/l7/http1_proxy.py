@@ -98,7 +98,7 @@ from nodeagent.proxy.l7.headers import _PLAIN_CONNECTION, prepare_request, prepa
 from nodeagent.proxy.l7.http1 import (Data, EndOfMessage, LocalProtocolError, ProtocolError, RequestHead,
                                       ResponseHead, ServerConnection, Upgrade)
 from nodeagent.proxy.l7.lb import LEAST_REQUEST
-from nodeagent.proxy.l7.metrics import NO_FLAGS
+from nodeagent.proxy.l7.metrics import NO_FLAGS, HttpMetrics
 from nodeagent.proxy.l7.pool import ConnectFailed, PoolOverflow, UpstreamConn
 from nodeagent.proxy.l7.routing import UNKNOWN_SERVICE, RequestInfo, RouteDecision
 from nodeagent.proxy.l7.shared import DriverLifecycle, labels_for, listen
@@ -147,7 +147,7 @@ class Http1Proxy(DriverLifecycle, asyncio.Protocol):
     __slots__ = ("inputs", "ctx", "loop", "transport", "codec", "ex", "paused", "write_paused",
                  "timer", "tick_every", "since", "mark", "head_since", "activity", "timer_kind", "closing", "lost",
                  "reported", "raw_up", "raw_eofs", "_labels", "draining", "requests", "rx", "tx",
-                 "_memo_backend", "_memo_limits", "_memo_service", "_memo_ep", "_memo_labels")
+                 "_memo_backend", "_memo_limits", "_memo_service", "_memo_ep", "_memo_labels", "_memo_series")
 
     def __init__(self, inputs: L7Inputs, ctx: ConnContext) -> None:
         self.inputs = inputs
@@ -178,6 +178,7 @@ class Http1Proxy(DriverLifecycle, asyncio.Protocol):
         self._memo_service = ""
         self._memo_ep = None
         self._memo_labels = None
+        self._memo_series = None  # (labels, status, flag, RequestSeries) of the last observation
         self.draining = False
         self.requests = 0
         self.rx = 0  # bytes read from the client (the connection's TCP metrics)
@@ -925,8 +926,14 @@ class _Exchange:
             self.btimer.cancel()
             self.btimer = None
         down = self.down
-        down.inputs.metrics.observe(self.labels, status, flag, _clock() - self.started,
-                                    self.req_bytes, self.resp_bytes)
+        labels = self.labels
+        memo = down._memo_series
+        if memo is not None and memo[0] is labels and memo[1] == status and memo[2] == flag:
+            series = memo[3]
+        else:
+            series = down.inputs.metrics.series(labels, status, flag)
+            down._memo_series = (labels, status, flag, series)
+        HttpMetrics.record(series, _clock() - self.started, self.req_bytes, self.resp_bytes)
         down._exchange_done(self)
 
 
