@@ -944,6 +944,41 @@ def test_request_id_kept_when_valid_generated_otherwise():
     assert hh.get([(b"a", b"1"), (b"a", b"2")], b"a") == b"1" and hh.get([], b"a") is None
 
 
+_FIELD_NAMES = st.sampled_from([b"host", b"x-a", b"connection", b"te", b"upgrade", b"x-request-id",
+                                b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host", b"via", b"keep-alive"])
+_FIELD_VALUES = st.sampled_from([b"a", b"keep-alive", b"close", b"x-a", b"trailers", b"websocket", b"3f2b-ok",
+                                 b"bad id", b"1.1.1.1", b""])
+
+
+@given(st.lists(st.tuples(_FIELD_NAMES, _FIELD_VALUES), max_size=6), st.booleans(),
+       st.sampled_from([None, b"orig.example"]), st.sampled_from([None, "10.0.0.1"]))
+def test_prepare_request_short_cut_matches_the_general_pass(fields, upgrade, fhost, client):
+    # a list takes the short cut when it can; any other iterable always takes the general pass
+    fast = hh.prepare_request(list(fields), client=client, upgrade=upgrade, forwarded_host=fhost,
+                              new_id=lambda: b"gen")
+    general = hh.prepare_request(iter(fields), client=client, upgrade=upgrade, forwarded_host=fhost,
+                                 new_id=lambda: b"gen")
+    assert fast == general
+
+
+def test_request_ids_batch_uuid4s_and_forget_them_in_a_forked_child():
+    import os
+    import uuid
+    ids = hh.RequestIds(batch=4)
+    seen = set()
+    for _ in range(50):  # several refills
+        rid = ids()
+        u = uuid.UUID(rid.decode())
+        assert u.version == 4 and u.variant == uuid.RFC_4122 and str(u).encode() == rid
+        seen.add(rid)
+    assert len(seen) == 50
+    pid = os.fork()
+    if pid == 0:  # the child must not hand out the parent's remaining random bytes
+        os._exit(0 if ids._hex == b"" else 1)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0 and ids._hex != b""
+
+
 def test_response_headers_prepared():
     h = [(b"connection", b"close"), (b"keep-alive", b"timeout=5"), (b"upgrade", b"websocket"), (b"x", b"1")]
     assert hh.prepare_response(h) == [(b"x", b"1")]

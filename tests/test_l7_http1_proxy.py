@@ -929,3 +929,33 @@ def test_request_metrics_expose_counts_durations_and_body_sizes():
         px.close()
         up.close()
     run(main())
+
+
+def test_response_heads_skip_prepare_response_only_when_the_serializer_writes_the_same():
+    """The driver skips ``prepare_response`` for a final head unless ``_needs_stripping``: then
+    the HTTP/1 serializer alone must write exactly what it writes after ``prepare_response``."""
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    from nodeagent.proxy.l7.headers import prepare_response
+    from nodeagent.proxy.l7.http1 import ResponseHead, ServerConnection
+    from nodeagent.proxy.l7.http1_proxy import _needs_stripping
+
+    names = st.sampled_from([b"x-a", b"connection", b"keep-alive", b"te", b"upgrade", b"transfer-encoding",
+                             b"proxy-connection", b"http2-settings", b"content-type", b"server"])
+    values = st.sampled_from([b"keep-alive", b"close", b"Keep-Alive", b"x-a", b"trailers", b"v", b"upgrade"])
+
+    def head_bytes(headers) -> bytes:
+        server = ServerConnection()
+        server.receive_data(b"GET / HTTP/1.1\r\nhost: a\r\n\r\n")
+        return server.send_response(ResponseHead(200, headers, content_length=0))
+
+    @settings(max_examples=300, deadline=None)
+    @given(st.lists(st.tuples(names, values), max_size=6))
+    def check(fields):
+        if not _needs_stripping(fields):
+            assert head_bytes(list(fields)) == head_bytes(prepare_response(fields))
+
+    check()
+    assert _needs_stripping([(b"connection", b"x-a")]) and _needs_stripping([(b"te", b"trailers")])
+    assert not _needs_stripping([(b"connection", b"keep-alive"), (b"keep-alive", b"timeout=5")])

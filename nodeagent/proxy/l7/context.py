@@ -18,6 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable
 
+from nodeagent.proxy.l7.headers import RequestIds
 from nodeagent.proxy.l7.lb import LbState
 from nodeagent.proxy.l7.metrics import UNKNOWN, HttpLabels, HttpMetrics, http_labels
 from nodeagent.proxy.l7.routing import Backend, RouteTable, ServiceRouter, parse_duration
@@ -92,7 +93,7 @@ def pool_limits(policy: Any, limits: L7Limits) -> PoolLimits:
 class RouteTables:
     """The route table of the current snapshot, compiled once per snapshot object."""
 
-    __slots__ = ("lb", "limits", "rand", "_snapshot", "_table", "_pool_limits")
+    __slots__ = ("lb", "limits", "rand", "_snapshot", "_table", "_pool_limits", "_default_limits")
 
     def __init__(self, lb: LbState, limits: L7Limits, *, rand: Any = None) -> None:
         self.lb = lb
@@ -101,6 +102,7 @@ class RouteTables:
         self._snapshot: NodeSnapshot | None = None
         self._table: RouteTable | None = None
         self._pool_limits: dict[int, tuple[Backend, PoolLimits]] = {}
+        self._default_limits = pool_limits(None, limits)
 
     def get(self, snapshot: NodeSnapshot) -> RouteTable:
         if snapshot is self._snapshot and self._table is not None:
@@ -121,7 +123,8 @@ class RouteTables:
         return pl
 
     def default_pool_limits(self) -> PoolLimits:
-        return pool_limits(None, self.limits)
+        """The pool limits without a TrafficPolicy (from ``limits`` alone: computed once)."""
+        return self._default_limits
 
 
 @dataclass
@@ -135,6 +138,7 @@ class L7Inputs:
     routes: RouteTables
     limits: L7Limits = field(default_factory=L7Limits)
     h2pool: Any = None  # pool_h2.H2Pool: HTTP/2 upstreams (created on first use when None)
+    request_ids: Callable[[], bytes] = field(default_factory=RequestIds)  # new x-request-id values
 
     @classmethod
     def create(cls, node: str, metrics: HttpMetrics, *, limits: L7Limits | None = None, connector=None,

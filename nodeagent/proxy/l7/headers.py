@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import os
 import re
+import weakref
 from collections.abc import Callable, Iterable
 
 Headers = list[tuple[bytes, bytes]]
@@ -55,6 +56,10 @@ PROTECTED = frozenset({
 
 # Connection values that nominate no removable field (keep-alive/upgrade are hop-by-hop anyway)
 _PLAIN_CONNECTION = frozenset({b"keep-alive", b"Keep-Alive", b"close", b"Close", b"upgrade", b"Upgrade"})
+
+# the fields prepare_request does more with than copy (the others take its short cut)
+_REQUEST_SPECIAL = HOP_BY_HOP | {b"x-request-id", b"x-forwarded-for", b"via", b"x-forwarded-proto",
+                                 b"x-forwarded-host"}
 
 _REQUEST_ID = re.compile(rb"[A-Za-z0-9._:+/=@-]{1,128}")
 
@@ -105,8 +110,11 @@ def strip_hop_by_hop(headers: Iterable[tuple[bytes, bytes]], *, upgrade: bool = 
     options: list[bytes] = []
     te_trailers = False
     hop = HOP_BY_HOP
+    plain = _PLAIN_CONNECTION
     for name, value in headers:
         if name in hop:
+            if name == b"connection" and value in plain:
+                continue  # the usual keep-alive / close: nothing nominated (_hop_field, short cut)
             if _hop_field(name, value, upgrade, out, options):
                 te_trailers = True
             continue
@@ -137,12 +145,47 @@ def append_forwarded_for(headers: Iterable[tuple[bytes, bytes]], client: str | b
     return out
 
 
+_VARIANT = bytes.maketrans(b"0123456789abcdef", b"89ab89ab89ab89ab")  # hex digit -> "89ab"[d & 3]
+
+
 def _uuid4() -> bytes:
     """A random (version 4) UUID as text, ~4x cheaper than ``str(uuid.uuid4())``; from
     ``os.urandom`` like uuid4 (a module-level PRNG would repeat ids in forked children)."""
-    h = os.urandom(16).hex()
-    return ("%s-%s-4%s-%s%s-%s" % (h[:8], h[8:12], h[13:16], "89ab"[int(h[16], 16) & 3], h[17:20],
-                                   h[20:])).encode("ascii")
+    return _format_uuid4(os.urandom(16).hex().encode("ascii"))
+
+
+def _format_uuid4(h: bytes) -> bytes:
+    """32 random hex digits as a version 4 UUID (the version and variant digits forced)."""
+    return b"".join((h[:8], b"-", h[8:12], b"-4", h[13:16], b"-", h[16:17].translate(_VARIANT), h[17:20], b"-",
+                     h[20:32]))
+
+
+class RequestIds:
+    """A ``new_id`` for ``prepare_request``: version 4 UUIDs like ``_uuid4`` (``os.urandom``),
+    the random bytes drawn ``batch`` ids at a time: one getrandom syscall per batch instead of
+    one per request. A forked child throws the inherited bytes away (its ids never repeat the
+    parent's). One per proxy (``L7Inputs.request_ids``); one event loop calls it."""
+
+    __slots__ = ("batch", "_hex", "_pos", "__weakref__")
+
+    def __init__(self, batch: int = 256) -> None:
+        self.batch = batch
+        self._hex = b""
+        self._pos = 0
+        ref = weakref.ref(self)
+        os.register_at_fork(after_in_child=lambda: (lambda ids: ids is not None and ids._forget())(ref()))
+
+    def _forget(self) -> None:
+        self._hex = b""
+        self._pos = 0
+
+    def __call__(self) -> bytes:
+        pos = self._pos
+        if pos >= len(self._hex):
+            self._hex = os.urandom(16 * self.batch).hex().encode("ascii")
+            pos = 0
+        self._pos = pos + 32
+        return _format_uuid4(self._hex[pos:pos + 32])
 
 
 def valid_request_id(value: bytes) -> bool:
@@ -184,6 +227,21 @@ def prepare_request(headers: Iterable[tuple[bytes, bytes]], *, client: str | byt
     The same result as ``strip_hop_by_hop`` -> ``append_forwarded_for`` -> ``add_via`` ->
     ``ensure_request_id``, in one pass over the fields (this runs for every request).
     """
+    if via is None and type(headers) is list:
+        special = _REQUEST_SPECIAL
+        for name, _value in headers:
+            if name in special:
+                break
+        else:  # the usual request: nothing to strip, merge or keep; only fields to append
+            out = headers.copy()
+            if client is not None:
+                out.append((b"x-forwarded-for", client.encode("ascii") if isinstance(client, str) else client))
+            out.append((b"x-forwarded-proto", proto.encode("ascii") if isinstance(proto, str) else proto))
+            if forwarded_host is not None:
+                out.append((b"x-forwarded-host", forwarded_host))
+            rid = new_id()
+            out.append((b"x-request-id", rid))
+            return out, rid
     chain: list[bytes] | None = [] if client is not None else None
     vias: list[bytes] | None = [] if via is not None else None
     rid: bytes | None = None

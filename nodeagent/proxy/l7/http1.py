@@ -220,6 +220,9 @@ _SKIP_TRAILER = _SKIP_OUT | frozenset({
 _TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _PROTOCOL = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+(?:/[!#$%&'*+\-.^_`|~0-9A-Za-z]+)?")  # Upgrade
 _BAD_TARGET = re.compile(rb"[\x00-\x20\x7f]")
+_BAD_VALUE = re.compile(rb"[\r\n\x00]")  # one regex search beats three `in` scans per value
+# methods that need no token check when sending (the common ones)
+_KNOWN_METHODS = frozenset({b"GET", b"HEAD", b"POST", b"PUT", b"DELETE", b"OPTIONS", b"PATCH", b"TRACE"})
 _HOST = re.compile(rb"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._~!$&'()*+,;=%-]+)(?::[0-9]*)?")
 
 _STATUS_LINES: dict[int, bytes] = {}
@@ -245,6 +248,8 @@ def _write_fields(out: list[bytes], headers: Headers, skip: frozenset[bytes]) ->
     """
     host = False
     good = _GOOD_NAMES
+    bad = _BAD_VALUE.search
+    append = out.append
     for name, value in headers:
         if name in skip:
             continue
@@ -253,11 +258,11 @@ def _write_fields(out: list[bytes], headers: Headers, skip: frozenset[bytes]) ->
                 raise LocalProtocolError(f"invalid header name {name!r}")
             if len(good) < 4096:
                 good.add(name)
-        if b"\n" in value or b"\r" in value or b"\x00" in value:
+        if bad(value) is not None:
             raise LocalProtocolError(f"invalid value for header {name!r}")
         if name == b"host":
             host = True
-        out.append(name + b": " + value + b"\r\n")
+        append(name + b": " + value + b"\r\n")
     return host
 
 
@@ -294,28 +299,48 @@ class _Callbacks:
 _NOBODY, _LENGTH, _CHUNKED, _CLOSE = range(4)
 
 
+_FRAMING_NAMES = frozenset({b"content-length", b"transfer-encoding", b"connection", b"host", b"upgrade",
+                            b"expect"})
+# Connection values seen on nearly every message: their tokens without splitting
+_COMMON_CONNECTION = {b"keep-alive": (b"keep-alive",), b"close": (b"close",), b"Keep-Alive": (b"keep-alive",),
+                      b"Close": (b"close",), b"upgrade": (b"upgrade",), b"Upgrade": (b"upgrade",)}
+_NO_OPTIONS: frozenset[bytes] = frozenset()
+
+
 def _framing_fields(headers: Headers, version: bytes, is_request: bool,
-                    err_status: int) -> tuple[int | None, bool, set[bytes], bytes | None, bytes | None, int, bytes | None]:
+                    err_status: int) -> tuple[int | None, bool, "set[bytes] | frozenset[bytes]", bytes | None,
+                                              bytes | None, int, bytes | None]:
     """Scan a parsed head: (content_length, chunked, connection options, upgrade, host, nhosts, expect)."""
     cl: bytes | None = None
-    te: list[bytes] = []
-    conn: set[bytes] = set()
+    te: list[bytes] | None = None
+    conn: set[bytes] | None = None
     upgrade = host = expect = None
     nhosts = 0
+    names = _FRAMING_NAMES
     for name, value in headers:
+        if name not in names:
+            continue
         if name == b"content-length":
             cl = value
-        elif name == b"transfer-encoding":
-            te.extend(list_tokens(value))
         elif name == b"connection":
-            conn.update(list_tokens(value))
+            toks = _COMMON_CONNECTION.get(value)
+            if conn is None:
+                conn = set(toks if toks is not None else list_tokens(value))
+            else:
+                conn.update(toks if toks is not None else list_tokens(value))
         elif name == b"host":
             nhosts += 1
             host = value
+        elif name == b"transfer-encoding":
+            if te is None:
+                te = []
+            te.extend(list_tokens(value))
         elif name == b"upgrade":
             upgrade = value
         elif name == b"expect":
             expect = value
+    if conn is None:
+        conn = _NO_OPTIONS
     chunked = False
     if te:
         if is_request and version == b"1.0":
@@ -335,7 +360,8 @@ class _Side:
     __slots__ = (
         "limits", "_cb", "_parser", "_in_head", "_head_fed", "_pending", "_guard", "_stall",
         "_progress", "_reject", "_fields", "_nfields", "_field_bytes", "_trailers", "_dead",
-        "_ready", "_err_status", "_err_flag", "_heads", "_started", "_suppress",
+        "_ready", "_err_status", "_err_flag", "_heads", "_started", "_suppress", "_into", "_max_fields",
+        "_max_field_bytes",
     )
 
     def __init__(self, limits: Http1Limits, err_status: int, err_flag: str) -> None:
@@ -368,6 +394,9 @@ class _Side:
         self._nfields = 0
         self._field_bytes = 0
         self._trailers: Headers | None = None
+        self._into: Headers = self._fields  # where _on_header appends: _fields, then _trailers
+        self._max_fields = limits.max_headers
+        self._max_field_bytes = limits.max_header_bytes
         self._dead = False  # nothing more is parsed (error, close, EOF)
         self._ready: list = []
 
@@ -397,12 +426,22 @@ class _Side:
                 data = bytes(pend)
                 pend.clear()
             mark = self._heads
-            self._parse(data)
+            try:  # _parse, inlined: this runs for every message
+                self._parser.feed_data(data)
+            except httptools.HttpParserUpgrade as exc:
+                self._paused_on_upgrade(data[exc.args[0]:])
+            except httptools.HttpParserError as exc:
+                self._parse_error(exc)
             if self._in_head and self._heads == mark and self._head_fed > self._guard and not self._dead:
                 self._error(self._too_large, "header section too large")
             return
         before = self._progress
-        self._parse(data)
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserUpgrade as exc:
+            self._paused_on_upgrade(data[exc.args[0]:])
+        except httptools.HttpParserError as exc:
+            self._parse_error(exc)
         if self._progress == before and not self._in_head:
             self._stall += len(data)
             if self._stall > self._guard:
@@ -474,7 +513,7 @@ class _Side:
 
     def _on_message_begin(self) -> None:
         self._started = True
-        self._fields = []
+        self._fields = self._into = []
         self._nfields = 0
         self._field_bytes = 0
         self._trailers = None
@@ -485,21 +524,24 @@ class _Side:
         value = value.rstrip(b" \t")  # llhttp drops leading OWS, keeps trailing
         n = self._nfields = self._nfields + 1
         size = self._field_bytes = self._field_bytes + len(name) + len(value)
-        lim = self.limits
-        if n > lim.max_headers or size > lim.max_header_bytes:
-            what = "header" if self._trailers is None else "trailer"
-            if n > lim.max_headers:
-                self._raise(self._too_large, f"too many {what} fields")
-            self._raise(self._too_large, f"{what} section too large")
-        (self._fields if self._trailers is None else self._trailers).append((name.lower(), value))
+        if n > self._max_fields or size > self._max_field_bytes:
+            self._too_many_fields(n)
+        self._into.append((name.lower(), value))
+
+    def _too_many_fields(self, n: int) -> None:
+        what = "header" if self._trailers is None else "trailer"
+        if n > self._max_fields:
+            self._raise(self._too_large, f"too many {what} fields")
+        self._raise(self._too_large, f"{what} section too large")
 
     def _start_body(self) -> None:
-        """Called by subclasses at headers-complete: trailers are counted separately."""
+        """Called by subclasses at headers-complete: trailers are counted separately.
+        (Inlined in both ``_on_headers_complete``: keep them in step.)"""
         self._in_head = False
         self._stall = 0
         self._progress += 1
         self._heads += 1
-        self._trailers = []
+        self._trailers = self._into = []
         self._nfields = 0
         self._field_bytes = 0
 
@@ -531,7 +573,7 @@ class ServerConnection(_Side):
         "allowed_upgrades", "_url", "_url_len", "_skip_complete", "_replay",
         "_parse_cycle", "_cycle", "_later", "_later_bytes", "_later_heads", "_reqs",
         "_hold", "_hold_cycle", "_resp", "_resp_mode", "_resp_left", "_switched",
-        "_input_closed", "eof_received", "must_close", "_cur_keep_alive",
+        "_input_closed", "eof_received", "must_close", "_cur_keep_alive", "_host_ok",
     )
 
     def __init__(self, limits: Http1Limits = DEFAULT_LIMITS, *,
@@ -557,6 +599,7 @@ class ServerConnection(_Side):
         self.eof_received = False
         self.must_close = False
         self._cur_keep_alive = True
+        self._host_ok: bytes | None = None  # the last Host value found valid
         super().__init__(limits, 400, "DPE")
 
     def _new_parser(self):
@@ -738,7 +781,7 @@ class ServerConnection(_Side):
         else:
             mode = _CLOSE
             close = True
-        out = [_status_line(status)]
+        out = [_STATUS_LINES.get(status) or _status_line(status)]
         _write_fields(out, headers, _SKIP_OUT)
         if mode == _LENGTH or (mode == _NOBODY and status != 204 and length is not None):
             out.append(b"content-length: %d\r\n" % length)
@@ -813,7 +856,11 @@ class ServerConnection(_Side):
     def _on_message_begin(self) -> None:
         if self._suppress:
             return
-        _Side._on_message_begin(self)
+        self._started = True  # _Side._on_message_begin, inlined
+        self._fields = self._into = []
+        self._nfields = 0
+        self._field_bytes = 0
+        self._trailers = None
         self._url = []
         self._url_len = 0
 
@@ -829,17 +876,34 @@ class ServerConnection(_Side):
         if self._suppress:
             return
         head = self._request_head()
-        self._start_body()
+        self._in_head = False  # _start_body, inlined
+        self._stall = 0
+        self._progress += 1
+        self._heads += 1
+        self._trailers = self._into = []
+        self._nfields = 0
+        self._field_bytes = 0
         self._cur_keep_alive = head.keep_alive
         self._reqs.append(head)
-        self._emit(head)
+        if self._parse_cycle == self._cycle:
+            self._ready.append(head)
+        else:
+            self._emit(head)
 
     def _on_message_complete(self) -> None:
         if self._skip_complete:  # llhttp ends a declined upgrade's head; the replay carries the body
             self._skip_complete = False
             return
-        self._message_done()
-        self._emit(EndOfMessage(self._trailers or []))
+        self._started = False  # _message_done, inlined
+        self._progress += 1
+        self._in_head = True
+        self._head_fed = 0
+        t = self._trailers
+        ev = EndOfMessage(t if t is not None else [])  # a fresh list per message (see _start_body)
+        if self._parse_cycle == self._cycle:
+            self._ready.append(ev)
+        else:
+            self._emit(ev)
         self._parse_cycle += 1
         if not self._cur_keep_alive:
             self._input_closed = True
@@ -907,8 +971,10 @@ class ServerConnection(_Side):
         if nhosts == 0:
             if version == b"1.1":
                 self._raise(400, "missing Host header")
-        elif _HOST.fullmatch(host) is None:
-            self._raise(400, "invalid Host header")
+        elif host != self._host_ok:  # a keep-alive connection repeats its Host: check it once
+            if _HOST.fullmatch(host) is None:
+                self._raise(400, "invalid Host header")
+            self._host_ok = host
         if version == b"1.1":
             keep_alive = b"close" not in conn
         else:
@@ -989,8 +1055,9 @@ class ClientConnection(_Side):
         """
         if self._req is not None or self._dead or self._switched:
             raise LocalProtocolError("connection busy or closed")
-        if not head.method or _TOKEN.fullmatch(head.method) is None:
-            raise LocalProtocolError(f"invalid method {head.method!r}")
+        method = head.method
+        if method not in _KNOWN_METHODS and (not method or _TOKEN.fullmatch(method) is None):
+            raise LocalProtocolError(f"invalid method {method!r}")
         if not head.target or _BAD_TARGET.search(head.target) is not None:
             raise LocalProtocolError(f"invalid request-target {head.target!r}")
         out = [b"%s %s HTTP/1.1\r\n" % (head.method, head.target)]
@@ -1140,7 +1207,11 @@ class ClientConnection(_Side):
         if self._req is None or self._resp_done:
             # bytes after the response: no event (the exchange is over), just never reuse
             self._raise(0, "unsolicited response")
-        _Side._on_message_begin(self)
+        self._started = True  # _Side._on_message_begin, inlined
+        self._fields = self._into = []
+        self._nfields = 0
+        self._field_bytes = 0
+        self._trailers = None
         self._reason = []
 
     def _on_status(self, frag: bytes) -> None:
@@ -1192,16 +1263,33 @@ class ClientConnection(_Side):
         self._keep_alive = keep_alive
         head = ResponseHead(status, headers, reason, version, keep_alive, length, chunked)
         self._resp_head = head
-        self._start_body()
-        self._emit(head)
+        self._in_head = False  # _start_body, inlined
+        self._stall = 0
+        self._progress += 1
+        self._heads += 1
+        self._trailers = self._into = []
+        self._nfields = 0
+        self._field_bytes = 0
+        self._ready.append(head)
+
+    def _on_body(self, body: bytes) -> None:
+        self._progress += 1
+        self._ready.append(Data(body))
 
     def _on_message_complete(self) -> None:
-        self._message_done()
+        self._started = False  # _message_done, inlined
+        self._progress += 1
+        self._in_head = True
+        self._head_fed = 0
         if self._informational:
             self._informational = False
             return
         if self._switching:
             return  # HttpParserUpgrade follows
-        self._emit(EndOfMessage(self._trailers or []))
+        t = self._trailers
+        self._ready.append(EndOfMessage(t if t is not None else []))
         self._resp_done = True
-        self._maybe_idle()
+        if self._req_sent:  # _maybe_idle, inlined
+            self._req = None
+            if not self._keep_alive:
+                self._dead = True

@@ -67,10 +67,13 @@ then close). After the response started, an upstream failure resets the client (
 so a truncated body is never mistaken for a complete one.
 
 Performance (bench/l7.py, loopback, nginx backend, shared 2-vCPU VM, Python 3.11 +
-uvloop): ~30 us of Python per keep-alive request (codec ~12, header preparation ~2, the
-rest here: routing, LB, pool, metrics, timers), ~50 us of process CPU with the four
-syscalls; HAProxy (nbthread 1) uses ~15 us. Per request nothing allocates a task,
-future or timer unless the request needs one (a dial, a queue slot, a route timeout).
+uvloop): ~27 us of Python per keep-alive request driven in-process (codec ~10, the rest
+here: routing, LB, pool, headers, metrics), ~43-56 us of process CPU with uvloop and the
+four syscalls (two reads, a write, a writev); HAProxy (nbthread 1) uses ~8-11 us, and a
+bare uvloop byte forwarder ~12 us. Per request nothing allocates a task, future or
+timer unless the request needs one (a dial, a queue slot, a route timeout), and nothing
+is hashed that the connection's last request already looked up (backend, endpoint,
+labels, metric series: one-entry memos on the connection).
 
 Upgrade (WebSocket): the request keeps ``Upgrade``; a 101 from the upstream switches
 both connections to raw byte relay (half-close passed on), any other answer continues
@@ -94,11 +97,11 @@ from time import perf_counter as _clock  # uvloop's loop.time() counts milliseco
 from nodeagent.proxy.l7.context import ConnContext, L7Inputs
 from nodeagent.proxy.l7.errors import FLAGS
 from nodeagent.proxy.l7.filters import DirectResponse
-from nodeagent.proxy.l7.headers import prepare_request, prepare_response
+from nodeagent.proxy.l7.headers import _PLAIN_CONNECTION, prepare_request, prepare_response
 from nodeagent.proxy.l7.http1 import (Data, EndOfMessage, LocalProtocolError, ProtocolError, RequestHead,
                                       ResponseHead, ServerConnection, Upgrade)
 from nodeagent.proxy.l7.lb import LEAST_REQUEST
-from nodeagent.proxy.l7.metrics import NO_FLAGS
+from nodeagent.proxy.l7.metrics import NO_FLAGS, HttpMetrics
 from nodeagent.proxy.l7.pool import ConnectFailed, PoolOverflow, UpstreamConn
 from nodeagent.proxy.l7.routing import UNKNOWN_SERVICE, RequestInfo, RouteDecision
 from nodeagent.proxy.l7.shared import DriverLifecycle, labels_for, listen
@@ -145,8 +148,9 @@ class Http1Proxy(DriverLifecycle, asyncio.Protocol):
     name = "http1"  # DriverLifecycle's log prefix
 
     __slots__ = ("inputs", "ctx", "loop", "transport", "codec", "ex", "paused", "write_paused",
-                 "timer", "tick_every", "since", "mark", "head_since", "activity", "timer_kind", "closing", "lost", "reported", "raw_up", "raw_eofs", "_labels",
-                 "draining", "requests", "rx", "tx")
+                 "timer", "tick_every", "since", "mark", "head_since", "activity", "timer_kind", "closing", "lost",
+                 "reported", "raw_up", "raw_eofs", "_labels", "draining", "requests", "rx", "tx",
+                 "_memo_backend", "_memo_limits", "_memo_service", "_memo_ep", "_memo_labels", "_memo_series")
 
     def __init__(self, inputs: L7Inputs, ctx: ConnContext) -> None:
         self.inputs = inputs
@@ -170,6 +174,14 @@ class Http1Proxy(DriverLifecycle, asyncio.Protocol):
         self.raw_up: UpstreamConn | None = None  # after a 101: the upstream of the byte relay
         self.raw_eofs = 0  # bit 1: client EOF, bit 2: upstream EOF (raw relay)
         self._labels: dict = {}
+        # the previous request's backend (its pool limits and hostname) and endpoint (its
+        # labels): a keep-alive connection usually sends every request the same way
+        self._memo_backend = None
+        self._memo_limits = None
+        self._memo_service = ""
+        self._memo_ep = None
+        self._memo_labels = None
+        self._memo_series = None  # (labels, status, flag, RequestSeries) of the last observation
         self.draining = False
         self.requests = 0
         self.rx = 0  # bytes read from the client (the connection's TCP metrics)
@@ -413,30 +425,34 @@ class Http1Proxy(DriverLifecycle, asyncio.Protocol):
 
     # ---------------------------------------------------------------- a request
     def _request(self, head: RequestHead) -> None:
-        self._arm(_T_STREAM)
+        self.timer_kind = _T_STREAM  # _arm(_T_STREAM), inlined
+        self.activity += 1
         self.requests += 1
         ex = self.ex = _Exchange(self, head)
         ctx = self.ctx
         router = ctx.router
+        headers = head.headers
+        authority = None
+        for n, v in headers:  # _host, inlined
+            if n == b"host":
+                authority = v
+                break
+        had_host = authority is not None
         if router is None:
             ep = ctx.endpoint
             if ep is None:
                 ex.direct(UNKNOWN_SERVICE)
                 return
             ex.labels = self._labels_for(None, ep)
-            authority = _host(head.headers)
-            had_host = authority is not None
             if authority is None:
                 authority = b"%s:%d" % (ctx.dst_ip.encode(), ctx.dst_port)
-            ex.dispatch(ep, self._upstream_head(head, head.target, authority, head.headers, None, had_host),
+            ex.dispatch(ep, self._upstream_head(head, head.target, authority, headers, None, had_host),
                         self.inputs.routes.default_pool_limits(), "")
             return
-        authority = _host(head.headers)
-        had_host = authority is not None
         if router.producer is None and not router.consumers:
             d = router.default  # no route attached: skip building the match input
         else:
-            d = router.match(RequestInfo(head.method, head.target, head.headers, authority or b"", False,
+            d = router.match(RequestInfo(head.method, head.target, headers, authority or b"", False,
                                          scheme=ctx.scheme, source_namespace=ctx.source_namespace,
                                          source_ip=ctx.src_ip, dst_ip=ctx.dst_ip, dst_port=ctx.dst_port))
         if type(d) is not RouteDecision:
@@ -445,25 +461,39 @@ class Http1Proxy(DriverLifecycle, asyncio.Protocol):
         ex.decision = d
         backend = d.backend
         bal = self.inputs.lb.get(backend)
-        ep = bal.pick(head.headers, ctx.src_ip)
+        ep = bal.pick(headers, ctx.src_ip)
         if ep is None:
             ex.labels = self._labels_for(backend, None)
             ex.local("UH")
             return
         if bal.policy == LEAST_REQUEST:  # the only policy that reads in-flight counts
             ex.balancer = bal
-        ex.labels = self._labels_for(backend, ep)
+        if backend is not self._memo_backend:
+            self._memo_backend = backend
+            self._memo_limits = self.inputs.routes.pool_limits(ctx.table, backend)
+            self._memo_service = backend.hostname
+            self._memo_ep = None
+        if ep is not self._memo_ep:
+            self._memo_ep = ep
+            self._memo_labels = self._labels_for(backend, ep)
+        ex.labels = self._memo_labels
         if authority is None:
             authority = router._authority
-        target, new_auth, headers = d.rewrite_request(head.target, authority, head.headers)
-        ex.arm_timeouts(d.timeouts)
-        if ex.finished:
-            return
+        target = head.target
+        if d.filters.request_ops:
+            target, new_auth, headers = d.rewrite_request(target, authority, headers)
+        else:
+            new_auth = authority
+        t = d.timeouts
+        if t.request or t.backend_request:
+            ex.arm_timeouts(t)
+            if ex.finished:
+                return
         up_head = self._upstream_head(head, target, new_auth, headers, authority if new_auth != authority else None,
                                       had_host)
         if d.mirrors:
             ex.start_mirrors(d.mirrors, up_head)
-        ex.dispatch(ep, up_head, self.inputs.routes.pool_limits(ctx.table, backend), backend.hostname)
+        ex.dispatch(ep, up_head, self._memo_limits, self._memo_service)
 
     def _upstream_head(self, head: RequestHead, target: bytes, authority: bytes, headers: list,
                        forwarded_host: bytes | None, had_host: bool) -> RequestHead:
@@ -471,7 +501,7 @@ class Http1Proxy(DriverLifecycle, asyncio.Protocol):
         replaced); ``had_host``: the request carried one (HTTP/1.0 may not: it gets ``authority``)."""
         ctx = self.ctx
         headers, _rid = prepare_request(headers, client=ctx.src_ip, proto=ctx.scheme, upgrade=head.upgrade is not None,
-                                        forwarded_host=forwarded_host)
+                                        forwarded_host=forwarded_host, new_id=self.inputs.request_ids)
         if forwarded_host is not None or not had_host:
             headers = [(n, v) for n, v in headers if n != b"host"]
             headers.insert(0, (b"host", authority))
@@ -498,8 +528,12 @@ class Http1Proxy(DriverLifecycle, asyncio.Protocol):
         if events:
             self._events(events)
         if self.ex is ex and not self.closing:  # nothing pipelined: wait for the next head
-            self._arm(_T_HEADER if codec.partial_head else _T_IDLE)
-        if not codec.paused:
+            if codec.partial_head:
+                self._arm(_T_HEADER)
+            else:
+                self.timer_kind = _T_IDLE  # _arm(_T_IDLE), inlined
+                self.activity += 1
+        if self.paused & _R_PIPELINE and not codec.paused:
             self._unpause(_R_PIPELINE)
 
     def _close(self, linger: bool = False) -> None:
@@ -573,6 +607,17 @@ class Http1Proxy(DriverLifecycle, asyncio.Protocol):
             self.transport.close()
         else:
             _rst(self.transport)
+
+
+def _needs_stripping(headers: list) -> bool:
+    """Whether ``prepare_response`` would change what ``send_response`` writes: the HTTP/1
+    serializer drops every hop-by-hop field itself except ``te``, and the fields a
+    ``Connection`` option nominates (the usual keep-alive / close nominate none)."""
+    plain = _PLAIN_CONNECTION
+    for n, v in headers:
+        if n == b"te" or (n == b"connection" and v not in plain):
+            return True
+    return False
 
 
 def _host(headers: list) -> bytes | None:
@@ -668,16 +713,19 @@ class _Exchange:
             self.btimer = self.down.loop.call_later(self.backend_timeout, self.on_timeout)
         codec = conn.codec
         try:
-            out = [codec.send_request(self.up_head)]
+            head = codec.send_request(self.up_head)
         except LocalProtocolError as exc:  # a filter produced an invalid head
             log.warning("http1: cannot forward request: %s", exc)
             self.local("UPE", 500, "invalid request after filters")
             return
         pending, self.pending = self.pending, None
         if pending:
+            out = [head]
             for kind, value in pending:
                 out.append(codec.send_data(value) if kind else codec.send_end(value))
-        _write(conn.transport, out)
+            _write(conn.transport, out)
+        else:
+            conn.transport.write(head)
         if self.down.write_paused:
             conn.pause_reading()
 
@@ -767,10 +815,12 @@ class _Exchange:
         status = ev.status
         if status >= 200:
             self.status = status
-            headers = prepare_response(ev.headers)
+            headers = ev.headers
             d = self.decision
             if d is not None and d.filters.response_ops:
-                headers = d.rewrite_response_headers(headers)
+                headers = d.rewrite_response_headers(prepare_response(headers))
+            elif _needs_stripping(headers):  # else the serializer drops the hop-by-hop fields itself
+                headers = prepare_response(headers)
         else:
             headers = prepare_response(ev.headers, upgrade=status == 101)
             if status == 101:
@@ -879,8 +929,14 @@ class _Exchange:
             self.btimer.cancel()
             self.btimer = None
         down = self.down
-        down.inputs.metrics.observe(self.labels, status, flag, _clock() - self.started,
-                                    self.req_bytes, self.resp_bytes)
+        labels = self.labels
+        memo = down._memo_series
+        if memo is not None and memo[0] is labels and memo[1] == status and memo[2] == flag:
+            series = memo[3]
+        else:
+            series = down.inputs.metrics.series(labels, status, flag)
+            down._memo_series = (labels, status, flag, series)
+        HttpMetrics.record(series, _clock() - self.started, self.req_bytes, self.resp_bytes)
         down._exchange_done(self)
 
 

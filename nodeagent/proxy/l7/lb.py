@@ -205,7 +205,9 @@ class Balancer:
     # ------------------------------------------------------------------ picking
     def pick(self, headers: Iterable[tuple[bytes, bytes]] = (), source_ip: str = "") -> Endpoint | None:
         """The endpoint for one request (``headers``/``source_ip`` feed ring hash keys)."""
-        c = self.candidates()
+        c = self._cands
+        if c is None:
+            c = self.candidates()
         if not c:
             return None
         if len(c) == 1:
@@ -372,12 +374,15 @@ class LbState:
     snapshot changed.
     """
 
-    __slots__ = ("node", "_rng", "_by_key")
+    __slots__ = ("node", "_rng", "_by_key", "_by_backend")
 
     def __init__(self, node: str = "", *, rng: Any = None) -> None:
         self.node = node
         self._rng = rng
         self._by_key: dict[tuple[str, str, int], Balancer] = {}
+        # id(backend) -> (backend, its balancer in _by_key): skips building the key; cleared
+        # whenever _by_key changes, so a hit is exactly what _balancer would return
+        self._by_backend: dict[int, tuple[Any, Balancer]] = {}
 
     def _balancer(self, key: tuple[str, str, int], endpoints: Sequence[Endpoint], config: LbConfig) -> Balancer:
         b = self._by_key.get(key)
@@ -386,6 +391,7 @@ class LbState:
             if b is not None:
                 nb._inherit(b)
             self._by_key[key] = nb
+            self._by_backend.clear()
             return nb
         if b._endpoints is not endpoints:
             b.update(endpoints)
@@ -393,7 +399,13 @@ class LbState:
 
     def get(self, backend: Any) -> Balancer:
         """The balancer of a ``routing.Backend`` (created or updated as needed)."""
-        return self._balancer(backend.key, backend.endpoints, backend.lb)
+        hit = self._by_backend.get(id(backend))
+        if hit is not None and hit[0] is backend and hit[1]._endpoints is backend.endpoints:
+            return hit[1]
+        b = self._balancer(backend.key, backend.endpoints, backend.lb)
+        if len(self._by_backend) < 4096:  # backends come from config; bounded anyway
+            self._by_backend[id(backend)] = (backend, b)
+        return b
 
     def balancer(self, service: Service, port: ServicePort,
                  traffic_policy_spec: Mapping[str, Any] | LbConfig | None = None) -> Balancer:
@@ -410,6 +422,7 @@ class LbState:
         keep = set(keys)
         for k in [k for k in self._by_key if k not in keep]:
             del self._by_key[k]
+        self._by_backend.clear()
 
     def sync(self, table: Any) -> None:
         """``retain`` the service ports of a ``routing.RouteTable`` (call after a swap)."""

@@ -102,7 +102,13 @@ class HttpMetrics:
 
     def observe(self, labels: HttpLabels, code: int, flags: str, seconds: float, req_bytes: int,
                 resp_bytes: int) -> None:
-        s = self._series.get((labels, code, flags)) or self.series(labels, code, flags)
+        self.record(self._series.get((labels, code, flags)) or self.series(labels, code, flags), seconds,
+                    req_bytes, resp_bytes)
+
+    @staticmethod
+    def record(s: RequestSeries, seconds: float, req_bytes: int, resp_bytes: int) -> None:
+        """One observation into a series from ``series()`` (a driver may keep the series of its
+        last label combination: that skips hashing the labels per request)."""
         s.count += 1
         s.dur_buckets[bisect_left(DURATION_BUCKETS, seconds)] += 1
         s.dur_sum += seconds

@@ -260,6 +260,7 @@ class UpstreamPool:
         self._pools: dict[tuple, EndpointPool] = {}
         self._sweeper: asyncio.TimerHandle | None = None
         self._dials: set[asyncio.Task] = set()
+        self._loop: asyncio.AbstractEventLoop | None = None  # the loop of the first acquire (one loop owns a pool)
         self.dialed = 0  # connections dialed (for tests and /debug)
 
     # ------------------------------------------------------------------ acquire
@@ -273,6 +274,8 @@ class UpstreamPool:
             ep = self._pools[key] = EndpointPool(self, endpoint, limits, key)
         else:
             ep.limits = limits
+        if self._loop is None:
+            self._loop = asyncio.get_running_loop()
         idle = ep.idle
         while idle:
             c = idle.pop()
@@ -354,7 +357,7 @@ class UpstreamPool:
                 conn.served += 1
                 fut.set_result(conn)
                 return
-        conn.idle_since = asyncio.get_running_loop().time()
+        conn.idle_since = (self._loop or asyncio.get_running_loop()).time()
         ep.idle.append(conn)
         if self._sweeper is None:
             self._arm_sweeper()
