@@ -357,3 +357,33 @@ def test_l7_without_a_client_certificate_fails_closed_with_503_uf():
 def test_detect_timeout_must_be_positive():
     with pytest.raises(ValueError, match="detect_timeout"):
         ProxyLimits(detect_timeout=0)
+
+
+# ------------------------------------------------------------------ request labels and the tunnel
+def test_request_labels_take_the_principals_of_a_tunnelled_endpoint_once_per_connection():
+    from types import SimpleNamespace
+
+    from nodeagent.proxy.l7.metrics import http_labels
+    from nodeagent.proxy.l7.shared import labels_for
+
+    here, there = Endpoint("10.0.0.5", 8080, NODE, "a", NS), Endpoint("10.0.1.5", 8080, "node-b", "b", NS)
+    calls = []
+
+    def secure(ctx, labels, ep):
+        calls.append(ep)
+        if ep.node == NODE:
+            return labels
+        return labels._replace(source_principal="spiffe://td/ns/x/sa/c", destination_principal="spiffe://td/ns/x/sa/s",
+                               connection_security_policy="mutual_tls")
+
+    ctx = SimpleNamespace(labels=http_labels("source", "client", NS), secure_labels=secure)
+    cache: dict = {}
+    remote = labels_for(cache, ctx, None, there)
+    assert (remote.connection_security_policy, remote.source_principal, remote.destination_principal,
+            remote.destination_workload) == ("mutual_tls", "spiffe://td/ns/x/sa/c", "spiffe://td/ns/x/sa/s", "b")
+    local = labels_for(cache, ctx, None, here)
+    assert (local.connection_security_policy, local.source_principal) == ("none", "unknown")
+    assert labels_for(cache, ctx, None, there) is remote and calls == [there, here]  # cached per connection
+    assert labels_for({}, ctx, None, None).connection_security_policy == "none"  # no endpoint (proxy-made error)
+    plain = SimpleNamespace(labels=ctx.labels, secure_labels=None)  # no tunnel on this proxy
+    assert labels_for({}, plain, None, there).connection_security_policy == "none"

@@ -347,6 +347,13 @@ def test_no_endpoints_is_a_proxy_made_503_uh(l7lab):
 
 
 # ------------------------------------------------------------------ telemetry, admin
+def principal(lab, node: str) -> str:
+    """The SPIFFE ID the node's agent holds a certificate for (every lab pod runs as one
+    service account, so there is exactly one; admin /certs)."""
+    (ident,) = {c["identity"] for c in json.loads(mesh.admin_get(lab, node, "/certs").stdout)}
+    return ident
+
+
 def test_request_metrics_and_the_tunnel_under_l7(l7lab):
     lab = l7lab
     out = requests(lab, LB_VIPS["ROUND_ROBIN"], 8, headers={"connection": "close"})
@@ -355,6 +362,15 @@ def test_request_metrics_and_the_tunnel_under_l7(l7lab):
                       reporter="source", destination_workload="node2-pod-1") > 0
     assert metric_sum(lab, "node1", "hostmesh_requests_total", request_protocol="http", response_code="503",
                       response_flags="UH") > 0
+    # requests that crossed to node2 went through the tunnel: principals and mutual_tls; those
+    # that stayed on node1 are plaintext
+    assert metric_sum(lab, "node1", "hostmesh_requests_total", reporter="source", destination_workload="node2-pod-1",
+                      connection_security_policy="mutual_tls", source_principal=principal(lab, "node1"),
+                      destination_principal=principal(lab, "node2")) > 0
+    assert metric_sum(lab, "node1", "hostmesh_requests_total", reporter="source", destination_workload="node2-pod-1",
+                      connection_security_policy="none") == 0
+    assert metric_sum(lab, "node1", "hostmesh_requests_total", reporter="source", destination_workload="node1-pod-2",
+                      connection_security_policy="none", source_principal="unknown") > 0
     # node1's upstream HTTP connections to node2 are tunnel streams; node2 saw only mTLS from node1
     assert metric_sum(lab, "node1", "hostmesh_agent_tunnel_streams_total", direction="outbound") > 0
     assert metric_sum(lab, "node2", "hostmesh_tcp_connections_opened_total", reporter="destination",

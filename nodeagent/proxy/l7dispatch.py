@@ -55,6 +55,7 @@ from nodeagent.proxy.l7.http1_proxy import serve_http1
 from nodeagent.proxy.l7.http2_proxy import serve_http2
 from nodeagent.proxy.l7.metrics import HttpMetrics
 from nodeagent.proxy.l7.pool import DialContext, dialed_socket, tcp_connector
+from nodeagent.proxy.tunnel_plan import TunnelPlan, tunnel_labels
 from nodeagent.state import Endpoint, NodeSnapshot
 from nodeagent.telemetry import NO_FLAGS, UNKNOWN, TcpLabels
 
@@ -136,7 +137,8 @@ class L7Dispatch:
         relay = conn.relay
         ctx = ConnContext.for_connection(self.inputs, conn.snapshot, src_ip=conn.peer_ip, dst_ip=conn.dst[0],
                                          dst_port=conn.dst[1], reporter=self.listener.reporter,
-                                         on_done=lambda driver: self._done(relay, driver))
+                                         on_done=lambda driver: self._done(relay, driver),
+                                         secure_labels=self.secure_labels if self.tunnel is not None else None)
         # the L4 pick is not where requests go: the driver balances per request
         labels = conn.labels._replace(destination_workload=UNKNOWN)
         relay.labels = labels
@@ -162,6 +164,16 @@ class L7Dispatch:
             series.sent_bytes.inc(driver.tx)
         series.closed.inc()
         self.listener.relay_done(relay)
+
+    def secure_labels(self, ctx: ConnContext, labels, endpoint: Endpoint):
+        """A request's labels with the principals when its connection to ``endpoint`` is a
+        tunnel stream (the connector takes the same decision, from the same snapshot)."""
+        snapshot = ctx.snapshot
+        if snapshot is None:
+            return labels
+        plan = self.tunnel.planner.outbound(snapshot, Forward(endpoint, None, snapshot.workload_by_ip(endpoint.address)),
+                                            ctx.src_ip)
+        return tunnel_labels(labels, plan) if isinstance(plan, TunnelPlan) else labels
 
     # ------------------------------------------------------------------ upstream dials
     def partition(self, endpoint: Endpoint, ctx: Any) -> str:

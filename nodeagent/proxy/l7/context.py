@@ -164,7 +164,9 @@ class ConnContext:
     (``destination_*`` are filled per request from the chosen backend). ``on_done(driver)``
     is called exactly once, when the client connection and every upstream exchange of it
     are finished. ``snapshot``: the snapshot the connection took at accept (the connector
-    plans the mTLS tunnel from it).
+    plans the mTLS tunnel from it). ``secure_labels(ctx, labels, endpoint)``: the labels of
+    a request to ``endpoint`` with the principals when it goes through the mTLS tunnel
+    (None: no tunnel, plaintext labels).
     """
 
     table: RouteTable | None
@@ -178,15 +180,16 @@ class ConnContext:
     source_namespace: str = ""
     scheme: bytes = b"http"
     snapshot: NodeSnapshot | None = None
+    secure_labels: Callable[["ConnContext", HttpLabels, Endpoint], HttpLabels] | None = None
 
     @classmethod
     def for_connection(cls, inputs: L7Inputs, snapshot: NodeSnapshot, *, src_ip: str, dst_ip: str, dst_port: int,
                        reporter: str, on_done: Callable[[Any], None] = lambda driver: None,
-                       endpoint: Endpoint | None = None) -> "ConnContext":
+                       endpoint: Endpoint | None = None, secure_labels=None) -> "ConnContext":
         """The context of a captured connection to ``dst_ip:dst_port`` from ``src_ip``."""
         table = inputs.routes.get(snapshot)
         router = table.router_for(dst_ip, dst_port)
         src = snapshot.workload_by_ip(src_ip)
         labels = http_labels(reporter, src.name if src else UNKNOWN, src.namespace if src else UNKNOWN)
         return cls(table, router, src_ip, dst_ip, dst_port, labels, on_done, endpoint,
-                   src.namespace if src else "", snapshot=snapshot)
+                   src.namespace if src else "", snapshot=snapshot, secure_labels=secure_labels)

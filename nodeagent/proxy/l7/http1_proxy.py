@@ -509,7 +509,7 @@ class Http1Proxy(DriverLifecycle, asyncio.Protocol):
                            head.upgrade, head.expect_continue)
 
     def _labels_for(self, backend, ep):
-        return labels_for(self._labels, self.ctx.labels, backend, ep)
+        return labels_for(self._labels, self.ctx, backend, ep)
 
     def _exchange_done(self, ex: "_Exchange") -> None:
         """The response to ``ex`` ended (or was given up): close, or serve the next request."""

@@ -325,10 +325,10 @@ class Http2Proxy(DriverLifecycle, asyncio.Protocol):
         if router is None:
             ep = ctx.endpoint
             if ep is None:
-                st.labels = labels_for(self._labels, ctx.labels, None, None, proto)
+                st.labels = labels_for(self._labels, ctx, None, None, proto)
                 st.direct(UNKNOWN_SERVICE)
                 return
-            st.labels = labels_for(self._labels, ctx.labels, None, ep, proto)
+            st.labels = labels_for(self._labels, ctx, None, ep, proto)
             st.arm_deadline(None)
             if not st.finished:
                 st.dispatch(ep, self._upstream_head(head, head.path, head.authority, head.headers, None),
@@ -341,7 +341,7 @@ class Http2Proxy(DriverLifecycle, asyncio.Protocol):
                                          scheme=ctx.scheme, source_namespace=ctx.source_namespace,
                                          source_ip=ctx.src_ip, dst_ip=ctx.dst_ip, dst_port=ctx.dst_port))
         if type(d) is not RouteDecision:
-            st.labels = labels_for(self._labels, ctx.labels, None, None, proto)
+            st.labels = labels_for(self._labels, ctx, None, None, proto)
             st.direct(d)
             return
         st.decision = d
@@ -349,12 +349,12 @@ class Http2Proxy(DriverLifecycle, asyncio.Protocol):
         bal = self.inputs.lb.get(backend)
         ep = bal.pick(head.headers, ctx.src_ip)
         if ep is None:
-            st.labels = labels_for(self._labels, ctx.labels, backend, None, proto)
+            st.labels = labels_for(self._labels, ctx, backend, None, proto)
             st.local("UH")
             return
         if bal.policy == LEAST_REQUEST:
             st.balancer = bal
-        st.labels = labels_for(self._labels, ctx.labels, backend, ep, proto)
+        st.labels = labels_for(self._labels, ctx, backend, ep, proto)
         target, new_auth, headers = d.rewrite_request(head.path, head.authority, head.headers)
         st.arm_deadline(d.timeouts)
         if st.finished:

@@ -33,13 +33,16 @@ class DriverLifecycle:
             log.exception("%s: on_done callback failed", self.name)
 
 
-def labels_for(cache: dict, base: HttpLabels, backend, ep, protocol: str | None = None) -> HttpLabels:
-    """The metric labels of a request to ``ep`` of ``backend`` (either may be None), cached
-    in the connection's ``cache``; ``protocol`` overrides ``request_protocol``."""
+def labels_for(cache: dict, ctx, backend, ep, protocol: str | None = None) -> HttpLabels:
+    """The metric labels of a request of connection ``ctx`` to ``ep`` of ``backend`` (either
+    may be None), cached in the connection's ``cache``; ``protocol`` overrides
+    ``request_protocol``. ``ctx.secure_labels`` (set when the proxy has a tunnel) adds the
+    principals and ``mutual_tls`` for an endpoint the request reaches through the tunnel."""
     key = (id(backend), id(ep), protocol)
     lab = cache.get(key)
     if lab is not None:
         return lab
+    base = ctx.labels
     service = backend.hostname if backend is not None else base.destination_service
     if ep is not None and ep.workload:
         wl, ns = ep.workload, ep.namespace
@@ -50,6 +53,8 @@ def labels_for(cache: dict, base: HttpLabels, backend, ep, protocol: str | None 
     lab = base._replace(destination_service=service, destination_workload=wl, destination_namespace=ns)
     if protocol is not None:
         lab = lab._replace(request_protocol=protocol)
+    if ep is not None and ctx.secure_labels is not None:
+        lab = ctx.secure_labels(ctx, lab, ep)
     if len(cache) < 4096:  # per connection; backends and endpoints come from config
         cache[key] = lab
     return lab
