@@ -130,6 +130,7 @@ from h2.settings import SettingCodes
 from nodeagent.proxy.l7.errors import grpc_error, local_reply
 from nodeagent.proxy.l7.grpc import is_grpc
 from nodeagent.proxy.l7.http1 import _HOST, LocalProtocolError
+from nodeagent.proxy.l7.http2_hpack import Decoder, StatelessEncoder
 
 Headers = list[tuple[bytes, bytes]]
 
@@ -286,21 +287,45 @@ class _Malformed(Exception):
 
 
 class _H2(h2.connection.H2Connection):
-    """h2 with its inbound stream limit lifted: the wrapper refuses excess streams with
-    RST_STREAM REFUSED_STREAM (a stream error) instead of h2's connection error.
+    """h2 with its stream limits lifted and its HPACK replaced.
+
+    Stream limits: the wrapper refuses excess inbound streams with RST_STREAM
+    REFUSED_STREAM (a stream error) instead of h2's connection error, and ``capacity``
+    keeps outbound streams within the peer's SETTINGS_MAX_CONCURRENT_STREAMS before h2 is
+    asked. h2 counts open streams by walking every stream it holds, for every new stream
+    (O(streams) per stream): here closed streams are pruned once ``_PRUNE_SLACK`` of
+    them accumulated (amortised O(1); a closed stream still held answers late frames
+    exactly as a pruned one does, h2 prunes lazily too).
 
     h2 remembers how each closed stream ended, up to MAX_CLOSED_STREAMS (2^16 by default:
     about 7 MiB on a long-lived connection); a late frame for a stream forgotten from that
     list is still a stream error (RST_STREAM STREAM_CLOSED), so a short memory is safe.
+
+    HPACK: ``http2_hpack``'s stateless encoder and its decoder (same limits, less CPU).
     """
+
+    _PRUNE_SLACK = 64
 
     def __init__(self, config: h2.config.H2Configuration, closed_streams: int) -> None:
         self.MAX_CLOSED_STREAMS = closed_streams  # read by H2Connection.__init__
         super().__init__(config=config)
+        self.encoder = StatelessEncoder()
+        self.decoder = Decoder()
+        self._prune_at = self._PRUNE_SLACK
+
+    def _prune(self) -> None:
+        if len(self.streams) >= self._prune_at:
+            self._open_streams(0)  # deletes every closed stream (the count is not used)
+            self._prune_at = len(self.streams) + self._PRUNE_SLACK
 
     @property
     def open_inbound_streams(self) -> int:
-        h2.connection.H2Connection.open_inbound_streams.fget(self)  # prunes closed streams
+        self._prune()
+        return 0
+
+    @property
+    def open_outbound_streams(self) -> int:
+        self._prune()
         return 0
 
 
@@ -429,7 +454,8 @@ class _Connection:
             validate_inbound_headers=False,  # checked here, as stream errors
             normalize_inbound_headers=True,  # joins cookie fields (RFC 9113 8.2.3)
             validate_outbound_headers=False,  # _check_outgoing (and the pseudo-headers are ours)
-            # outbound normalization stays on: it marks authorization/cookie never-indexed (HPACK)
+            normalize_outbound_headers=False,  # names are checked lowercase; the encoder marks
+            # authorization/cookie never-indexed itself (and never indexes anything)
         )
         conn = _H2(cfg, limits.closed_streams)
         initial = {
