@@ -57,7 +57,9 @@ Events::
                 content_length, grpc)         server side
     ResponseHead(stream_id, status, headers, end_stream, content_length)
                                               client side (1xx too: ``informational``)
-    Data(stream_id, data)
+    Data(stream_id, data, end_stream)        end_stream: the last piece (EndOfMessage follows,
+                                             without trailers): forward it with
+                                             send_data(..., end_stream=True), one frame
     EndOfMessage(stream_id, trailers)        always, also after a head with end_stream
     StreamReset(stream_id, error_code, remote, retryable, reason)
     Writable(stream_id)
@@ -221,6 +223,7 @@ class ResponseHead:
 class Data:
     stream_id: int
     data: bytes
+    end_stream: bool = False  # the frame had END_STREAM: an EndOfMessage without trailers follows
 
 
 @dataclass(slots=True)
@@ -275,7 +278,8 @@ _STATUS = re.compile(rb"[1-5][0-9][0-9]")
 _CONNECTION_SPECIFIC = frozenset({
     b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"upgrade",
 })
-_NAME_CACHE = 1024
+_FIELD_CACHE = 512  # checked fields remembered per connection and direction (then forgotten)
+_FIELD_CACHE_BYTES = 256  # longer fields are checked every time (bounded memory)
 _NOTHING: frozenset[int] = frozenset()
 
 
@@ -369,32 +373,44 @@ class _Stream:
         self.reset_after: int | None = None  # RST_STREAM code once the local reply is out
 
 
-def _check_fields(raw, limits: Http2Limits, good: set[bytes], status: int, trailers: bool) -> Headers:
-    """The regular fields of a received section, checked (raises _Malformed)."""
+def _check_fields(raw, limits: Http2Limits, good: set, status: int, trailers: bool) -> Headers:
+    """The regular fields of a received section, checked (raises _Malformed).
+
+    ``good``: fields (name, value) of this connection that passed before — a field is a
+    pure function of its bytes, and most repeat on every request — checked again only
+    for the section's count and size limits.
+    """
     out: Headers = []
     n = size = 0
-    for name, value in raw:
-        if name[:1] == b":":
-            raise _Malformed(status, "pseudo-header in trailers" if trailers else "pseudo-header after a regular field")
+    for hv in raw:
+        name, value = hv
         n += 1
         size += len(name) + len(value)
-        if name not in good:
-            if _NAME.fullmatch(name) is None:
-                raise _Malformed(status, f"invalid header name {name[:64]!r}")
-            if len(good) < _NAME_CACHE:
-                good.add(name)
-        if value and _BAD_VALUE.search(value) is not None:
-            raise _Malformed(status, f"invalid value for header {name.decode('latin-1')!r}")
-        if name in _CONNECTION_SPECIFIC:
-            raise _Malformed(status, f"connection-specific header {name.decode('latin-1')!r}")
-        if name == b"te" and value.lower() != b"trailers":
-            raise _Malformed(status, "te other than trailers")
+        if hv not in good:
+            _check_field(name, value, status, trailers)
+            if len(good) >= _FIELD_CACHE:
+                good.clear()
+            if len(name) + len(value) <= _FIELD_CACHE_BYTES:
+                good.add((name, value))
         out.append((name, value))
     if n > limits.max_headers:
         raise _Malformed(431 if status == 400 else status, f"too many {'trailer' if trailers else 'header'} fields")
     if size > limits.max_header_bytes:
         raise _Malformed(431 if status == 400 else status, f"{'trailer' if trailers else 'header'} section too large")
     return out
+
+
+def _check_field(name: bytes, value: bytes, status: int, trailers: bool) -> None:
+    if name[:1] == b":":
+        raise _Malformed(status, "pseudo-header in trailers" if trailers else "pseudo-header after a regular field")
+    if _NAME.fullmatch(name) is None:
+        raise _Malformed(status, f"invalid header name {name[:64]!r}")
+    if value and _BAD_VALUE.search(value) is not None:
+        raise _Malformed(status, f"invalid value for header {name.decode('latin-1')!r}")
+    if name in _CONNECTION_SPECIFIC:
+        raise _Malformed(status, f"connection-specific header {name.decode('latin-1')!r}")
+    if name == b"te" and value.lower() != b"trailers":
+        raise _Malformed(status, "te other than trailers")
 
 
 def _content_length(headers: Headers, status: int) -> tuple[Headers, int | None]:
@@ -426,17 +442,25 @@ def _content_length(headers: Headers, status: int) -> tuple[Headers, int | None]
     return headers, cl
 
 
-def _check_outgoing(headers) -> None:
+def _check_outgoing(headers, good: set) -> None:
     """Refuse what the driver must never send (header injection toward HTTP/1 hops, fields
     RFC 9113 8.2.2 forbids). This is the only outbound check: h2's own validation and
-    validation is off (it costs about a tenth of a proxied request's CPU)."""
-    for name, value in headers:
-        if _BAD_VALUE.search(value) is not None and value:
+    normalisation are off (they cost about a tenth of a proxied request's CPU). ``good``:
+    the connection's fields that passed before (most repeat on every request or response)."""
+    for hv in headers:
+        if hv in good:
+            continue
+        name, value = hv
+        if value and _BAD_VALUE.search(value) is not None:
             raise LocalProtocolError(f"invalid value for header {name!r}")
         if name[:1] == b":" or _NAME.fullmatch(name) is None:
             raise LocalProtocolError(f"invalid header name {name!r}")
         if name in _CONNECTION_SPECIFIC or (name == b"te" and value != b"trailers"):
             raise LocalProtocolError(f"connection-specific header {name!r} in HTTP/2")
+        if len(good) >= _FIELD_CACHE:
+            good.clear()
+        if type(name) is bytes and type(value) is bytes and len(name) + len(value) <= _FIELD_CACHE_BYTES:
+            good.add((name, value))
 
 
 # ============================================================================ base
@@ -479,7 +503,8 @@ class _Connection:
         self._ready: list = []
         self._dead = False
         self._goaway_last: int | None = None  # a GOAWAY was sent or received (no new streams)
-        self._good: set[bytes] = set()
+        self._good: set[tuple[bytes, bytes]] = set()  # received fields that passed _check_fields
+        self._good_out: set[tuple[bytes, bytes]] = set()  # fields we sent that passed _check_outgoing
         # pre-scan state
         self._preface = 0 if self._client_side else len(H2_PREFACE)
         self._hdr = bytearray()
@@ -654,7 +679,7 @@ class _Connection:
             return self.data_to_send()
         trailers = list(trailers)
         if trailers:
-            _check_outgoing(trailers)
+            _check_outgoing(trailers, self._good_out)
         st.end = trailers
         self._flush(st)
         return self.data_to_send()
@@ -799,7 +824,7 @@ class _Connection:
             self._h2.acknowledge_received_data(pad, sid)
         if data:
             st.unacked += len(data)
-            self._ready.append(Data(sid, data))
+            self._ready.append(Data(sid, data, ev.stream_ended is not None))
 
     def _on_trailers(self, ev) -> None:
         st = self._streams.get(ev.stream_id)
@@ -1030,7 +1055,7 @@ class ServerConnection(_Connection):
         if status < 200 and end_stream:
             raise LocalProtocolError("a 1xx response cannot end the stream")
         headers = list(headers)
-        _check_outgoing(headers)
+        _check_outgoing(headers, self._good_out)
         headers.insert(0, (b":status", b"%d" % status))
         try:
             self._h2.send_headers(stream_id, headers, end_stream=end_stream)
@@ -1220,7 +1245,7 @@ class ClientConnection(_Connection):
             raise LocalProtocolError(f"invalid path {head.path!r}")
         if not head.authority or _BAD_VALUE.search(head.authority) is not None:
             raise LocalProtocolError(f"invalid authority {head.authority!r}")
-        _check_outgoing(head.headers)
+        _check_outgoing(head.headers, self._good_out)
         fields = [(b":method", head.method), (b":scheme", head.scheme or b"http"),
                   (b":authority", head.authority), (b":path", head.path)]
         fields.extend(hv for hv in head.headers if hv[0] != b"host")

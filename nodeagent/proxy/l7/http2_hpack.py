@@ -194,7 +194,7 @@ class Decoder:
 
     def _resize(self, value: int) -> None:
         self._maxsize = value
-        self._gen += 1
+        self._gen += 1  # even without evictions: later additions behave differently
         dyn = self._dynamic
         while self._size > value:
             n, v = dyn.pop()
@@ -202,12 +202,16 @@ class Decoder:
 
     def _add(self, name: bytes, value: bytes) -> None:
         size = len(name) + len(value) + 32
-        self._gen += 1
         dyn = self._dynamic
         if size > self._maxsize:  # RFC 7541 4.4: an entry larger than the table empties it
-            dyn.clear()
-            self._size = 0
+            if dyn:
+                dyn.clear()
+                self._size = 0
+                self._gen += 1
+            # else nothing changed (nginx announces a 0-byte table and then "indexes" every
+            # field): its blocks stay cacheable, and any resize invalidates them
             return
+        self._gen += 1
         self._size += size
         dyn.appendleft((name, value))
         while self._size > self._maxsize:
