@@ -124,10 +124,12 @@ from dataclasses import dataclass, field
 
 import h2.config
 import h2.connection
+import h2.errors
 import h2.events as h2e
 import h2.exceptions
 import h2.settings
 from h2.settings import SettingCodes
+from hyperframe.frame import RstStreamFrame
 
 from nodeagent.proxy.l7.errors import grpc_error, local_reply
 from nodeagent.proxy.l7.grpc import is_grpc
@@ -331,6 +333,37 @@ class _H2(h2.connection.H2Connection):
     def open_outbound_streams(self) -> int:
         self._prune()
         return 0
+
+    def _receive_frame(self, frame):
+        """h2 4.x's ``H2Connection._receive_frame`` without its first line, a trace log whose
+        argument ``repr(frame)`` is built eagerly for every frame (a twentieth of a gRPC
+        call's CPU) and thrown away by h2's no-op logger. Otherwise the same code."""
+        try:
+            frames, events = self._frame_dispatch_table[frame.__class__](frame)
+        except h2.exceptions.StreamClosedError as e:
+            # closed by RST_STREAM: a stream error (RST_STREAM); otherwise a connection error
+            if self._stream_is_closed_by_reset(e.stream_id):
+                f = RstStreamFrame(e.stream_id)
+                f.error_code = e.error_code
+                self._prepare_for_sending([f])
+                events = e._events
+            else:
+                raise
+        except h2.exceptions.StreamIDTooLowError as e:
+            # a stream closed by reset: a stream error; closed by END_STREAM: a connection
+            # error; closed implicitly (a higher id was opened): PROTOCOL_ERROR
+            if self._stream_is_closed_by_reset(e.stream_id):
+                f = RstStreamFrame(e.stream_id)
+                f.error_code = h2.errors.ErrorCodes.STREAM_CLOSED
+                self._prepare_for_sending([f])
+                events = []
+            elif self._stream_is_closed_by_end(e.stream_id):
+                raise h2.exceptions.StreamClosedError(e.stream_id) from e
+            else:
+                raise
+        else:
+            self._prepare_for_sending(frames)
+        return events
 
 
 class _Gate:
