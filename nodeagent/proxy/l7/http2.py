@@ -134,7 +134,7 @@ from hyperframe.frame import RstStreamFrame
 from nodeagent.proxy.l7.errors import grpc_error, local_reply
 from nodeagent.proxy.l7.grpc import is_grpc
 from nodeagent.proxy.l7.http1 import _HOST, LocalProtocolError
-from nodeagent.proxy.l7.http2_hpack import Decoder, StatelessEncoder
+from nodeagent.proxy.l7.http2_hpack import UNIQUE, Decoder, StatelessEncoder
 
 Headers = list[tuple[bytes, bytes]]
 
@@ -423,7 +423,7 @@ def _check_fields(raw, limits: Http2Limits, good: set, status: int, trailers: bo
             _check_field(name, value, status, trailers)
             if len(good) >= _FIELD_CACHE:
                 good.clear()
-            if len(name) + len(value) <= _FIELD_CACHE_BYTES:
+            if len(name) + len(value) <= _FIELD_CACHE_BYTES and name not in UNIQUE:
                 good.add((name, value))
         out.append((name, value))
     if n > limits.max_headers:
@@ -492,7 +492,8 @@ def _check_outgoing(headers, good: set) -> None:
             raise LocalProtocolError(f"connection-specific header {name!r} in HTTP/2")
         if len(good) >= _FIELD_CACHE:
             good.clear()
-        if type(name) is bytes and type(value) is bytes and len(name) + len(value) <= _FIELD_CACHE_BYTES:
+        if type(name) is bytes and type(value) is bytes and len(name) + len(value) <= _FIELD_CACHE_BYTES \
+                and name not in UNIQUE:
             good.add((name, value))
 
 

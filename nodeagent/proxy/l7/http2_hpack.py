@@ -11,7 +11,8 @@ connection) and do the same work for less:
   a static-table index, or a literal without indexing (never-indexed for credentials)
   with a static-table name where there is one. The encoding of a field therefore depends
   on the field alone, so it is computed once per connection and then looked up (a small,
-  bounded cache). Nothing the peer sees depends on our table state, so nothing can go
+  bounded cache). Values that are not remembered (credentials, long ones, per-request
+  ids: ``UNIQUE``) go out as plain literals, not Huffman-coded. Nothing the peer sees depends on our table state, so nothing can go
   out of sync; the cost is compression (a repeated field is a few literal bytes each
   time, not one index byte). A smaller SETTINGS_HEADER_TABLE_SIZE from the peer is
   acknowledged with the dynamic table size updates RFC 7541 4.2 requires.
@@ -53,6 +54,10 @@ del _i, _n, _v
 
 # fields h2's outbound normalisation marks never-indexed (credentials, RFC 7541 7.1.3)
 _SENSITIVE = frozenset({b"authorization", b"proxy-authorization", b"cookie"})
+# fields whose value is new on every request (ids, deadlines): remembering them would only
+# push the fields that do repeat out of the per-connection caches
+UNIQUE = frozenset({b"x-request-id", b"traceparent", b"tracestate", b"x-b3-traceid", b"x-b3-spanid",
+                    b"x-b3-parentspanid", b"b3", b"x-amzn-trace-id", b"x-cloud-trace-context", b"grpc-timeout"})
 
 DEFAULT_TABLE_SIZE = 4096
 _FIELD_CACHE = 512  # encoded fields remembered per connection
@@ -90,17 +95,19 @@ def huffman_encode(data: bytes) -> bytes:
     return acc.to_bytes((bits + pad) // 8, "big")
 
 
-def encode_string(data: bytes) -> bytes:
-    """A string literal, Huffman-coded when that is shorter."""
-    h = huffman_encode(data) if data else b""
-    if len(h) < len(data):
-        return encode_integer(len(h), 7, 0x80) + h
+def encode_string(data: bytes, huffman: bool = True) -> bytes:
+    """A string literal, Huffman-coded when that is shorter (and ``huffman``)."""
+    if huffman and data:
+        h = huffman_encode(data)
+        if len(h) < len(data):
+            return encode_integer(len(h), 7, 0x80) + h
     return encode_integer(len(data), 7, 0) + data
 
 
-def encode_field(name: bytes, value: bytes, sensitive: bool) -> bytes:
+def encode_field(name: bytes, value: bytes, sensitive: bool, huffman: bool = True) -> bytes:
     """One field without touching any dynamic table (static index, or a literal without
-    indexing / never indexed, RFC 7541 6.1 / 6.2.2 / 6.2.3)."""
+    indexing / never indexed, RFC 7541 6.1 / 6.2.2 / 6.2.3); ``huffman``: for the value
+    (names are always Huffman-coded when shorter: few and remembered)."""
     if not sensitive:
         i = _STATIC_FIELD.get((name, value))
         if i is not None:
@@ -108,8 +115,8 @@ def encode_field(name: bytes, value: bytes, sensitive: bool) -> bytes:
     first = 0x10 if sensitive else 0x00
     i = _STATIC_NAME.get(name)
     if i is not None:
-        return encode_integer(i, 4, first) + encode_string(value)
-    return bytes((first,)) + encode_string(name) + encode_string(value)
+        return encode_integer(i, 4, first) + encode_string(value, huffman)
+    return bytes((first,)) + encode_string(name) + encode_string(value, huffman)
 
 
 class StatelessEncoder:
@@ -157,9 +164,12 @@ class StatelessEncoder:
                 value = bytes(value, "utf-8") if type(value) is str else bytes(value)
             sensitive = name in _SENSITIVE or (not plain and not getattr(hv, "indexable", True)) or (
                 len(hv) > 2 and bool(hv[2]))
-            b = encode_field(name, value, sensitive)
+            keep = plain and not sensitive and len(name) + len(value) <= _FIELD_CACHE_BYTES and name not in UNIQUE
+            # Huffman-code only what is remembered: a value encoded on every request costs
+            # ~70 ns a byte to save a fifth of its bytes, a poor trade for a CPU-bound proxy
+            b = encode_field(name, value, sensitive, keep)
             append(b)
-            if plain and not sensitive and len(name) + len(value) <= _FIELD_CACHE_BYTES:
+            if keep:
                 if len(cache) >= _FIELD_CACHE:
                     cache.clear()
                 cache[hv] = b
