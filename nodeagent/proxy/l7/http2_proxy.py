@@ -542,11 +542,21 @@ class _Stream:
         if self.retried and self.retry_body:
             pending = list(self.retry_body) + (pending or [])
         if pending:
+            last = len(pending) - 1
+            if self.kind == _K_H2 and last > 0 and pending[last] == [] and type(pending[last - 1]) is bytes:
+                # the body ended without trailers while we waited: its END_STREAM goes with
+                # the last DATA frame
+                data = pending[last - 1]
+                pending = pending[:last - 1]
+            else:
+                data = None
             for piece in pending:
                 if type(piece) is bytes:
                     self._up_send(piece)
                 else:
                     self._up_end(piece)
+            if data is not None:
+                conn.send_data(self.usid, data, True)
         if self.kind == _K_H1 and self.down.write_paused:
             conn.pause_reading()
         self.release_req()
