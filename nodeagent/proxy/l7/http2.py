@@ -78,8 +78,8 @@ Safe defaults (``Http2Limits``), enforced here and not left to h2:
   first); a header block (HEADERS + CONTINUATION) is bounded in bytes
   (``max_header_block``) and frames (``max_continuation_frames``): the CONTINUATION flood
   -> GOAWAY ENHANCE_YOUR_CALM.
-* HPACK bomb: hpack's decoder checks the decoded size (name + value + 32 per field) after
-  each field and stops at ``decoder_limit`` (advertised as SETTINGS_MAX_HEADER_LIST_SIZE);
+* HPACK bomb: the decoder (``http2_hpack``) checks the decoded size (name + value + 32
+  per field) after each field and stops at ``decoder_limit`` (advertised as SETTINGS_MAX_HEADER_LIST_SIZE);
   indexed fields reference the table's bytes objects, so a small block that expands
   hugely stops after a few fields without allocating the expanded size -> GOAWAY
   ENHANCE_YOUR_CALM (the HPACK state is lost, so the connection must go). Below that
@@ -102,7 +102,10 @@ Safe defaults (``Http2Limits``), enforced here and not left to h2:
 * Memory per connection: received, unconsumed DATA <= the connection window; queued
   outgoing DATA <= ``stream_buffer`` per stream plus one write (if the driver honours
   ``blocked``); h2's input buffer <= one frame; the header block buffer <= its cap; h2's
-  record of closed streams <= ``closed_streams`` entries (h2 keeps 65536 by default).
+  record of closed streams <= ``closed_streams`` entries (h2 keeps 65536 by default), its
+  closed streams not yet pruned <= 64; the per-connection caches of checked fields (512
+  of <= 256 bytes, each direction), encoded fields (512 of <= 512 bytes) and decoded
+  blocks (64 of <= 1 KiB, all of one table state) are emptied when full.
 
 Deliberate h2 workarounds (h2 4.x): h2's connection state machine closes on any GOAWAY,
 so after a *graceful* GOAWAY (NO_ERROR, either direction) the state is put back to open
