@@ -136,3 +136,18 @@ def test_decoder_limits_and_malformed_blocks():
                 b"\x3f\xe2\x1f"):  # table size update above the allowed 4096
         with pytest.raises(hpack.HPACKDecodingError):
             hp.Decoder().decode(bad)
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(st.binary(max_size=120), min_size=1, max_size=4), st.integers(min_value=0, max_value=4096))
+def test_arbitrary_blocks_decode_or_raise_an_hpack_error_and_stay_bounded(blocks, limit):
+    """The parser invariant: any bytes decode into a bounded header list or raise HPACK's error
+    (which h2 turns into COMPRESSION_ERROR); nothing else escapes, for a fresh or a used table."""
+    dec = hp.Decoder(max_header_list_size=limit)
+    for block in blocks:
+        try:
+            out = dec.decode(block)
+        except hpack.HPACKError:
+            continue
+        assert sum(len(n) + len(v) + 32 for n, v in out) <= limit
+        assert dec.header_table_size <= 4096
