@@ -369,7 +369,8 @@ class Http2Proxy(DriverLifecycle, asyncio.Protocol):
     def _upstream_head(self, head: RequestHead, path: bytes, authority: bytes, headers: list,
                        forwarded_host: bytes | None) -> RequestHead:
         ctx = self.ctx
-        headers, _rid = prepare_request(headers, client=ctx.src_ip, proto=ctx.scheme, forwarded_host=forwarded_host)
+        headers, _rid = prepare_request(headers, client=ctx.src_ip, proto=ctx.scheme, forwarded_host=forwarded_host,
+                                        new_id=self.inputs.request_ids)
         return RequestHead(0, head.method, head.scheme or b"http", authority, path, headers, head.end_stream,
                            head.content_length, head.grpc)
 
