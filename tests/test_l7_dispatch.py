@@ -138,10 +138,10 @@ def test_detection_runs_only_for_destinations_with_an_l7_need():
             if want is None:
                 assert det is None
                 continue
-            if want == "h2":
-                assert det.decision.protocol == HTTP2_PRIOR_KNOWLEDGE
-            else:
-                assert det.decision is None and det.http_only == (want == "http")
+            assert det.decision is None and det.http_only == (want != "auto")
+            if want == "h2":  # HTTP/1.x or the preface; silent clients get the declared HTTP/2
+                assert det.http_default == HTTP2_PRIOR_KNOWLEDGE
+                assert det.feed(b"GET / HTTP/1.1\r\n").protocol == HTTP1
             assert l7.detector(snap, Passthrough(VIP, 80), VIP, 80) is None
         # a pod IP, even the target of an HTTP Service port: workload-addressed traffic stays L4
         snap = snapshot([ep], app_protocol="http")
