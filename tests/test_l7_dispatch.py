@@ -284,6 +284,25 @@ def test_http2_prior_knowledge_is_served_by_the_http2_driver_with_routes():
     run(main())
 
 
+def test_an_http2_port_serves_http1_clients_translated_and_prior_knowledge_clients_as_http2():
+    async def main():
+        v1 = await Backend("v1").start()
+        async with Proxy(snapshot([v1.endpoint()], app_protocol="http2")) as px:
+            def curl(*extra: str) -> dict:
+                r = subprocess.run(["curl", "-sS", "--max-time", "10", *extra, f"http://{LO}:{px.listener.port}/x"],
+                                   capture_output=True, text=True, timeout=30)
+                assert r.returncode == 0, r.stderr
+                return json.loads(r.stdout)
+            h1 = await asyncio.to_thread(curl, "--http1.1")
+            h2 = await asyncio.to_thread(curl, "--http2-prior-knowledge")
+            assert h1["protocol"] == h2["protocol"] == "HTTP/2"  # the HTTP/1.1 client's request was translated
+            await px.settle(0)
+            assert px.metric("hostmesh_requests_total", request_protocol="http", response_code="200") == 1
+            assert px.metric("hostmesh_requests_total", request_protocol="http2", response_code="200") == 1
+        v1.close()
+    run(main())
+
+
 def test_a_service_without_endpoints_answers_http_with_503_uh_and_resets_tcp():
     async def main():
         snap = NodeSnapshot(node=NODE, services=(  # routes attached, no appProtocol: detected

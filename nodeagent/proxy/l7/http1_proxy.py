@@ -36,7 +36,10 @@ Per request (``RequestHead`` from ``http1.ServerConnection``):
    rewritten authority (``x-forwarded-host`` keeps the original), ``x-forwarded-for`` /
    ``x-forwarded-proto`` / ``x-request-id``.
 3. an upstream connection from ``inputs.pool`` (idle: synchronous; dial or queue: the
-   request's events wait, reading of the client paused, at most one read held).
+   request's events wait, reading of the client paused, at most one read held) — or,
+   when the backend's Service port speaks HTTP/2 (``pool_h2.speaks_h2``: appProtocol
+   http2, h2c, grpc, kubernetes.io/h2c, as the HTTP/2 driver decides), a stream of
+   ``inputs.h2pool`` (``_H2Leg``, below).
 4. bodies are streamed piece by piece as the codecs produce them; mirrors get a copy.
 5. the response head gets ResponseHeaderModifier and hop-by-hop stripping; the end of the
    response releases the upstream connection, observes the metrics and releases the next
@@ -75,12 +78,34 @@ timer unless the request needs one (a dial, a queue slot, a route timeout), and 
 is hashed that the connection's last request already looked up (backend, endpoint,
 labels, metric series: one-entry memos on the connection).
 
+HTTP/2 upstreams (``_H2Leg``; Envoy's codec AUTO downstream of an HTTP/2 cluster): the
+request head goes through ``translate.h1_request_to_h2`` (``:authority`` from Host, hop-by-
+hop fields gone, ``te: trailers`` kept), chunked and length-delimited bodies become DATA,
+the end END_STREAM (a chunked body's trailers as trailing HEADERS); the response comes back
+through ``h2_response_to_h1`` and the client's codec frames it (content-length when the
+upstream sent one or ended with its HEADERS, else chunked; close-delimited for an
+HTTP/1.0 client); trailers only to a client that sent ``TE: trailers``, and a gRPC
+trailers-only answer is a head with its grpc-status and ``content-length: 0``. Streams of
+many client connections share a few upstream connections (multiplexed). Flow control
+mirrors the HTTP/2 driver's: client reading pauses while the stream is blocked (window
+used up, its buffer full, or the connection's transport above high water) and response
+DATA is acknowledged upstream only while the client's transport is below high water.
+Errors map as for HTTP/1.1 upstreams (UF dial, UO queue full, UC reset or connection lost
+before the response — RST once it started —, UPE a malformed response, UT timeouts); a
+stream the upstream never processed (REFUSED_STREAM, above a GOAWAY's last id) is retried
+once on another connection. Upgrade requests stay on HTTP/1.1 to the same endpoint: Envoy
+would send RFC 8441 extended CONNECT, which is not offered here, and most h2c servers
+(the test app, Go's h2c handler) speak HTTP/1.1 too; an HTTP/2-only upstream closes the
+connection, which the client sees as 503 UC. Metrics are those of any HTTP/1.1 request
+(``request_protocol="http"``).
+
 Upgrade (WebSocket): the request keeps ``Upgrade``; a 101 from the upstream switches
 both connections to raw byte relay (half-close passed on), any other answer continues
 HTTP. The upgraded upstream connection never returns to the pool.
 
 Mirrors (``RequestMirror``): fire and forget. Each mirror gets the upstream head (host
-with ``-shadow`` appended, as Envoy and Istio do) and the body as it streams; its
+with ``-shadow`` appended, as Envoy and Istio do; over HTTP/2 with the HTTP/2 driver's
+``_H2Mirror`` when the mirror backend speaks it) and the body as it streams; its
 response is read and dropped. A mirror never holds the main request back: while it is
 connecting at most ``mirror_buffer`` bytes are held for it, and a mirror whose buffer is
 full, whose connection fails, that takes longer than ``mirror_timeout`` or whose request
