@@ -727,7 +727,7 @@ def test_client_multiplexes_requests_and_parses_responses():
     up.send_headers(s1, [(b":status", b"404")], end_stream=True)
     evs = cli.receive_data(up.data_to_send())
     assert evs[0] == ResponseHead(s2, 201, [(b"content-length", b"2")], False, 2)
-    assert evs[1] == Data(s2, b"ok") and evs[2] == EndOfMessage(s2, [])
+    assert evs[1] == Data(s2, b"ok", True) and evs[2] == EndOfMessage(s2, [])
     assert evs[3] == ResponseHead(s1, 404, [], True, None) and evs[4] == EndOfMessage(s1, [])
     assert cli.active_streams == 0
 

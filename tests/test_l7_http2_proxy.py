@@ -143,6 +143,7 @@ class H2Client(asyncio.Protocol):
         self.replies: dict[int, Reply] = {}
         self.goaway: http2.ConnectionTerminated | None = None
         self.closed = asyncio.get_running_loop().create_future()
+        self.raw = bytearray()  # every byte received (tests parse the frames)
 
     @classmethod
     async def connect(cls, port: int) -> "H2Client":
@@ -154,6 +155,7 @@ class H2Client(asyncio.Protocol):
         transport.write(self.codec.data_to_send())
 
     def data_received(self, data: bytes) -> None:
+        self.raw += data
         for ev in self.codec.receive_data(data):
             r = self.replies.get(getattr(ev, "stream_id", 0))
             if type(ev) is http2.ResponseHead and r is not None and not ev.informational:
@@ -213,6 +215,7 @@ class ScriptedH2(asyncio.Protocol):
         transport.write(self.codec.data_to_send())
 
     def data_received(self, data: bytes) -> None:
+        self.owner.raw += data
         for ev in self.codec.receive_data(data):
             if type(ev) is http2.RequestHead:
                 self.owner.heads.append(ev)
@@ -243,6 +246,7 @@ class ScriptedServer:
         self.heads: list[http2.RequestHead] = []
         self.resets: list[tuple[int, int]] = []
         self.received = 0
+        self.raw = bytearray()  # every byte received, from every connection
 
     async def start(self) -> "ScriptedServer":
         self.server = await asyncio.get_running_loop().create_server(lambda: ScriptedH2(self), LO, 0)
@@ -327,6 +331,53 @@ def test_nghttp_gets_a_response_and_the_scripted_h2_upstream_its_trailers():
         assert rc == 0, err
         assert ":status: 200" in out and "from h2" in out and "x-checksum: abc" in out, out
         assert s.heads[0].path == b"/t" and (b"x-forwarded-for", LO.encode()) in s.heads[0].headers
+        px.close()
+        s.close()
+    run(main())
+
+
+def data_frames(raw: bytes) -> list:
+    """The DATA frames in ``raw`` (the client preface, if any, skipped)."""
+    from hyperframe.frame import DataFrame, Frame
+    data = bytes(raw)
+    if data.startswith(H2_PREFACE):
+        data = data[len(H2_PREFACE):]
+    out = []
+    while len(data) >= 9:
+        f, length = Frame.parse_frame_header(memoryview(data[:9]))
+        f.parse_body(memoryview(data[9:9 + length]))
+        if isinstance(f, DataFrame):
+            out.append(f)
+        data = data[9 + length:]
+    return out
+
+
+def test_a_last_data_frame_with_end_stream_is_forwarded_as_one_frame_both_ways():
+    async def main():
+        def on_request(conn, head):
+            sid = head.stream_id
+            conn.write(conn.codec.send_response(sid, 200, [(b"content-length", b"4")]))
+            conn.write(conn.codec.send_data(sid, b"pong", end_stream=True))
+        s = await ScriptedServer(on_request).start()
+        snap = NodeSnapshot(NODE, (service("web", VIP, [s.endpoint()], app_protocol="http2"),))
+        px = await Proxy(snap).start()
+        c = await H2Client.connect(px.port)
+        # first while the upstream connection is dialed (the body waits), then over it
+        for n in (1, 2):
+            s.raw.clear()
+            c.raw.clear()
+            sid, r = c.request("/p", method=b"POST", body=None, end=False)
+            c.t.write(c.codec.send_data(sid, b"ping", end_stream=True))
+            await asyncio.wait_for(r.done, 30)
+            assert r.status == 200 and bytes(r.body) == b"pong" and r.reset is None
+            await eventually(lambda: s.received == 4 * n)
+            up = data_frames(s.raw)
+            assert [(f.data, "END_STREAM" in f.flags) for f in up] == [(b"ping", True)]
+            down = data_frames(c.raw)
+            assert [(f.data, "END_STREAM" in f.flags) for f in down] == [(b"pong", True)]
+            await eventually(lambda: px.count("200") == n)
+        assert len(s.conns) == 1
+        c.close()
         px.close()
         s.close()
     run(main())

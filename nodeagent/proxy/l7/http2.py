@@ -57,7 +57,9 @@ Events::
                 content_length, grpc)         server side
     ResponseHead(stream_id, status, headers, end_stream, content_length)
                                               client side (1xx too: ``informational``)
-    Data(stream_id, data)
+    Data(stream_id, data, end_stream)        end_stream: the last piece (EndOfMessage follows,
+                                             without trailers): forward it with
+                                             send_data(..., end_stream=True), one frame
     EndOfMessage(stream_id, trailers)        always, also after a head with end_stream
     StreamReset(stream_id, error_code, remote, retryable, reason)
     Writable(stream_id)
@@ -76,8 +78,8 @@ Safe defaults (``Http2Limits``), enforced here and not left to h2:
   first); a header block (HEADERS + CONTINUATION) is bounded in bytes
   (``max_header_block``) and frames (``max_continuation_frames``): the CONTINUATION flood
   -> GOAWAY ENHANCE_YOUR_CALM.
-* HPACK bomb: hpack's decoder checks the decoded size (name + value + 32 per field) after
-  each field and stops at ``decoder_limit`` (advertised as SETTINGS_MAX_HEADER_LIST_SIZE);
+* HPACK bomb: the decoder (``http2_hpack``) checks the decoded size (name + value + 32
+  per field) after each field and stops at ``decoder_limit`` (advertised as SETTINGS_MAX_HEADER_LIST_SIZE);
   indexed fields reference the table's bytes objects, so a small block that expands
   hugely stops after a few fields without allocating the expanded size -> GOAWAY
   ENHANCE_YOUR_CALM (the HPACK state is lost, so the connection must go). Below that
@@ -100,7 +102,10 @@ Safe defaults (``Http2Limits``), enforced here and not left to h2:
 * Memory per connection: received, unconsumed DATA <= the connection window; queued
   outgoing DATA <= ``stream_buffer`` per stream plus one write (if the driver honours
   ``blocked``); h2's input buffer <= one frame; the header block buffer <= its cap; h2's
-  record of closed streams <= ``closed_streams`` entries (h2 keeps 65536 by default).
+  record of closed streams <= ``closed_streams`` entries (h2 keeps 65536 by default), its
+  closed streams not yet pruned <= 64; the per-connection caches of checked fields (512
+  of <= 256 bytes, each direction), encoded fields (512 of <= 512 bytes) and decoded
+  blocks (64 of <= 1 KiB, all of one table state) are emptied when full.
 
 Deliberate h2 workarounds (h2 4.x): h2's connection state machine closes on any GOAWAY,
 so after a *graceful* GOAWAY (NO_ERROR, either direction) the state is put back to open
@@ -122,14 +127,17 @@ from dataclasses import dataclass, field
 
 import h2.config
 import h2.connection
+import h2.errors
 import h2.events as h2e
 import h2.exceptions
 import h2.settings
 from h2.settings import SettingCodes
+from hyperframe.frame import RstStreamFrame
 
 from nodeagent.proxy.l7.errors import grpc_error, local_reply
 from nodeagent.proxy.l7.grpc import is_grpc
 from nodeagent.proxy.l7.http1 import _HOST, LocalProtocolError
+from nodeagent.proxy.l7.http2_hpack import UNIQUE, Decoder, StatelessEncoder
 
 Headers = list[tuple[bytes, bytes]]
 
@@ -220,6 +228,7 @@ class ResponseHead:
 class Data:
     stream_id: int
     data: bytes
+    end_stream: bool = False  # the frame had END_STREAM: an EndOfMessage without trailers follows
 
 
 @dataclass(slots=True)
@@ -274,7 +283,8 @@ _STATUS = re.compile(rb"[1-5][0-9][0-9]")
 _CONNECTION_SPECIFIC = frozenset({
     b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"upgrade",
 })
-_NAME_CACHE = 1024
+_FIELD_CACHE = 512  # checked fields remembered per connection and direction (then forgotten)
+_FIELD_CACHE_BYTES = 256  # longer fields are checked every time (bounded memory)
 _NOTHING: frozenset[int] = frozenset()
 
 
@@ -286,22 +296,77 @@ class _Malformed(Exception):
 
 
 class _H2(h2.connection.H2Connection):
-    """h2 with its inbound stream limit lifted: the wrapper refuses excess streams with
-    RST_STREAM REFUSED_STREAM (a stream error) instead of h2's connection error.
+    """h2 with its stream limits lifted and its HPACK replaced.
+
+    Stream limits: the wrapper refuses excess inbound streams with RST_STREAM
+    REFUSED_STREAM (a stream error) instead of h2's connection error, and ``capacity``
+    keeps outbound streams within the peer's SETTINGS_MAX_CONCURRENT_STREAMS before h2 is
+    asked. h2 counts open streams by walking every stream it holds, for every new stream
+    (O(streams) per stream): here closed streams are pruned once ``_PRUNE_SLACK`` of
+    them accumulated (amortised O(1); a closed stream still held answers late frames
+    exactly as a pruned one does, h2 prunes lazily too).
 
     h2 remembers how each closed stream ended, up to MAX_CLOSED_STREAMS (2^16 by default:
     about 7 MiB on a long-lived connection); a late frame for a stream forgotten from that
     list is still a stream error (RST_STREAM STREAM_CLOSED), so a short memory is safe.
+
+    HPACK: ``http2_hpack``'s stateless encoder and its decoder (same limits, less CPU).
     """
+
+    _PRUNE_SLACK = 64
 
     def __init__(self, config: h2.config.H2Configuration, closed_streams: int) -> None:
         self.MAX_CLOSED_STREAMS = closed_streams  # read by H2Connection.__init__
         super().__init__(config=config)
+        self.encoder = StatelessEncoder()
+        self.decoder = Decoder()
+        self._prune_at = self._PRUNE_SLACK
+
+    def _prune(self) -> None:
+        if len(self.streams) >= self._prune_at:
+            self._open_streams(0)  # deletes every closed stream (the count is not used)
+            self._prune_at = len(self.streams) + self._PRUNE_SLACK
 
     @property
     def open_inbound_streams(self) -> int:
-        h2.connection.H2Connection.open_inbound_streams.fget(self)  # prunes closed streams
+        self._prune()
         return 0
+
+    @property
+    def open_outbound_streams(self) -> int:
+        self._prune()
+        return 0
+
+    def _receive_frame(self, frame):
+        """h2 4.x's ``H2Connection._receive_frame`` without its first line, a trace log whose
+        argument ``repr(frame)`` is built eagerly for every frame (a twentieth of a gRPC
+        call's CPU) and thrown away by h2's no-op logger. Otherwise the same code."""
+        try:
+            frames, events = self._frame_dispatch_table[frame.__class__](frame)
+        except h2.exceptions.StreamClosedError as e:
+            # closed by RST_STREAM: a stream error (RST_STREAM); otherwise a connection error
+            if self._stream_is_closed_by_reset(e.stream_id):
+                f = RstStreamFrame(e.stream_id)
+                f.error_code = e.error_code
+                self._prepare_for_sending([f])
+                events = e._events
+            else:
+                raise
+        except h2.exceptions.StreamIDTooLowError as e:
+            # a stream closed by reset: a stream error; closed by END_STREAM: a connection
+            # error; closed implicitly (a higher id was opened): PROTOCOL_ERROR
+            if self._stream_is_closed_by_reset(e.stream_id):
+                f = RstStreamFrame(e.stream_id)
+                f.error_code = h2.errors.ErrorCodes.STREAM_CLOSED
+                self._prepare_for_sending([f])
+                events = []
+            elif self._stream_is_closed_by_end(e.stream_id):
+                raise h2.exceptions.StreamClosedError(e.stream_id) from e
+            else:
+                raise
+        else:
+            self._prepare_for_sending(frames)
+        return events
 
 
 class _Gate:
@@ -344,32 +409,44 @@ class _Stream:
         self.reset_after: int | None = None  # RST_STREAM code once the local reply is out
 
 
-def _check_fields(raw, limits: Http2Limits, good: set[bytes], status: int, trailers: bool) -> Headers:
-    """The regular fields of a received section, checked (raises _Malformed)."""
+def _check_fields(raw, limits: Http2Limits, good: set, status: int, trailers: bool) -> Headers:
+    """The regular fields of a received section, checked (raises _Malformed).
+
+    ``good``: fields (name, value) of this connection that passed before — a field is a
+    pure function of its bytes, and most repeat on every request — checked again only
+    for the section's count and size limits.
+    """
     out: Headers = []
     n = size = 0
-    for name, value in raw:
-        if name[:1] == b":":
-            raise _Malformed(status, "pseudo-header in trailers" if trailers else "pseudo-header after a regular field")
+    for hv in raw:
+        name, value = hv
         n += 1
         size += len(name) + len(value)
-        if name not in good:
-            if _NAME.fullmatch(name) is None:
-                raise _Malformed(status, f"invalid header name {name[:64]!r}")
-            if len(good) < _NAME_CACHE:
-                good.add(name)
-        if value and _BAD_VALUE.search(value) is not None:
-            raise _Malformed(status, f"invalid value for header {name.decode('latin-1')!r}")
-        if name in _CONNECTION_SPECIFIC:
-            raise _Malformed(status, f"connection-specific header {name.decode('latin-1')!r}")
-        if name == b"te" and value.lower() != b"trailers":
-            raise _Malformed(status, "te other than trailers")
+        if hv not in good:
+            _check_field(name, value, status, trailers)
+            if len(good) >= _FIELD_CACHE:
+                good.clear()
+            if len(name) + len(value) <= _FIELD_CACHE_BYTES and name not in UNIQUE:
+                good.add((name, value))
         out.append((name, value))
     if n > limits.max_headers:
         raise _Malformed(431 if status == 400 else status, f"too many {'trailer' if trailers else 'header'} fields")
     if size > limits.max_header_bytes:
         raise _Malformed(431 if status == 400 else status, f"{'trailer' if trailers else 'header'} section too large")
     return out
+
+
+def _check_field(name: bytes, value: bytes, status: int, trailers: bool) -> None:
+    if name[:1] == b":":
+        raise _Malformed(status, "pseudo-header in trailers" if trailers else "pseudo-header after a regular field")
+    if _NAME.fullmatch(name) is None:
+        raise _Malformed(status, f"invalid header name {name[:64]!r}")
+    if value and _BAD_VALUE.search(value) is not None:
+        raise _Malformed(status, f"invalid value for header {name.decode('latin-1')!r}")
+    if name in _CONNECTION_SPECIFIC:
+        raise _Malformed(status, f"connection-specific header {name.decode('latin-1')!r}")
+    if name == b"te" and value.lower() != b"trailers":
+        raise _Malformed(status, "te other than trailers")
 
 
 def _content_length(headers: Headers, status: int) -> tuple[Headers, int | None]:
@@ -401,17 +478,26 @@ def _content_length(headers: Headers, status: int) -> tuple[Headers, int | None]
     return headers, cl
 
 
-def _check_outgoing(headers) -> None:
+def _check_outgoing(headers, good: set) -> None:
     """Refuse what the driver must never send (header injection toward HTTP/1 hops, fields
     RFC 9113 8.2.2 forbids). This is the only outbound check: h2's own validation and
-    validation is off (it costs about a tenth of a proxied request's CPU)."""
-    for name, value in headers:
-        if _BAD_VALUE.search(value) is not None and value:
+    normalisation are off (they cost about a tenth of a proxied request's CPU). ``good``:
+    the connection's fields that passed before (most repeat on every request or response)."""
+    for hv in headers:
+        if hv in good:
+            continue
+        name, value = hv
+        if value and _BAD_VALUE.search(value) is not None:
             raise LocalProtocolError(f"invalid value for header {name!r}")
         if name[:1] == b":" or _NAME.fullmatch(name) is None:
             raise LocalProtocolError(f"invalid header name {name!r}")
         if name in _CONNECTION_SPECIFIC or (name == b"te" and value != b"trailers"):
             raise LocalProtocolError(f"connection-specific header {name!r} in HTTP/2")
+        if len(good) >= _FIELD_CACHE:
+            good.clear()
+        if type(name) is bytes and type(value) is bytes and len(name) + len(value) <= _FIELD_CACHE_BYTES \
+                and name not in UNIQUE:
+            good.add((name, value))
 
 
 # ============================================================================ base
@@ -429,7 +515,8 @@ class _Connection:
             validate_inbound_headers=False,  # checked here, as stream errors
             normalize_inbound_headers=True,  # joins cookie fields (RFC 9113 8.2.3)
             validate_outbound_headers=False,  # _check_outgoing (and the pseudo-headers are ours)
-            # outbound normalization stays on: it marks authorization/cookie never-indexed (HPACK)
+            normalize_outbound_headers=False,  # names are checked lowercase; the encoder marks
+            # authorization/cookie never-indexed itself (and never indexes anything)
         )
         conn = _H2(cfg, limits.closed_streams)
         initial = {
@@ -453,7 +540,8 @@ class _Connection:
         self._ready: list = []
         self._dead = False
         self._goaway_last: int | None = None  # a GOAWAY was sent or received (no new streams)
-        self._good: set[bytes] = set()
+        self._good: set[tuple[bytes, bytes]] = set()  # received fields that passed _check_fields
+        self._good_out: set[tuple[bytes, bytes]] = set()  # fields we sent that passed _check_outgoing
         # pre-scan state
         self._preface = 0 if self._client_side else len(H2_PREFACE)
         self._hdr = bytearray()
@@ -628,7 +716,7 @@ class _Connection:
             return self.data_to_send()
         trailers = list(trailers)
         if trailers:
-            _check_outgoing(trailers)
+            _check_outgoing(trailers, self._good_out)
         st.end = trailers
         self._flush(st)
         return self.data_to_send()
@@ -773,7 +861,7 @@ class _Connection:
             self._h2.acknowledge_received_data(pad, sid)
         if data:
             st.unacked += len(data)
-            self._ready.append(Data(sid, data))
+            self._ready.append(Data(sid, data, ev.stream_ended is not None))
 
     def _on_trailers(self, ev) -> None:
         st = self._streams.get(ev.stream_id)
@@ -1004,7 +1092,7 @@ class ServerConnection(_Connection):
         if status < 200 and end_stream:
             raise LocalProtocolError("a 1xx response cannot end the stream")
         headers = list(headers)
-        _check_outgoing(headers)
+        _check_outgoing(headers, self._good_out)
         headers.insert(0, (b":status", b"%d" % status))
         try:
             self._h2.send_headers(stream_id, headers, end_stream=end_stream)
@@ -1194,7 +1282,7 @@ class ClientConnection(_Connection):
             raise LocalProtocolError(f"invalid path {head.path!r}")
         if not head.authority or _BAD_VALUE.search(head.authority) is not None:
             raise LocalProtocolError(f"invalid authority {head.authority!r}")
-        _check_outgoing(head.headers)
+        _check_outgoing(head.headers, self._good_out)
         fields = [(b":method", head.method), (b":scheme", head.scheme or b"http"),
                   (b":authority", head.authority), (b":path", head.path)]
         fields.extend(hv for hv in head.headers if hv[0] != b"host")

@@ -173,7 +173,7 @@ class Http2Proxy(DriverLifecycle, asyncio.Protocol):
             if t is Data:
                 st = self.streams.get(ev.stream_id)
                 if st is not None:
-                    st.req_data(ev.data)
+                    st.req_data(ev.data, ev.end_stream)
                 else:  # a stream we are done with: nobody else acknowledges it
                     self.write(codec.consumed(ev.stream_id, len(ev.data)))
             elif t is RequestHead:
@@ -381,7 +381,7 @@ class _Stream:
                  "usid", "fut", "pending", "held_req", "held_resp", "up_paused", "resp_started", "resp_ended",
                  "status", "flag", "req_bytes", "resp_bytes", "req_done", "finished", "timer", "btimer",
                  "backend_timeout", "deadline", "retry_body", "retried", "started", "activity", "mark", "since",
-                 "up_head", "limits", "service", "mirrors")
+                 "up_head", "limits", "service", "mirrors", "up_ended")
 
     def __init__(self, down: Http2Proxy, head: RequestHead) -> None:
         self.down = down
@@ -422,6 +422,7 @@ class _Stream:
         self.limits = None
         self.service = ""
         self.mirrors: list | None = None
+        self.up_ended = False  # the request's END_STREAM went upstream with its last DATA frame
 
     # ---------------------------------------------------------------- setup
     def arm_deadline(self, timeouts) -> None:
@@ -541,11 +542,21 @@ class _Stream:
         if self.retried and self.retry_body:
             pending = list(self.retry_body) + (pending or [])
         if pending:
+            last = len(pending) - 1
+            if self.kind == _K_H2 and last > 0 and pending[last] == [] and type(pending[last - 1]) is bytes:
+                # the body ended without trailers while we waited: its END_STREAM goes with
+                # the last DATA frame
+                data = pending[last - 1]
+                pending = pending[:last - 1]
+            else:
+                data = None
             for piece in pending:
                 if type(piece) is bytes:
                     self._up_send(piece)
                 else:
                     self._up_end(piece)
+            if data is not None:
+                conn.send_data(self.usid, data, True)
         if self.kind == _K_H1 and self.down.write_paused:
             conn.pause_reading()
         self.release_req()
@@ -570,7 +581,8 @@ class _Stream:
             m.start(ep, down.inputs.routes.pool_limits(down.ctx.table, backend), backend.hostname)
 
     # ---------------------------------------------------------------- request (client -> upstream)
-    def req_data(self, data: bytes) -> None:
+    def req_data(self, data: bytes, end: bool = False) -> None:
+        """A piece of the request body (``end``: the last one, no trailers: req_end follows)."""
         n = len(data)
         self.req_bytes += n
         self.activity += 1
@@ -591,7 +603,11 @@ class _Stream:
         if self.up is None:
             self.pending.append(data)
             return
-        self._up_send(data)
+        if end and self.kind == _K_H2:  # one DATA frame with END_STREAM instead of two
+            self.up.send_data(self.usid, data, True)
+            self.up_ended = True
+        else:
+            self._up_send(data)
         self.release_req()
 
     def req_end(self, trailers) -> None:
@@ -605,6 +621,8 @@ class _Stream:
         trailers = list(trailers)
         if self.retry_body is not None and not self.retried:
             self.retry_body.append(trailers)
+        if self.up_ended:  # went with the last DATA frame
+            return
         if self.up is None:
             if self.pending is not None:
                 self.pending.append(trailers)
@@ -684,10 +702,13 @@ class _Stream:
             return
         self.resp_ended = end_stream
 
-    def _resp_data(self, data: bytes) -> None:
+    def _resp_data(self, data: bytes, end: bool = False) -> None:
+        """A piece of the response body (``end``: the last, without trailers, in the same frame)."""
         self.resp_bytes += len(data)
         down = self.down
-        down.write(down.codec.send_data(self.sid, data))
+        down.write(down.codec.send_data(self.sid, data, end_stream=end))
+        if end:
+            self.resp_ended = True
 
     def _resp_end(self, trailers) -> None:
         down = self.down
@@ -710,7 +731,7 @@ class _Stream:
         self.activity += 1
         t = type(ev)
         if t is Data:
-            self._resp_data(ev.data)
+            self._resp_data(ev.data, ev.end_stream)
             if self._down_blocked():
                 self.held_resp += len(ev.data)
             else:

@@ -167,8 +167,8 @@ class H2Upstream(asyncio.Protocol):
         self._write(self.codec.data_to_send())
         return sid
 
-    def send_data(self, sid: int, data: bytes) -> None:
-        self._write(self.codec.send_data(sid, data))
+    def send_data(self, sid: int, data: bytes, end_stream: bool = False) -> None:
+        self._write(self.codec.send_data(sid, data, end_stream=end_stream))
 
     def send_end(self, sid: int, trailers=()) -> None:
         self._write(self.codec.send_end(sid, trailers))
