@@ -237,6 +237,7 @@ def test_trailers_reach_only_clients_that_sent_te_trailers_and_trailers_only_ans
 def test_chunked_upload_with_trailers_goes_upstream_as_data_and_trailing_headers():
     async def main():
         got = []
+        flags = []  # END_STREAM on each DATA frame
 
         class Recorder(ScriptedH2):
             def data_received(self, data):
@@ -245,6 +246,7 @@ def test_chunked_upload_with_trailers_goes_upstream_as_data_and_trailing_headers
                         self.owner.heads.append(ev)
                     elif type(ev) is http2.Data:
                         got.append(ev.data)
+                        flags.append(ev.end_stream)
                         self.write(self.codec.consumed(ev.stream_id, len(ev.data)))
                     elif type(ev) is http2.EndOfMessage:
                         got.append(ev.trailers)
@@ -262,6 +264,14 @@ def test_chunked_upload_with_trailers_goes_upstream_as_data_and_trailing_headers
         head = s.heads[0]
         assert head.content_length is None and not any(n in (b"transfer-encoding", b"content-length")
                                                        for n, _ in head.headers)
+        assert not any(flags)  # the trailers carry END_STREAM
+        # a length-delimited body: its last piece and END_STREAM share one DATA frame
+        got.clear()
+        flags.clear()
+        out = await raw(px.port, b"PUT /put HTTP/1.1\r\nHost: web\r\nContent-Length: 5\r\n"
+                                 b"Connection: close\r\n\r\nhello")
+        assert out.split(b"\r\n\r\n", 1)[1] == b"5" and got == [b"hello", []] and flags == [True]
+        assert s.heads[1].content_length == 5
         px.close()
         s.close()
     run(main())

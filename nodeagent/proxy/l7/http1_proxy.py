@@ -1053,8 +1053,8 @@ class _H2Leg:
     """The upstream side of an exchange over an HTTP/2 stream (a ``pool_h2`` stream owner).
 
     The HTTP/1.1 request goes out as ``translate.h1_request_to_h2`` made it, its body as
-    DATA (chunked or length-delimited alike), the end as END_STREAM (with the chunked
-    body's trailers); the response comes back through ``h2_response_to_h1`` and the
+    DATA (chunked or length-delimited alike), the end as END_STREAM (with the last DATA
+    frame of a length-delimited body, with the chunked body's trailers); the response comes back through ``h2_response_to_h1`` and the
     client's codec, which frames it (content-length when known, else chunked, close-
     delimited for HTTP/1.0); trailers reach the client only when it sent ``TE: trailers``.
 
@@ -1075,7 +1075,8 @@ class _H2Leg:
     """
 
     __slots__ = ("ex", "down", "head", "limits", "service", "up", "usid", "fut", "pending", "held_resp",
-                 "blocked", "retry_body", "kept", "retried", "answered", "counted", "transport", "_out", "_dirty")
+                 "blocked", "retry_body", "kept", "retried", "answered", "counted", "ended", "transport", "_out",
+                 "_dirty")
 
     def __init__(self, ex: "_Exchange", head: http2.RequestHead, limits, service: str) -> None:
         self.ex = ex
@@ -1094,6 +1095,7 @@ class _H2Leg:
         self.retried = False
         self.answered = False  # a final response head arrived
         self.counted = False  # the balancer counts this request in flight
+        self.ended = False  # END_STREAM went with the last DATA frame of a length-delimited body
         self.transport = self.down.transport  # WriteBatch's view: this leg writes to the client
         self._out: list[bytes] = []
         self._dirty = False
@@ -1176,6 +1178,7 @@ class _H2Leg:
         if self.retried or self.answered or self.retry_body is None or self.ex.finished:
             return False
         self.retried = True
+        self.ended = False
         self.pending = []
         log.debug("http1: retrying a request on another HTTP/2 connection")
         self.acquire(up)
@@ -1211,6 +1214,12 @@ class _H2Leg:
         if up is None:
             self.pending.append(data)
             return
+        length = self.head.content_length
+        if length is not None and self.ex.req_bytes == length:  # the last piece: one frame with END_STREAM
+            self.ended = True
+            up.send_data(self.usid, data, True)
+            self._unblock()  # nothing more to read for this request
+            return
         up.send_data(self.usid, data)
         if not self.blocked and up.blocked(self.usid):
             self._block()
@@ -1221,6 +1230,8 @@ class _H2Leg:
         trailers = list(trailers)
         if self.retry_body is not None and not self.retried:
             self.retry_body.append(trailers)
+        if self.ended:  # went with the last DATA frame
+            return
         up = self.up
         if up is None:
             self.pending.append(trailers)
