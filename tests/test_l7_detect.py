@@ -179,9 +179,7 @@ def test_decision_does_not_depend_on_how_bytes_are_split():
 # ------------------------------------------------------------------ appProtocol overrides
 
 @pytest.mark.parametrize("app_protocol,expected", [
-    ("grpc", HTTP2_PRIOR_KNOWLEDGE), ("http2", HTTP2_PRIOR_KNOWLEDGE), ("H2C", HTTP2_PRIOR_KNOWLEDGE),
-    ("kubernetes.io/h2c", HTTP2_PRIOR_KNOWLEDGE), ("tcp", OPAQUE), ("mysql", OPAQUE), ("redis", OPAQUE),
-    ("tls", TLS), ("https", TLS), ("kubernetes.io/wss", TLS),
+    ("tcp", OPAQUE), ("mysql", OPAQUE), ("redis", OPAQUE), ("tls", TLS), ("https", TLS), ("kubernetes.io/wss", TLS),
 ])
 def test_fixed_app_protocols_decide_before_any_byte(app_protocol, expected):
     det = detector_for(app_protocol)
@@ -203,6 +201,30 @@ def test_http_app_protocol_still_recognises_the_h2_preface(app_protocol):
     assert det.timeout().protocol is HTTP1  # declared HTTP: the codec's header timeout takes over
     det = detector_for(app_protocol)
     assert det.feed(b"\x16\x03\x01").protocol is HTTP1  # not HTTP: the codec answers 400
+
+
+@pytest.mark.parametrize("app_protocol", ["grpc", "http2", "H2C", " h2c ", "kubernetes.io/h2c"])
+def test_http2_app_protocols_tell_the_preface_from_http1_and_never_choose_tcp(app_protocol):
+    det = detector_for(app_protocol)
+    assert det.decision is None and det.http_only
+    assert det.feed(b"PRI * HTTP/2.0\r\n") is NEED_MORE
+    r = det.feed(b"\r\nSM\r\n\r\n\x00\x00")
+    assert r == Detected(HTTP2_PRIOR_KNOWLEDGE, H2_PREFACE + b"\x00\x00", "preface")
+    det = detector_for(app_protocol)  # an HTTP/1.1 client: its driver translates to HTTP/2 upstream
+    r = det.feed(b"GET / HTTP/1.1\r\n")
+    assert r.protocol is HTTP1 and r.data == b"GET / HTTP/1.1\r\n"
+    det = detector_for(app_protocol)
+    assert det.feed(b"P") is NEED_MORE  # PRI, or POST/PUT/PATCH
+    assert det.feed(b"OST / HTTP/1.1\r\n").protocol is HTTP1
+    det = detector_for(app_protocol)
+    assert det.feed(b"\x16\x03\x01\x00\x05\x01").protocol is HTTP1  # not HTTP: the codec answers 400
+    det = detector_for(app_protocol)
+    assert det.timeout().protocol is HTTP2_PRIOR_KNOWLEDGE  # silent: the declared protocol's driver
+    det = detector_for(app_protocol)
+    assert det.eof().protocol is OPAQUE  # nothing at all: nothing to parse
+    det = detector_for(app_protocol)
+    det.feed(b"PRI * HT")
+    assert det.eof() == Detected(HTTP2_PRIOR_KNOWLEDGE, b"PRI * HT", "eof")  # a truncated preface
 
 
 @pytest.mark.parametrize("app_protocol", [None, "", "unknown-thing", " "])

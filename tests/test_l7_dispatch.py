@@ -138,10 +138,10 @@ def test_detection_runs_only_for_destinations_with_an_l7_need():
             if want is None:
                 assert det is None
                 continue
-            if want == "h2":
-                assert det.decision.protocol == HTTP2_PRIOR_KNOWLEDGE
-            else:
-                assert det.decision is None and det.http_only == (want == "http")
+            assert det.decision is None and det.http_only == (want != "auto")
+            if want == "h2":  # HTTP/1.x or the preface; silent clients get the declared HTTP/2
+                assert det.http_default == HTTP2_PRIOR_KNOWLEDGE
+                assert det.feed(b"GET / HTTP/1.1\r\n").protocol == HTTP1
             assert l7.detector(snap, Passthrough(VIP, 80), VIP, 80) is None
         # a pod IP, even the target of an HTTP Service port: workload-addressed traffic stays L4
         snap = snapshot([ep], app_protocol="http")
@@ -281,6 +281,25 @@ def test_http2_prior_knowledge_is_served_by_the_http2_driver_with_routes():
             assert px.metric("hostmesh_requests_total", request_protocol="http2", response_code="200") == 2
         v1.close()
         v2.close()
+    run(main())
+
+
+def test_an_http2_port_serves_http1_clients_translated_and_prior_knowledge_clients_as_http2():
+    async def main():
+        v1 = await Backend("v1").start()
+        async with Proxy(snapshot([v1.endpoint()], app_protocol="http2")) as px:
+            def curl(*extra: str) -> dict:
+                r = subprocess.run(["curl", "-sS", "--max-time", "10", *extra, f"http://{LO}:{px.listener.port}/x"],
+                                   capture_output=True, text=True, timeout=30)
+                assert r.returncode == 0, r.stderr
+                return json.loads(r.stdout)
+            h1 = await asyncio.to_thread(curl, "--http1.1")
+            h2 = await asyncio.to_thread(curl, "--http2-prior-knowledge")
+            assert h1["protocol"] == h2["protocol"] == "HTTP/2"  # the HTTP/1.1 client's request was translated
+            await px.settle(0)
+            assert px.metric("hostmesh_requests_total", request_protocol="http", response_code="200") == 1
+            assert px.metric("hostmesh_requests_total", request_protocol="http2", response_code="200") == 1
+        v1.close()
     run(main())
 
 

@@ -28,6 +28,7 @@ V1, V2, WEB, MIRRORED, SHADOW = "198.19.0.60", "198.19.0.61", "198.19.0.62", "19
 LB_VIPS = {"ROUND_ROBIN": "198.19.0.65", "LEAST_REQUEST": "198.19.0.66", "RING_HASH": "198.19.0.67",
            "RANDOM": "198.19.0.68"}
 LOCAL, EMPTY, WS, BIG = "198.19.0.69", "198.19.0.70", "198.19.0.71", "198.19.0.72"
+H2WEB = "198.19.0.83"  # appProtocol http2 over the test app's HTTP port (HTTP/1.1 and h2c)
 SHADOW_PORT, WS_PORT, SHADOW_GRPC_PORT = 8081, 8082, 9091
 CLIENT_POD = "node1/pod-1"
 ALL_PODS = {"node1/pod-1", "node1/pod-2", "node2/pod-1", "node2/pod-2"}
@@ -228,6 +229,8 @@ def l7lab(mesh_lab):
         svc("empty", EMPTY, {"app": "nothing"}, app_protocol="http"),
         svc("ws", WS, {"node": "node2", "pod": "pod-1"}, target=WS_PORT, app_protocol="http"),
         svc("big", BIG, {"node": "node2", "pod": "pod-1"}, app_protocol="http"),
+        svc("h2web", H2WEB, {"app": "testapp"}, app_protocol="http2"),
+        traffic_policy("h2web", {"type": "ROUND_ROBIN"}),
     ]
     docs += grpc_documents()
     for policy, vip in LB_VIPS.items():
@@ -337,6 +340,29 @@ def test_websocket_echo_through_the_agents(l7lab):
     got = json.loads(r.stdout)
     assert got["status"].startswith("HTTP/1.1 101") and got["accept_ok"]
     assert got["echoes"] == ["hello", "mesh" * 20, "bye"]
+
+
+def test_http1_clients_of_an_http2_port_are_translated_to_http2_on_both_nodes(l7lab):
+    lab = l7lab
+    urls = [f"http://{H2WEB}/h1-to-h2?i={i}" for i in range(8)]
+    for src in ("node1/pod-1", "node2/pod-2"):
+        # one curl, one keep-alive HTTP/1.1 connection, eight requests round-robin over the four pods
+        r = lab.run(src, ["curl", "-sS", "--http1.1", "--max-time", "30", "-w", "\n%{http_version} %{num_connects}\n",
+                          *urls], timeout=60)
+        assert r.returncode == 0, r.stderr
+        lines = [ln for ln in r.stdout.splitlines() if ln]
+        answers = [json.loads(ln) for ln in lines if ln.startswith("{")]
+        metas = [ln for ln in lines if not ln.startswith("{")]
+        assert len(answers) == 8 and set(metas) <= {"1.1 1", "1.1 0"}  # HTTP/1.1, one connection
+        assert {a["protocol"] for a in answers} == {"HTTP/2"}  # every pod saw HTTP/2 from its agent's proxy
+        assert {"%s/%s" % (a["node"], a["pod"]) for a in answers} == ALL_PODS  # same node and over the tunnel
+        assert {a["path"] for a in answers} == {"/h1-to-h2"}
+    for node in ("node1", "node2"):
+        assert metric_sum(lab, node, "hostmesh_requests_total", request_protocol="http", response_code="200",
+                          reporter="source", destination_service="h2web.default.svc.cluster.local") >= 8
+    # node1's cross-node requests went through the tunnel, with the principals
+    assert metric_sum(lab, "node1", "hostmesh_requests_total", destination_service="h2web.default.svc.cluster.local",
+                      destination_workload="node2-pod-1", connection_security_policy="mutual_tls") > 0
 
 
 def test_no_endpoints_is_a_proxy_made_503_uh(l7lab):

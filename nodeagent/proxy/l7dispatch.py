@@ -6,7 +6,10 @@ per-node Envoy make routing decisions) asks ``L7Dispatch.detector`` after its L4
 When detection runs (decided per snapshot, one dict lookup per connection):
 
 * a Service VIP:port whose ``appProtocol`` is HTTP-family (``http``, ``http2``, ``grpc``,
-  ... see ``detect.detector_for``) — always;
+  ... see ``detect.detector_for``) — always, choosing between the HTTP/2 preface and
+  HTTP/1.x on the first bytes (never TCP): an HTTP/1.1 client of an ``http2``/``h2c``/
+  ``grpc`` port is served by the HTTP/1.1 driver, which speaks HTTP/2 to the upstream
+  (Envoy's ``codec_type: AUTO`` in front of an HTTP/2 cluster);
 * a Service VIP:port without an ``appProtocol`` that has an HTTPRoute/GRPCRoute attached
   or a TrafficPolicy targeting its Service — auto-detection with the detection timeout
   (``ProxyLimits.detect_timeout``; server-speaks-first protocols get TCP after it);
@@ -16,7 +19,7 @@ refusal (RST).
 
 Everything else — no routes, no policy, ``appProtocol`` tcp/tls/mysql/..., workload
 (pod IP) destinations, passthrough destinations, refusals — never enters this module: the listener's L4 path runs exactly as
-without L7 and pays no detection delay. A fixed ``appProtocol`` decides without waiting.
+without L7 and pays no detection delay.
 Workload-addressed traffic stays L4 as in Istio ambient (a waypoint serves
 service-addressed traffic): GAMMA routes and TrafficPolicies attach to Services, and a
 client that dials a pod chose its endpoint itself.
@@ -69,7 +72,7 @@ log = logging.getLogger(__name__)
 # protocol -> the driver that serves it; protocols without an entry are relayed as TCP
 SERVE: dict[Any, Callable] = {HTTP1: serve_http1, HTTP2_PRIOR_KNOWLEDGE: serve_http2}
 
-# appProtocol values that make a port L7 (detection, or a fixed HTTP/2 decision)
+# appProtocol values that make a port L7 (HTTP/1.x vs HTTP/2 preface detection)
 _L7_APP_PROTOCOLS = frozenset(_HTTP) | frozenset(ap for ap, p in _FIXED.items() if p not in (OPAQUE, TLS))
 
 _AUTO = ""  # the mode of a port with routes or a policy but no appProtocol

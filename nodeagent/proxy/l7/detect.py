@@ -41,7 +41,11 @@ Rules (auto-detection):
 * ``http``, ``http1``, ``http/1.1``, ``grpc-web``, ``kubernetes.io/ws``: HTTP, but the
   HTTP/2 preface is still recognised (like Envoy's ``codec_type: AUTO``): decided on the
   first byte that leaves the preface, ``HTTP1`` on timeout.
-* ``http2``, ``h2c``, ``grpc``, ``kubernetes.io/h2c``: ``HTTP2_PRIOR_KNOWLEDGE`` at once.
+* ``http2``, ``h2c``, ``grpc``, ``kubernetes.io/h2c``: HTTP as well, between the HTTP/2
+  preface and HTTP/1.x (Envoy's ``codec_type: AUTO`` downstream of an HTTP/2 cluster): the
+  preface is ``HTTP2_PRIOR_KNOWLEDGE``, a byte that leaves it ``HTTP1`` (the HTTP/1.1
+  driver then speaks HTTP/2 to the upstream), never ``OPAQUE``; on timeout
+  ``HTTP2_PRIOR_KNOWLEDGE`` (the declared protocol: its driver's header timeout takes over).
 * ``tls``, ``https``, ``kubernetes.io/wss``: ``TLS`` at once.
 * ``tcp``, ``mongo``, ``mysql``, ``redis``, ``udp``, ``opaque``: ``OPAQUE`` at once.
 * empty or anything else: auto-detection.
@@ -158,13 +162,16 @@ class Detector:
     ``timeout_s`` is the detection timeout in seconds for the driver's timer (0 = none);
     when it fires the driver calls ``timeout()``.
     ``fixed``: a protocol decided up front (``decision`` is set at construction).
-    ``http_only``: only choose between HTTP1 and HTTP2_PRIOR_KNOWLEDGE (appProtocol http).
+    ``http_only``: only choose between HTTP1 and HTTP2_PRIOR_KNOWLEDGE (appProtocol http,
+    http2, grpc, ...); ``http_default`` is the choice on timeout (HTTP1 for the HTTP/1 names,
+    HTTP2_PRIOR_KNOWLEDGE for the HTTP/2 ones).
     """
 
-    __slots__ = ("max_bytes", "timeout_s", "http_only", "decision", "_buf", "_handed")
+    __slots__ = ("max_bytes", "timeout_s", "http_only", "http_default", "decision", "_buf", "_handed")
 
     def __init__(self, max_bytes: int = DEFAULT_MAX_BYTES, timeout_s: float = DEFAULT_TIMEOUT, *,
-                 fixed: Protocol | None = None, http_only: bool = False) -> None:
+                 fixed: Protocol | None = None, http_only: bool = False,
+                 http_default: Protocol = Protocol.HTTP1) -> None:
         if max_bytes < len(H2_PREFACE):
             raise ValueError(f"max_bytes must be >= {len(H2_PREFACE)}")
         if timeout_s < 0:
@@ -172,6 +179,7 @@ class Detector:
         self.max_bytes = max_bytes
         self.timeout_s = timeout_s
         self.http_only = http_only
+        self.http_default = Protocol(http_default)
         self._buf = bytearray()
         self._handed = False
         self.decision: Detected | None = None
@@ -217,18 +225,21 @@ class Detector:
         return NEED_MORE
 
     def timeout(self) -> Detected:
-        """The detection timer fired: decide now (OPAQUE, or HTTP1 for appProtocol http)."""
+        """The detection timer fired: decide now (OPAQUE, or ``http_default`` for a declared HTTP port)."""
         if self._handed:
             return Detected(self.decision.protocol, b"", self.decision.reason)
-        return self._decide(HTTP1 if self.http_only else OPAQUE, "timeout")
+        return self._decide(self.http_default if self.http_only else OPAQUE, "timeout")
 
     def eof(self) -> Detected:
-        """The client half-closed before a decision: relay what there is."""
+        """The client half-closed before a decision: relay what there is (a declared HTTP port:
+        the bytes are a prefix of the preface, ``http_default`` parses them)."""
         if self._handed:
             return Detected(self.decision.protocol, b"", self.decision.reason)
-        return self._decide(HTTP1 if self.http_only and self._buf else OPAQUE, "eof")
+        return self._decide(self.http_default if self.http_only and self._buf else OPAQUE, "eof")
 
 
+# the protocol an appProtocol declares (``pool_h2.speaks_h2``: the HTTP/2 names); detection
+# still tells HTTP/1.x from the HTTP/2 preface on the HTTP/2 names (``detector_for``)
 _FIXED = {
     "http2": HTTP2_PRIOR_KNOWLEDGE, "h2c": HTTP2_PRIOR_KNOWLEDGE, "grpc": HTTP2_PRIOR_KNOWLEDGE,
     "kubernetes.io/h2c": HTTP2_PRIOR_KNOWLEDGE,
@@ -243,6 +254,8 @@ def detector_for(app_protocol: str | None, *, max_bytes: int = DEFAULT_MAX_BYTES
     """The detector for a Service port with ``app_protocol`` (see the module doc)."""
     ap = (app_protocol or "").strip().lower()
     fixed = _FIXED.get(ap)
+    if fixed is HTTP2_PRIOR_KNOWLEDGE:  # HTTP/1.1 clients too: translated to HTTP/2 upstream
+        return Detector(max_bytes, timeout_s, http_only=True, http_default=HTTP2_PRIOR_KNOWLEDGE)
     if fixed is not None:
         return Detector(max_bytes, timeout_s, fixed=fixed)
     return Detector(max_bytes, timeout_s, http_only=ap in _HTTP)

@@ -36,7 +36,10 @@ Per request (``RequestHead`` from ``http1.ServerConnection``):
    rewritten authority (``x-forwarded-host`` keeps the original), ``x-forwarded-for`` /
    ``x-forwarded-proto`` / ``x-request-id``.
 3. an upstream connection from ``inputs.pool`` (idle: synchronous; dial or queue: the
-   request's events wait, reading of the client paused, at most one read held).
+   request's events wait, reading of the client paused, at most one read held) — or,
+   when the backend's Service port speaks HTTP/2 (``pool_h2.speaks_h2``: appProtocol
+   http2, h2c, grpc, kubernetes.io/h2c, as the HTTP/2 driver decides), a stream of
+   ``inputs.h2pool`` (``_H2Leg``, below).
 4. bodies are streamed piece by piece as the codecs produce them; mirrors get a copy.
 5. the response head gets ResponseHeaderModifier and hop-by-hop stripping; the end of the
    response releases the upstream connection, observes the metrics and releases the next
@@ -75,12 +78,34 @@ timer unless the request needs one (a dial, a queue slot, a route timeout), and 
 is hashed that the connection's last request already looked up (backend, endpoint,
 labels, metric series: one-entry memos on the connection).
 
+HTTP/2 upstreams (``_H2Leg``; Envoy's codec AUTO downstream of an HTTP/2 cluster): the
+request head goes through ``translate.h1_request_to_h2`` (``:authority`` from Host, hop-by-
+hop fields gone, ``te: trailers`` kept), chunked and length-delimited bodies become DATA,
+the end END_STREAM (a chunked body's trailers as trailing HEADERS); the response comes back
+through ``h2_response_to_h1`` and the client's codec frames it (content-length when the
+upstream sent one or ended with its HEADERS, else chunked; close-delimited for an
+HTTP/1.0 client); trailers only to a client that sent ``TE: trailers``, and a gRPC
+trailers-only answer is a head with its grpc-status and ``content-length: 0``. Streams of
+many client connections share a few upstream connections (multiplexed). Flow control
+mirrors the HTTP/2 driver's: client reading pauses while the stream is blocked (window
+used up, its buffer full, or the connection's transport above high water) and response
+DATA is acknowledged upstream only while the client's transport is below high water.
+Errors map as for HTTP/1.1 upstreams (UF dial, UO queue full, UC reset or connection lost
+before the response — RST once it started —, UPE a malformed response, UT timeouts); a
+stream the upstream never processed (REFUSED_STREAM, above a GOAWAY's last id) is retried
+once on another connection. Upgrade requests stay on HTTP/1.1 to the same endpoint: Envoy
+would send RFC 8441 extended CONNECT, which is not offered here, and most h2c servers
+(the test app, Go's h2c handler) speak HTTP/1.1 too; an HTTP/2-only upstream closes the
+connection, which the client sees as 503 UC. Metrics are those of any HTTP/1.1 request
+(``request_protocol="http"``).
+
 Upgrade (WebSocket): the request keeps ``Upgrade``; a 101 from the upstream switches
 both connections to raw byte relay (half-close passed on), any other answer continues
 HTTP. The upgraded upstream connection never returns to the pool.
 
 Mirrors (``RequestMirror``): fire and forget. Each mirror gets the upstream head (host
-with ``-shadow`` appended, as Envoy and Istio do) and the body as it streams; its
+with ``-shadow`` appended, as Envoy and Istio do; over HTTP/2 with the HTTP/2 driver's
+``_H2Mirror`` when the mirror backend speaks it) and the body as it streams; its
 response is read and dropped. A mirror never holds the main request back: while it is
 connecting at most ``mirror_buffer`` bytes are held for it, and a mirror whose buffer is
 full, whose connection fails, that takes longer than ``mirror_timeout`` or whose request
@@ -94,17 +119,21 @@ import asyncio
 import logging
 from time import perf_counter as _clock  # uvloop's loop.time() counts milliseconds
 
+from nodeagent.proxy.l7 import http2
 from nodeagent.proxy.l7.context import ConnContext, L7Inputs
 from nodeagent.proxy.l7.errors import FLAGS
 from nodeagent.proxy.l7.filters import DirectResponse
-from nodeagent.proxy.l7.headers import _PLAIN_CONNECTION, prepare_request, prepare_response
+from nodeagent.proxy.l7.headers import _PLAIN_CONNECTION, prepare_request, prepare_response, strip_hop_by_hop
 from nodeagent.proxy.l7.http1 import (Data, EndOfMessage, LocalProtocolError, ProtocolError, RequestHead,
                                       ResponseHead, ServerConnection, Upgrade)
+from nodeagent.proxy.l7.http2_proxy import RETRY_BUFFER, _H2Mirror
 from nodeagent.proxy.l7.lb import LEAST_REQUEST
 from nodeagent.proxy.l7.metrics import NO_FLAGS, HttpMetrics
 from nodeagent.proxy.l7.pool import ConnectFailed, PoolOverflow, UpstreamConn
+from nodeagent.proxy.l7.pool_h2 import H2Pool, H2Upstream, flush, speaks_h2
 from nodeagent.proxy.l7.routing import UNKNOWN_SERVICE, RequestInfo, RouteDecision
 from nodeagent.proxy.l7.shared import DriverLifecycle, labels_for, listen
+from nodeagent.proxy.l7.translate import TranslationError, h1_request_to_h2, h1_trailers, h2_response_to_h1
 from nodeagent.proxy.relay import RST, _close_transport
 
 log = logging.getLogger(__name__)
@@ -150,7 +179,8 @@ class Http1Proxy(DriverLifecycle, asyncio.Protocol):
     __slots__ = ("inputs", "ctx", "loop", "transport", "codec", "ex", "paused", "write_paused",
                  "timer", "tick_every", "since", "mark", "head_since", "activity", "timer_kind", "closing", "lost",
                  "reported", "raw_up", "raw_eofs", "_labels", "draining", "requests", "rx", "tx",
-                 "_memo_backend", "_memo_limits", "_memo_service", "_memo_ep", "_memo_labels", "_memo_series")
+                 "_memo_backend", "_memo_limits", "_memo_service", "_memo_h2", "_memo_ep", "_memo_labels",
+                 "_memo_series")
 
     def __init__(self, inputs: L7Inputs, ctx: ConnContext) -> None:
         self.inputs = inputs
@@ -179,6 +209,7 @@ class Http1Proxy(DriverLifecycle, asyncio.Protocol):
         self._memo_backend = None
         self._memo_limits = None
         self._memo_service = ""
+        self._memo_h2 = False  # the backend's port speaks HTTP/2: the exchange goes over an h2 stream
         self._memo_ep = None
         self._memo_labels = None
         self._memo_series = None  # (labels, status, flag, RequestSeries) of the last observation
@@ -270,8 +301,11 @@ class Http1Proxy(DriverLifecycle, asyncio.Protocol):
             up.resume_reading()
             return
         ex = self.ex
-        if ex is not None and ex.conn is not None:
-            ex.conn.resume_reading()
+        if ex is not None:
+            if ex.conn is not None:
+                ex.conn.resume_reading()
+            elif ex.h2 is not None:
+                ex.h2.client_writable()
 
     def send(self, data: bytes) -> None:
         """Write to the client (counted)."""
@@ -284,6 +318,15 @@ class Http1Proxy(DriverLifecycle, asyncio.Protocol):
         elif out:
             self.tx += sum(map(len, out))
             self.transport.writelines(out)
+
+    @property
+    def h2pool(self) -> H2Pool:
+        """The proxy's HTTP/2 upstream pool (made on first use for an ``L7Inputs`` built by hand)."""
+        inputs = self.inputs
+        pool = inputs.h2pool
+        if pool is None:
+            pool = inputs.h2pool = H2Pool(inputs.pool.connector, inputs.limits)
+        return pool
 
     # ================================================================ control
     def drain(self) -> None:
@@ -472,6 +515,7 @@ class Http1Proxy(DriverLifecycle, asyncio.Protocol):
             self._memo_backend = backend
             self._memo_limits = self.inputs.routes.pool_limits(ctx.table, backend)
             self._memo_service = backend.hostname
+            self._memo_h2 = speaks_h2(backend.port.app_protocol)
             self._memo_ep = None
         if ep is not self._memo_ep:
             self._memo_ep = ep
@@ -493,7 +537,10 @@ class Http1Proxy(DriverLifecycle, asyncio.Protocol):
                                       had_host)
         if d.mirrors:
             ex.start_mirrors(d.mirrors, up_head)
-        ex.dispatch(ep, up_head, self._memo_limits, self._memo_service)
+        if self._memo_h2 and head.upgrade is None:  # an upgrade stays HTTP/1.1 (no RFC 8441 here)
+            ex.dispatch_h2(ep, up_head, self._memo_limits, self._memo_service)
+        else:
+            ex.dispatch(ep, up_head, self._memo_limits, self._memo_service)
 
     def _upstream_head(self, head: RequestHead, target: bytes, authority: bytes, headers: list,
                        forwarded_host: bytes | None, had_host: bool) -> RequestHead:
@@ -632,7 +679,7 @@ class _Exchange:
 
     __slots__ = ("down", "head", "decision", "balancer", "endpoint", "conn", "fut", "pending", "started",
                  "req_bytes", "resp_bytes", "status", "flag", "timer", "btimer", "backend_timeout",
-                 "finished", "req_done", "mirrors", "labels", "up_head")
+                 "finished", "req_done", "mirrors", "labels", "up_head", "h2")
 
     def __init__(self, down: Http1Proxy, head: RequestHead) -> None:
         self.down = down
@@ -656,6 +703,7 @@ class _Exchange:
         self.mirrors: list[_Mirror] | None = None
         self.labels = down.ctx.labels
         self.up_head: RequestHead | None = None
+        self.h2: _H2Leg | None = None  # the upstream side when it is an HTTP/2 stream
 
     # ---------------------------------------------------------------- setup
     def arm_timeouts(self, timeouts) -> None:
@@ -681,6 +729,19 @@ class _Exchange:
         self.pending = []
         down._pause(_R_UPSTREAM)
         r.add_done_callback(self._on_conn)
+
+    def dispatch_h2(self, ep, up_head: RequestHead, limits, service: str) -> None:
+        """Send the request over an HTTP/2 stream (the backend's port speaks HTTP/2); a head
+        HTTP/2 cannot carry stays on HTTP/1.1."""
+        try:
+            head = h1_request_to_h2(up_head, scheme=self.down.ctx.scheme)
+        except TranslationError:
+            self.dispatch(ep, up_head, limits, service)
+            return
+        self.endpoint = ep
+        self.up_head = up_head
+        leg = self.h2 = _H2Leg(self, head, limits, service)
+        leg.acquire(None)
 
     def _on_conn(self, fut: asyncio.Future) -> None:
         if fut.cancelled():
@@ -738,8 +799,16 @@ class _Exchange:
             host = _host(up_head.headers) or b""
             headers = [(n, v) for n, v in up_head.headers if n != b"host"]
             headers.insert(0, (b"host", host + b"-shadow"))
-            m = _Mirror(down, RequestHead(up_head.method, up_head.target, headers, b"1.1", True,
-                                          up_head.content_length, up_head.chunked, None, False))
+            shadow = RequestHead(up_head.method, up_head.target, headers, b"1.1", True, up_head.content_length,
+                                 up_head.chunked, None, False)
+            m = None
+            if speaks_h2(backend.port.app_protocol):
+                try:
+                    m = _H2Mirror(down, h1_request_to_h2(shadow, scheme=down.ctx.scheme))
+                except TranslationError:
+                    pass
+            if m is None:
+                m = _Mirror(down, shadow)
             if self.mirrors is None:
                 self.mirrors = []
             self.mirrors.append(m)
@@ -761,11 +830,15 @@ class _Exchange:
         conn = self.conn
         if conn is not None:
             conn.transport.write(conn.codec.send_data(data))
+        elif self.h2 is not None:
+            self.h2.data(data)
         elif self.pending is not None:
             self.pending.append((True, data))
 
     def req_end(self, trailers) -> None:
         self.req_done = True
+        if trailers:  # hop-by-hop fields are no one's to forward (and HTTP/2 refuses them)
+            trailers = strip_hop_by_hop(trailers)
         if self.mirrors:
             for m in self.mirrors:
                 m.end(trailers)
@@ -776,6 +849,8 @@ class _Exchange:
             out = conn.codec.send_end(trailers)
             if out:
                 conn.transport.write(out)
+        elif self.h2 is not None:
+            self.h2.end(trailers)
         elif self.pending is not None:
             self.pending.append((False, trailers))
 
@@ -902,6 +977,9 @@ class _Exchange:
         fut, self.fut = self.fut, None
         if fut is not None:
             fut.cancel()
+        if self.h2 is not None:
+            self.h2.abandon()
+            return
         conn, self.conn = self.conn, None
         if conn is not None:
             if self.balancer is not None:
@@ -965,6 +1043,330 @@ class _RawUpstream:
 
     def up_resume_writing(self, conn) -> None:
         self.down._unpause(_R_UPWRITE)
+
+
+_H2_DATA, _H2_HEAD, _H2_END, _H2_RESET, _H2_WRITABLE, _H2_ERROR = (
+    http2.Data, http2.ResponseHead, http2.EndOfMessage, http2.StreamReset, http2.Writable, http2.ProtocolError)
+
+
+class _H2Leg:
+    """The upstream side of an exchange over an HTTP/2 stream (a ``pool_h2`` stream owner).
+
+    The HTTP/1.1 request goes out as ``translate.h1_request_to_h2`` made it, its body as
+    DATA (chunked or length-delimited alike), the end as END_STREAM (with the last DATA
+    frame of a length-delimited body, with the chunked body's trailers); the response comes back through ``h2_response_to_h1`` and the
+    client's codec, which frames it (content-length when known, else chunked, close-
+    delimited for HTTP/1.0); trailers reach the client only when it sent ``TE: trailers``.
+
+    Flow control: reading the client pauses while the stream is being acquired and while
+    the stream is ``blocked`` (its window is used up and ``stream_buffer`` bytes queued, or
+    the connection's transport is above high water), and resumes on ``Writable`` /
+    ``up2_writable``. Response DATA is acknowledged upstream (``consumed``) at once while
+    the client's transport is below high water, else held and acknowledged when it drains
+    (``client_writable``): memory is bounded by the stream window.
+
+    Output to the client goes through the pool's ``WriteBatch`` (as the HTTP/2 driver's):
+    a response whose head, body and end arrive in one upstream read is one write; it is
+    flushed before the exchange ends or fails, so pipelined answers keep their order.
+
+    A stream the upstream never processed (REFUSED_STREAM, above a GOAWAY's last stream
+    id, its connection lost unprocessed) is retried once on another connection while
+    nothing was answered and the body so far is at most ``RETRY_BUFFER`` bytes.
+    """
+
+    __slots__ = ("ex", "down", "head", "limits", "service", "up", "usid", "fut", "pending", "held_resp",
+                 "blocked", "retry_body", "kept", "retried", "answered", "counted", "ended", "transport", "_out",
+                 "_dirty")
+
+    def __init__(self, ex: "_Exchange", head: http2.RequestHead, limits, service: str) -> None:
+        self.ex = ex
+        self.down = ex.down
+        self.head = head
+        self.limits = limits
+        self.service = service
+        self.up: H2Upstream | None = None
+        self.usid = 0
+        self.fut: asyncio.Future | None = None
+        self.pending: list | None = []  # request pieces (bytes; a list = the end's trailers) before the stream opens
+        self.held_resp = 0  # response bytes sent to the client, not yet acknowledged upstream
+        self.blocked = False  # the client's reading is paused on this stream (_R_UPWRITE)
+        self.retry_body: list | None = []  # request pieces kept for one replay
+        self.kept = 0
+        self.retried = False
+        self.answered = False  # a final response head arrived
+        self.counted = False  # the balancer counts this request in flight
+        self.ended = False  # END_STREAM went with the last DATA frame of a length-delimited body
+        self.transport = self.down.transport  # WriteBatch's view: this leg writes to the client
+        self._out: list[bytes] = []
+        self._dirty = False
+
+    # ---------------------------------------------------------------- the stream
+    def acquire(self, avoid) -> None:
+        down = self.down
+        try:
+            r = down.h2pool.acquire(self.ex.endpoint, self.limits, self.service, down.ctx, avoid)
+        except PoolOverflow as exc:
+            self.ex.local("UO", None, str(exc))
+            return
+        if type(r) is H2Upstream:
+            self._attach(r, False)
+            return
+        self.fut = r
+        down._pause(_R_UPSTREAM)
+        r.add_done_callback(self._on_conn)
+
+    def _on_conn(self, fut: asyncio.Future) -> None:
+        if fut.cancelled():
+            return
+        exc = fut.exception()
+        ex = self.ex
+        if fut is not self.fut or ex.finished:
+            if exc is None:
+                fut.result().unreserve()
+            return
+        self.fut = None
+        if exc is not None:
+            ex.local(getattr(exc, "flag", "UF"), None, str(exc) if isinstance(exc, (ConnectFailed, PoolOverflow))
+                     else None)
+            return
+        conn = fut.result()
+        if conn.closed:
+            conn.unreserve()
+            ex.local("UC", 503, "upstream closed the connection before the request was sent")
+            return
+        self._attach(conn, True)
+
+    def _attach(self, conn: H2Upstream, reserved: bool) -> None:
+        ex = self.ex
+        if conn.codec.capacity <= 0:
+            # the peer lowered SETTINGS_MAX_CONCURRENT_STREAMS (or sent GOAWAY) since the slot
+            # was handed out: queue again, elsewhere
+            if reserved:
+                conn.unreserve()
+            self.acquire(conn)
+            return
+        try:
+            self.usid = conn.open(self, self.head, reserved)  # takes the reserved slot, even when it raises
+        except LocalProtocolError as exc:  # a filter produced a head HTTP/2 refuses
+            log.warning("http1: cannot forward request over HTTP/2: %s", exc)
+            ex.local("UPE", 500, "invalid request after filters")
+            return
+        self.up = conn
+        if not self.counted:
+            self.counted = True
+            if ex.balancer is not None:
+                ex.balancer.on_request_start(ex.endpoint)
+            if ex.backend_timeout:
+                ex.btimer = self.down.loop.call_later(ex.backend_timeout, ex.on_timeout)
+        pending, self.pending = self.pending, None
+        if self.retried and self.retry_body:
+            pending = self.retry_body + (pending or [])
+        sid = self.usid
+        for piece in pending or ():
+            if type(piece) is bytes:
+                conn.send_data(sid, piece)
+            else:
+                self._send_end(conn, piece)
+        self.down._unpause(_R_UPSTREAM)
+        if conn.blocked(sid) and not ex.req_done:
+            self._block()
+        else:
+            self._unblock()
+
+    def _retry(self, up: H2Upstream) -> bool:
+        """Once, on another connection, when nothing was answered and the body so far is kept."""
+        if self.retried or self.answered or self.retry_body is None or self.ex.finished:
+            return False
+        self.retried = True
+        self.ended = False
+        self.pending = []
+        log.debug("http1: retrying a request on another HTTP/2 connection")
+        self.acquire(up)
+        return True
+
+    def abandon(self, code: int = http2.CANCEL) -> None:
+        """Give the stream up (RST_STREAM ``code``) after flushing what the client is owed."""
+        flush(self)
+        fut, self.fut = self.fut, None
+        if fut is not None:
+            fut.cancel()
+        up, self.up = self.up, None
+        if up is not None:
+            up.done(self.usid, code)
+        self._lb_end()
+
+    def _lb_end(self) -> None:
+        ex = self.ex
+        if self.counted and ex.balancer is not None:
+            ex.balancer.on_request_end(ex.endpoint)
+            ex.balancer = None
+
+    # ---------------------------------------------------------------- request (client -> upstream)
+    def data(self, data: bytes) -> None:
+        body = self.retry_body
+        if body is not None and not self.retried:
+            self.kept += len(data)
+            if self.kept <= RETRY_BUFFER:
+                body.append(data)
+            else:
+                self.retry_body = None
+        up = self.up
+        if up is None:
+            self.pending.append(data)
+            return
+        length = self.head.content_length
+        if length is not None and self.ex.req_bytes == length:  # the last piece: one frame with END_STREAM
+            self.ended = True
+            up.send_data(self.usid, data, True)
+            self._unblock()  # nothing more to read for this request
+            return
+        up.send_data(self.usid, data)
+        if not self.blocked and up.blocked(self.usid):
+            self._block()
+
+    def end(self, trailers) -> None:
+        if self.head.end_stream:  # the head went out with END_STREAM
+            return
+        trailers = list(trailers)
+        if self.retry_body is not None and not self.retried:
+            self.retry_body.append(trailers)
+        if self.ended:  # went with the last DATA frame
+            return
+        up = self.up
+        if up is None:
+            self.pending.append(trailers)
+            return
+        self._send_end(up, trailers)
+        self._unblock()  # nothing more to read for this request
+
+    def _send_end(self, up: H2Upstream, trailers: list) -> None:
+        try:
+            up.send_end(self.usid, trailers)
+        except LocalProtocolError:  # a trailer field HTTP/2 refuses: end without them
+            up.send_end(self.usid)
+
+    def _block(self) -> None:
+        self.blocked = True
+        self.down._pause(_R_UPWRITE)
+
+    def _unblock(self) -> None:
+        if self.blocked:
+            up = self.up
+            if up is None or not up.blocked(self.usid) or self.ex.req_done:
+                self.blocked = False
+                self.down._unpause(_R_UPWRITE)
+
+    # ---------------------------------------------------------------- response (upstream -> client)
+    def _send(self, out: bytes) -> None:
+        down = self.down
+        down.tx += len(out)
+        down.h2pool.batch.write(self, out)
+
+    def client_writable(self) -> None:
+        """The client's transport drained: acknowledge the response bytes held back."""
+        n = self.held_resp
+        up = self.up
+        if n and up is not None:
+            self.held_resp = 0
+            up.consumed(self.usid, n)
+
+    def up2_event(self, up: H2Upstream, ev) -> None:
+        ex = self.ex
+        if ex.finished or up is not self.up:
+            return
+        down = self.down
+        down.activity += 1
+        t = type(ev)
+        if t is _H2_DATA:
+            data = ev.data
+            n = len(data)
+            ex.resp_bytes += n
+            try:
+                out = down.codec.send_data(data)
+            except LocalProtocolError:  # more than the content-length it announced
+                ex.local("UPE", 502, "upstream response body longer than its content-length")
+                return
+            if out:
+                self._send(out)
+            if down.write_paused:
+                self.held_resp += n
+            else:
+                up.consumed(self.usid, n)
+        elif t is _H2_HEAD:
+            self._head(ev)
+        elif t is _H2_END:
+            self._end(ev.trailers)
+        elif t is _H2_WRITABLE:
+            self._unblock()
+        elif t is _H2_RESET:
+            self.up = None  # the pool forgot the stream
+            if ev.retryable and self._retry(up):
+                return
+            ex.local("UC", 503, f"upstream reset the stream (error code {ev.error_code})")
+        elif t is _H2_ERROR:
+            up.done(self.usid)
+            self.up = None
+            ex.local(ev.flag, ev.status, ev.reason)
+
+    def _head(self, ev: http2.ResponseHead) -> None:
+        ex = self.ex
+        codec = self.down.codec
+        status = ev.status
+        if status < 200:  # 100 Continue, 103 Early Hints: passed on (the codec skips them for HTTP/1.0)
+            out = codec.send_response(ResponseHead(status, prepare_response(ev.headers)))
+            if out:
+                self._send(out)
+            return
+        self.answered = True
+        self.retry_body = None  # answered: never retried
+        ex.status = status
+        head = h2_response_to_h1(ev)
+        d = ex.decision
+        if d is not None and d.filters.response_ops:
+            head.headers = d.rewrite_response_headers(head.headers)
+        try:
+            out = codec.send_response(head)
+        except LocalProtocolError as exc:
+            log.debug("http1: bad response head from an HTTP/2 upstream: %s", exc)
+            ex.local("UPE", 502, "invalid response from upstream")
+            return
+        self._send(out)
+
+    def _end(self, trailers) -> None:
+        ex = self.ex
+        down = self.down
+        if trailers:
+            trailers = h1_trailers(trailers, ex.head.headers)
+        try:
+            out = down.codec.send_end(trailers)
+        except LocalProtocolError:  # shorter than its content-length
+            ex.local("UPE", 502, "upstream response body shorter than its content-length")
+            return
+        if out:
+            self._send(out)
+        flush(self)  # before the next pipelined request can be answered
+        up, self.up = self.up, None
+        # the response is complete: a request still streaming is not wanted any more
+        up.done(self.usid, None if ex.req_done else http2.CANCEL)
+        self._lb_end()
+        ex.finish(ex.status, ex.flag)
+
+    def up2_lost(self, up: H2Upstream, retryable: bool) -> None:
+        ex = self.ex
+        if ex.finished or up is not self.up:
+            return
+        self.up = None
+        if retryable and self._retry(up):
+            return
+        ex.local("UC", 503, "upstream connection closed before the response")
+
+    def up2_writable(self, up: H2Upstream, writable: bool) -> None:
+        if up is not self.up or self.ex.finished:
+            return
+        if writable:
+            self._unblock()
+        elif not self.ex.req_done and not self.blocked:
+            self._block()
 
 
 class _Mirror:
