@@ -528,10 +528,7 @@ class _Stream:
                 out = conn.codec.send_request(translate.h2_request_to_h1(head))
         except LocalProtocolError as exc:  # a filter produced an invalid head
             log.warning("http2: cannot forward request: %s", exc)
-            if self.kind == _K_H2:
-                if reserved:
-                    conn.unreserve()
-            else:
+            if self.kind == _K_H1:  # (open() took a reserved HTTP/2 slot even though it raised)
                 self.down.inputs.pool.discard(conn)
             self.up = None
             self.local("UPE", 500, "invalid request after filters")

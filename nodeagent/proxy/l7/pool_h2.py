@@ -158,7 +158,10 @@ class H2Upstream(asyncio.Protocol):
             self.ep.capacity_changed(self)
 
     def open(self, owner: Any, head: RequestHead, reserved: bool = False) -> int:
-        """Open a stream for ``head`` (``reserved``: on a slot handed out through a future)."""
+        """Open a stream for ``head`` (``reserved``: on a slot handed out through a future).
+
+        The reserved slot is taken even when the codec refuses the head (``LocalProtocolError``
+        propagates): the caller must not ``unreserve()`` it then."""
         if reserved and self.reserved:
             self.reserved -= 1
         sid = self.codec.send_request(head)
