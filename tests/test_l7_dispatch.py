@@ -75,12 +75,14 @@ def header_route(v2: str) -> ConfigObject:
 
 
 class Proxy:
-    def __init__(self, snap: NodeSnapshot, *, l7: bool = True, detect_timeout: float = 1.0) -> None:
+    def __init__(self, snap: NodeSnapshot, *, l7: bool = True, detect_timeout: float = 1.0,
+                 stats_flush_interval: float = 30.0) -> None:
         self.state = AgentState()
         self.state.apply(snap)
         self.registry = CollectorRegistry()
         self.inputs = ProxyInputs(state=self.state, node=NODE, metrics=ProxyMetrics(self.registry),
-                                  limits=ProxyLimits(detect_timeout=detect_timeout),
+                                  limits=ProxyLimits(detect_timeout=detect_timeout,
+                                                     stats_flush_interval=stats_flush_interval),
                                   original_destination=lambda sock: (VIP, 80),
                                   http_metrics=HttpMetrics(self.registry) if l7 else None)
         self.listener = OutboundProxy(self.inputs, LO, 0)
@@ -406,3 +408,32 @@ def test_request_labels_take_the_principals_of_a_tunnelled_endpoint_once_per_con
     assert labels_for({}, ctx, None, None).connection_security_policy == "none"  # no endpoint (proxy-made error)
     plain = SimpleNamespace(labels=ctx.labels, secure_labels=None)  # no tunnel on this proxy
     assert labels_for({}, plain, None, there).connection_security_policy == "none"
+
+
+def test_tcp_bytes_of_an_open_l7_connection_are_flushed_every_tick_and_counted_once():
+    async def main():
+        be = await Backend("a").start()
+        try:
+            async with Proxy(snapshot([be.endpoint()], app_protocol="http"), stats_flush_interval=0.2) as px:
+                port = px.listener.port
+                reader, writer = await asyncio.open_connection(LO, port)
+                writer.write(b"GET /x HTTP/1.1\r\nhost: web\r\n\r\n")
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = int(next(v for k, v in (ln.split(b": ", 1) for ln in head.split(b"\r\n")[1:] if b": " in ln)
+                                  if k.lower() == b"content-length"))
+                await reader.readexactly(length)
+                sent = len(head) + length
+                # still open (keep-alive): the counters move within a tick or two, not at close
+                async with asyncio.timeout(10):
+                    while px.metric("hostmesh_tcp_sent_bytes_total") < sent:
+                        await asyncio.sleep(0.05)
+                assert px.metric("hostmesh_tcp_received_bytes_total") == len(b"GET /x HTTP/1.1\r\nhost: web\r\n\r\n")
+                assert px.metric("hostmesh_tcp_connections_closed_total") == 0
+                writer.close()
+                await px.settle()
+                # closing publishes only what was not flushed yet: every byte counted once
+                assert px.metric("hostmesh_tcp_sent_bytes_total") == sent
+                assert px.metric("hostmesh_tcp_connections_closed_total") == 1
+        finally:
+            be.close()
+    run(main())

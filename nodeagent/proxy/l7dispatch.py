@@ -31,8 +31,11 @@ unchanged (and a half-close seen during detection passed on).
 
 An L7 connection stays in the listener's connection set as its ``Relay`` (``relay.driver``
 set): ``relay.abort()`` aborts the driver, listener drain calls ``driver.drain()`` first,
-and ``on_done`` records the connection's TCP metrics (opened at hand-over, bytes and closed
-at the end: the driver's ``rx``/``tx``) and calls ``relay_done``.
+and ``on_done`` records the connection's TCP metrics (opened at hand-over, closed at the
+end) and calls ``relay_done``. Bytes (the driver's ``rx``/``tx``) are published every
+listener tick while the connection is open, as the L4 relay does, so a long-lived gRPC
+stream or WebSocket is not invisible until it closes; one timer per dispatch, not per
+connection.
 
 Upstream dials (``connect``, the pool's injected connector): through the mTLS tunnel when
 ``tunnel_plan`` says the L4 path would tunnel (a pooled tunnel connection, else a new
@@ -93,6 +96,8 @@ class L7Dispatch:
                                       partition=self.partition if tunnel is not None else None)
         self._snapshot: NodeSnapshot | None = None
         self._modes: dict[tuple[str, int], str] = {}
+        self._served: dict["Relay", Any] = {}  # relay -> its driver, until on_done
+        self._flusher: asyncio.TimerHandle | None = None
 
     # ------------------------------------------------------------------ when to detect
     def detector(self, snapshot: NodeSnapshot, decision, dst_ip: str, dst_port: int) -> Detector | None:
@@ -152,6 +157,10 @@ class L7Dispatch:
             if sock is not None:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         relay.driver = driver = serve(transport, data, ctx, self.inputs)
+        if not relay.torn_down:  # (a driver may finish at once: a bad first request)
+            self._served[relay] = driver
+            if self._flusher is None:
+                self._flusher = relay.loop.call_later(self.listener.tick_interval, self._flush_bytes)
         if eof and not driver.eof_received():
             transport.close()
 
@@ -160,13 +169,34 @@ class L7Dispatch:
         if relay.torn_down:
             return
         relay.torn_down = relay.closing = relay.d_lost = True
+        self._served.pop(relay, None)
         series = self.listener.metrics.tcp(relay.labels, NO_FLAGS)
-        if driver.rx:
-            series.received_bytes.inc(driver.rx)
-        if driver.tx:
-            series.sent_bytes.inc(driver.tx)
+        self._publish_bytes(relay, driver, series)
         series.closed.inc()
         self.listener.relay_done(relay)
+
+    @staticmethod
+    def _publish_bytes(relay: "Relay", driver, series) -> None:
+        """The client bytes the driver counted since the last flush (the L4 relay's fields)."""
+        rx, tx = driver.rx, driver.tx
+        if rx != relay._flushed_rx:
+            series.received_bytes.inc(rx - relay._flushed_rx)
+            relay._flushed_rx = rx
+        if tx != relay._flushed_tx:
+            series.sent_bytes.inc(tx - relay._flushed_tx)
+            relay._flushed_tx = tx
+
+    def _flush_bytes(self) -> None:
+        """Every tick while L7 connections are open: their TCP byte counters move as the L4
+        relay's do, not only when a long-lived connection (gRPC stream, WebSocket) closes."""
+        self._flusher = None
+        if not self._served:
+            return
+        metrics = self.listener.metrics
+        for relay, driver in list(self._served.items()):
+            self._publish_bytes(relay, driver, metrics.tcp(relay.labels, NO_FLAGS))
+        loop = next(iter(self._served)).loop
+        self._flusher = loop.call_later(self.listener.tick_interval, self._flush_bytes)
 
     def secure_labels(self, ctx: ConnContext, labels, endpoint: Endpoint):
         """A request's labels with the principals when its connection to ``endpoint`` is a
@@ -236,6 +266,9 @@ class L7Dispatch:
         return out
 
     def close(self) -> None:
+        if self._flusher is not None:
+            self._flusher.cancel()
+            self._flusher = None
         self.inputs.pool.close()
         self.inputs.h2pool.close()
 
