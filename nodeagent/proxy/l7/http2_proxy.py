@@ -526,6 +526,8 @@ class _Stream:
             else:
                 conn.owner = self
                 out = conn.codec.send_request(translate.h2_request_to_h1(head))
+                if head.end_stream:  # no body: the request is complete (b""), the connection reusable
+                    conn.codec.send_end()
         except LocalProtocolError as exc:  # a filter produced an invalid head
             log.warning("http2: cannot forward request: %s", exc)
             if self.kind == _K_H1:  # (open() took a reserved HTTP/2 slot even though it raised)
