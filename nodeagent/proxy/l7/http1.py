@@ -1005,7 +1005,7 @@ class ClientConnection(_Side):
     __slots__ = (
         "_req", "_req_mode", "_req_left", "_req_sent", "_head_request", "_resp_done",
         "_resp_head", "_informational", "_switching", "_switched", "_close_delimited",
-        "_keep_alive", "_reason", "_scan", "eof_received",
+        "_keep_alive", "_reason", "_scan", "eof_received", "_resp_seen",
     )
 
     def __init__(self, limits: Http1Limits = DEFAULT_LIMITS) -> None:
@@ -1024,6 +1024,7 @@ class ClientConnection(_Side):
         self._reason: list[bytes] = []
         self._scan: bytearray | None = None  # exact head scanning for HEAD responses
         self.eof_received = False
+        self._resp_seen = False  # a response message (1xx included) began for the current request
         super().__init__(limits, 502, "UPE")
 
     def _new_parser(self):
@@ -1043,6 +1044,12 @@ class ClientConnection(_Side):
     @property
     def upgraded(self) -> bool:
         return self._switched
+
+    @property
+    def response_untouched(self) -> bool:
+        """Not one byte of a response to the current request arrived (not even a 1xx): what a
+        stale keep-alive connection looks like when it dies under a request."""
+        return not self._resp_seen and not self._head_fed and not self._scan
 
     # ---------------------------------------------------------------- public: output
     def send_request(self, head: RequestHead) -> bytes:
@@ -1083,6 +1090,7 @@ class ClientConnection(_Side):
         self._head_request = head.method == b"HEAD"
         self._resp_done = False
         self._resp_head = None
+        self._resp_seen = False
         self._close_delimited = False
         self._scan = bytearray() if self._head_request else None
         return b"".join(out)
@@ -1207,6 +1215,7 @@ class ClientConnection(_Side):
         if self._req is None or self._resp_done:
             # bytes after the response: no event (the exchange is over), just never reuse
             self._raise(0, "unsolicited response")
+        self._resp_seen = True
         self._started = True  # _Side._on_message_begin, inlined
         self._fields = self._into = []
         self._nfields = 0

@@ -69,6 +69,23 @@ UPE upstream protocol error, NR no route, DPE the client broke HTTP (400/431/414
 then close). After the response started, an upstream failure resets the client (RST),
 so a truncated body is never mistaken for a complete one.
 
+Stale keep-alive connections: servers close idle connections on their own clock (Node.js
+after 5 s, nginx 75 s), so a pooled connection can die just as a request goes into it.
+When a connection that had served a request before closes or resets before one byte of
+the response (``pool.died_stale``: EOF, ECONNRESET, EPIPE), the request is sent once more,
+to the same endpoint, on a connection that was not idle (``acquire(fresh=True)``: a new
+dial, or one released after a completed exchange when ``max_connections`` are busy — its
+idle siblings are as old as the dead one) — only when the method is idempotent (RFC 9110
+9.2.2; RFC 9112 9.3.1 forbids replaying others), the request was read to its end and its
+body (``_Exchange.replay``, kept only for such a request on a pooled connection) is at
+most ``RETRY_BUFFER`` bytes, it is no upgrade, the client was sent nothing for it (no 1xx
+either) and no route timer fired (they keep running across the retry). Browsers, Go's
+``http.Transport``, nginx (``proxy_next_upstream error``) and HAProxy (``retry-on
+conn-failure``) do the same. The request is still one observation with its final outcome
+(a second failure: 503 UC; a failed dial: UF); the retry counts in
+``hostmesh_agent_upstream_retries_total{reason="stale_keepalive"}``. Mirrors are never
+retried.
+
 Performance (bench/l7.py, loopback, nginx backend, shared 2-vCPU VM, Python 3.11 +
 uvloop): ~27 us of Python per keep-alive request driven in-process (codec ~10, the rest
 here: routing, LB, pool, headers, metrics), ~43-56 us of process CPU with uvloop and the
@@ -129,7 +146,7 @@ from nodeagent.proxy.l7.http1 import (Data, EndOfMessage, LocalProtocolError, Pr
 from nodeagent.proxy.l7.http2_proxy import RETRY_BUFFER, _H2Mirror
 from nodeagent.proxy.l7.lb import LEAST_REQUEST
 from nodeagent.proxy.l7.metrics import NO_FLAGS, HttpMetrics
-from nodeagent.proxy.l7.pool import ConnectFailed, PoolOverflow, UpstreamConn
+from nodeagent.proxy.l7.pool import IDEMPOTENT, ConnectFailed, PoolOverflow, UpstreamConn, died_stale
 from nodeagent.proxy.l7.pool_h2 import H2Pool, H2Upstream, flush, speaks_h2
 from nodeagent.proxy.l7.routing import UNKNOWN_SERVICE, RequestInfo, RouteDecision
 from nodeagent.proxy.l7.shared import DriverLifecycle, labels_for, listen
@@ -679,7 +696,7 @@ class _Exchange:
 
     __slots__ = ("down", "head", "decision", "balancer", "endpoint", "conn", "fut", "pending", "started",
                  "req_bytes", "resp_bytes", "status", "flag", "timer", "btimer", "backend_timeout",
-                 "finished", "req_done", "mirrors", "labels", "up_head", "h2")
+                 "finished", "req_done", "mirrors", "labels", "up_head", "h2", "limits", "service", "replay")
 
     def __init__(self, down: Http1Proxy, head: RequestHead) -> None:
         self.down = down
@@ -704,6 +721,9 @@ class _Exchange:
         self.labels = down.ctx.labels
         self.up_head: RequestHead | None = None
         self.h2: _H2Leg | None = None  # the upstream side when it is an HTTP/2 stream
+        # the body kept for a stale-connection retry: None (none so far), its pieces (bytes;
+        # a list: the trailers), or False (no retry: too big, not idempotent, done once)
+        self.replay: list | bool | None = None
 
     # ---------------------------------------------------------------- setup
     def arm_timeouts(self, timeouts) -> None:
@@ -716,8 +736,10 @@ class _Exchange:
     def dispatch(self, ep, up_head: RequestHead, limits, service: str) -> None:
         self.endpoint = ep
         self.up_head = up_head
+        self.limits = limits
+        self.service = service
         down = self.down
-        try:
+        try:  # _acquire(None, False), inlined: this runs for every request
             r = down.inputs.pool.acquire(ep, limits, self, service, down.ctx)
         except PoolOverflow as exc:
             self.local("UO", None, str(exc))
@@ -727,6 +749,23 @@ class _Exchange:
             return
         self.fut = r
         self.pending = []
+        down._pause(_R_UPSTREAM)
+        r.add_done_callback(self._on_conn)
+
+    def _acquire(self, pending: list | None, fresh: bool) -> None:
+        """An upstream connection (``fresh``: not an idle one), then ``_attach``; ``pending``: the
+        request pieces to send after the head (a retry's replay)."""
+        down = self.down
+        try:
+            r = down.inputs.pool.acquire(self.endpoint, self.limits, self, self.service, down.ctx, fresh)
+        except PoolOverflow as exc:
+            self.local("UO", None, str(exc))
+            return
+        if type(r) is UpstreamConn:
+            self._attach(r)
+            return
+        self.fut = r
+        self.pending = [] if pending is None else pending
         down._pause(_R_UPSTREAM)
         r.add_done_callback(self._on_conn)
 
@@ -770,7 +809,7 @@ class _Exchange:
         self.conn = conn
         if self.balancer is not None:
             self.balancer.on_request_start(self.endpoint)
-        if self.backend_timeout:
+        if self.backend_timeout and self.btimer is None:  # a retry stays within the first attempt's
             self.btimer = self.down.loop.call_later(self.backend_timeout, self.on_timeout)
         codec = conn.codec
         try:
@@ -787,7 +826,7 @@ class _Exchange:
             _write(conn.transport, out)
         else:
             conn.transport.write(head)
-        if self.down.write_paused:
+        if self.down.write_paused and self.conn is conn:
             conn.pause_reading()
 
     def start_mirrors(self, backends, up_head: RequestHead) -> None:
@@ -830,10 +869,14 @@ class _Exchange:
         conn = self.conn
         if conn is not None:
             conn.transport.write(conn.codec.send_data(data))
+            if self.replay is not False:
+                self._keep(data)
         elif self.h2 is not None:
             self.h2.data(data)
         elif self.pending is not None:
             self.pending.append((True, data))
+            if self.replay is not False:
+                self._keep(data)
 
     def req_end(self, trailers) -> None:
         self.req_done = True
@@ -849,10 +892,26 @@ class _Exchange:
             out = conn.codec.send_end(trailers)
             if out:
                 conn.transport.write(out)
+            if trailers and self.replay is not False:
+                self._keep(trailers)
         elif self.h2 is not None:
             self.h2.end(trailers)
         elif self.pending is not None:
             self.pending.append((False, trailers))
+            if trailers and self.replay is not False:
+                self._keep(trailers)
+
+    def _keep(self, piece) -> None:
+        """Keep a body piece (bytes) or the trailers (a list) for a replay while one may come:
+        an idempotent method, at most ``RETRY_BUFFER`` bytes, a connection from the pool."""
+        conn = self.conn
+        if (self.req_bytes > RETRY_BUFFER or self.up_head.method not in IDEMPOTENT
+                or (conn is not None and conn.served < 2)):
+            self.replay = False  # and let go of what was kept
+        elif self.replay is None:
+            self.replay = [piece]
+        else:
+            self.replay.append(piece)
 
     # ---------------------------------------------------------------- upstream events
     def up_events(self, conn: UpstreamConn, events: list) -> None:
@@ -881,10 +940,35 @@ class _Exchange:
                 self._upgraded(conn)
                 return
             elif t is ProtocolError:
+                if ev.flag == "UC" and self._retry_stale(conn):  # EOF before the response
+                    return
                 down.send_all(out)
                 self.local(ev.flag, ev.status, ev.reason)
                 return
         down.send_all(out)
+
+    def _retry_stale(self, conn: UpstreamConn) -> bool:
+        """Once, on a new connection, when ``conn`` came from the pool and died before one byte
+        of the response (``pool.died_stale``), the method is idempotent (RFC 9112 9.3.1), the
+        request was read to its end and kept whole, it is no upgrade and the client was sent
+        nothing for it. The route and backend timers keep running: the retry fits in them."""
+        head = self.up_head
+        down = self.down
+        if (self.replay is False or self.finished or not self.req_done or not died_stale(conn)
+                or head.upgrade is not None or head.method not in IDEMPOTENT or down.lost
+                or down.codec.response_started):
+            return False
+        body, self.replay = self.replay, False
+        pending = [(True, p) for p in body if type(p) is bytes] if body else []
+        pending.append((False, body[-1] if body and type(body[-1]) is list else ()))
+        self.conn = None
+        if self.balancer is not None:
+            self.balancer.on_request_end(self.endpoint)  # _attach counts the new attempt
+        down.inputs.pool.discard(conn)
+        down.inputs.metrics.retry("stale_keepalive")
+        log.debug("http1: reused upstream connection closed before the response: retrying on a new one")
+        self._acquire(pending, True)
+        return True
 
     def _response_head(self, ev: ResponseHead) -> bytes:
         status = ev.status
@@ -922,6 +1006,8 @@ class _Exchange:
 
     def up_lost(self, conn: UpstreamConn, exc: Exception | None) -> None:
         if self.finished or conn is not self.conn:
+            return
+        if self._retry_stale(conn):
             return
         self.conn = None
         self.local("UC", 503, "upstream connection reset before the response" if exc is not None

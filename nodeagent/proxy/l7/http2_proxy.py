@@ -45,7 +45,12 @@ too (``grpc.non_grpc_reply``).
 Retries: a stream the upstream never processed (REFUSED_STREAM, above a GOAWAY's
 last-stream-id, or its connection died with it unprocessed) is retried once on another
 connection while no response byte was sent and the request body sent so far is at most
-``RETRY_BUFFER`` bytes (kept for the replay).
+``RETRY_BUFFER`` bytes (kept for the replay). Over HTTP/1.1 (``_Stream._retry_stale``):
+a reused connection that closed or reset before one byte of the response (a stale
+keep-alive connection, ``pool.died_stale``) gets the request once more on a connection
+that was not idle, as the HTTP/1.1 driver does — idempotent methods only, the request
+read to its end and kept, nothing answered; counted in
+``hostmesh_agent_upstream_retries_total{reason="stale_keepalive"}``.
 
 Timers: one periodic tick per connection checks the header timeout (no request within
 ``header_timeout`` of the connection start: a client that sends the preface and nothing
@@ -82,7 +87,7 @@ from nodeagent.proxy.l7.http2 import (CANCEL, DEFAULT_LIMITS, NO_ERROR, Connecti
                                       StreamReset, Writable)
 from nodeagent.proxy.l7.lb import LEAST_REQUEST
 from nodeagent.proxy.l7.metrics import NO_FLAGS
-from nodeagent.proxy.l7.pool import ConnectFailed, PoolOverflow, UpstreamConn
+from nodeagent.proxy.l7.pool import IDEMPOTENT, ConnectFailed, PoolOverflow, UpstreamConn, died_stale
 from nodeagent.proxy.l7.pool_h2 import H2Pool, H2Upstream, flush, speaks_h2
 from nodeagent.proxy.l7.routing import UNKNOWN_SERVICE, RequestInfo, RouteDecision
 from nodeagent.proxy.l7.shared import DriverLifecycle, labels_for, listen
@@ -447,8 +452,8 @@ class _Stream:
         self.limits = limits
         self.service = service
         self.kind = _K_H2 if h2 else _K_H1
-        if not h2:
-            self.retry_body = None  # HTTP/1.1 upstreams are not retried
+        if not h2 and up_head.method not in IDEMPOTENT:
+            self.retry_body = None  # RFC 9112 9.3.1: never replayed over HTTP/1.1
         if self.balancer is not None:
             self.balancer.on_request_start(ep)  # in flight from now until _finish
         if self.backend_timeout:
@@ -456,12 +461,14 @@ class _Stream:
         self._acquire(None)
 
     def _acquire(self, avoid) -> None:
+        """``avoid``: the HTTP/2 connection not to use; for HTTP/1.1, any (a retry): no idle one."""
         down = self.down
         try:
             if self.kind == _K_H2:
                 r = down.h2pool.acquire(self.endpoint, self.limits, self.service, down.ctx, avoid)
             else:
-                r = down.inputs.pool.acquire(self.endpoint, self.limits, self, self.service, down.ctx)
+                r = down.inputs.pool.acquire(self.endpoint, self.limits, self, self.service, down.ctx,
+                                             avoid is not None)
         except PoolOverflow as exc:
             self.local("UO", None, str(exc))
             return
@@ -526,6 +533,8 @@ class _Stream:
             else:
                 conn.owner = self
                 out = conn.codec.send_request(translate.h2_request_to_h1(head))
+                if head.end_stream:  # no body: the request is complete (b""), the connection reusable
+                    conn.codec.send_end()
         except LocalProtocolError as exc:  # a filter produced an invalid head
             log.warning("http2: cannot forward request: %s", exc)
             if self.kind == _K_H1:  # (open() took a reserved HTTP/2 slot even though it raised)
@@ -802,6 +811,8 @@ class _Stream:
                 self._resp_end(ev.trailers)
                 return
             elif t is http1.ProtocolError or t is http1.Upgrade:
+                if t is http1.ProtocolError and ev.flag == "UC" and self._retry_stale(conn):
+                    return
                 self.local(getattr(ev, "flag", "UPE"), getattr(ev, "status", 502), getattr(ev, "reason", None))
                 return
             if self.finished:
@@ -817,12 +828,32 @@ class _Stream:
     def up_lost(self, conn: UpstreamConn, exc) -> None:
         if self.finished or conn is not self.up:
             return
+        if self._retry_stale(conn):
+            return
         self.up = None
         if not self.resp_started:
             self.local("UC", 503, "upstream connection reset before the response" if exc is not None
                        else "upstream closed the connection before responding")
         else:
             self._reset_client()
+
+    def _retry_stale(self, conn: UpstreamConn) -> bool:
+        """Once, on a new HTTP/1.1 connection, when ``conn`` came from the pool and died before
+        one byte of the response (``pool.died_stale``), the method is idempotent (``retry_body``
+        is None otherwise), the request was read to its end within ``RETRY_BUFFER`` and nothing
+        was answered. The route and backend timers keep running: the retry fits in them."""
+        if (self.retried or self.retry_body is None or self.finished or self.resp_started or not self.req_done
+                or not died_stale(conn)):
+            return False
+        self.retried = True
+        self.up = None
+        self.up_paused = False
+        down = self.down
+        down.inputs.pool.discard(conn)
+        down.inputs.metrics.retry("stale_keepalive")
+        log.debug("http2: reused HTTP/1.1 upstream connection of stream %d closed first: retrying", self.sid)
+        self._acquire(conn)  # a new connection (pool: fresh), the body replayed by _attach
+        return True
 
     def up_pause_writing(self, conn) -> None:
         self.up_paused = True

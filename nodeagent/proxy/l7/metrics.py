@@ -16,6 +16,11 @@ request_protocol, response_code, response_flags, connection_security_policy``.
 * ``response_flags``: ``-`` or the Envoy flag (``UH``, ``UF``, ``UT``, ``UO``, ``UC``,
   ``UPE``, ``DPE``, ``NR``, ``DC``, ...).
 
+``hostmesh_agent_upstream_retries_total`` (counter, label ``reason``): requests the
+proxy sent upstream a second time; ``stale_keepalive``: a reused HTTP/1.1 connection
+closed or reset before any response byte (``retry()``). The request is still one
+observation of the families above, with its final outcome.
+
 Per request: one dict lookup for the series of the label combination, then plain
 additions (see ``HttpMetrics``); the Prometheus families are built at scrape time.
 """
@@ -89,7 +94,12 @@ class HttpMetrics:
     def __init__(self, registry: CollectorRegistry) -> None:
         self.registry = registry
         self._series: dict[tuple[HttpLabels, int, str], RequestSeries] = {}
+        self.retries: dict[str, int] = {}  # reason -> upstream retries
         registry.register(self)
+
+    def retry(self, reason: str) -> None:
+        """A request was sent upstream once more (``reason``: why)."""
+        self.retries[reason] = self.retries.get(reason, 0) + 1
 
     def series(self, labels: HttpLabels, code: int, flags: str = NO_FLAGS) -> RequestSeries:
         key = (labels, code, flags)
@@ -122,20 +132,24 @@ class HttpMetrics:
         return [CounterMetricFamily("hostmesh_requests", _HELP_REQUESTS, labels=HTTP_LABEL_NAMES),
                 HistogramMetricFamily("hostmesh_request_duration_seconds", _HELP_DURATION, labels=HTTP_LABEL_NAMES),
                 HistogramMetricFamily("hostmesh_request_bytes", _HELP_REQ_BYTES, labels=HTTP_LABEL_NAMES),
-                HistogramMetricFamily("hostmesh_response_bytes", _HELP_RESP_BYTES, labels=HTTP_LABEL_NAMES)]
+                HistogramMetricFamily("hostmesh_response_bytes", _HELP_RESP_BYTES, labels=HTTP_LABEL_NAMES),
+                CounterMetricFamily("hostmesh_agent_upstream_retries", _HELP_RETRIES, labels=("reason",))]
 
     def collect(self):
-        requests, duration, req_bytes, resp_bytes = self.describe()
+        requests, duration, req_bytes, resp_bytes, retries = self.describe()
         for s in list(self._series.values()):
             v = list(s.values)
             requests.add_metric(v, s.count)
             duration.add_metric(v, _cumulative(DURATION_BUCKETS, s.dur_buckets), s.dur_sum)
             req_bytes.add_metric(v, _cumulative(BYTE_BUCKETS, s.req_buckets), s.req_sum)
             resp_bytes.add_metric(v, _cumulative(BYTE_BUCKETS, s.resp_buckets), s.resp_sum)
-        return [requests, duration, req_bytes, resp_bytes]
+        for reason, n in list(self.retries.items()):
+            retries.add_metric([reason], n)
+        return [requests, duration, req_bytes, resp_bytes, retries]
 
 
 _HELP_REQUESTS = "HTTP requests proxied."
 _HELP_DURATION = "Time from the request head to the end of the response."
 _HELP_REQ_BYTES = "Request body bytes received from the client."
 _HELP_RESP_BYTES = "Response body bytes sent to the client."
+_HELP_RETRIES = "Requests sent upstream again, by reason (stale_keepalive: a reused connection died first)."

@@ -9,6 +9,11 @@
   a dial that completes for nobody parks its connection in the pool — or it
 * raises ``PoolOverflow`` (flag ``UO``) when the queue is full too.
 
+``acquire(..., fresh=True)`` skips the idle stack (a retry after a stale keep-alive
+connection died under a request: its idle siblings are as old and likely as dead): a new
+dial, or — when ``max_connections`` are busy — the next connection released after a
+completed exchange, which is known to be alive.
+
 Dial failures reach the future as ``ConnectFailed`` (flag ``UF``, with the reason:
 ``connect_timeout``, ``connect_refused``, ``connect_error``).
 
@@ -61,6 +66,9 @@ from nodeagent.state import Endpoint
 
 log = logging.getLogger(__name__)
 
+# RFC 9110 9.2.2; RFC 9112 9.3.1: a client MUST NOT automatically retry any other method
+IDEMPOTENT = frozenset((b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"))
+
 
 
 def sweep_interval(limits) -> float:
@@ -71,6 +79,14 @@ def sweep_interval(limits) -> float:
 def endpoint_name(key: tuple) -> str:
     """A pool key (address, port, partition...) as shown by ``stats()``."""
     return f"{key[0]}:{key[1]}" + "".join(f" {part}" for part in key[2:] if part)
+
+def died_stale(conn: "UpstreamConn") -> bool:
+    """``conn`` had served a request before this one (it came back from the pool) and closed
+    or reset before one byte of this response: the server timed the idle keep-alive
+    connection out as the request went in. The request may be sent again on a new
+    connection when it is safe to replay (the driver decides: method, body, client)."""
+    return conn.served > 1 and conn.codec.response_untouched
+
 
 class ConnectFailed(Exception):
     """The upstream could not be reached (flag UF)."""
@@ -265,7 +281,8 @@ class UpstreamPool:
 
     # ------------------------------------------------------------------ acquire
     def acquire(self, endpoint: Endpoint, limits: PoolLimits, owner: Any, service: str = "",
-                conn: Any = None) -> UpstreamConn | asyncio.Future:
+                conn: Any = None, fresh: bool = False) -> UpstreamConn | asyncio.Future:
+        """See the module doc; ``fresh``: never an idle connection (a retry after a stale one)."""
         key = (endpoint.address, endpoint.port)
         if self.partition is not None:
             key = key + (self.partition(endpoint, conn),)
@@ -277,7 +294,7 @@ class UpstreamPool:
         if self._loop is None:
             self._loop = asyncio.get_running_loop()
         idle = ep.idle
-        while idle:
+        while idle and not fresh:
             c = idle.pop()
             if c.closed or c.transport.is_closing():
                 continue
