@@ -125,12 +125,21 @@ def test_http1_requests_reach_the_upstream_over_http2_and_share_one_connection(a
 def test_two_http1_clients_are_multiplexed_on_one_upstream_connection():
     async def main():
         held = []
+        tasks = []
+
+        async def answer_once_the_body_is_in(c, h):
+            while c.received < 4:
+                await asyncio.sleep(0.005)
+            c.answer(h.stream_id, b"stream %d" % h.stream_id)
 
         def on_request(conn, head):  # answers only once both requests are open at the same time
             held.append((conn, head))
             if len(held) == 2:
                 for c, h in held:
-                    c.answer(h.stream_id, b"stream %d" % h.stream_id)
+                    if h.method == b"POST":  # (answered before its body, the proxy may rightly stop sending it)
+                        tasks.append(asyncio.get_running_loop().create_task(answer_once_the_body_is_in(c, h)))
+                    else:
+                        c.answer(h.stream_id, b"stream %d" % h.stream_id)
         s = await ScriptedServer(on_request).start()
         px = await Proxy(h2_snapshot(s.endpoint())).start()
         (r1,), (r2,) = await asyncio.gather(
@@ -360,10 +369,19 @@ def ConfigObject_(kind: str, name: str, spec: dict):
 
 def test_upstream_goaway_retries_unprocessed_requests_on_a_new_connection():
     async def main():
+        tasks = []
+
+        async def answer_once_the_body_is_in(conn, head):  # (before it, the proxy may rightly stop sending it)
+            while conn.received < len(b"payload"):
+                await asyncio.sleep(0.005)
+            conn.answer(head.stream_id, b"served by conn %d" % s.conns.index(conn))
+
         def on_request(conn, head):
             if head.path == b"/goaway" and len(s.conns) == 1:
                 conn.t.write(_goaway(0))  # never processed: the proxy may retry it
                 conn.t.close()
+            elif head.path == b"/goaway":
+                tasks.append(asyncio.get_running_loop().create_task(answer_once_the_body_is_in(conn, head)))
             elif head.path == b"/graceful":
                 conn.answer(head.stream_id, b"last on conn %d" % s.conns.index(conn))
                 conn.t.write(_goaway(head.stream_id))  # graceful: this one is answered, no new ones
