@@ -61,6 +61,7 @@ from nodeagent.proxy.l7.http1_proxy import serve_http1
 from nodeagent.proxy.l7.http2_proxy import serve_http2
 from nodeagent.proxy.l7.metrics import HttpMetrics
 from nodeagent.proxy.l7.pool import DialContext, dialed_socket, tcp_connector
+from nodeagent.proxy.relay import publish_bytes
 from nodeagent.proxy.tunnel_plan import TunnelPlan, tunnel_labels
 from nodeagent.state import Endpoint, NodeSnapshot
 from nodeagent.telemetry import NO_FLAGS, UNKNOWN, TcpLabels
@@ -171,20 +172,9 @@ class L7Dispatch:
         relay.torn_down = relay.closing = relay.d_lost = True
         self._served.pop(relay, None)
         series = self.listener.metrics.tcp(relay.labels, NO_FLAGS)
-        self._publish_bytes(relay, driver, series)
+        publish_bytes(relay, series, driver.rx, driver.tx)
         series.closed.inc()
         self.listener.relay_done(relay)
-
-    @staticmethod
-    def _publish_bytes(relay: "Relay", driver, series) -> None:
-        """The client bytes the driver counted since the last flush (the L4 relay's fields)."""
-        rx, tx = driver.rx, driver.tx
-        if rx != relay._flushed_rx:
-            series.received_bytes.inc(rx - relay._flushed_rx)
-            relay._flushed_rx = rx
-        if tx != relay._flushed_tx:
-            series.sent_bytes.inc(tx - relay._flushed_tx)
-            relay._flushed_tx = tx
 
     def _flush_bytes(self) -> None:
         """Every tick while L7 connections are open: their TCP byte counters move as the L4
@@ -194,7 +184,7 @@ class L7Dispatch:
             return
         metrics = self.listener.metrics
         for relay, driver in list(self._served.items()):
-            self._publish_bytes(relay, driver, metrics.tcp(relay.labels, NO_FLAGS))
+            publish_bytes(relay, metrics.tcp(relay.labels, NO_FLAGS), driver.rx, driver.tx)
         loop = next(iter(self._served)).loop
         self._flusher = loop.call_later(self.listener.tick_interval, self._flush_bytes)
 

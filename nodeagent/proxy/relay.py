@@ -129,6 +129,17 @@ def _dial(loop: asyncio.AbstractEventLoop, sock: socket.socket, address: tuple[s
     return fut
 
 
+def publish_bytes(relay: "Relay", series, rx: int, tx: int) -> None:
+    """Add to the connection's byte counters what ``rx``/``tx`` (totals so far) grew by since
+    the relay's last flush (periodic while open, then at close: every byte counted once)."""
+    if rx != relay._flushed_rx:
+        series.received_bytes.inc(rx - relay._flushed_rx)
+        relay._flushed_rx = rx
+    if tx != relay._flushed_tx:
+        series.sent_bytes.inc(tx - relay._flushed_tx)
+        relay._flushed_tx = tx
+
+
 def _connect_error(err: int) -> OSError:
     if err == errno.ECONNREFUSED:
         return ConnectionRefusedError(err, os.strerror(err))
@@ -510,14 +521,7 @@ class Relay(asyncio.Protocol):
         self.owner.relay_done(self)
 
     def _publish_bytes(self, series) -> None:
-        rx = self.nbytes
-        tx = self.up.nbytes if self.up is not None else 0
-        if rx != self._flushed_rx:
-            series.received_bytes.inc(rx - self._flushed_rx)
-            self._flushed_rx = rx
-        if tx != self._flushed_tx:
-            series.sent_bytes.inc(tx - self._flushed_tx)
-            self._flushed_tx = tx
+        publish_bytes(self, series, self.nbytes, self.up.nbytes if self.up is not None else 0)
 
     def _tick(self) -> None:
         """Idle check + periodic byte flush; runs every ``owner.tick_interval`` seconds."""
