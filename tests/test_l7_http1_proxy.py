@@ -658,9 +658,10 @@ PROXY_SCRIPT = textwrap.dedent("""
     from nodeagent.proxy.l7.metrics import HttpMetrics
     from nodeagent.state import Endpoint, NodeSnapshot, Service, ServicePort
 
-    async def main():
-        port = int(sys.argv[1])
-        svc = Service("web", "shop", "198.19.0.10", (ServicePort(80, port),), (Endpoint("127.0.0.1", port),))
+    async def main():  # argv: the upstream's port [, the Service port's appProtocol]
+        port, app_protocol = int(sys.argv[1]), (sys.argv[2:] or [""])[0]
+        svc = Service("web", "shop", "198.19.0.10", (ServicePort(80, port, app_protocol=app_protocol),),
+                      (Endpoint("127.0.0.1", port),))
         snap = NodeSnapshot("node-1", (svc,))
         inputs = L7Inputs.create("node-1", HttpMetrics(CollectorRegistry()))
         srv = await listen_http1(inputs, lambda: snap, "127.0.0.1", 0, dst=("198.19.0.10", 80))

@@ -20,7 +20,6 @@ import os
 import random
 import subprocess
 import sys
-import textwrap
 
 import pytest
 from prometheus_client import CollectorRegistry
@@ -30,7 +29,7 @@ from nodeagent.proxy.l7.context import L7Inputs, L7Limits
 from nodeagent.proxy.l7.http1_proxy import listen_http1
 from nodeagent.proxy.l7.metrics import HttpMetrics
 from nodeagent.state import Endpoint, NodeSnapshot
-from tests.test_l7_http1_proxy import WS_GUID, Upstream, WsEcho, _rss_kib, parent, raw, route
+from tests.test_l7_http1_proxy import PROXY_SCRIPT, WS_GUID, Upstream, WsEcho, _rss_kib, parent, raw, route
 from tests.test_l7_http2_proxy import (AppProcess, ScriptedH2, ScriptedServer, _goaway, _terminate, eventually,
                                        needs, run, service, sh)
 
@@ -494,32 +493,13 @@ def test_flow_control_pauses_the_client_both_ways_while_the_other_side_does_not_
     run(main())
 
 
-PROXY_SCRIPT = textwrap.dedent("""
-    import asyncio, sys, uvloop
-    from prometheus_client import CollectorRegistry
-    from nodeagent.proxy.l7.context import L7Inputs
-    from nodeagent.proxy.l7.http1_proxy import listen_http1
-    from nodeagent.proxy.l7.metrics import HttpMetrics
-    from nodeagent.state import Endpoint, NodeSnapshot, Service, ServicePort
-
-    async def main():
-        port = int(sys.argv[1])
-        ep = Endpoint("127.0.0.1", port, "node-1", "big", "shop")
-        svc = Service("web", "shop", "198.19.0.10", (ServicePort(80, port, app_protocol="http2"),), (ep,))
-        inputs = L7Inputs.create("node-1", HttpMetrics(CollectorRegistry()))
-        srv = await listen_http1(inputs, lambda: NodeSnapshot("node-1", (svc,)), "127.0.0.1", 0,
-                                 dst=("198.19.0.10", 80))
-        print(srv.sockets[0].getsockname()[1], flush=True)
-        await asyncio.Event().wait()
-    uvloop.run(main())
-""")
 
 
 @needs("curl")
 def test_10_mib_echo_and_64_mib_each_way_stream_over_http2_with_bounded_memory(tmp_path):
     env = dict(os.environ, PYTHONPATH=os.getcwd() + os.pathsep + os.environ.get("PYTHONPATH", ""))
     app = AppProcess("big")
-    proxy = subprocess.Popen([sys.executable, "-c", PROXY_SCRIPT, str(app.http_port)], stdout=subprocess.PIPE,
+    proxy = subprocess.Popen([sys.executable, "-c", PROXY_SCRIPT, str(app.http_port), "http2"], stdout=subprocess.PIPE,
                              text=True, env=env)
     try:
         base = f"http://{LO}:{int(proxy.stdout.readline())}"
