@@ -738,19 +738,7 @@ class _Exchange:
         self.up_head = up_head
         self.limits = limits
         self.service = service
-        down = self.down
-        try:  # _acquire(None, False), inlined: this runs for every request
-            r = down.inputs.pool.acquire(ep, limits, self, service, down.ctx)
-        except PoolOverflow as exc:
-            self.local("UO", None, str(exc))
-            return
-        if type(r) is UpstreamConn:
-            self._attach(r)
-            return
-        self.fut = r
-        self.pending = []
-        down._pause(_R_UPSTREAM)
-        r.add_done_callback(self._on_conn)
+        self._acquire(None, False)
 
     def _acquire(self, pending: list | None, fresh: bool) -> None:
         """An upstream connection (``fresh``: not an idle one), then ``_attach``; ``pending``: the
