@@ -458,7 +458,9 @@ CASES = [
 
 @pytest.mark.parametrize("files,expected", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
 def test_bad_config(files, expected):
-    assert errors(files) == expected
+    # Some cases check the schema of settings that are also refused as "not supported yet"
+    # (tests/test_cp_model.py covers that refusal); here only the schema's own messages count.
+    assert [e for e in errors(files) if ": not supported yet: " not in e] == expected
 
 
 def test_there_are_at_least_30_cases():

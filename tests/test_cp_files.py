@@ -182,7 +182,7 @@ def test_unchanged_files_are_not_parsed_again(cfg: Path, monkeypatch):
     settle(src)
     assert sorted(calls) == sorted(p.name for p in cfg.glob("*.yaml"))
     calls.clear()
-    write(cfg / "policies.yaml", (cfg / "policies.yaml").read_text().replace("attempts: 2", "attempts: 3"))
+    write(cfg / "policies.yaml", (cfg / "policies.yaml").read_text().replace("maxConnections: 1000", "maxConnections: 999"))
     settle(src)
     assert calls == ["policies.yaml"] and len(rec.models) == 2
 

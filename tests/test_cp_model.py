@@ -180,26 +180,7 @@ metadata: {name: echo, namespace: shop}
 spec:
   targetRef: {group: "", kind: Service, name: echo}
   loadBalancer: {type: RING_HASH, ringHash: {sourceIP: true}}
-  rateLimit: {requestsPerUnit: 100, unit: second, burst: 20}
   timeout: 1h30m
----
-apiVersion: hostmesh.io/v1alpha1
-kind: FaultInjection
-metadata: {name: echo, namespace: shop}
-spec:
-  targetRef: {kind: Service, name: echo}
-  delay: {percentage: 0.5, fixedDelay: 250ms}
-  abort: {percentage: 1, grpcStatus: 14}
----
-apiVersion: hostmesh.io/v1alpha1
-kind: AuthorizationPolicy
-metadata: {name: echo, namespace: shop}
-spec:
-  selector: {matchLabels: {app: echo}}
-  action: DENY
-  rules:
-  - from: [{source: {notNamespaces: [shop], ipBlocks: [10.0.0.0/8, 192.168.1.1]}}]
-    to: [{operation: {methods: [POST], paths: [/admin/*], ports: [9090]}}]
 ---
 apiVersion: hostmesh.io/v1alpha1
 kind: PeerAuthentication
@@ -210,32 +191,60 @@ spec:
   portLevelMtls: {9090: {mode: PERMISSIVE}}
 ---
 apiVersion: hostmesh.io/v1alpha1
-kind: RequestAuthentication
-metadata: {name: echo, namespace: shop}
-spec:
-  jwtRules:
-  - issuer: https://auth.example.com
-    jwks: '{"keys": [{"kty": "oct", "k": "c2VjcmV0"}]}'
-    audiences: [echo]
-    fromHeaders: [{name: authorization, prefix: "Bearer "}]
----
-apiVersion: hostmesh.io/v1alpha1
 kind: MeshConfig
 metadata: {name: default}
 spec:
   trustDomain: example.org
   serviceCIDR: 198.19.0.0/16
   certificateTTL: 1h
-  outboundTrafficPolicy: {mode: REGISTRY_ONLY}
+  outboundTrafficPolicy: {mode: ALLOW_ANY}
 """}
     model = load_ok(files)
-    assert len(model) == 10
+    assert len(model) == 7
     assert model.get("PeerAuthentication", "shop", "echo").spec["portLevelMtls"] == {"9090": {"mode": "PERMISSIVE"}}
     redirect = model.get("HTTPRoute", "shop", "rewrite").spec["rules"][1]["filters"][0]["requestRedirect"]
     assert redirect == {"scheme": "https", "statusCode": 301, "port": 443}
     assert model.settings.trust_domain == "example.org" and model.settings.certificate_ttl_seconds == 3600
-    assert model.get("AuthorizationPolicy", "shop", "echo").spec["rules"][0]["from"][0]["source"]["ipBlocks"] == [
-        "10.0.0.0/8", "192.168.1.1"]
+
+
+# ---------------------------------------------------------------- accepted means enforced
+
+_NOT_YET = [
+    ("TrafficPolicy", "spec:\n  targetRef: {kind: Service, name: echo}\n  rateLimit: {requestsPerUnit: 100, unit: second}\n",
+     "spec.rateLimit", "the agents do not rate-limit yet"),
+    ("TrafficPolicy", "spec:\n  targetRef: {kind: Service, name: echo}\n  retries: {attempts: 2, retryOn: [5xx]}\n",
+     "spec.retries", "the agents do not retry requests yet"),
+    ("TrafficPolicy", "spec:\n  targetRef: {kind: Service, name: echo}\n  outlierDetection: {consecutive5xxErrors: 5}\n",
+     "spec.outlierDetection", "the agents do not eject endpoints yet"),
+    ("FaultInjection", "spec:\n  targetRef: {kind: Service, name: echo}\n  abort: {percentage: 1, httpStatus: 503}\n",
+     "kind", "the agents do not inject faults yet"),
+    ("AuthorizationPolicy", "spec:\n  action: DENY\n  rules: [{from: [{source: {namespaces: [shop]}}]}]\n",
+     "kind", "the agents do not enforce AuthorizationPolicy yet"),
+    ("MeshConfig", "spec:\n  outboundTrafficPolicy: {mode: REGISTRY_ONLY}\n",
+     "spec.outboundTrafficPolicy.mode", "the agents capture only the mesh's own CIDRs"),
+    ("RequestAuthentication", "spec:\n  jwtRules: [{issuer: https://auth.example.com, "
+                              "jwksUri: https://auth.example.com/keys}]\n",
+     "kind", "the agents do not validate JWTs yet"),
+]
+
+
+@pytest.mark.parametrize("kind, spec, path, why", _NOT_YET, ids=[f"{k}-{p}" for k, _, p, _ in _NOT_YET])
+def test_settings_no_agent_enforces_are_refused_not_ignored(kind, spec, path, why):
+    name = "default" if kind == "MeshConfig" else "p"   # MeshConfig is a singleton named default
+    doc = f"apiVersion: hostmesh.io/v1alpha1\nkind: {kind}\nmetadata: {{name: {name}, namespace: shop}}\n{spec}"
+    result = load_texts({"p.yaml": svc("echo", ns="shop") + "---\n" + doc})
+    assert result.model is None
+    messages = [str(e) for e in result.errors]
+    assert len(messages) == 1, messages
+    assert f"{kind} shop/{name}: {path}: not supported yet: {why}" in messages[0]
+
+
+def test_refused_settings_still_report_their_other_mistakes():
+    doc = ("apiVersion: hostmesh.io/v1alpha1\nkind: TrafficPolicy\nmetadata: {name: p}\nspec:\n"
+           "  targetRef: {kind: Service, name: echo}\n  retries: {attempts: -1}\n")
+    messages = [str(e) for e in load_texts({"p.yaml": svc("echo") + "---\n" + doc}).errors]
+    assert any("spec.retries.attempts" in m for m in messages), messages
+    assert any("spec.retries: not supported yet" in m for m in messages), messages
 
 
 # ---------------------------------------------------------------- clusterIP allocation
@@ -331,3 +340,19 @@ def test_crlf_files_split_and_report_lines():
     result = load_texts({"w.yaml": text})
     assert [str(e) for e in result.errors] == [
         "w.yaml:13: Service default/b: spec.ports[0].port: 0 is not a valid port (1-65535)"]
+
+
+@pytest.mark.parametrize("protocols, refused", [
+    (["tcp"], True), (["tls", "https"], True), (["tcp", "http"], False), ([None], False), (["grpc"], False)])
+def test_traffic_policy_on_a_service_with_no_http_port_is_refused(protocols, refused):
+    ports = ", ".join(f"{{name: p{i}, port: {8000 + i}" + (f", appProtocol: {ap}}}" if ap else "}")
+                      for i, ap in enumerate(protocols))
+    policy = ("apiVersion: hostmesh.io/v1alpha1\nkind: TrafficPolicy\nmetadata: {name: p}\nspec:\n"
+              "  targetRef: {kind: Service, name: db}\n  loadBalancer: {type: RANDOM}\n")
+    result = load_texts({"p.yaml": svc("db", ports=f"[{ports}]") + "---\n" + policy})
+    messages = [str(e) for e in result.errors]
+    if not refused:
+        assert messages == []
+        return
+    assert len(messages) == 1 and "spec.targetRef: not supported yet: a TrafficPolicy acts on HTTP traffic" \
+        in messages[0], messages

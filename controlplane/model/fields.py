@@ -264,6 +264,28 @@ class Const(Field):
         return value
 
 
+NOT_SUPPORTED_YET = "not supported yet"
+
+
+def not_supported_yet_message(why: str) -> str:
+    """The one wording for config the agents would accept but not act on (see NotSupportedYet)."""
+    return f"{NOT_SUPPORTED_YET}: {why}"
+
+
+class NotSupportedYet(Field):
+    """A field the model knows but no agent enforces: its value is still checked (so the
+    operator sees every mistake at once), then refused. A setting that is accepted and
+    silently ignored is worse than a refusal, above all for security and resilience."""
+
+    def __init__(self, inner: Field, why: str) -> None:
+        self.inner, self.why = inner, why
+
+    def check(self, value, path, problems):
+        self.inner.check(value, path, problems)
+        problems.add(path, not_supported_yet_message(self.why))
+        return INVALID
+
+
 def port_field() -> Int:
     return Int(1, 65535, what="a valid port (1-65535)")
 

@@ -38,6 +38,7 @@ from controlplane.model.fields import (
     IPv4,
     List,
     Map,
+    NotSupportedYet,
     Number,
     Obj,
     Problems,
@@ -53,6 +54,7 @@ from controlplane.model.fields import (
     label_value,
     labels_map,
     name_problem,
+    not_supported_yet_message,
     optional,
     port_field,
     port_name,
@@ -110,6 +112,8 @@ def target_ref() -> Obj:
 # ---------------------------------------------------------------- v1 Service
 
 APP_PROTOCOLS = ("tcp", "http", "http2", "grpc", "tls", "https", "kubernetes.io/h2c")
+# the ones the agents parse as HTTP (the others are relayed as TCP; see nodeagent/proxy/l7/detect.py)
+L7_APP_PROTOCOLS = frozenset({"http", "http2", "grpc", "kubernetes.io/h2c"})
 
 
 def _service_port_defaults(out, raw, path, problems):
@@ -255,14 +259,17 @@ RATE_LIMIT = Obj({
 
 _POLICY_SECTIONS = ("loadBalancer", "connectionPool", "outlierDetection", "timeout", "retries", "rateLimit")
 
+# Sections the agents do not enforce yet are refused (their values are still checked), so
+# that a written setting always means an enforced one.
 TRAFFIC_POLICY_SPEC = Obj({
     "targetRef": required(target_ref()),
     "loadBalancer": LOAD_BALANCER,
     "connectionPool": CONNECTION_POOL,
-    "outlierDetection": OUTLIER_DETECTION,
+    "outlierDetection": NotSupportedYet(OUTLIER_DETECTION, "the agents do not eject endpoints yet"),
     "timeout": Duration(),
-    "retries": RETRIES,
-    "rateLimit": RATE_LIMIT,
+    "retries": NotSupportedYet(RETRIES, "the agents do not retry requests yet "
+                                        "(only a request on a stale keep-alive connection is retried)"),
+    "rateLimit": NotSupportedYet(RATE_LIMIT, "the agents do not rate-limit yet"),
 }, checks=[at_least_one(*_POLICY_SECTIONS)])
 
 
@@ -387,13 +394,21 @@ REQUEST_AUTHN_SPEC = Obj({
 
 # ---------------------------------------------------------------- MeshConfig
 
+def _registry_only_not_yet(out, raw, path, problems):
+    if out.get("mode") == "REGISTRY_ONLY":
+        problems.add(path + ("mode",), not_supported_yet_message(
+            "the agents capture only the mesh's own CIDRs (capture.meshCIDRs), so traffic to other "
+            "addresses never reaches a proxy that could refuse it"))
+
+
 MESH_CONFIG_SPEC = Obj({
     "trustDomain": optional(Str(max_len=255, rule=DNS1123_SUBDOMAIN,
                                 rule_text="a valid trust domain (lowercase DNS name like cluster.local)"),
                             default=DEFAULT_TRUST_DOMAIN),
     "serviceCIDR": optional(CIDR(max_prefix=28), default=DEFAULT_SERVICE_CIDR),
     "certificateTTL": optional(Duration(minimum=60), default=DEFAULT_CERTIFICATE_TTL),
-    "outboundTrafficPolicy": optional(Obj({"mode": required(Enum("ALLOW_ANY", "REGISTRY_ONLY"))}),
+    "outboundTrafficPolicy": optional(Obj({"mode": required(Enum("ALLOW_ANY", "REGISTRY_ONLY"))},
+                                          checks=[_registry_only_not_yet]),
                                       default={"mode": "ALLOW_ANY"}),
 })
 
@@ -408,6 +423,7 @@ class KindSpec:
     name_rule: Callable[[str], str | None] = lambda v: name_problem(v, DNS1123_SUBDOMAIN, 253, SUBDOMAIN_TEXT)
     spec_required: bool = True
     carried: bool = True   # carried to agents as a ConfigObject (Service/Workload travel as their own types)
+    not_supported_yet: str = ""   # why objects of this kind are refused: modeled, but no agent enforces it
 
 
 def _service_name(v: str) -> str | None:
@@ -424,10 +440,14 @@ KINDS: dict[str, KindSpec] = {k.kind: k for k in (
     KindSpec(GATEWAY_API, "HTTPRoute", routes.HTTP_ROUTE_SPEC),
     KindSpec(GATEWAY_API, "GRPCRoute", routes.GRPC_ROUTE_SPEC),
     KindSpec(HOSTMESH_API, "TrafficPolicy", TRAFFIC_POLICY_SPEC),
-    KindSpec(HOSTMESH_API, "FaultInjection", FAULT_SPEC),
-    KindSpec(HOSTMESH_API, "AuthorizationPolicy", AUTHZ_SPEC),
+    KindSpec(HOSTMESH_API, "FaultInjection", FAULT_SPEC,
+             not_supported_yet="the agents do not inject faults yet"),
+    KindSpec(HOSTMESH_API, "AuthorizationPolicy", AUTHZ_SPEC,
+             not_supported_yet="the agents do not enforce AuthorizationPolicy yet, "
+                               "so this policy would allow and deny nothing"),
     KindSpec(HOSTMESH_API, "PeerAuthentication", PEER_AUTHN_SPEC),
-    KindSpec(HOSTMESH_API, "RequestAuthentication", REQUEST_AUTHN_SPEC),
+    KindSpec(HOSTMESH_API, "RequestAuthentication", REQUEST_AUTHN_SPEC,
+             not_supported_yet="the agents do not validate JWTs yet, so no token would be checked"),
     # a namespaced singleton (one in the whole mesh, in any namespace; like Istio's root-namespace
     # config): agents' ConfigObjects always carry a namespace
     KindSpec(HOSTMESH_API, "MeshConfig", MESH_CONFIG_SPEC, name_rule=_mesh_config_name, spec_required=False),

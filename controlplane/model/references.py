@@ -18,7 +18,8 @@ from collections.abc import Iterable
 from dataclasses import replace
 from typing import Any
 
-from controlplane.model.fields import show, suggest
+from controlplane.model.fields import not_supported_yet_message, show, suggest
+from controlplane.model.kinds import L7_APP_PROTOCOLS
 from controlplane.model.objects import (
     ConfigIssue,
     MeshObject,
@@ -265,6 +266,8 @@ class _Refs:
             svc = self.service(it, path, it.obj.namespace, ref["name"])
             if svc is None:
                 continue
+            if it.obj.kind == "TrafficPolicy":
+                self._check_policy_reaches_http(it, svc, path)
             key = (svc.namespace, svc.name)
             if key in targeted:
                 prev = targeted[key]
@@ -273,6 +276,17 @@ class _Refs:
                                             f"one {it.obj.kind} per Service")
             else:
                 targeted[key] = it
+
+    def _check_policy_reaches_http(self, it: Checked, svc: MeshObject, path: tuple) -> None:
+        """A TrafficPolicy acts in the L7 drivers only: on a Service whose every port is
+        declared non-HTTP it would be accepted and never applied."""
+        protocols = [p.get("appProtocol") for p in svc.spec_view["ports"]]
+        if any(ap is None or ap in L7_APP_PROTOCOLS for ap in protocols):
+            return
+        self.report.error(it, path, not_supported_yet_message(
+            f"a TrafficPolicy acts on HTTP traffic, and every port of Service {svc.namespace}/{svc.name} "
+            f"is relayed as TCP (appProtocol {', '.join(sorted(set(protocols)))}); TCP traffic is balanced "
+            f"round robin with the agent's connect timeout"))
 
 
 def _check_peer_authentications(items: list[Checked], report: _Report) -> None:

@@ -16,6 +16,7 @@ from controlplane.model import kinds
 from controlplane.model.fields import (
     INVALID,
     Obj,
+    not_supported_yet_message,
     Problems,
     Str,
     describe,
@@ -181,6 +182,8 @@ def _check_object(ks: kinds.KindSpec, data: dict, problems: Problems, doc: Docum
             name = None
     namespace = meta.get("namespace", "default")
     problems.namespace = namespace
+    if ks.not_supported_yet:
+        problems.add(("kind",), not_supported_yet_message(ks.not_supported_yet))
 
     if "spec" in data:
         spec = ks.spec.check(data["spec"], ("spec",), problems)
