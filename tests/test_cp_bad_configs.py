@@ -450,8 +450,37 @@ CASES = [
          "together with backendRefs"),
     ]),
     ("enum-case", {"authz.yaml": policy("AuthorizationPolicy", "action: deny\n")}, [
-        ('authz.yaml:6: AuthorizationPolicy default/p: spec.action: "deny" is not one of ALLOW, DENY '
+        ('authz.yaml:6: AuthorizationPolicy default/p: spec.action: "deny" is not one of ALLOW, DENY, AUDIT '
          '(did you mean "DENY"?)'),
+    ]),
+    ("authz-custom-action", {"authz.yaml": policy("AuthorizationPolicy", "action: CUSTOM\n")}, [
+        ('authz.yaml:6: AuthorizationPolicy default/p: spec.action: "CUSTOM" is not supported: hostmesh has no '
+         'external authorizers'),
+    ]),
+    ("authz-bad-conditions", {"authz.yaml": policy("AuthorizationPolicy", """\
+        rules:
+        - when:
+          - {key: source.ip, values: ["10.0.0.300"]}
+          - {key: destination.port, values: ["http"]}
+          - {key: request.time, values: ["x"]}
+          - {key: source.principal}
+        """)}, [
+        'authz.yaml:8: AuthorizationPolicy default/p: spec.rules[0].when[0].values[0]: "10.0.0.300" is not an '
+        'IPv4 address or CIDR',
+        'authz.yaml:9: AuthorizationPolicy default/p: spec.rules[0].when[1].values[0]: "http" is not a port number',
+        'authz.yaml:10: AuthorizationPolicy default/p: spec.rules[0].when[2].key: "request.time" is not a condition '
+        'key (known: source.ip, remote.ip, source.namespace, source.principal, destination.ip, destination.port, '
+        'request.headers[NAME], request.auth.*)',
+        'authz.yaml:11: AuthorizationPolicy default/p: spec.rules[0].when[3]: at least one of values, notValues '
+        'is required',
+    ]),
+    ("authz-empty-and-wildcard-principals", {"authz.yaml": policy("AuthorizationPolicy", """\
+        rules:
+        - from: [{source: {principals: ["", "cluster.local/*/sa/web"]}}]
+        """)}, [
+        'authz.yaml:7: AuthorizationPolicy default/p: spec.rules[0].from[0].source.principals[0]: must not be empty',
+        'authz.yaml:7: AuthorizationPolicy default/p: spec.rules[0].from[0].source.principals[1]: '
+        '"cluster.local/*/sa/web": \'*\' may only be the whole value, a prefix (x*) or a suffix (*x)',
     ]),
 ]
 

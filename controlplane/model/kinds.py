@@ -284,6 +284,10 @@ FAULT_SPEC = Obj({
 
 
 # ---------------------------------------------------------------- AuthorizationPolicy
+# Istio's shape and semantics. The agents enforce the connection (L4) attributes at the
+# destination node, on the identity the mTLS tunnel proved (nodeagent/proxy/authz.py); the
+# request (L7) attributes are refused as not supported yet until a proxy that parses the
+# request enforces them.
 
 _STRINGS = List(Str(max_len=1024), min_items=1)
 _METHOD = token("an HTTP method (like GET)")
@@ -295,31 +299,99 @@ def _path_pattern_problem(v: str) -> str | None:
     return None
 
 
+def _wildcard_problem(v: str) -> str | None:
+    if v != "*" and "*" in v[1:-1]:
+        return f"{show(v)}: '*' may only be the whole value, a prefix (x*) or a suffix (*x)"
+    return None
+
+
+_MATCHES = List(Str(max_len=1024, check_fn=_wildcard_problem), min_items=1)
 _PATHS = List(Str(max_len=1024, check_fn=_path_pattern_problem), min_items=1)
 _IP_BLOCKS = List(CIDR(address_ok=True), min_items=1)
 _PORTS = List(port_field(), min_items=1)
 
+_L7_NOT_YET = ("the agents enforce AuthorizationPolicy on connections at the destination node; "
+               "request attributes ({what}) are not enforced yet")
+
+
+def _l7_not_yet(field: Field, what: str) -> NotSupportedYet:
+    return NotSupportedYet(field, _L7_NOT_YET.format(what=what))
+
+
 SOURCE = Obj({
-    "principals": _STRINGS, "notPrincipals": _STRINGS,
-    "namespaces": _STRINGS, "notNamespaces": _STRINGS,
+    "principals": _MATCHES, "notPrincipals": _MATCHES,
+    "requestPrincipals": _l7_not_yet(_MATCHES, "JWT request principals"),
+    "notRequestPrincipals": _l7_not_yet(_MATCHES, "JWT request principals"),
+    "namespaces": _MATCHES, "notNamespaces": _MATCHES,
     "ipBlocks": _IP_BLOCKS, "notIpBlocks": _IP_BLOCKS,
-}, checks=[at_least_one("principals", "notPrincipals", "namespaces", "notNamespaces", "ipBlocks", "notIpBlocks")])
+    "remoteIpBlocks": _IP_BLOCKS, "notRemoteIpBlocks": _IP_BLOCKS,
+}, checks=[at_least_one("principals", "notPrincipals", "requestPrincipals", "notRequestPrincipals", "namespaces",
+                        "notNamespaces", "ipBlocks", "notIpBlocks", "remoteIpBlocks", "notRemoteIpBlocks")])
 
 OPERATION = Obj({
-    "methods": List(_METHOD, min_items=1), "notMethods": List(_METHOD, min_items=1),
-    "paths": _PATHS, "notPaths": _PATHS,
+    "hosts": _l7_not_yet(_MATCHES, "hosts"), "notHosts": _l7_not_yet(_MATCHES, "hosts"),
+    "methods": _l7_not_yet(List(_METHOD, min_items=1), "methods"),
+    "notMethods": _l7_not_yet(List(_METHOD, min_items=1), "methods"),
+    "paths": _l7_not_yet(_PATHS, "paths"), "notPaths": _l7_not_yet(_PATHS, "paths"),
     "ports": _PORTS, "notPorts": _PORTS,
-}, checks=[at_least_one("methods", "notMethods", "paths", "notPaths", "ports", "notPorts")])
+}, checks=[at_least_one("hosts", "notHosts", "methods", "notMethods", "paths", "notPaths", "ports", "notPorts")])
+
+# `when` keys (Istio's "Authorization Policy Conditions"): the connection ones are enforced
+CONDITION_KEYS_L4 = ("source.ip", "remote.ip", "source.namespace", "source.principal",
+                     "destination.ip", "destination.port")
+CONDITION_KEYS_L7 = ("request.headers[", "request.auth.principal", "request.auth.audiences",
+                     "request.auth.presenter", "request.auth.claims[")
+
+
+def _condition_checks(out, raw, path, problems):
+    key = out.get("key")
+    if key is None:
+        return
+    if key in CONDITION_KEYS_L7 or (key.startswith(CONDITION_KEYS_L7) and key.endswith("]")):
+        problems.add(path + ("key",), not_supported_yet_message(_L7_NOT_YET.format(what=key)))
+        return
+    if key not in CONDITION_KEYS_L4:
+        problems.add(path + ("key",), f"{show(key)} is not a condition key (known: "
+                                      f"{', '.join(CONDITION_KEYS_L4)}, request.headers[NAME], request.auth.*)")
+        return
+    values = (out.get("values") or []) + (out.get("notValues") or [])
+    for i, v in enumerate(values):
+        problem = _condition_value_problem(key, v)
+        if problem:
+            field = "values" if i < len(out.get("values") or []) else "notValues"
+            index = i if field == "values" else i - len(out.get("values") or [])
+            problems.add(path + (field, index), problem)
+
+
+def _condition_value_problem(key: str, value: str) -> str | None:
+    if key in ("source.ip", "remote.ip", "destination.ip"):
+        import ipaddress
+        try:
+            ipaddress.IPv4Network(value, strict=True)
+        except ValueError:
+            return f"{show(value)} is not an IPv4 address or CIDR"
+    if key == "destination.port" and not (value.isdigit() and 0 < int(value) < 65536):
+        return f"{show(value)} is not a port number"
+    return _wildcard_problem(value)
+
+
+CONDITION = Obj({
+    "key": required(Str(max_len=256)),
+    "values": List(Str(max_len=1024), min_items=1),
+    "notValues": List(Str(max_len=1024), min_items=1),
+}, checks=[at_least_one("values", "notValues"), _condition_checks])
 
 AUTHZ_RULE = Obj({
     "from": List(Obj({"source": required(SOURCE)}), min_items=1),
     "to": List(Obj({"operation": required(OPERATION)}), min_items=1),
+    "when": List(CONDITION, min_items=1),
 })
 
 AUTHZ_SPEC = Obj({
     "selector": selector_obj(),
-    "action": optional(Enum("ALLOW", "DENY"), default="ALLOW"),
-    "rules": List(AUTHZ_RULE),
+    "action": optional(Enum("ALLOW", "DENY", "AUDIT", unsupported={
+        "CUSTOM": "hostmesh has no external authorizers"}), default="ALLOW"),
+    "rules": List(AUTHZ_RULE, max_items=256),
 })
 
 
