@@ -90,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     _output_flag(p)
 
     p = sub.add_parser("proxy-config", help="what a node agent has in force (from its admin endpoint)")
-    p.add_argument("what", choices=["listeners", "clusters", "routes", "certs", "capture"])
+    p.add_argument("what", choices=["listeners", "clusters", "routes", "certs", "policies", "capture"])
     p.add_argument("--node", help="in a lab: the node whose agent to ask (enters its namespace)")
     p.add_argument("--lab", default=os.environ.get("HOSTMESH_LAB", "lab"), help="lab name (with --node)")
     p.add_argument("--admin", default="http://127.0.0.1:15000", help="admin endpoint URL (without --node)")
@@ -271,6 +271,11 @@ def render_proxy_config(what: str, data) -> str:
             if data else "no certificates"
     if what == "routes":
         return to_json(data) if data else "no routes (L4 only)"
+    if what == "policies":
+        rows = [[w["workload"], p["policy"], p["action"], p["scope"], p["rules"]]
+                for w in data for p in w["policies"]] + [[w["workload"], "-", "(allow: no policy)", "", ""]
+                                                        for w in data if not w["policies"]]
+        return table(["WORKLOAD", "POLICY", "ACTION", "SCOPE", "RULES"], rows) if rows else "no local workloads"
     return to_json(data)
 
 

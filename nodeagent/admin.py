@@ -17,7 +17,7 @@ Two layers, as everywhere in the agent:
 Paths (JSON unless noted; mutations are POST only):
 ``GET /`` (index), ``/healthz`` (text), ``/ready`` (text; 503 + reason), ``/stats/prometheus``
 and ``/metrics`` (Prometheus text format 0.0.4), ``/config_dump``, ``/clusters``,
-``/listeners``, ``/routes``, ``/certs``, ``/capture``, ``/server_info``;
+``/listeners``, ``/routes``, ``/certs``, ``/policies``, ``/capture``, ``/server_info``;
 ``POST /logging?level=debug|info|warning|error``, ``POST /drain``, ``POST /quitquitquit``.
 HEAD works on every GET path.
 
@@ -85,6 +85,7 @@ class AdminInputs:
     drain: Action  # POST /drain, run after the response is sent
     quit: Action  # POST /quitquitquit, run after the response is sent
     set_log_level: Callable[[str], None]  # raises ValueError on a bad level
+    policies: Callable[[], list | dict] = lambda: []  # AuthorizationPolicies in force per local workload
 
 
 @dataclass(frozen=True)
@@ -293,6 +294,7 @@ class AdminDispatcher:
             "/listeners": Route("GET", self._json_view(i, "listeners"), "listeners"),
             "/routes": Route("GET", self._json_view(i, "routes"), "routes"),
             "/certs": Route("GET", self._json_view(i, "certs"), "identities, serials, expiry"),
+            "/policies": Route("GET", self._json_view(i, "policies"), "AuthorizationPolicies per local workload"),
             "/capture": Route("GET", self._json_view(i, "capture"), "traffic capture state"),
             "/server_info": Route("GET", self._json_view(i, "server_info"), "version, node, state"),
             "/logging": Route("POST", self._logging, "set the log level: ?level=" + "|".join(LOG_LEVELS)),

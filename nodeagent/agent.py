@@ -256,6 +256,7 @@ class Agent:
             drain=self.drain_listeners,
             quit=self._stop.set,
             set_log_level=logs.set_level,
+            policies=self.policies,
         )
 
     def _ca_bundle(self) -> str:
@@ -276,7 +277,15 @@ class Agent:
         snap = self.state.snapshot
         return {"bootstrap": self.boot.to_dict(), "snapshot": snap.to_dict() if snap else None,
                 "snapshot_error": self.source.last_error if self.source else "",
-                "control_plane": self.cp.status() if self.cp else None}
+                "control_plane": self.cp.status() if self.cp else None,
+                "authorization": self.policies()}
+
+    def policies(self) -> list[dict]:
+        """The AuthorizationPolicies in force per local workload (what the inbound side applies)."""
+        snap = self.state.snapshot
+        if snap is None:
+            return []
+        return self.proxy.inbound.authz.authorizer.summary(snap, snap.local_workloads())
 
     def listeners(self) -> list[dict]:
         return [

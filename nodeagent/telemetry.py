@@ -49,9 +49,17 @@ by ``new`` or ``reused`` TLS connection; ``hostmesh_agent_tunnel_pool_idle`` is 
 of idle pooled connections. More rejection reasons: ``no_client_certificate``,
 ``no_server_certificate``, ``no_identity``, ``mtls_required`` (STRICT refused plaintext,
 flag ``NR`` as Envoy reports a connection no filter chain accepts),
-``identity_mismatch``; termination reasons ``tls_handshake_failed``,
+``identity_mismatch``, ``authz_denied`` (an AuthorizationPolicy denied the connection,
+flag ``RBAC``); termination reasons ``tls_handshake_failed``,
 ``tls_identity_mismatch``, ``tunnel_peer_connect_failed``, ``tunnel_peer_refused``,
 ``tunnel_protocol_error``.
+
+AuthorizationPolicy (``nodeagent.proxy.authz``):
+``hostmesh_agent_authz_decisions_total{direction,action,result,policy}`` counts the
+decisions on connections where at least one policy applied: ``action`` of the deciding
+policy (``ALLOW``, ``DENY``, or ``NONE`` for an allow with only AUDIT policies), ``result``
+``allow``/``deny``, ``policy`` its ``namespace/name`` (``-`` when the denial came from
+several ALLOW policies none of which matched).
 """
 
 from __future__ import annotations
@@ -134,7 +142,12 @@ class ProxyMetrics:
         self.tunnel_pool_idle = Gauge(
             "hostmesh_agent_tunnel_pool_idle", "Idle pooled tunnel connections (source node).", registry=registry)
         self._series: dict[tuple[TcpLabels, str], TcpSeries] = {}
+        self.authz_decisions = Counter(
+            "hostmesh_agent_authz_decisions_total",
+            "AuthorizationPolicy decisions on connections where a policy applied, by the deciding policy.",
+            ["direction", "action", "result", "policy"], registry=registry)
         self._reasons: dict[tuple[Counter, str, str], object] = {}
+        self._authz: dict[tuple[str, str, str, str], object] = {}
 
     def tcp(self, labels: TcpLabels, response_flags: str = NO_FLAGS) -> TcpSeries:
         """The counter children for one connection's labels (cached: one dict lookup)."""
@@ -156,6 +169,14 @@ class ProxyMetrics:
 
     def terminated(self, direction: str, reason: str) -> None:
         self._reason_child(self.connections_terminated, direction, reason).inc()
+
+    def authz_decision(self, direction: str, decision) -> None:
+        """``decision``: an ``authz.AuthzDecision``; the policy label is bounded by the policies."""
+        key = (direction, decision.action or "NONE", decision.metric_result, decision.policy or "-")
+        child = self._authz.get(key)
+        if child is None:
+            child = self._authz[key] = self.authz_decisions.labels(*key)
+        child.inc()
 
     def tunnel_handshake(self, direction: str, result: str) -> None:
         self._reason_child(self.tunnel_handshakes, direction, result).inc()

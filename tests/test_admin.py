@@ -35,7 +35,7 @@ from nodeagent.errors import ProxyError
 CURL = shutil.which("curl")
 
 GET_PATHS = ["/", "/healthz", "/ready", "/stats/prometheus", "/metrics", "/config_dump", "/clusters",
-             "/listeners", "/routes", "/certs", "/capture", "/server_info"]
+             "/listeners", "/routes", "/certs", "/policies", "/capture", "/server_info"]
 POST_PATHS = ["/logging", "/drain", "/quitquitquit"]
 
 

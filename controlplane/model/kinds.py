@@ -514,9 +514,7 @@ KINDS: dict[str, KindSpec] = {k.kind: k for k in (
     KindSpec(HOSTMESH_API, "TrafficPolicy", TRAFFIC_POLICY_SPEC),
     KindSpec(HOSTMESH_API, "FaultInjection", FAULT_SPEC,
              not_supported_yet="the agents do not inject faults yet"),
-    KindSpec(HOSTMESH_API, "AuthorizationPolicy", AUTHZ_SPEC,
-             not_supported_yet="the agents do not enforce AuthorizationPolicy yet, "
-                               "so this policy would allow and deny nothing"),
+    KindSpec(HOSTMESH_API, "AuthorizationPolicy", AUTHZ_SPEC),
     KindSpec(HOSTMESH_API, "PeerAuthentication", PEER_AUTHN_SPEC),
     KindSpec(HOSTMESH_API, "RequestAuthentication", REQUEST_AUTHN_SPEC,
              not_supported_yet="the agents do not validate JWTs yet, so no token would be checked"),

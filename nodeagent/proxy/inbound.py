@@ -5,7 +5,12 @@ client asked for); anything else is refused with RST and response flag ``NR`` �
 inbound side never forwards traffic off the node.
 
 Plaintext arriving for a workload and port whose PeerAuthentication mode is STRICT is
-refused (``NR``, reason ``mtls_required``). With workload certificates
+refused (``NR``, reason ``mtls_required``). Every connection that may reach a local
+workload — plaintext here, tunnel streams in ``tunnel.TunnelServer.open`` — then passes
+the workload's AuthorizationPolicies (``authz``) on what this node verified itself: the
+principal the mTLS handshake proved (none for plaintext), the source address, the
+destination port. A denial is a reset (flag ``RBAC``, reason ``authz_denied``) before one
+byte reaches the pod. With workload certificates
 (``ProxyInputs.identities``), a connection whose original destination is a local pod's
 tunnel port (15008) is an mTLS tunnel connection from another node proxy: it is handed
 to ``tunnel.TunnelServer`` presenting that pod's identity.
@@ -13,6 +18,7 @@ to ``tunnel.TunnelServer`` presenting that pod's identity.
 
 from __future__ import annotations
 
+from nodeagent.proxy.authz import AuthzGate
 from nodeagent.proxy.destinations import REPORTER_INBOUND, Decision, Forward, Refuse
 from nodeagent.proxy.listener import INBOUND_PORT, ProxyInputs, ProxyListener
 from nodeagent.proxy.peerauth import STRICT, PeerAuthn
@@ -29,6 +35,7 @@ class InboundProxy(ProxyListener):
     def __init__(self, inputs: ProxyInputs, host: str = "0.0.0.0", port: int = INBOUND_PORT) -> None:
         super().__init__(inputs, host, port)
         self.peerauth = PeerAuthn()
+        self.authz = AuthzGate(self.metrics, self.direction)
         self.tunnel = TunnelServer(self, inputs.identities) if inputs.identities is not None else None
 
     def decide(self, snapshot: NodeSnapshot, dst_ip: str, dst_port: int) -> Decision:
@@ -64,6 +71,11 @@ class InboundProxy(ProxyListener):
                 and self.peerauth.mode(snapshot, decision.workload, decision.endpoint.port) == STRICT:
             self.metrics.rejected(self.direction, "mtls_required")
             relay.refuse(labels, "NR")
+            return
+        if isinstance(decision, Forward) and decision.workload is not None and not self.authz.check(
+                snapshot, decision.workload, None, peer_ip, dst[0], decision.endpoint.port).allowed:
+            self.metrics.rejected(self.direction, "authz_denied")
+            relay.refuse(labels, "RBAC")
             return
         relay.forward(decision.address, labels)
 

@@ -60,7 +60,7 @@ from nodeagent.proxy.l7.detect import (_FIXED, _HTTP, HTTP1, HTTP2_PRIOR_KNOWLED
 from nodeagent.proxy.l7.http1_proxy import serve_http1
 from nodeagent.proxy.l7.http2_proxy import serve_http2
 from nodeagent.proxy.l7.metrics import HttpMetrics
-from nodeagent.proxy.l7.pool import DialContext, dialed_socket, tcp_connector
+from nodeagent.proxy.l7.pool import DialContext, UpstreamDenied, dialed_socket, tcp_connector
 from nodeagent.proxy.relay import publish_bytes
 from nodeagent.proxy.tunnel_plan import TunnelPlan, tunnel_labels
 from nodeagent.state import Endpoint, NodeSnapshot
@@ -94,7 +94,7 @@ class L7Dispatch:
         self.node = pin.node
         self.detect_timeout = pin.limits.detect_timeout
         self.inputs = L7Inputs.create(pin.node, metrics, limits=limits, connector=self.connect,
-                                      partition=self.partition if tunnel is not None else None)
+                                      partition=self.partition)
         self._snapshot: NodeSnapshot | None = None
         self._modes: dict[tuple[str, int], str] = {}
         self._served: dict["Relay", Any] = {}  # relay -> its driver, until on_done
@@ -200,15 +200,30 @@ class L7Dispatch:
 
     # ------------------------------------------------------------------ upstream dials
     def partition(self, endpoint: Endpoint, ctx: Any) -> str:
-        """Pool key part: the client address for endpoints a tunnel may carry, else shared."""
-        if ctx is None or not endpoint.node or endpoint.node == self.node:
+        """Pool key part: the client address for mesh workloads (a tunnel connection carries
+        the client's identity; a same-node one was authorized for that client), else shared."""
+        if ctx is None or not endpoint.node:
             return ""
         return ctx.src_ip
+
+    def _authorize_local(self, ctx: Any, endpoint: Endpoint) -> None:
+        """A same-node upstream never passes an inbound listener: its AuthorizationPolicies
+        are checked here, for the client the (partitioned) connection will serve."""
+        workload = ctx.snapshot.workload_by_ip(endpoint.address)
+        if workload is None:
+            return
+        listener = self.listener
+        if not listener.authz.check_local_source(ctx.snapshot, workload, ctx.src_ip, endpoint.address,
+                                                 endpoint.port).allowed:
+            listener.metrics.rejected(listener.direction, "authz_denied")
+            raise UpstreamDenied()
 
     async def connect(self, endpoint: Endpoint, dial: DialContext, factory: Callable[[], asyncio.Protocol]):
         """The pool's connector: the mTLS tunnel when the L4 path would tunnel, else plain TCP."""
         tunnel = self.tunnel
         ctx = dial.conn
+        if ctx is not None and ctx.snapshot is not None and endpoint.node == self.node:
+            self._authorize_local(ctx, endpoint)
         if tunnel is None or ctx is None or ctx.snapshot is None:
             return await tcp_connector(endpoint, dial, factory)
         snapshot = ctx.snapshot

@@ -8,7 +8,10 @@ PREROUTING delivers to the primary address of the interface the packet came in o
 With workload certificates (``ProxyInputs.identities``), a connection from a mesh
 workload here to a workload on another node goes through the mTLS tunnel
 (``tunnel_plan`` decides, ``tunnel.TunnelClient`` dials and pools); without a valid
-certificate for the source it is refused, never sent in plaintext.
+certificate for the source it is refused, never sent in plaintext. A connection to a
+workload on this node never reaches an inbound listener, so the destination's
+AuthorizationPolicies are checked here (``authz``), with the source identity the snapshot
+gives the client pod.
 
 With ``ProxyInputs.http_metrics`` set, connections to destinations with an L7 need
 (``l7dispatch`` says exactly which) are protocol-detected and HTTP/1.1 is served by the
@@ -18,6 +21,7 @@ decision); every other connection takes the TCP path above unchanged.
 
 from __future__ import annotations
 
+from nodeagent.proxy.authz import AuthzGate
 from nodeagent.proxy.destinations import REPORTER_OUTBOUND, Decision, Refuse
 from nodeagent.proxy.l7dispatch import L7Dispatch
 from nodeagent.proxy.listener import OUTBOUND_PORT, ProxyInputs, ProxyListener
@@ -35,6 +39,7 @@ class OutboundProxy(ProxyListener):
     def __init__(self, inputs: ProxyInputs, host: str = "0.0.0.0", port: int = OUTBOUND_PORT) -> None:
         super().__init__(inputs, host, port)
         self.tunnel = TunnelClient(self, inputs.identities) if inputs.identities is not None else None
+        self.authz = AuthzGate(self.metrics, self.direction)  # same-node destinations (see dispatch_l4)
         self.l7 = L7Dispatch(self, inputs.http_metrics, self.tunnel) if inputs.http_metrics is not None else None
 
     def decide(self, snapshot: NodeSnapshot, dst_ip: str, dst_port: int) -> Decision:
@@ -73,6 +78,12 @@ class OutboundProxy(ProxyListener):
         tunnel = self.tunnel
         plan = tunnel.planner.outbound(snapshot, decision, peer_ip) if tunnel is not None else None
         if plan is None:
+            local = getattr(decision, "workload", None)  # a Passthrough has none
+            if local is not None and local.node == self.inputs.node and not self.authz.check_local_source(
+                    snapshot, local, peer_ip, decision.endpoint.address, decision.endpoint.port).allowed:
+                self.metrics.rejected(self.direction, "authz_denied")
+                relay.refuse(labels, "RBAC")
+                return
             relay.forward(decision.address, labels)
             return
         if isinstance(plan, Refuse):

@@ -47,6 +47,7 @@ from typing import TYPE_CHECKING
 
 from nodeagent.identity import IdentityError, SpiffeId, leaf_identity_der
 from nodeagent.proxy import tunnel_wire as wire
+from nodeagent.proxy.authz import principal_of
 from nodeagent.proxy.destinations import REPORTER_INBOUND, Destinations, Refuse, connection_labels
 from nodeagent.proxy.listener import listen_socket
 from nodeagent.proxy.relay import Relay
@@ -80,6 +81,8 @@ def _reset_error(code: int) -> TunnelReset:
         return TunnelReset(f"tunnel peer could not connect: {what}", "tunnel_peer_connect_failed", "UF")
     if code == wire.RESET_NOT_ALLOWED:
         return TunnelReset(f"tunnel peer refused the stream: {what}", "tunnel_peer_refused", "UF")
+    if code == wire.RESET_DENIED:
+        return TunnelReset(f"tunnel peer refused the stream: {what}", "tunnel_peer_denied", "RBAC")
     return TunnelReset(f"tunnel peer reset the stream: {what}")
 
 
@@ -559,6 +562,12 @@ class TunnelServer(_TunnelEnd):
             self.metrics.rejected(self.direction, decision.metric_reason)
             stream.reset_code = wire.RESET_NOT_ALLOWED
             relay.refuse(labels, decision.response_flags)
+            return
+        if decision.workload is not None and not listener.authz.check(
+                snapshot, decision.workload, principal_of(conn.peer), src_ip, dst_ip, decision.endpoint.port).allowed:
+            self.metrics.rejected(self.direction, "authz_denied")
+            stream.reset_code = wire.RESET_DENIED
+            relay.refuse(labels, "RBAC")
             return
         relay.forward(decision.address, labels)
 

@@ -15,7 +15,8 @@ a time; each stream is one proxied TCP connection. Every byte inside TLS is a fr
     0x03 EOF    either way, empty: the sender will send no more DATA (TCP FIN)
     0x04 RESET  either way, 1 byte code: the stream failed (TCP RST); the sender closes
                 the TLS connection after it. Codes: 0 reset, 1 connect failed,
-                2 not allowed (policy or identity), 3 protocol error.
+                2 not allowed (identity, limits), 3 protocol error, 4 denied by an
+                AuthorizationPolicy (a peer that predates 4 reports it as a reset).
 
 A stream is over when each side has sent and received EOF; the connection is then idle
 and the client may send the next OPEN (HTTP/1.1 keep-alive style reuse). The client
@@ -61,8 +62,10 @@ RESET_RESET = 0
 RESET_CONNECT_FAILED = 1
 RESET_NOT_ALLOWED = 2
 RESET_PROTOCOL_ERROR = 3
+RESET_DENIED = 4
 RESET_CODES = {RESET_RESET: "reset", RESET_CONNECT_FAILED: "connect failed",
-               RESET_NOT_ALLOWED: "not allowed", RESET_PROTOCOL_ERROR: "protocol error"}
+               RESET_NOT_ALLOWED: "not allowed", RESET_PROTOCOL_ERROR: "protocol error",
+               RESET_DENIED: "denied by an AuthorizationPolicy"}
 
 _HDR = struct.Struct(">I")
 EOF_FRAME = _HDR.pack(EOF << 24)

@@ -32,6 +32,7 @@ Flags (Envoy's names; the default HTTP status and gRPC status of each)::
     DPE  downstream protocol error           400  INTERNAL (13)
     UPE  upstream protocol error             502  UNAVAILABLE
     SI   stream idle / header read timeout   408  UNAVAILABLE
+    RBAC denied by an AuthorizationPolicy    403  PERMISSION_DENIED (7)
 
 Decisions:
 * UT -> DEADLINE_EXCEEDED and RL -> RESOURCE_EXHAUSTED, although gRPC's "HTTP to gRPC
@@ -87,6 +88,7 @@ FLAGS: dict[str, FlagInfo] = {
     "DPE": FlagInfo(400, GRPC_INTERNAL, "bad request"),
     "UPE": FlagInfo(502, GRPC_UNAVAILABLE, "upstream protocol error"),
     "SI": FlagInfo(408, GRPC_UNAVAILABLE, "request timeout"),
+    "RBAC": FlagInfo(403, GRPC_PERMISSION_DENIED, "RBAC: access denied"),
 }
 
 # gRPC's http-grpc-status-mapping.md (for replies without a grpc-status)

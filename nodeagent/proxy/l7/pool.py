@@ -98,6 +98,15 @@ class ConnectFailed(Exception):
         self.reason = reason
 
 
+class UpstreamDenied(ConnectFailed):
+    """An AuthorizationPolicy of the (same-node) upstream workload denies this client (flag RBAC)."""
+
+    flag = "RBAC"
+
+    def __init__(self) -> None:
+        super().__init__("authz_denied", "RBAC: access denied")
+
+
 class PoolOverflow(Exception):
     """Every connection of the endpoint is busy and its pending queue is full (flag UO)."""
 
@@ -105,7 +114,9 @@ class PoolOverflow(Exception):
 
 
 def connect_error(endpoint: Endpoint, exc: Exception) -> ConnectFailed:
-    """The ``ConnectFailed`` (flag UF) for a connector's exception, with its reason."""
+    """The ``ConnectFailed`` (flag UF, or the connector's own) for a connector's exception."""
+    if isinstance(exc, ConnectFailed):  # the connector already said why (UpstreamDenied)
+        return exc
     where = f"{endpoint.address}:{endpoint.port}"
     if isinstance(exc, TimeoutError):
         return ConnectFailed("connect_timeout", f"upstream connect timeout ({where})")
