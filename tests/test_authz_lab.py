@@ -130,3 +130,12 @@ def test_config_dump_shows_the_policies_in_force(clean):
     assert mine["default/node2-pod-1"] == [{"policy": "default/audit-all", "action": "AUDIT",
                                             "scope": "namespace", "rules": 1}]
     assert reaches(lab, INTRUDER, TARGET)  # AUDIT changes nothing
+
+
+def test_ip_blocks_match_the_source_pod_through_the_tunnel(clean):
+    lab = clean
+    set_policies(lab, ("from-pod-1", {"selector": {"matchLabels": {"node": "node2", "pod": "pod-1"}},
+                                      "rules": [{"from": [{"source": {"ipBlocks": [naming.pod_ip(1, 1)]}}]}]}))
+    wait_for(lambda: refused(lab, INTRUDER, TARGET), what="the ipBlocks ALLOW to reach node2")
+    assert reaches(lab, FRIEND, TARGET)
+    assert refused(lab, "node2/pod-2", TARGET)   # same node, another address

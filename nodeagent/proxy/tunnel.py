@@ -564,12 +564,23 @@ class TunnelServer(_TunnelEnd):
             relay.refuse(labels, decision.response_flags)
             return
         if decision.workload is not None and not listener.authz.check(
-                snapshot, decision.workload, principal_of(conn.peer), src_ip, dst_ip, decision.endpoint.port).allowed:
+                snapshot, decision.workload, principal_of(conn.peer), self._proven_source_ip(snapshot, conn, src_ip),
+                dst_ip, decision.endpoint.port).allowed:
             self.metrics.rejected(self.direction, "authz_denied")
             stream.reset_code = wire.RESET_DENIED
             relay.refuse(labels, "RBAC")
             return
         relay.forward(decision.address, labels)
+
+    def _proven_source_ip(self, snapshot, conn: TunnelConnection, claimed: str) -> str:
+        """The source address for AuthorizationPolicy ipBlocks: the pod address the OPEN
+        names only when that pod runs as the identity the handshake proved; otherwise the
+        tunnel's own TCP peer (the source node), never an address the peer merely claims."""
+        src = snapshot.workload_by_ip(claimed)
+        if src is not None and self.planner.ids.of(snapshot, src) == conn.peer:
+            return claimed
+        peer = conn.transport.get_extra_info("peername") if conn.transport is not None else None
+        return peer[0] if peer else ""
 
     def idle(self, conn: TunnelConnection) -> None:
         if self.draining:
