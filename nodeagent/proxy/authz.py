@@ -39,8 +39,9 @@ from __future__ import annotations
 import ipaddress
 import json
 import logging
+import socket
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from nodeagent.identity.manager import trust_domain_of
@@ -59,19 +60,33 @@ L7_SOURCE_FIELDS = frozenset({"requestPrincipals", "notRequestPrincipals"})
 L7_OPERATION_FIELDS = frozenset({"hosts", "notHosts", "methods", "notMethods", "paths", "notPaths"})
 
 
+def _ip_int(ip: str) -> int:
+    """An IPv4 address as an int (-1 when it is not one: no network then contains it)."""
+    try:
+        return int.from_bytes(socket.inet_aton(ip), "big") if ip.count(".") == 3 else -1
+    except OSError:
+        return -1
+
+
 @dataclass(frozen=True, slots=True)
 class ConnectionAttrs:
-    """What the destination node knows of a connection by itself."""
+    """What the destination node knows of a connection by itself (the derived fields are
+    computed once here, not once per rule)."""
 
     principal: str | None      # "td/ns/<ns>/sa/<sa>" proven by mTLS; None for plaintext
     source_ip: str
     destination_ip: str
     destination_port: int
+    namespace: str | None = field(init=False)
+    source_int: int = field(init=False)
+    destination_int: int = field(init=False)
 
-    @property
-    def namespace(self) -> str | None:
+    def __post_init__(self) -> None:
         parts = (self.principal or "").split("/")
-        return parts[2] if len(parts) == 5 and parts[1] == "ns" else None
+        ns = parts[2] if len(parts) == 5 and parts[1] == "ns" else None
+        object.__setattr__(self, "namespace", ns)
+        object.__setattr__(self, "source_int", _ip_int(self.source_ip))
+        object.__setattr__(self, "destination_int", _ip_int(self.destination_ip))
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,41 +111,66 @@ Predicate = Callable[[ConnectionAttrs], bool]
 
 def string_matcher(pattern: str) -> Callable[[str | None], bool]:
     """Istio's string match: exact, ``x*`` prefix, ``*x`` suffix, ``*`` any non-empty."""
-    if pattern == "*":
+    return _strings_matcher([pattern])
+
+
+def _strings_matcher(patterns: Iterable[Any]) -> Callable[[str | None], bool]:
+    """Any of ``patterns``: exact values in one set lookup, then prefixes and suffixes."""
+    exact: set[str] = set()
+    prefixes: list[str] = []
+    suffixes: list[str] = []
+    present = False
+    for p in map(str, patterns):
+        if p == "*":
+            present = True
+        elif p.endswith("*"):
+            prefixes.append(p[:-1])
+        elif p.startswith("*"):
+            suffixes.append(p[1:])
+        else:
+            exact.add(p)
+    if present:
         return lambda v: bool(v)
-    if pattern.endswith("*"):
-        prefix = pattern[:-1]
-        return lambda v: v is not None and v.startswith(prefix)
-    if pattern.startswith("*"):
-        suffix = pattern[1:]
-        return lambda v: v is not None and v.endswith(suffix)
-    return lambda v: v == pattern
+    pre, suf = tuple(prefixes), tuple(suffixes)
+    if not pre and not suf:
+        frozen = frozenset(exact)
+        return lambda v: v in frozen
+    frozen = frozenset(exact)
+    return lambda v: v is not None and (v in frozen or (bool(pre) and v.startswith(pre))
+                                        or (bool(suf) and v.endswith(suf)))
 
 
 def _any_string(patterns: Iterable[Any], attr: Callable[[ConnectionAttrs], str | None]) -> Predicate:
-    matchers = [string_matcher(str(p)) for p in patterns]
-    return lambda c: any(m(attr(c)) for m in matchers)
+    m = _strings_matcher(patterns)
+    return lambda c: m(attr(c))
 
 
-def _networks(values: Iterable[Any]) -> list[ipaddress.IPv4Network]:
+def _networks(values: Iterable[Any]) -> tuple[tuple[int, int], ...]:
+    """(network, mask) pairs as ints."""
     nets = []
     for v in values:
         try:
-            nets.append(ipaddress.IPv4Network(str(v), strict=False))
+            n = ipaddress.IPv4Network(str(v), strict=False)
         except ValueError:
             raise _Unusable(f"{v!r} is not an IPv4 address or CIDR") from None
-    return nets
+        nets.append((int(n.network_address), int(n.netmask)))
+    return tuple(nets)
 
 
-def _in_networks(values: Iterable[Any], attr: Callable[[ConnectionAttrs], str]) -> Predicate:
+def _in_networks(values: Iterable[Any], attr: Callable[[ConnectionAttrs], int]) -> Predicate:
     nets = _networks(values)
+    if len(nets) == 1:
+        (net, mask), = nets
+        return lambda c: (attr(c) & mask) == net and attr(c) >= 0
 
     def match(c: ConnectionAttrs) -> bool:
-        try:
-            ip = ipaddress.IPv4Address(attr(c))
-        except ValueError:
+        ip = attr(c)
+        if ip < 0:
             return False
-        return any(ip in n for n in nets)
+        for net, mask in nets:
+            if ip & mask == net:
+                return True
+        return False
     return match
 
 
@@ -150,12 +190,12 @@ def _namespace(c: ConnectionAttrs) -> str | None:
     return c.namespace
 
 
-def _source_ip(c: ConnectionAttrs) -> str:
-    return c.source_ip
+def _source_ip(c: ConnectionAttrs) -> int:
+    return c.source_int
 
 
-def _destination_ip(c: ConnectionAttrs) -> str:
-    return c.destination_ip
+def _destination_ip(c: ConnectionAttrs) -> int:
+    return c.destination_int
 
 
 class _Unusable(ValueError):
@@ -226,15 +266,39 @@ def _condition(cond: Any, unenforceable: Predicate, where: str) -> Predicate:
 
 
 def _all(parts: list[Predicate]) -> Predicate:
+    # unrolled for the common sizes: a generator per call costs more than the checks
     if len(parts) == 1:
         return parts[0]
-    return lambda c: all(p(c) for p in parts)
+    if len(parts) == 2:
+        a, b = parts
+        return lambda c: a(c) and b(c)
+    if len(parts) == 3:
+        a, b, d = parts
+        return lambda c: a(c) and b(c) and d(c)
+    ps = tuple(parts)
+
+    def every(c: ConnectionAttrs) -> bool:
+        for p in ps:
+            if not p(c):
+                return False
+        return True
+    return every
 
 
 def _any(parts: list[Predicate]) -> Predicate:
     if len(parts) == 1:
         return parts[0]
-    return lambda c: any(p(c) for p in parts)
+    if len(parts) == 2:
+        a, b = parts
+        return lambda c: a(c) or b(c)
+    ps = tuple(parts)
+
+    def some(c: ConnectionAttrs) -> bool:
+        for p in ps:
+            if p(c):
+                return True
+        return False
+    return some
 
 
 def compile_rule(rule: Any, action: str, where: str = "rule") -> Predicate:
@@ -274,7 +338,10 @@ class Policy:
         return self.selector is None or all(labels.get(k) == v for k, v in self.selector)
 
     def matches(self, conn: ConnectionAttrs) -> bool:
-        return any(r(conn) for r in self.rules)
+        for rule in self.rules:
+            if rule(conn):
+                return True
+        return False
 
 
 def parse_policy(namespace: str, name: str, spec_json: str) -> Policy:
@@ -319,6 +386,7 @@ class Authorizer:
         self._by_namespace: dict[str, list[Policy]] = {}
         self._root = ""
         self._applicable: dict[tuple[str, str], tuple[tuple[Policy, ...], ...]] = {}
+        self._decisions: dict[tuple, AuthzDecision] = {}
 
     def policies(self, snapshot: NodeSnapshot, workload: Workload) -> tuple[Policy, ...]:
         """Every policy that applies to ``workload`` (for /config_dump and the CLI)."""
@@ -326,7 +394,23 @@ class Authorizer:
         return audit + deny + allow
 
     def decide(self, snapshot: NodeSnapshot, workload: Workload, conn: ConnectionAttrs) -> AuthzDecision:
+        """The decision, from a bounded cache of recent (workload, connection) answers: clients
+        open many connections with the same attributes, and a decision is a pure function of
+        them and the snapshot (the cache is dropped with the snapshot)."""
         audit, deny, allow = self._for(snapshot, workload)
+        if not (audit or deny or allow):
+            return ALLOWED_BY_DEFAULT
+        key = (workload.namespace, workload.name, conn.principal, conn.source_ip, conn.destination_ip,
+               conn.destination_port)
+        found = self._decisions.get(key)
+        if found is None:
+            if len(self._decisions) >= _MAX_CACHED:
+                self._decisions.clear()
+            found = self._decisions[key] = self._evaluate(audit, deny, allow, conn)
+        return found
+
+    @staticmethod
+    def _evaluate(audit, deny, allow, conn: ConnectionAttrs) -> AuthzDecision:
         audited = tuple(p.label for p in audit if p.matches(conn))
         for p in deny:
             if p.matches(conn):
@@ -369,6 +453,7 @@ class Authorizer:
         for policies in by_namespace.values():
             policies.sort(key=lambda p: p.name)
         self._snapshot, self._by_namespace, self._root, self._applicable = snapshot, by_namespace, root, {}
+        self._decisions = {}
 
     def summary(self, snapshot: NodeSnapshot, workloads: Iterable[Workload]) -> list[dict]:
         """The policies in force per workload: what /config_dump and `proxy-config policies` show."""
