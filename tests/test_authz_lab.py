@@ -104,6 +104,14 @@ def test_namespace_wide_allow_default_denies_other_namespaces(clean):
     assert refused(lab, INTRUDER, SAME_NODE_TARGET)            # decided by node1's outbound side
     assert reaches(lab, FRIEND, TARGET)
     assert reaches(lab, "node1/pod-1", f"http://{naming.pod_ip(2, 2)}:8080/")
+    # HTTP through the L7 driver (the gRPC port of the Service VIP), whichever endpoint the
+    # balancer picks: same-node (node1's connector) or cross-node (node2's tunnel reset): 403
+    vip_grpc_port = f"http://{mesh.DEFAULT_SERVICE_VIP}:9090/"
+    codes = {lab.run(INTRUDER, ["curl", "-sS", "-o", "/dev/null", "-w", "%{http_code}", "--max-time", "3",
+                                vip_grpc_port]).stdout for _ in range(8)}
+    assert codes == {"403"}, codes
+    assert "403" not in {lab.run(FRIEND, ["curl", "-sS", "-o", "/dev/null", "-w", "%{http_code}", "--max-time",
+                                          "3", vip_grpc_port]).stdout for _ in range(4)}
     assert 'direction="outbound",policy="default/allow-default",result="deny"' in decisions(lab, "node1")
     assert 'direction="inbound",policy="default/allow-default",result="allow"' in decisions(lab, "node2")
 

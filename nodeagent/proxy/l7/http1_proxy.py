@@ -146,7 +146,8 @@ from nodeagent.proxy.l7.http1 import (Data, EndOfMessage, LocalProtocolError, Pr
 from nodeagent.proxy.l7.http2_proxy import RETRY_BUFFER, _H2Mirror
 from nodeagent.proxy.l7.lb import LEAST_REQUEST
 from nodeagent.proxy.l7.metrics import NO_FLAGS, HttpMetrics
-from nodeagent.proxy.l7.pool import IDEMPOTENT, ConnectFailed, PoolOverflow, UpstreamConn, died_stale
+from nodeagent.proxy.l7.pool import (IDEMPOTENT, ConnectFailed, PoolOverflow, UpstreamConn, closed_before_sending,
+                                     died_stale)
 from nodeagent.proxy.l7.pool_h2 import H2Pool, H2Upstream, flush, speaks_h2
 from nodeagent.proxy.l7.routing import UNKNOWN_SERVICE, RequestInfo, RouteDecision
 from nodeagent.proxy.l7.shared import DriverLifecycle, labels_for, listen
@@ -785,7 +786,7 @@ class _Exchange:
             return
         conn = fut.result()
         if conn.closed:  # closed between being handed over and this callback
-            self.local("UC", 503, "upstream closed the connection before the request was sent")
+            self.local(*closed_before_sending(conn))
             return
         self._attach(conn)
         down = self.down
@@ -994,6 +995,10 @@ class _Exchange:
 
     def up_lost(self, conn: UpstreamConn, exc: Exception | None) -> None:
         if self.finished or conn is not self.conn:
+            return
+        if getattr(exc, "response_flags", "") == "RBAC":  # the destination's AuthorizationPolicy said no
+            self.conn = None
+            self.local("RBAC")
             return
         if self._retry_stale(conn):
             return
@@ -1206,7 +1211,7 @@ class _H2Leg:
         conn = fut.result()
         if conn.closed:
             conn.unreserve()
-            ex.local("UC", 503, "upstream closed the connection before the request was sent")
+            ex.local(*closed_before_sending(conn))
             return
         self._attach(conn, True)
 
@@ -1430,6 +1435,9 @@ class _H2Leg:
         if ex.finished or up is not self.up:
             return
         self.up = None
+        if up.lost_flag == "RBAC":  # the destination's AuthorizationPolicy said no
+            ex.local("RBAC")
+            return
         if retryable and self._retry(up):
             return
         ex.local("UC", 503, "upstream connection closed before the response")

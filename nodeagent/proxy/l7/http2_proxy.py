@@ -87,7 +87,8 @@ from nodeagent.proxy.l7.http2 import (CANCEL, DEFAULT_LIMITS, NO_ERROR, Connecti
                                       StreamReset, Writable)
 from nodeagent.proxy.l7.lb import LEAST_REQUEST
 from nodeagent.proxy.l7.metrics import NO_FLAGS
-from nodeagent.proxy.l7.pool import IDEMPOTENT, ConnectFailed, PoolOverflow, UpstreamConn, died_stale
+from nodeagent.proxy.l7.pool import (IDEMPOTENT, ConnectFailed, PoolOverflow, UpstreamConn, closed_before_sending,
+                                     died_stale)
 from nodeagent.proxy.l7.pool_h2 import H2Pool, H2Upstream, flush, speaks_h2
 from nodeagent.proxy.l7.routing import UNKNOWN_SERVICE, RequestInfo, RouteDecision
 from nodeagent.proxy.l7.shared import DriverLifecycle, labels_for, listen
@@ -502,7 +503,7 @@ class _Stream:
         if conn.closed:
             if self.kind == _K_H2:
                 conn.unreserve()
-            self.local("UC", 503, "upstream closed the connection before the request was sent")
+            self.local(*closed_before_sending(conn))
             return
         self._attach(conn, True)
 
@@ -769,6 +770,9 @@ class _Stream:
         if self.finished or up is not self.up:
             return
         self.up = None
+        if up.lost_flag == "RBAC" and not self.resp_started:  # the destination's AuthorizationPolicy said no
+            self.local("RBAC")
+            return
         if retryable and self._retry(up):
             return
         if not self.resp_started:
@@ -827,6 +831,10 @@ class _Stream:
 
     def up_lost(self, conn: UpstreamConn, exc) -> None:
         if self.finished or conn is not self.up:
+            return
+        if getattr(exc, "response_flags", "") == "RBAC":  # the destination's AuthorizationPolicy said no
+            self.up = None
+            self.local("RBAC")
             return
         if self._retry_stale(conn):
             return

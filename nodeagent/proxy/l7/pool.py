@@ -113,6 +113,14 @@ class PoolOverflow(Exception):
     flag = "UO"
 
 
+def closed_before_sending(conn: Any) -> tuple[str, int | None, str | None]:
+    """The local reply (flag, status, message) for a pooled connection that closed before the
+    request went out: 403 RBAC when the destination's AuthorizationPolicy refused it."""
+    if getattr(conn, "lost_flag", "") == "RBAC":
+        return "RBAC", None, None
+    return "UC", 503, "upstream closed the connection before the request was sent"
+
+
 def connect_error(endpoint: Endpoint, exc: Exception) -> ConnectFailed:
     """The ``ConnectFailed`` (flag UF, or the connector's own) for a connector's exception."""
     if isinstance(exc, ConnectFailed):  # the connector already said why (UpstreamDenied)
@@ -168,7 +176,7 @@ class UpstreamConn(asyncio.Protocol):
     """One upstream connection: the codec and whoever uses it now (``owner``)."""
 
     __slots__ = ("ep_pool", "codec", "transport", "owner", "served", "idle_since", "closed", "raw",
-                 "read_paused", "counted", "reuse_ok")
+                 "read_paused", "counted", "reuse_ok", "lost_flag")
 
     def __init__(self, ep_pool: "EndpointPool") -> None:
         self.ep_pool = ep_pool
@@ -178,6 +186,7 @@ class UpstreamConn(asyncio.Protocol):
         self.served = 0
         self.idle_since = 0.0
         self.closed = False
+        self.lost_flag = ""  # the flag the transport's end carried (a tunnel reset: RBAC when denied)
         self.raw = False  # upgraded: bytes relayed as they are
         self.read_paused = False
         self.counted = True  # counted in ep_pool.total
@@ -217,6 +226,7 @@ class UpstreamConn(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        self.lost_flag = getattr(exc, "response_flags", "")
         self.ep_pool.forget(self)
         owner, self.owner = self.owner, None
         if owner is not None:

@@ -64,7 +64,7 @@ class H2Upstream(asyncio.Protocol):
     """One HTTP/2 connection to an upstream and the owners of its streams."""
 
     __slots__ = ("ep", "codec", "transport", "owners", "closed", "write_paused", "idle_since", "read_paused", "reserved",
-                 "_out", "_dirty", "reuse_ok", "opened")
+                 "_out", "_dirty", "reuse_ok", "opened", "lost_flag")
 
     def __init__(self, ep: "H2EndpointPool", limits: Http2Limits) -> None:
         self.ep = ep
@@ -72,6 +72,7 @@ class H2Upstream(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.owners: dict[int, Any] = {}
         self.closed = False
+        self.lost_flag = ""  # the flag the transport's end carried (a tunnel reset: RBAC when denied)
         self.write_paused = False
         self.read_paused = False
         self.idle_since = time.monotonic()
@@ -126,6 +127,7 @@ class H2Upstream(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        self.lost_flag = getattr(exc, "response_flags", "")
         self.ep.forget(self)
         owners, self.owners = self.owners, {}
         for owner in owners.values():
