@@ -61,6 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="eBPF capture: sockops + sk_msg for same-node socket pairs (capture.accelerate)")
     p.add_argument("--dump-bpf", action="store_true",
                    help="print the final eBPF source the ebpf capture backend compiles, and exit")
+    p.add_argument("--uninstall", action="store_true",
+                   help="remove this node's capture (a stop leaves it installed, failing closed) and exit; "
+                        "refused while the agent runs")
 
     p = sub.add_parser("controlplane", help="run the control plane (config dir -> snapshots -> gRPC)")
     p.add_argument("--config-dir", required=True, help="directory of YAML config objects (watched)")
@@ -167,6 +170,10 @@ def cmd_agent(args) -> int:
             print(BpfLoader(instance).dump_source(), end="")
             return 0
         boot = bootstrap.build(file_values, bootstrap.flag_overrides(args))
+        if args.uninstall:
+            from nodeagent.agent import uninstall
+            print(uninstall(boot))
+            return 0
         return run_agent(boot)
     except AgentError as exc:
         raise CliError(str(exc)) from None

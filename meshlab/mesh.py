@@ -241,6 +241,13 @@ def spawn_agent(lab: Lab, node: str, capture: str = "iptables", *, static: bool 
     return lab.spawn(lab.target(node), argv, f"agent-{node}")
 
 
+def uninstall_agent(lab: Lab, node: str, capture: str = "iptables") -> subprocess.CompletedProcess:
+    """`hostmesh agent --uninstall` for a node: remove its capture (a stop leaves it in place)."""
+    cfg = agent_bootstrap(lab, node, capture)
+    return lab.run(node, [sys.executable, "-m", "hostmesh.cli", "agent", "--config", str(cfg), "--uninstall"],
+                   timeout=60)
+
+
 def wait_ready(lab: Lab, node: str, proc: subprocess.Popen, timeout: float = AGENT_READY_TIMEOUT) -> None:
     deadline = time.monotonic() + timeout
     while True:

@@ -1,11 +1,13 @@
 """The node agent's lifecycle: start the proxy, admin endpoint and capture, keep capture
-reconciled, and on SIGTERM drain and remove capture without a trace.
+reconciled, and on SIGTERM drain and stop, leaving capture installed.
 
 Start order is chosen so that a failure leaves nothing behind: config is validated first,
-then listeners bind (a port in use stops us before any rule exists), then capture is
-installed. Stop order keeps failing closed as long as possible: listeners stop accepting
-while capture is still in place (new connections are refused, never bypassed), existing
-connections drain, and only then is capture removed.
+the state directory's lock is taken (one agent per node), listeners bind (a port in use
+stops us before any rule exists), then capture is installed, or adopted from the previous
+agent. A stop (SIGTERM, SIGINT, POST /quitquitquit) stops accepting and drains, and leaves
+capture in place: until the next agent starts, captured connections are refused (fail
+closed), never sent around the proxy. Only ``uninstall`` (``hostmesh agent --uninstall``)
+removes capture, and it refuses while an agent holds the lock.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from nodeagent.persist import SnapshotStore
 from nodeagent.errors import AgentError
 from nodeagent.identity.cpauth import ControlPlaneAuth, GrpcSigner
 from nodeagent.identity.manager import CertificateManager
+from nodeagent.instance_lock import InstanceLock
 from nodeagent.proxy import NodeProxy, ProxyInputs, ProxyLimits
 from nodeagent.proxy.l7.metrics import HttpMetrics
 from nodeagent.proxy.destinations import service_endpoints
@@ -60,6 +63,10 @@ class AgentMetrics:
         self.capture_verify_ok = Gauge("hostmesh_agent_capture_verified",
                                        "1 when the last capture verification matched the desired state",
                                        registry=registry)
+        self.capture_adopted = Gauge("hostmesh_agent_capture_adopted",
+                                     "1 when this agent found its capture already installed at start "
+                                     "(left by a previous agent's stop or crash) and adopted it",
+                                     registry=registry)
 
 
 @dataclass
@@ -67,6 +74,7 @@ class Lifecycle:
     state: str = "STARTING"  # STARTING -> LIVE -> DRAINING -> STOPPED
     started: float = field(default_factory=time.time)
     capture_installed: bool = False
+    capture_adopted: bool = False  # found installed at start (a previous agent's stop or crash)
     last_verify: dict | None = None
 
 
@@ -78,13 +86,9 @@ class Agent:
         self.metrics.info.info({"version": __version__, "node": boot.node, "capture": boot.capture_mode})
         self.state = AgentState()
         self.life = Lifecycle()
-        self.capture: Capture | None = None
-        if boot.capture_mode != "none":
-            self.capture = make_capture(boot.capture_mode, CaptureSpec(
-                pod_cidrs=boot.pod_cidrs, mesh_cidrs=boot.mesh_cidrs, outbound_port=boot.outbound_port,
-                inbound_port=boot.inbound_port, socket_mark=boot.socket_mark, cgroups=boot.capture_cgroups,
-                redirect_address=boot.redirect_address, instance=boot.capture_instance,
-                accelerate=boot.capture_accelerate))
+        self.lock = InstanceLock(boot.state_dir)
+        self.capture: Capture | None = capture_for(boot)
+        if self.capture is not None:
             self.capture.register_metrics(self.registry)
         # config comes from the control plane; a static snapshot file is kept for tests/benches
         self.source = SnapshotFile(boot.snapshot_file, boot.node, self.state,
@@ -125,6 +129,13 @@ class Agent:
 
     # ------------------------------------------------------------------ lifecycle
     async def run(self) -> int:
+        self.lock.acquire(f"agent for node {self.boot.node}")
+        try:
+            return await self._run()
+        finally:
+            self.lock.release()
+
+    async def _run(self) -> int:
         if self.source:
             self.source.poll()
             if self.source.last_error and self.state.snapshot is None:
@@ -137,6 +148,9 @@ class Agent:
             raise
         try:
             if self.capture:
+                # what a previous agent left (a stop keeps capture): adopted by install's reconcile
+                self.life.capture_adopted = (await asyncio.to_thread(self.capture.verify)).ok
+                self.metrics.capture_adopted.set(1 if self.life.capture_adopted else 0)
                 await asyncio.to_thread(self.capture.install)
                 self.life.capture_installed = True
                 self.life.last_verify = (await asyncio.to_thread(self.capture.verify)).to_dict()
@@ -174,12 +188,12 @@ class Agent:
         aborted = await self.proxy.drain(self.boot.drain_grace)
         if self.signer:
             await self.signer.close()
-        if self.capture:
-            await asyncio.to_thread(self.capture.remove)
-            self.life.capture_installed = False
         await self.admin.close()
         self.life.state = "STOPPED"
         log.info("agent stopped", extra={"aborted_connections": aborted})
+        if self.capture:
+            log.info("capture stays installed: captured connections are refused until the next agent starts "
+                     "(fail closed); remove it with `hostmesh agent --uninstall`", extra={"capture": self.boot.capture_mode})
 
     async def _watch_config(self) -> None:
         while True:
@@ -268,7 +282,8 @@ class Agent:
         return {
             "version": __version__, "node": self.boot.node, "hostname": socket.gethostname(), "pid": os.getpid(),
             "state": self.life.state, "uptime_seconds": round(time.time() - self.life.started, 3),
-            "capture_mode": self.boot.capture_mode, "snapshot_version": snap.version if snap else None,
+            "capture_mode": self.boot.capture_mode, "capture_adopted": self.life.capture_adopted,
+            "snapshot_version": snap.version if snap else None,
             "active_connections": self.proxy.active_connections,
             "control_plane": self.cp.status()["message"] if self.cp else "static snapshot file",
         }
@@ -327,6 +342,32 @@ class Agent:
         self.life.state = "DRAINING"
         self._update_ready()
         await self.proxy.drain(self.boot.drain_grace)
+
+
+def capture_for(boot: Bootstrap) -> Capture | None:
+    """The capture backend the bootstrap describes (None when capture is off)."""
+    if boot.capture_mode == "none":
+        return None
+    return make_capture(boot.capture_mode, CaptureSpec(
+        pod_cidrs=boot.pod_cidrs, mesh_cidrs=boot.mesh_cidrs, outbound_port=boot.outbound_port,
+        inbound_port=boot.inbound_port, socket_mark=boot.socket_mark, cgroups=boot.capture_cgroups,
+        redirect_address=boot.redirect_address, instance=boot.capture_instance,
+        accelerate=boot.capture_accelerate))
+
+
+def uninstall(boot: Bootstrap) -> str:
+    """Remove the capture the bootstrap describes, idempotently; refuses (AgentRunning)
+    while an agent for this state directory runs. Returns what was done, for the user."""
+    lock = InstanceLock(boot.state_dir)
+    lock.acquire(f"uninstall for node {boot.node}")
+    try:
+        capture = capture_for(boot)
+        if capture is None:
+            return f"node {boot.node}: capture is off in this bootstrap; nothing to remove"
+        capture.remove()
+        return f"node {boot.node}: {boot.capture_mode} capture removed"
+    finally:
+        lock.release()
 
 
 def raise_fd_limit() -> None:

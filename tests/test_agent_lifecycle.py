@@ -1,6 +1,7 @@
 """The agent process: bad input fails clearly with nothing installed; readiness follows
 config and capture; config changes apply, broken ones keep the last good snapshot;
-drain and quit through the admin endpoint."""
+drain and quit through the admin endpoint; a stop leaves capture installed (fail closed),
+the next agent adopts it, and `hostmesh agent --uninstall` removes it."""
 
 import json
 import subprocess
@@ -148,10 +149,11 @@ def test_readiness_config_changes_and_quit(node_lab):
         r = admin(lab, "/quitquitquit", "POST")
         assert r.returncode == 0
         assert proc.wait(timeout=20) == 0
-        assert no_capture_installed(lab)
+        assert_stopped_agent_fails_closed(lab)
     finally:
         proc.kill()
         proc.wait()
+        uninstall_ok(lab, bootstrap(lab, snapshotFile=str(snap)))
 
 
 def test_drain_refuses_new_connections_and_keeps_failing_closed(node_lab):
@@ -165,7 +167,52 @@ def test_drain_refuses_new_connections_and_keeps_failing_closed(node_lab):
         r = lab.run("node1/pod-1", ["curl", "-sS", "--max-time", "5", "http://198.19.0.10/"])
         assert r.returncode == 7  # refused while draining, never bypassed
         assert not no_capture_installed(lab)
+        refused = run_agent(lab, "--config", str(bootstrap(lab)), "--uninstall")
+        assert refused.returncode != 0 and "an agent is running with state directory" in refused.stderr, refused
+        assert not no_capture_installed(lab)
     finally:
         proc.terminate()
         assert proc.wait(timeout=20) == 0
-    assert no_capture_installed(lab)
+    assert_stopped_agent_fails_closed(lab)
+    uninstall_ok(lab, bootstrap(lab))
+
+
+def test_sigterm_keeps_capture_and_the_next_agent_adopts_it(node_lab):
+    lab = node_lab
+    cfg = bootstrap(lab)
+    proc = start(lab, cfg)
+    try:
+        wait_for(lambda: admin(lab, "/ready").returncode == 0, what="ready")
+        assert json.loads(admin(lab, "/server_info").stdout)["capture_adopted"] is False  # a clean node
+        rules = sorted(lab.run("node1", ["iptables-save"]).stdout.splitlines())
+        proc.terminate()
+        assert proc.wait(timeout=20) == 0
+        assert_stopped_agent_fails_closed(lab)
+        proc = start(lab, cfg)
+        wait_for(lambda: admin(lab, "/ready").returncode == 0, what="the next agent ready")
+        assert json.loads(admin(lab, "/server_info").stdout)["capture_adopted"] is True
+        assert "hostmesh_agent_capture_adopted 1.0" in admin(lab, "/stats/prometheus").stdout
+        answer = lab.run("node1/pod-1", ["curl", "-sS", "--max-time", "5", "http://198.19.0.10/"])
+        assert answer.returncode == 0 and json.loads(answer.stdout)["pod"] == "pod-1"
+        now = sorted(lab.run("node1", ["iptables-save"]).stdout.splitlines())
+        assert [r for r in now if "HOSTMESH" in r] == [r for r in rules if "HOSTMESH" in r]  # adopted, not doubled
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
+        uninstall_ok(lab, cfg)
+
+
+def assert_stopped_agent_fails_closed(lab: Lab) -> None:
+    """No agent, capture in place: a pod's connection is refused, never delivered around the proxy."""
+    assert not no_capture_installed(lab), "a stop must leave capture installed"
+    r = lab.run("node1/pod-1", ["curl", "-sS", "--max-time", "5", "http://198.19.0.10/"])
+    assert r.returncode == 7, (r.returncode, r.stdout, r.stderr)
+
+
+def uninstall_ok(lab: Lab, cfg: Path) -> None:
+    """`hostmesh agent --uninstall` removes everything, and a second run is a no-op success."""
+    for _ in range(2):
+        r = run_agent(lab, "--config", str(cfg), "--uninstall")
+        assert r.returncode == 0, r.stderr
+        assert "capture removed" in r.stdout
+        assert no_capture_installed(lab)

@@ -8,8 +8,9 @@ without a trace, host cgroups selected for capture, fail-closed inbound, the cou
 --capture auto and --dump-bpf.
 
 Lab safety: programs are only ever attached to cgroups below hm-<lab>/ and pins only live
-under /sys/fs/bpf/hostmesh/<lab>-<node>/; the module fixture removes the lab (SIGTERM ->
-the agents detach and unpin) and then unpins anything of the lab that is still there.
+under /sys/fs/bpf/hostmesh/<lab>-<node>/; the module fixture removes the lab (which
+unpins the lab's pins: a stopped agent leaves its capture installed by design) and then
+unpins anything of the lab that is still there.
 """
 
 from __future__ import annotations
@@ -175,8 +176,8 @@ def _ebpf_lab(accelerate: bool):
         try:
             lab.down()
         finally:
-            # lab down SIGTERMs the agents (they detach and unpin) but SIGKILLs those still
-            # draining after 3 s, and a SIGKILLed agent leaves its pins by design; never leak them
+            # a stopped agent leaves its pins by design (fail closed) and lab down removes the
+            # lab's; never leak one that is still there
             for inst in _pins_of(lab):
                 BpfLoader(inst).unpin_all()
                 logging.getLogger(__name__).warning("unpinned %s after lab down (agent was SIGKILLed)", inst)
@@ -387,11 +388,23 @@ def test_auto_mode_picks_ebpf_here(L):
         start_agent(L, "node2")
 
 
+def uninstall(lab: Lab, node: str) -> None:
+    """`hostmesh agent --uninstall`, twice: the second run finds nothing and succeeds."""
+    for _ in range(2):
+        r = mesh.uninstall_agent(lab, node, "ebpf")
+        assert r.returncode == 0 and "capture removed" in r.stdout, r.stdout + r.stderr
+
+
 @pytest.mark.lab
-def test_sigterm_removes_everything_and_leaves_nothing_pinned(L):
+def test_sigterm_keeps_capture_and_uninstall_removes_everything(L):
     node2_ids = {v["id"] for v in capture_view(L, "node2")["programs"].values()}
+    attached = bpftool_tree(L, "node2")
     kill_agent(L, "node2", signal.SIGTERM)
     try:
+        assert bpftool_tree(L, "node2") == attached and f"{L.name}-node2" in _pins_of(L)  # a stop keeps it
+        r = curl(L, "node2/pod-1", "http://198.18.1.1:8080/")
+        assert r.returncode == 7, (r.returncode, r.stdout)  # fail closed: refused, not sent around the proxy
+        uninstall(L, "node2")
         tree = bpftool_tree(L, "node2")
         assert all(not progs for progs in tree.values()), tree
         assert f"{L.name}-node2" not in _pins_of(L)
@@ -672,7 +685,7 @@ def test_accelerated_restart_adopts_the_sockhash_and_sk_msg(LA):
 
 
 @pytest.mark.lab
-def test_accelerated_stop_leaves_nothing_attached_or_pinned(LA):
+def test_accelerated_uninstall_leaves_nothing_attached_or_pinned(LA):
     ids = {k: v["id"] for k, v in capture_view(LA, "node2")["programs"].items()}
     socks_pin = f"{PIN_ROOT}/{LA.name}-node2/hm_socks"
     mp = m.Map.open_pinned(m.MAPS["hm_socks"], socks_pin)
@@ -680,6 +693,8 @@ def test_accelerated_stop_leaves_nothing_attached_or_pinned(LA):
     mp.close()
     kill_agent(LA, "node2", signal.SIGTERM)
     try:
+        assert f"{LA.name}-node2" in _pins_of(LA)  # a stop keeps capture; uninstall removes it
+        uninstall(LA, "node2")
         assert all(not progs for progs in bpftool_tree(LA, "node2").values())
         assert f"{LA.name}-node2" not in _pins_of(LA)
         progs = {p["id"] for p in json.loads(subprocess.run(["bpftool", "-j", "prog", "show"], capture_output=True,

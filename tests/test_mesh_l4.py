@@ -302,9 +302,16 @@ def test_restart_cycles_converge_to_one_copy_of_the_rules(mesh_lab):
     assert answer(lab, "node1/pod-1", "http://198.19.0.10/")["pod"].startswith("pod-")
 
 
-def test_clean_stop_leaves_no_trace(mesh_lab):
-    """Full iptables-save, nft ruleset, ip rule and all route tables: identical before the
-    agent first started on a node and after it stopped."""
+def uninstall(lab: Lab, node: str) -> None:
+    for _ in range(2):  # idempotent: the second run finds nothing and succeeds
+        r = mesh.uninstall_agent(lab, node, lab.capture)
+        assert r.returncode == 0 and "capture removed" in r.stdout, r.stdout + r.stderr
+
+
+def test_stop_keeps_capture_and_uninstall_leaves_no_trace(mesh_lab):
+    """A stop leaves capture in place, failing closed; `hostmesh agent --uninstall` then
+    leaves the full iptables-save, nft ruleset, ip rule and all route tables identical to
+    before the agent first started on the node."""
     fresh = Lab(mesh_lab.name[:-1] + ("x" if mesh_lab.name[-1] != "x" else "y"))
     fresh.capture = mesh_lab.capture
     if hasattr(mesh_lab, "accelerate"):
@@ -319,18 +326,33 @@ def test_clean_stop_leaves_no_trace(mesh_lab):
         start_agent(fresh, "node1", static=True)
         assert capture_present(fresh, "node1")
         assert answer(fresh, "node1/pod-1", "http://198.19.0.10/")["pod"] == "pod-1"
+        installed = capture_state(fresh, "node1")
         kill_agent(fresh, "node1", signal.SIGTERM)
+        assert capture_state(fresh, "node1") == installed
+        r = curl(fresh, "node1/pod-1", "http://198.19.0.10/")
+        assert r.returncode == 7, (r.returncode, r.stdout)  # refused, never around the stopped proxy
+        uninstall(fresh, "node1")
         assert net_state(fresh, "node1") == before
         assert capture_state(fresh, "node1") == before_capture
     finally:
         fresh.down()
 
 
-def test_sigterm_then_restart_restores_capture(mesh_lab):
+def test_sigterm_keeps_capture_and_the_restart_adopts_it(mesh_lab):
     lab = mesh_lab
+    installed = capture_state(lab, "node2")
     kill_agent(lab, "node2", signal.SIGTERM)
-    assert not capture_present(lab, "node2")
-    start_agent(lab, "node2")
+    try:
+        assert capture_state(lab, "node2") == installed
+        for url in ("http://198.19.0.10/", "http://198.18.1.1:8080/"):
+            r = curl(lab, "node2/pod-1", url)
+            assert r.returncode == 7, (url, r.returncode, r.stdout)  # fail closed while no agent runs
+    finally:
+        start_agent(lab, "node2")
+    assert capture_state(lab, "node2") == installed  # adopted, not installed twice
+    refused = mesh.uninstall_agent(lab, "node2", lab.capture)
+    assert refused.returncode != 0 and "an agent is running" in refused.stderr, refused.stdout + refused.stderr
+    assert capture_state(lab, "node2") == installed
     assert capture_present(lab, "node2")
     assert answer(lab, "node1/pod-1", "http://198.18.2.1:8080/")["pod"] == "pod-1"
 
