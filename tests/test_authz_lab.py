@@ -147,3 +147,19 @@ def test_ip_blocks_match_the_source_pod_through_the_tunnel(clean):
     wait_for(lambda: refused(lab, INTRUDER, TARGET), what="the ipBlocks ALLOW to reach node2")
     assert reaches(lab, FRIEND, TARGET)
     assert refused(lab, "node2/pod-2", TARGET)   # same node, another address
+
+
+def test_a_new_deny_applies_to_the_next_request_through_pooled_upstream_connections(clean):
+    """HTTP through the L7 driver pools upstream connections per client: one authorized
+    before a policy change must not carry the client's requests after it."""
+    lab = clean
+    url = f"http://{mesh.DEFAULT_SERVICE_VIP}:9090/"
+
+    def codes(n):
+        return {lab.run(FRIEND, ["curl", "-sS", "-o", "/dev/null", "-w", "%{http_code}", "--max-time", "3",
+                                 url]).stdout for _ in range(n)}
+    assert "403" not in codes(8)  # every endpoint now has a pooled connection for FRIEND
+    set_policies(lab, ("deny-friend", {"action": "DENY", "rules": [
+        {"from": [{"source": {"ipBlocks": [naming.pod_ip(1, 1)]}}]}]}))
+    wait_for(lambda: codes(1) == {"403"}, what="the DENY to reach the agents")
+    assert codes(8) == {"403"}

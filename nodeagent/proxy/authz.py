@@ -468,6 +468,21 @@ class Authorizer:
         return out
 
 
+# ------------------------------------------------------------------ for pooled connections
+
+def authz_epoch(snapshot: NodeSnapshot | None) -> int:
+    """A fingerprint of what authorization decisions depend on in ``snapshot``: the
+    AuthorizationPolicies, the MeshConfig (root namespace, trust domain) and the workloads'
+    identities and labels. Equal fingerprints: every decision made under one holds under
+    the other. O(config + workloads): callers memoize it per snapshot object."""
+    if snapshot is None:
+        return 0
+    return hash((
+        tuple((c.kind, c.namespace, c.name, c.spec) for c in snapshot.config
+              if c.kind in ("AuthorizationPolicy", "MeshConfig")),
+        tuple((w.namespace, w.name, w.address, w.service_account, w.labels) for w in snapshot.workloads)))
+
+
 # ------------------------------------------------------------------ the listeners' gate
 
 def principal_of(identity: Any) -> str | None:

@@ -60,6 +60,7 @@ from nodeagent.proxy.l7.detect import (_FIXED, _HTTP, HTTP1, HTTP2_PRIOR_KNOWLED
 from nodeagent.proxy.l7.http1_proxy import serve_http1
 from nodeagent.proxy.l7.http2_proxy import serve_http2
 from nodeagent.proxy.l7.metrics import HttpMetrics
+from nodeagent.proxy.authz import authz_epoch
 from nodeagent.proxy.l7.pool import DialContext, UpstreamDenied, dialed_socket, tcp_connector
 from nodeagent.proxy.relay import publish_bytes
 from nodeagent.proxy.tunnel_plan import TunnelPlan, tunnel_labels
@@ -98,6 +99,7 @@ class L7Dispatch:
         self._snapshot: NodeSnapshot | None = None
         self._modes: dict[tuple[str, int], str] = {}
         self._served: dict["Relay", Any] = {}  # relay -> its driver, until on_done
+        self._epoch_of: tuple[NodeSnapshot | None, int] = (None, 0)  # authz_epoch of the last snapshot asked
         self._flusher: asyncio.TimerHandle | None = None
 
     # ------------------------------------------------------------------ when to detect
@@ -219,7 +221,24 @@ class L7Dispatch:
             raise UpstreamDenied()
 
     async def connect(self, endpoint: Endpoint, dial: DialContext, factory: Callable[[], asyncio.Protocol]):
-        """The pool's connector: the mTLS tunnel when the L4 path would tunnel, else plain TCP."""
+        """The pool's connector (see ``_connect``). An upstream connection to a mesh workload
+        was authorized once, for its client (here or at the destination); it is reused only
+        while the AuthorizationPolicies and identities stay as they were then, so that a
+        policy change applies to the client's next connection even through the pool."""
+        transport, proto = await self._connect(endpoint, dial, factory)
+        ctx = dial.conn
+        if endpoint.node and ctx is not None and ctx.snapshot is not None:
+            state, epoch, earlier = self.listener.inputs.state, self._authz_epoch(ctx.snapshot), proto.reuse_ok
+            proto.reuse_ok = lambda: (self._authz_epoch(state.snapshot) == epoch and (earlier is None or earlier()))
+        return transport, proto
+
+    def _authz_epoch(self, snapshot: NodeSnapshot | None) -> int:
+        if snapshot is not self._epoch_of[0]:
+            self._epoch_of = (snapshot, authz_epoch(snapshot))
+        return self._epoch_of[1]
+
+    async def _connect(self, endpoint: Endpoint, dial: DialContext, factory: Callable[[], asyncio.Protocol]):
+        """The mTLS tunnel when the L4 path would tunnel, else plain TCP."""
         tunnel = self.tunnel
         ctx = dial.conn
         if ctx is not None and ctx.snapshot is not None and endpoint.node == self.node:
