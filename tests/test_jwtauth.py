@@ -721,3 +721,18 @@ def test_fuzz_never_raises_and_never_validates(segments, query):
     for headers in (bearer(token.decode("latin-1")), [(b"x-b", token)], [(b"authorization", token)]):
         result = _FUZZ_AUTH.authenticate(headers, b"t=" + token + b"&" + query)
         assert result.outcome in (ja.INVALID, ja.NONE)
+
+
+def test_a_repeated_token_is_verified_once_per_key_set(monkeypatch):
+    calls = []
+    real = ja._signature_ok
+    monkeypatch.setattr(ja, "_signature_ok", lambda *a: calls.append(1) or real(*a))
+    cache = JwksCache()
+    cache.record_body(URI, jwks_text(jwk_of(RSA_KEY, "k1")).encode())
+    auth = authenticator(rule(jwks=None, jwksUri=URI), keys=cache.keys)
+    token = sign(exp=int(time.time()) + 100)
+    assert [check(auth, token).outcome for _ in range(3)] == [ja.VALID] * 3 and len(calls) == 1
+    assert check(authenticator(rule(jwks=None, jwksUri=URI), keys=cache.keys, clock=lambda: time.time() + 1000),
+                 token).reason == ja.JWT_EXPIRED  # times are checked on every request
+    cache.record_body(URI, jwks_text(jwk_of(RSA_OTHER, "k1")).encode())  # rotated: checked again, and fails
+    assert check(auth, token).reason == ja.JWT_VERIFICATION_FAILS and len(calls) == 3  # 2: the other authenticator

@@ -25,7 +25,9 @@ as its control plane compiles them into Envoy's ``jwt_authn`` filter:
   token "signed" with the public key as an HMAC secret fails. Keys by ``kid``; a key
   without ``kid`` and a token without ``kid`` try every key whose type fits the ``alg``.
   ``exp`` / ``nbf`` / ``iat`` (not in the future) with a bounded clock skew (60 s, Envoy's
-  default). ``audiences``: when set, the token's ``aud`` must contain one of them (Envoy
+  default); a token whose signature verified is remembered (bounded, per authenticator,
+  tied to the exact key set) so a keep-alive client's repeated token costs no second
+  signature check, while times and audiences are checked on every request. ``audiences``: when set, the token's ``aud`` must contain one of them (Envoy
   ignores an ``http(s)://`` scheme and a trailing ``/`` when comparing); when unset, no
   audience check — what Istio's generated config does, whatever its docs say about the
   service name. Reasons are Envoy's texts; a failed audience check is 403 as Envoy
@@ -74,6 +76,7 @@ INVALID = "invalid"
 DEFAULT_CLOCK_SKEW = 60.0
 MAX_TOKEN_BYTES = 8192
 MAX_TOKENS = 4  # tokens examined per request; each costs a signature check
+MAX_VERIFIED_CACHED = 256  # per authenticator: tokens whose signature was checked (<= 2 MiB)
 MIN_RSA_BITS = 2048
 GRPC_UNAUTHENTICATED = 16
 GRPC_PERMISSION_DENIED = 7
@@ -493,16 +496,22 @@ class Authenticator:
         self._keys = keys
         self._skew = clock_skew
         self._clock = clock
-        self._header_locations = tuple(dict.fromkeys(loc for r in self.rules for loc in r.headers))
-        self._params = tuple(dict.fromkeys(p for r in self.rules for p in r.params))
+        # each location with the rules that read it, and the prefix lowercased, computed once
+        self._header_locations = tuple(
+            (loc, loc.prefix.lower().encode("latin-1", "replace"), tuple(r for r in self.rules if loc in r.headers))
+            for loc in dict.fromkeys(loc for r in self.rules for loc in r.headers))
+        self._params = {p: tuple(r for r in self.rules if p in r.params)
+                        for p in dict.fromkeys(p for r in self.rules for p in r.params)}
+        # token text -> (rule, key set) it verified with: a keep-alive client sends the same
+        # token again and again; the signature is not checked twice against the same keys
+        # (times are, on every request)
+        self._verified: dict[str, tuple[JwtRule, KeySet]] = {}
         self._protected = tuple(dict.fromkeys(h for r in self.rules for h in r.output_headers()))
 
     # -- extraction
     def _find(self, headers: Sequence[tuple[bytes, bytes]], query: bytes) -> list[_Found]:
         found: list[_Found] = []
-        for loc in self._header_locations:
-            rules = tuple(r for r in self.rules if loc in r.headers)
-            prefix = loc.prefix.lower().encode("latin-1", "replace")
+        for loc, prefix, rules in self._header_locations:
             for name, value in headers:
                 if name != loc.name or not value.lower().startswith(prefix):
                     continue
@@ -511,8 +520,8 @@ class Authenticator:
             for part in query.split(b"&"):
                 name, _, value = part.partition(b"=")
                 name = unquote_to_bytes(name) if b"%" in name else name
-                if name in self._params:
-                    rules = tuple(r for r in self.rules if name in r.params)
+                rules = self._params.get(name)
+                if rules is not None:
                     value = unquote_to_bytes(value) if b"%" in value else value
                     found.append(_Found(value.decode("latin-1"), rules, param=name))
         return found
@@ -559,7 +568,7 @@ class Authenticator:
         payload = token.payload
         return AuthnResult(
             VALID, principal=principals.pop(), issuer=payload["iss"], subject=payload.get("sub", ""),
-            claims=payload, audiences=_token_audiences(payload), presenter=payload.get("azp", ""),
+            claims=MappingProxyType(payload), audiences=_token_audiences(payload), presenter=payload.get("azp", ""),
             policy=rule.policy,
             changes=HeaderChanges(tuple(dict.fromkeys(remove)), tuple(dict.fromkeys(params)),
                                   tuple(dict.fromkeys(add))))
@@ -586,12 +595,17 @@ class Authenticator:
         keys = rule.inline_keys if rule.jwks_uri is None else self._keys(rule.jwks_uri)
         if keys is None:
             raise _Refused(JWKS_FETCH_FAILED)
-        alg, kid = token.header["alg"], token.header.get("kid")
-        fitting = [k for k in keys if k.fits(alg, kid)]
-        if not fitting:
-            raise _Refused(JWKS_NO_MATCHING_KEY)
-        if not any(_signature_ok(token.text, alg, k.key) for k in fitting):
-            raise _Refused(JWT_VERIFICATION_FAILS)
+        cached = self._verified.get(token.text)
+        if cached is None or cached[0] is not rule or cached[1] is not keys:
+            alg, kid = token.header["alg"], token.header.get("kid")
+            fitting = [k for k in keys if k.fits(alg, kid)]
+            if not fitting:
+                raise _Refused(JWKS_NO_MATCHING_KEY)
+            if not any(_signature_ok(token.text, alg, k.key) for k in fitting):
+                raise _Refused(JWT_VERIFICATION_FAILS)
+            if len(self._verified) >= MAX_VERIFIED_CACHED:
+                self._verified.clear()
+            self._verified[token.text] = (rule, keys)
         self._check_times(token.payload)
         if rule.audiences:
             wanted = {_normalize_audience(a) for a in rule.audiences}
@@ -614,9 +628,7 @@ class Authenticator:
 def _signature_ok(text: str, alg: str, key: Any) -> bool:
     try:
         _JWS[alg].decode_complete(text, key, algorithms=[alg])
-    except InvalidSignatureError:
-        return False
-    except PyJWTError:
+    except (InvalidSignatureError, PyJWTError):  # PyJWTError: e.g. a signature of the wrong length
         return False
     return True
 
