@@ -45,7 +45,34 @@ class _Policy:
     ports: dict[int, str]
 
     def selects(self, labels: dict[str, str]) -> bool:
-        return self.selector is not None and all(labels.get(k) == v for k, v in self.selector)
+        return self.selector is not None and selector_matches(self.selector, labels)
+
+
+Selector = tuple[tuple[str, str], ...]
+_SELECTS_NOTHING: Selector = (("\0", "\0"),)
+
+
+def selector_matches(selector: Selector, labels: dict[str, str]) -> bool:
+    """Whether every ``matchLabels`` pair is among the workload's labels."""
+    return all(labels.get(k) == v for k, v in selector)
+
+
+def parse_selector(spec: dict, obj: ConfigObject) -> Selector | None:
+    """``spec.selector.matchLabels`` as sorted pairs; ``None`` when the policy has no
+    selector (namespace-wide). A malformed selector (not expected: the control plane
+    validated it) selects nothing, failing closed rather than widening to the namespace."""
+    if "selector" not in spec:
+        return None
+    labels = spec["selector"].get("matchLabels") if isinstance(spec["selector"], dict) else None
+    if not isinstance(labels, dict) or not labels:
+        log.warning("%s %s/%s: bad selector; it selects nothing", obj.kind, obj.namespace, obj.name)
+        return _SELECTS_NOTHING
+    return tuple(sorted((str(k), str(v)) for k, v in labels.items()))
+
+
+def root_namespace(snapshot: NodeSnapshot) -> str:
+    """The mesh's root namespace: the one the MeshConfig lives in ("" without one)."""
+    return next((obj.namespace for obj in snapshot.config if obj.kind == "MeshConfig"), "")
 
 
 def _mode(value) -> str | None:
@@ -66,13 +93,7 @@ def parse_policy(obj: ConfigObject) -> _Policy:
         log.warning("PeerAuthentication %s/%s: spec is not a JSON object; treating it as STRICT",
                     obj.namespace, obj.name)
         return _Policy(obj.name, None, STRICT, {})
-    selector = None
-    if "selector" in spec:
-        labels = spec["selector"].get("matchLabels") if isinstance(spec["selector"], dict) else None
-        if not isinstance(labels, dict) or not labels:
-            log.warning("PeerAuthentication %s/%s: bad selector; it selects nothing", obj.namespace, obj.name)
-            labels = {"\0": "\0"}
-        selector = tuple(sorted((str(k), str(v)) for k, v in labels.items()))
+    selector = parse_selector(spec, obj)
     mode = None
     if "mtls" in spec:
         mode = _mode(spec["mtls"]) or STRICT
