@@ -45,6 +45,9 @@ as its control plane compiles them into Envoy's ``jwt_authn`` filter:
   because the proxy writes them.
 
 Malformed input never raises: every path ends in a ``AuthnResult``.
+
+Not wired yet: the control plane refuses RequestAuthentication until an HTTP driver calls
+this module (``RequestAuthn.for_workload`` per request) and the agent runs ``jwks.JwksRefresher``.
 """
 
 from __future__ import annotations
