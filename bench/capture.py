@@ -230,13 +230,18 @@ def start_agent(lab, backend: str) -> None:
     time.sleep(0.5)
 
 
-def stop_agent(lab) -> None:
+def stop_agent(lab, backend: str) -> None:
+    """Stop the agent and remove its capture: a stop alone leaves capture installed (fail
+    closed), and the next backend or the direct path must start from a clean node."""
     from meshlab import mesh
     for pid in mesh.agent_pids(lab, "node1"):
         os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + 15
     while mesh.agent_running(lab, "node1") and time.monotonic() < deadline:
         time.sleep(0.05)
+    r = mesh.uninstall_agent(lab, "node1", backend.partition("-")[0])
+    if r.returncode != 0:
+        raise RuntimeError(f"uninstall ({backend}) failed: {r.stderr.strip()}")
 
 
 def _median(values: list[float]) -> float:
@@ -299,7 +304,7 @@ def run(seconds: int, rate: float, rounds: int = 1, throughput: bool = True) -> 
             for backend in BACKENDS[i % len(BACKENDS):] + BACKENDS[:i % len(BACKENDS)]:
                 start_agent(lab, backend)
                 results.append(measure(lab, backend, rate, seconds, i, throughput))
-                stop_agent(lab)
+                stop_agent(lab, backend)
             all_rounds.append(sorted(results, key=lambda r: PATHS.index(r["path"])))
         return combine(all_rounds)
     finally:

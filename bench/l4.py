@@ -93,11 +93,16 @@ def measure(lab: Lab, label: str, iperf_addr: tuple[str, int], web_url: str, sec
 
 
 def stop_agent(lab: Lab) -> None:
+    """Stop the agent and remove its capture: a stop alone leaves capture installed (fail
+    closed), which would refuse the HAProxy measurement that follows."""
     for pid in mesh.agent_pids(lab, "node1"):
         os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + 15
     while mesh.agent_running(lab, "node1") and time.monotonic() < deadline:
         time.sleep(0.05)
+    r = mesh.uninstall_agent(lab, "node1", "iptables")
+    if r.returncode != 0:
+        raise RuntimeError(f"uninstall failed: {r.stderr.strip()}")
 
 
 def run(seconds: int) -> list[dict]:
