@@ -279,10 +279,14 @@ def render_proxy_config(what: str, data) -> str:
     if what == "routes":
         return to_json(data) if data else "no routes (L4 only)"
     if what == "policies":
-        rows = [[w["workload"], p["policy"], p["action"], p["scope"], p["rules"]]
-                for w in data for p in w["policies"]] + [[w["workload"], "-", "(allow: no policy)", "", ""]
-                                                        for w in data if not w["policies"]]
-        return table(["WORKLOAD", "POLICY", "ACTION", "SCOPE", "RULES"], rows) if rows else "no local workloads"
+        rows = [[w["workload"], p["policy"], p["action"], p["scope"], p["rules"], p.get("checks", "connection")]
+                for w in data for p in w["policies"]]
+        rows += [[w["workload"], name, "JWT", "", "", "request"] for w in data
+                 for name in w.get("requestAuthentication", ())]
+        rows += [[w["workload"], "-", "(allow: no policy)", "", "", ""] for w in data
+                 if not w["policies"] and not w.get("requestAuthentication")]
+        return table(["WORKLOAD", "POLICY", "ACTION", "SCOPE", "RULES", "CHECKS"], rows) \
+            if rows else "no local workloads"
     return to_json(data)
 
 

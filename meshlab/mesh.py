@@ -209,6 +209,9 @@ def agent_bootstrap(lab: Lab, node: str, capture: str, *, static: bool = False) 
     accelerate = getattr(lab, "accelerate", None)  # eBPF same-node acceleration; None: the agent's default
     if accelerate is not None:
         doc["capture"]["accelerate"] = accelerate
+    jwks_ca = getattr(lab, "jwks_ca_file", None)  # a test's private JWKS server: the CA agents trust for it
+    if jwks_ca:
+        doc["jwks"] = {"caFile": str(jwks_ca), "refreshInterval": getattr(lab, "jwks_refresh", "20m")}
     path = config_dir(lab) / f"agent-{node}.yaml"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(doc, sort_keys=False))

@@ -18,6 +18,7 @@ import logging
 import os
 import signal
 import socket
+import ssl
 import time
 from dataclasses import dataclass, field
 
@@ -37,6 +38,8 @@ from nodeagent.identity.cpauth import ControlPlaneAuth, GrpcSigner
 from nodeagent.identity.manager import CertificateManager
 from nodeagent.instance_lock import InstanceLock
 from nodeagent.proxy import NodeProxy, ProxyInputs, ProxyLimits
+from nodeagent.proxy.jwks import HttpsJwksFetcher, JwksCache, JwksRefresher
+from nodeagent.proxy.jwtauth import RequestAuthn
 from nodeagent.proxy.l7.metrics import HttpMetrics
 from nodeagent.proxy.destinations import service_endpoints
 from nodeagent.state import AgentState, NodeSnapshot
@@ -110,6 +113,11 @@ class Agent:
             SnapshotStore(os.path.join(boot.state_dir, "snapshot.json")), self.registry,
             validate=self.validate_snapshot, auth=self.auth, extra_roots=self._ca_bundle,
         ) if use_cp else None
+        # keys of RequestAuthentication jwksUri rules: fetched here, read by the proxies
+        self.jwks = JwksCache()
+        self.jwks_refresher = JwksRefresher(self.jwks, HttpsJwksFetcher(jwks_ssl_context(boot)), self.registry,
+                                            refresh_interval=boot.jwks_refresh_interval)
+        self._jwks_rules = RequestAuthn(self.jwks.keys)
         self.proxy = NodeProxy(
             ProxyInputs(
                 state=self.state, node=boot.node, metrics=ProxyMetrics(self.registry),
@@ -120,6 +128,7 @@ class Agent:
                 original_destination=self.capture.original_destination if self.capture else so_original_dst,
                 identities=self.certs,
                 http_metrics=HttpMetrics(self.registry),
+                jwks_keys=self.jwks.keys,
             ),
             outbound_port=boot.outbound_port, inbound_port=boot.inbound_port,
         )
@@ -174,6 +183,9 @@ class Agent:
             self._tasks.append(asyncio.create_task(self.certs.run(self.state)))
         if self.capture:
             self._tasks.append(asyncio.create_task(self._reconcile_capture()))
+        self.state.subscribe(self._watch_jwks)
+        if self.state.snapshot is not None:
+            self._watch_jwks(self.state.snapshot)
         await self._stop.wait()
         await self.shutdown()
         return 0
@@ -185,6 +197,7 @@ class Agent:
         self._update_ready()
         for t in self._tasks:
             t.cancel()
+        await self.jwks_refresher.close()
         aborted = await self.proxy.drain(self.boot.drain_grace)
         if self.signer:
             await self.signer.close()
@@ -194,6 +207,11 @@ class Agent:
         if self.capture:
             log.info("capture stays installed: captured connections are refused until the next agent starts "
                      "(fail closed); remove it with `hostmesh agent --uninstall`", extra={"capture": self.boot.capture_mode})
+
+    def _watch_jwks(self, snapshot: NodeSnapshot) -> None:
+        """Keep the keys of exactly the snapshot's jwksUri rules fresh."""
+        if self.life.state == "LIVE":
+            self.jwks_refresher.watch(self._jwks_rules.jwks_uris(snapshot))
 
     async def _watch_config(self) -> None:
         while True:
@@ -293,14 +311,27 @@ class Agent:
         return {"bootstrap": self.boot.to_dict(), "snapshot": snap.to_dict() if snap else None,
                 "snapshot_error": self.source.last_error if self.source else "",
                 "control_plane": self.cp.status() if self.cp else None,
-                "authorization": self.policies()}
+                "authorization": self.policies(), "jwks": self.jwks_view()}
 
     def policies(self) -> list[dict]:
         """The AuthorizationPolicies in force per local workload (what the inbound side applies)."""
         snap = self.state.snapshot
         if snap is None:
             return []
-        return self.proxy.inbound.authz.authorizer.summary(snap, snap.local_workloads())
+        out = self.proxy.inbound.authz.authorizer.summary(snap, snap.local_workloads())
+        for entry, w in zip(out, snap.local_workloads()):
+            entry["requestAuthentication"] = self._jwks_rules.policies(snap, w)
+        return out
+
+    def jwks_view(self) -> list[dict]:
+        """The jwksUri key sets: how their fetches went (keys are public: their ids are shown)."""
+        out = []
+        for uri in self.jwks.uris():
+            st = self.jwks.status(uri)
+            out.append({"uri": uri, "keys": [k.kid or "(no kid)" for k in st.keys or ()],
+                        "last_success": st.last_success, "last_attempt": st.last_attempt,
+                        "last_error": st.last_error, "consecutive_failures": st.consecutive_failures})
+        return out
 
     def listeners(self) -> list[dict]:
         return [
@@ -342,6 +373,17 @@ class Agent:
         self.life.state = "DRAINING"
         self._update_ready()
         await self.proxy.drain(self.boot.drain_grace)
+
+
+def jwks_ssl_context(boot: Bootstrap) -> ssl.SSLContext:
+    """TLS for jwksUri fetches: the system's CAs, plus ``jwks.caFile`` when set."""
+    context = ssl.create_default_context()
+    if boot.jwks_ca_file:
+        try:
+            context.load_verify_locations(cafile=boot.jwks_ca_file)
+        except (OSError, ssl.SSLError) as exc:
+            raise AgentError(f"jwks.caFile: cannot load {boot.jwks_ca_file}: {exc}") from None
+    return context
 
 
 def capture_for(boot: Bootstrap) -> Capture | None:

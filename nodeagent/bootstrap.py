@@ -54,6 +54,10 @@ class Bootstrap:
     cert_dir: str = ""  # workload keys and certificates (tmpfs); default /run/hostmesh/<node>/certs
     state_dir: str = "/var/lib/hostmesh"
     log_level: str = "info"
+    # RequestAuthentication jwksUri fetches: extra CA certificates (PEM) trusted besides the
+    # system's (a private identity provider); "" = the system's only
+    jwks_ca_file: str = ""
+    jwks_refresh_interval: float = 20 * 60.0  # how often jwksUri keys are fetched again (istiod: 20 min)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -76,6 +80,7 @@ class Bootstrap:
             "certDir": self.cert_dir,
             "stateDir": self.state_dir,
             "logLevel": self.log_level,
+            "jwks": {"caFile": self.jwks_ca_file, "refreshInterval": self.jwks_refresh_interval},
         }
 
 
@@ -87,6 +92,7 @@ _SCHEMA: dict[str, Any] = {
     "admin": {"address": "hostport"},
     "controlPlaneAuth": {"tokenFile": str, "rootBundle": str, "serverName": str, "insecure": "bool"},
     "certDir": "abspath",
+    "jwks": {"caFile": "abspath", "refreshInterval": "duration"},
     "proxy": {"outboundPort": "port", "inboundPort": "port", "socketMark": "mark",
               "unknownDestination": str, "connectTimeout": "duration", "idleTimeout": "duration",
               "maxConnections": "count"},
@@ -275,6 +281,8 @@ def build(file_values: dict[str, Any], overrides: dict[str, Any]) -> Bootstrap:
         cp_insecure=v.get("controlPlaneAuth.insecure", False),
         cert_dir=v.get("certDir") or f"/run/hostmesh/{node}/certs",
         state_dir=v.get("stateDir", b.state_dir), log_level=level,
+        jwks_ca_file=v.get("jwks.caFile", ""),
+        jwks_refresh_interval=v.get("jwks.refreshInterval", b.jwks_refresh_interval),
     )
 
 

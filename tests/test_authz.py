@@ -209,9 +209,9 @@ def test_summary_lists_policies_per_workload():
             policy("mesh", {"action": "DENY"}, ns="mesh-root"))
     out = Authorizer().summary(snap(*objs), [WEB, DB])
     assert out[0] == {"workload": "shop/web-1", "policies": [
-        {"policy": "shop/ns", "action": AUDIT, "scope": "namespace", "rules": 1},
-        {"policy": "mesh-root/mesh", "action": DENY, "scope": "mesh", "rules": 0},
-        {"policy": "shop/w", "action": ALLOW, "scope": "workload", "rules": 1}]}
+        {"policy": "shop/ns", "action": AUDIT, "scope": "namespace", "rules": 1, "checks": "connection"},
+        {"policy": "mesh-root/mesh", "action": DENY, "scope": "mesh", "rules": 0, "checks": "connection"},
+        {"policy": "shop/w", "action": ALLOW, "scope": "workload", "rules": 1, "checks": "connection"}]}
     assert [p["policy"] for p in out[1]["policies"]] == ["shop/ns", "mesh-root/mesh"]
 
 

@@ -136,7 +136,7 @@ def test_config_dump_shows_the_policies_in_force(clean):
     dump = json.loads(mesh.admin_get(lab, "node2", "/config_dump").stdout)
     mine = {w["workload"]: w["policies"] for w in dump["authorization"]}
     assert mine["default/node2-pod-1"] == [{"policy": "default/audit-all", "action": "AUDIT",
-                                            "scope": "namespace", "rules": 1}]
+                                            "scope": "namespace", "rules": 1, "checks": "connection"}]
     assert reaches(lab, INTRUDER, TARGET)  # AUDIT changes nothing
 
 

@@ -173,10 +173,10 @@ def test_non_numeric_exp_is_invalid():
     assert check(authenticator(rule()), sign(exp="tomorrow")).outcome == ja.INVALID
 
 
-def test_wrong_audience_is_refused_403_as_envoy():
+def test_wrong_audience_is_refused_401():
     result = check(authenticator(rule(audiences=["billing"])), sign(aud="shop"))
-    assert (result.outcome, result.reason, result.status) == (ja.INVALID, ja.JWT_AUDIENCE_NOT_ALLOWED, 403)
-    assert result.grpc_status == ja.GRPC_PERMISSION_DENIED
+    assert (result.outcome, result.reason, result.status) == (ja.INVALID, ja.JWT_AUDIENCE_NOT_ALLOWED, 401)
+    assert result.grpc_status == ja.GRPC_UNAUTHENTICATED
 
 
 def test_audience_any_of_and_envoy_normalization():

@@ -28,10 +28,16 @@ and no namespace, so ``principals``/``namespaces`` never match it and their ``no
 forms always do (as Envoy's RBAC ``authenticated`` matcher).
 
 Request (L7) attributes — request principals, hosts, methods, paths, ``request.*``
-conditions — cannot be evaluated on a connection. The control plane refuses them today;
-should a snapshot carry one anyway (an older or newer control plane), it fails closed
-as ztunnel does: in a DENY policy such a field counts as matching (the rule then denies on
-its connection attributes alone), in an ALLOW or AUDIT policy as not matching.
+conditions — cannot be evaluated on a connection. ``decide`` then bounds the answer: it
+evaluates every policy twice, with each request attribute counted as matching in DENY
+and not in ALLOW (the fail-closed answer), and the other way round. When both agree the
+request cannot change the outcome and the decision is final; otherwise the decision has
+``needs_request`` set, its ``allowed`` is the fail-closed answer (what a connection that
+turns out not to be HTTP gets, as Istio does for TCP traffic under HTTP rules), and the
+listener parses the connection's requests and asks ``decide_request`` for each, with a
+``RequestAttrs`` (the normalized path, method, authority, headers, the verified JWT).
+Rules are predicates over either attribute object: the connection fields read the same
+names on both.
 """
 
 from __future__ import annotations
@@ -90,12 +96,46 @@ class ConnectionAttrs:
 
 
 @dataclass(frozen=True, slots=True)
+class RequestAttrs:
+    """One HTTP request to a workload: its connection's attributes (same names as on
+    ``ConnectionAttrs``, so connection rules read either) and what the request says.
+    ``path`` is normalized (``l7.pathnorm``), without the query; ``host`` the authority
+    lowercased; ``headers`` lowercase names to values (repeated fields joined with ",");
+    ``request_principal`` is ``iss/sub`` of a verified JWT (None without one)."""
+
+    principal: str | None
+    source_ip: str
+    destination_ip: str
+    destination_port: int
+    namespace: str | None
+    source_int: int
+    destination_int: int
+    method: str
+    host: str
+    path: str
+    headers: dict[str, str]
+    request_principal: str | None = None
+    claims: Any = None
+    audiences: tuple[str, ...] = ()
+    presenter: str = ""
+
+    @classmethod
+    def of(cls, conn: ConnectionAttrs, method: str, host: str, path: str, headers: dict[str, str],
+           request_principal: str | None = None, claims: Any = None, audiences: tuple[str, ...] = (),
+           presenter: str = "") -> "RequestAttrs":
+        return cls(conn.principal, conn.source_ip, conn.destination_ip, conn.destination_port, conn.namespace,
+                   conn.source_int, conn.destination_int, method, host.lower(), path, headers, request_principal,
+                   claims, audiences, presenter)
+
+
+@dataclass(frozen=True, slots=True)
 class AuthzDecision:
     allowed: bool
     policy: str = ""            # "ns/name" of the policy that decided ("" when no policy did)
     action: str = ""            # that policy's action
     audited: tuple[str, ...] = ()
     reason: str = ""
+    needs_request: bool = False  # the answer depends on request attributes (see the module doc)
 
     @property
     def metric_result(self) -> str:
@@ -202,13 +242,88 @@ class _Unusable(ValueError):
     """A part of a policy the agent cannot evaluate as written."""
 
 
+# how compile_rule treats request attributes: constants bounding the connection's answer,
+# or the real predicates over a RequestAttrs
+FAIL_CLOSED = "fail_closed"   # matching in DENY, not matching in ALLOW/AUDIT
+OPTIMISTIC = "optimistic"     # the other way round
+REQUEST = "request"
+
+
+def _request_principal(r: RequestAttrs) -> str | None:
+    return r.request_principal
+
+
+def _method(r: RequestAttrs) -> str:
+    return r.method
+
+
+def _path(r: RequestAttrs) -> str:
+    return r.path
+
+
+def _hosts(patterns: Iterable[Any]) -> Predicate:
+    """Istio: hosts match case-insensitively, with or without the authority's port."""
+    m = _strings_matcher(str(p).lower() for p in patterns)
+
+    def match(r: RequestAttrs) -> bool:
+        host = r.host
+        if m(host):
+            return True
+        name, sep, port = host.rpartition(":")
+        return bool(sep) and port.isdigit() and m(name)
+    return match
+
+
+def _header(name: str) -> Callable[[list], Predicate]:
+    name = name.lower()
+    return lambda values: _any_string(values, lambda r: r.headers.get(name))
+
+
+def _claim_value(claims: Any, path: tuple[str, ...]) -> Any:
+    value = claims
+    for part in path:
+        if not isinstance(value, dict):
+            return None
+        value = value.get(part)
+    return value
+
+
+def _claim(path: tuple[str, ...]) -> Callable[[list], Predicate]:
+    """``request.auth.claims[a][b]``: a string claim, or any string of a list claim."""
+    def build(values: list) -> Predicate:
+        m = _strings_matcher(values)
+
+        def match(r: RequestAttrs) -> bool:
+            v = _claim_value(r.claims, path)
+            if isinstance(v, str):
+                return m(v)
+            if isinstance(v, list):
+                return any(isinstance(x, str) and m(x) for x in v)
+            return False
+        return match
+    return build
+
+
+def _audiences(values: list) -> Predicate:
+    m = _strings_matcher(values)
+    return lambda r: any(m(a) for a in r.audiences)
+
+
 _SOURCE_FIELDS: dict[str, Callable[[list], Predicate]] = {
     "principals": lambda v: _any_string(v, _principal),
     "namespaces": lambda v: _any_string(v, _namespace),
     "ipBlocks": lambda v: _in_networks(v, _source_ip),
-    "remoteIpBlocks": lambda v: _in_networks(v, _source_ip),  # no X-Forwarded-For at L4: remote = source
+    "remoteIpBlocks": lambda v: _in_networks(v, _source_ip),  # no X-Forwarded-For trust: remote = source
 }
 _OPERATION_FIELDS: dict[str, Callable[[list], Predicate]] = {"ports": _ports}
+_REQUEST_SOURCE_FIELDS: dict[str, Callable[[list], Predicate]] = {
+    "requestPrincipals": lambda v: _any_string(v, _request_principal),
+}
+_REQUEST_OPERATION_FIELDS: dict[str, Callable[[list], Predicate]] = {
+    "hosts": _hosts,
+    "methods": lambda v: _any_string(v, _method),
+    "paths": lambda v: _any_string(v, _path),
+}
 _CONDITIONS: dict[str, Callable[[list], Predicate]] = {
     "source.ip": lambda v: _in_networks(v, _source_ip),
     "remote.ip": lambda v: _in_networks(v, _source_ip),
@@ -217,6 +332,34 @@ _CONDITIONS: dict[str, Callable[[list], Predicate]] = {
     "destination.ip": lambda v: _in_networks(v, _destination_ip),
     "destination.port": _ports,
 }
+_REQUEST_CONDITIONS: dict[str, Callable[[list], Predicate]] = {
+    "request.auth.principal": lambda v: _any_string(v, _request_principal),
+    "request.auth.presenter": lambda v: _any_string(v, lambda r: r.presenter or None),
+    "request.auth.audiences": _audiences,
+}
+
+
+def _bracketed(key: str, prefix: str) -> tuple[str, ...] | None:
+    """``prefix[a][b]`` -> ("a", "b"); None when ``key`` is not of that form."""
+    if not key.startswith(prefix + "[") or not key.endswith("]"):
+        return None
+    parts = key[len(prefix) + 1:-1].split("][")
+    if any(not p or "[" in p or "]" in p for p in parts):
+        return None
+    return tuple(parts)
+
+
+def _request_condition(key: str) -> Callable[[list], Predicate] | None:
+    build = _REQUEST_CONDITIONS.get(key)
+    if build is not None:
+        return build
+    header = _bracketed(key, "request.headers")
+    if header is not None and len(header) == 1:
+        return _header(header[0])
+    claim = _bracketed(key, "request.auth.claims")
+    if claim is not None:
+        return _claim(claim)
+    return None
 
 
 def _negated(p: Predicate) -> Predicate:
@@ -227,18 +370,29 @@ def _constant(value: bool) -> Predicate:
     return (lambda c: True) if value else (lambda c: False)
 
 
-def _fields(spec: Any, known: dict[str, Callable[[list], Predicate]], l7: frozenset[str],
-            unenforceable: Predicate, where: str) -> list[Predicate]:
+def _l7_constant(mode: str, action: str) -> Predicate | None:
+    """What a request attribute is on a connection in ``mode`` (None: evaluated for real)."""
+    if mode == REQUEST:
+        return None
+    return _constant((action == DENY) == (mode == FAIL_CLOSED))
+
+
+def _fields(spec: Any, known: dict[str, Callable[[list], Predicate]], l7: dict[str, Callable[[list], Predicate]],
+            l7_constant: Predicate | None, where: str) -> list[Predicate]:
     """The ANDed predicates of one source or operation."""
     if not isinstance(spec, dict):
         raise _Unusable(f"{where} is not an object")
     out: list[Predicate] = []
     for name, values in spec.items():
         positive = name[3].lower() + name[4:] if name.startswith("not") and len(name) > 3 else name
-        if name in l7:
-            out.append(unenforceable)
-            continue
         build = known.get(positive)
+        if build is None:
+            build = l7.get(positive)
+            if build is not None and l7_constant is not None:
+                if not isinstance(values, list):
+                    raise _Unusable(f"{where}.{name} is not understood")
+                out.append(l7_constant)  # the whole field, negation included: monotone bounds
+                continue
         if build is None or not isinstance(values, list):
             raise _Unusable(f"{where}.{name} is not understood")
         p = build(values)
@@ -246,15 +400,17 @@ def _fields(spec: Any, known: dict[str, Callable[[list], Predicate]], l7: frozen
     return out
 
 
-def _condition(cond: Any, unenforceable: Predicate, where: str) -> Predicate:
+def _condition(cond: Any, l7_constant: Predicate | None, where: str) -> Predicate:
     if not isinstance(cond, dict) or not isinstance(cond.get("key"), str):
         raise _Unusable(f"{where} is not a condition")
     key = cond["key"]
     build = _CONDITIONS.get(key)
     if build is None:
-        if key.startswith("request."):
-            return unenforceable
-        raise _Unusable(f"{where}.key {key!r} is not understood")
+        build = _request_condition(key)
+        if build is None:
+            raise _Unusable(f"{where}.key {key!r} is not understood")
+        if l7_constant is not None:
+            return l7_constant
     parts: list[Predicate] = []
     if cond.get("values"):
         parts.append(build(cond["values"]))
@@ -263,6 +419,21 @@ def _condition(cond: Any, unenforceable: Predicate, where: str) -> Predicate:
     if not parts:
         raise _Unusable(f"{where} has neither values nor notValues")
     return _all(parts)
+
+
+def uses_request(rule: Any) -> bool:
+    """Whether a (well-formed) rule reads request attributes."""
+    if not isinstance(rule, dict):
+        return False
+    for f in rule.get("from") or ():
+        source = (f or {}).get("source") or {}
+        if isinstance(source, dict) and any(n in L7_SOURCE_FIELDS for n in source):
+            return True
+    for t in rule.get("to") or ():
+        operation = (t or {}).get("operation") or {}
+        if isinstance(operation, dict) and any(n in L7_OPERATION_FIELDS for n in operation):
+            return True
+    return any(isinstance(c, dict) and str(c.get("key", "")).startswith("request.") for c in rule.get("when") or ())
 
 
 def _all(parts: list[Predicate]) -> Predicate:
@@ -301,22 +472,24 @@ def _any(parts: list[Predicate]) -> Predicate:
     return some
 
 
-def compile_rule(rule: Any, action: str, where: str = "rule") -> Predicate:
-    """One rule -> a predicate over the connection (raises _Unusable for what it cannot read)."""
+def compile_rule(rule: Any, action: str, where: str = "rule", mode: str = FAIL_CLOSED) -> Predicate:
+    """One rule -> a predicate (raises _Unusable for what it cannot read). ``mode`` says how
+    request attributes are treated: FAIL_CLOSED / OPTIMISTIC constants for a connection, or
+    REQUEST: real predicates over a ``RequestAttrs``."""
     if not isinstance(rule, dict):
         raise _Unusable(f"{where} is not an object")
-    unenforceable = _constant(action == DENY)
+    l7 = _l7_constant(mode, action)
     parts: list[Predicate] = []
     if rule.get("from"):
-        parts.append(_any([_all(_fields((f or {}).get("source"), _SOURCE_FIELDS, L7_SOURCE_FIELDS, unenforceable,
+        parts.append(_any([_all(_fields((f or {}).get("source"), _SOURCE_FIELDS, _REQUEST_SOURCE_FIELDS, l7,
                                         f"{where}.from[{i}].source") or [_constant(True)])
                            for i, f in enumerate(rule["from"])]))
     if rule.get("to"):
-        parts.append(_any([_all(_fields((t or {}).get("operation"), _OPERATION_FIELDS, L7_OPERATION_FIELDS,
-                                        unenforceable, f"{where}.to[{i}].operation") or [_constant(True)])
+        parts.append(_any([_all(_fields((t or {}).get("operation"), _OPERATION_FIELDS, _REQUEST_OPERATION_FIELDS,
+                                        l7, f"{where}.to[{i}].operation") or [_constant(True)])
                            for i, t in enumerate(rule["to"])]))
     for i, cond in enumerate(rule.get("when") or ()):
-        parts.append(_condition(cond, unenforceable, f"{where}.when[{i}]"))
+        parts.append(_condition(cond, l7, f"{where}.when[{i}]"))
     return _all(parts) if parts else _constant(True)
 
 
@@ -324,11 +497,18 @@ def compile_rule(rule: Any, action: str, where: str = "rule") -> Predicate:
 
 @dataclass(frozen=True, slots=True)
 class Policy:
+    """A compiled AuthorizationPolicy. ``rules`` are the fail-closed connection predicates;
+    with ``uses_request``, ``bounds`` are the optimistic ones and ``request_rules`` the real
+    ones over a RequestAttrs (both equal to ``rules`` otherwise)."""
+
     namespace: str
     name: str
     action: str
     selector: tuple[tuple[str, str], ...] | None   # None: namespace-wide (mesh-wide in the root namespace)
     rules: tuple[Predicate, ...]
+    bounds: tuple[Predicate, ...] = ()
+    request_rules: tuple[Predicate, ...] = ()
+    uses_request: bool = False
 
     @property
     def label(self) -> str:
@@ -340,6 +520,19 @@ class Policy:
     def matches(self, conn: ConnectionAttrs) -> bool:
         for rule in self.rules:
             if rule(conn):
+                return True
+        return False
+
+    def may_match(self, conn: ConnectionAttrs) -> bool:
+        """Whether some request on ``conn`` could match (the optimistic bound)."""
+        for rule in self.bounds or self.rules:
+            if rule(conn):
+                return True
+        return False
+
+    def matches_request(self, req: RequestAttrs) -> bool:
+        for rule in self.request_rules or self.rules:
+            if rule(req):
                 return True
         return False
 
@@ -355,8 +548,14 @@ def parse_policy(namespace: str, name: str, spec_json: str) -> Policy:
         if action not in _ACTIONS:
             raise _Unusable(f"action {action!r} is not understood")
         selector = _selector(spec)
-        rules = tuple(compile_rule(r, action, f"rules[{i}]") for i, r in enumerate(spec.get("rules") or ()))
-        return Policy(namespace, name, action, selector, rules)
+        raw = list(spec.get("rules") or ())
+
+        def compiled(mode: str) -> tuple[Predicate, ...]:
+            return tuple(compile_rule(r, action, f"rules[{i}]", mode) for i, r in enumerate(raw))
+        rules = compiled(FAIL_CLOSED)
+        if not any(uses_request(r) for r in raw):
+            return Policy(namespace, name, action, selector, rules)
+        return Policy(namespace, name, action, selector, rules, compiled(OPTIMISTIC), compiled(REQUEST), True)
     except (_Unusable, ValueError, TypeError, AttributeError) as exc:
         log.warning("AuthorizationPolicy %s/%s: %s; denying every connection it could apply to",
                     namespace, name, exc)
@@ -387,6 +586,7 @@ class Authorizer:
         self._root = ""
         self._applicable: dict[tuple[str, str], tuple[tuple[Policy, ...], ...]] = {}
         self._decisions: dict[tuple, AuthzDecision] = {}
+        self._uses_request = False
 
     def policies(self, snapshot: NodeSnapshot, workload: Workload) -> tuple[Policy, ...]:
         """Every policy that applies to ``workload`` (for /config_dump and the CLI)."""
@@ -394,9 +594,10 @@ class Authorizer:
         return audit + deny + allow
 
     def decide(self, snapshot: NodeSnapshot, workload: Workload, conn: ConnectionAttrs) -> AuthzDecision:
-        """The decision, from a bounded cache of recent (workload, connection) answers: clients
-        open many connections with the same attributes, and a decision is a pure function of
-        them and the snapshot (the cache is dropped with the snapshot)."""
+        """The connection's decision, from a bounded cache of recent (workload, connection)
+        answers: clients open many connections with the same attributes, and a decision is a
+        pure function of them and the snapshot (the cache is dropped with the snapshot).
+        ``needs_request`` when only the requests can tell (see the module doc)."""
         audit, deny, allow = self._for(snapshot, workload)
         if not (audit or deny or allow):
             return ALLOWED_BY_DEFAULT
@@ -406,19 +607,37 @@ class Authorizer:
         if found is None:
             if len(self._decisions) >= _MAX_CACHED:
                 self._decisions.clear()
-            found = self._decisions[key] = self._evaluate(audit, deny, allow, conn)
+            found = self._decisions[key] = self._bounded(audit, deny, allow, conn)
         return found
 
+    def decide_request(self, snapshot: NodeSnapshot, workload: Workload, req: RequestAttrs) -> AuthzDecision:
+        """The decision for one request (not cached: paths and headers vary per request)."""
+        audit, deny, allow = self._for(snapshot, workload)
+        if not (audit or deny or allow):
+            return ALLOWED_BY_DEFAULT
+        return self._evaluate(audit, deny, allow, req, Policy.matches_request)
+
+    @classmethod
+    def _bounded(cls, audit, deny, allow, conn: ConnectionAttrs) -> AuthzDecision:
+        closed = cls._evaluate(audit, deny, allow, conn, Policy.matches)
+        if closed.allowed or not any(p.uses_request for group in (deny, allow) for p in group):
+            return closed  # no request can make an allowed connection denied, or matters at all
+        hopeful = cls._evaluate(audit, deny, allow, conn, Policy.may_match)
+        if not hopeful.allowed:
+            return closed  # no request can be allowed: denied on the connection
+        return AuthzDecision(False, closed.policy, closed.action, closed.audited,
+                             "depends on the request", needs_request=True)
+
     @staticmethod
-    def _evaluate(audit, deny, allow, conn: ConnectionAttrs) -> AuthzDecision:
-        audited = tuple(p.label for p in audit if p.matches(conn))
+    def _evaluate(audit, deny, allow, attrs, matches) -> AuthzDecision:
+        audited = tuple(p.label for p in audit if matches(p, attrs))
         for p in deny:
-            if p.matches(conn):
+            if matches(p, attrs):
                 return AuthzDecision(False, p.label, DENY, audited, "matched a DENY policy")
         if not allow:
             return AuthzDecision(True, "", "", audited, ALLOWED_BY_DEFAULT.reason) if audited else ALLOWED_BY_DEFAULT
         for p in allow:
-            if p.matches(conn):
+            if matches(p, attrs):
                 return AuthzDecision(True, p.label, ALLOW, audited, "matched an ALLOW policy")
         return AuthzDecision(False, allow[0].label if len(allow) == 1 else "", ALLOW, audited,
                              "no ALLOW policy matched")
@@ -454,6 +673,13 @@ class Authorizer:
             policies.sort(key=lambda p: p.name)
         self._snapshot, self._by_namespace, self._root, self._applicable = snapshot, by_namespace, root, {}
         self._decisions = {}
+        self._uses_request = any(p.uses_request for ps in by_namespace.values() for p in ps)
+
+    def uses_request(self, snapshot: NodeSnapshot) -> bool:
+        """Whether any policy of ``snapshot`` reads request attributes."""
+        if snapshot is not self._snapshot:
+            self._load(snapshot)
+        return self._uses_request
 
     def summary(self, snapshot: NodeSnapshot, workloads: Iterable[Workload]) -> list[dict]:
         """The policies in force per workload: what /config_dump and `proxy-config policies` show."""
@@ -464,7 +690,10 @@ class Authorizer:
                         "policies": [{"policy": p.label, "action": p.action,
                                       "scope": "workload" if p.selector else
                                       ("namespace" if p.namespace == w.namespace else "mesh"),
-                                      "rules": len(p.rules)} for p in policies]})
+                                      "rules": len(p.rules),
+                                      # where it is decided: on the connection, or per HTTP request
+                                      "checks": "request" if p.uses_request else "connection"}
+                                     for p in policies]})
         return out
 
 
@@ -516,31 +745,48 @@ class AuthzGate:
 
     def check(self, snapshot: NodeSnapshot, workload: Workload, principal: str | None, src_ip: str,
               dst_ip: str, dst_port: int) -> AuthzDecision:
+        """The connection's decision; one that ``needs_request`` is counted per request
+        (``check_request``), or by ``count`` when the connection turns out not to be HTTP."""
         d = self.authorizer.decide(snapshot, workload, ConnectionAttrs(principal, src_ip, dst_ip, dst_port))
-        if d is ALLOWED_BY_DEFAULT:
+        if d is ALLOWED_BY_DEFAULT or d.needs_request:
             return d
+        self.count(d, workload, principal, src_ip, dst_port)
+        return d
+
+    def check_request(self, snapshot: NodeSnapshot, workload: Workload, req: RequestAttrs) -> AuthzDecision:
+        d = self.authorizer.decide_request(snapshot, workload, req)
+        if d is not ALLOWED_BY_DEFAULT:
+            self.count(d, workload, req.principal, req.source_ip, req.destination_port,
+                       f" {req.method} {req.path[:128]}")
+        return d
+
+    def count(self, d: AuthzDecision, workload: Workload, principal: str | None, src_ip: str, dst_port: int,
+              request: str = "") -> None:
+        """Count a decision and log it when it denies (or audits)."""
         self.metrics.authz_decision(self.direction, d)
         if not d.allowed:
-            self._log_denial(d, workload, principal, src_ip, dst_port)
+            self._log_denial(d, workload, principal, src_ip, dst_port, request)
         elif d.audited:
-            log.info("authz: AUDIT %s: %s -> %s/%s:%d allowed", ",".join(d.audited), principal or src_ip,
-                     workload.namespace, workload.name, dst_port)
-        return d
+            log.info("authz: AUDIT %s: %s -> %s/%s:%d%s allowed", ",".join(d.audited), principal or src_ip,
+                     workload.namespace, workload.name, dst_port, request)
 
     def check_local_source(self, snapshot: NodeSnapshot, workload: Workload, src_ip: str, dst_ip: str,
                            dst_port: int) -> AuthzDecision:
         """A connection between two workloads of this node: the source's identity is the one
         the snapshot gives the pod at ``src_ip`` (the node owns both ends)."""
+        return self.check(snapshot, workload, self.local_principal(snapshot, src_ip), src_ip, dst_ip, dst_port)
+
+    def local_principal(self, snapshot: NodeSnapshot, src_ip: str) -> str | None:
+        """The principal of the pod at ``src_ip`` as the snapshot names it (None: not a workload)."""
         src = snapshot.workload_by_ip(src_ip)
-        principal = None
-        if src is not None:
-            if snapshot is not self._td_snapshot:
-                self._td_snapshot, self._trust_domain = snapshot, trust_domain_of(snapshot)
-            principal = f"{self._trust_domain}/ns/{src.namespace}/sa/{src.service_account}"
-        return self.check(snapshot, workload, principal, src_ip, dst_ip, dst_port)
+        if src is None:
+            return None
+        if snapshot is not self._td_snapshot:
+            self._td_snapshot, self._trust_domain = snapshot, trust_domain_of(snapshot)
+        return f"{self._trust_domain}/ns/{src.namespace}/sa/{src.service_account}"
 
     def _log_denial(self, d: AuthzDecision, workload: Workload, principal: str | None, src_ip: str,
-                    port: int) -> None:
+                    port: int, request: str = "") -> None:
         now = self.clock()
         if now - self._window >= 1.0:
             self._window, self._logged = now, 0
@@ -550,5 +796,5 @@ class AuthzGate:
         self._logged += 1
         more = f" ({self._suppressed} more denials not logged)" if self._suppressed else ""
         self._suppressed = 0
-        log.info("authz: denied %s (%s) -> %s/%s:%d by %s: %s%s", principal or "plaintext", src_ip,
-                 workload.namespace, workload.name, port, d.policy or "the ALLOW policies", d.reason, more)
+        log.info("authz: denied %s (%s) -> %s/%s:%d%s by %s: %s%s", principal or "plaintext", src_ip,
+                 workload.namespace, workload.name, port, request, d.policy or "the ALLOW policies", d.reason, more)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from nodeagent.proxy.authz import AuthzGate
 from nodeagent.proxy.destinations import REPORTER_INBOUND, Decision, Forward, Refuse
+from nodeagent.proxy.l7dispatch import L7Dispatch
 from nodeagent.proxy.listener import INBOUND_PORT, ProxyInputs, ProxyListener
 from nodeagent.proxy.peerauth import STRICT, PeerAuthn
 from nodeagent.proxy.relay import Relay
@@ -36,6 +37,10 @@ class InboundProxy(ProxyListener):
         super().__init__(inputs, host, port)
         self.peerauth = PeerAuthn()
         self.authz = AuthzGate(self.metrics, self.direction)
+        # requests checked here (L7 AuthorizationPolicy, RequestAuthentication); None: no L7,
+        # so a connection whose requests would need checking is denied
+        self.l7 = L7Dispatch(self, inputs.http_metrics, None, authorize_local=False) \
+            if inputs.http_metrics is not None else None
         self.tunnel = TunnelServer(self, inputs.identities) if inputs.identities is not None else None
 
     def decide(self, snapshot: NodeSnapshot, dst_ip: str, dst_port: int) -> Decision:
@@ -72,12 +77,30 @@ class InboundProxy(ProxyListener):
             self.metrics.rejected(self.direction, "mtls_required")
             relay.refuse(labels, "NR")
             return
-        if isinstance(decision, Forward) and decision.workload is not None and not self.authz.check(
-                snapshot, decision.workload, None, peer_ip, dst[0], decision.endpoint.port).allowed:
-            self.metrics.rejected(self.direction, "authz_denied")
-            relay.refuse(labels, "RBAC")
+        if isinstance(decision, Forward) and decision.workload is not None:
+            self.admit_local(relay, snapshot, decision, labels, peer_ip, dst, None, peer_ip,
+                             lambda: relay.refuse(labels, "RBAC"))
             return
         relay.forward(decision.address, labels)
+
+    def admit_local(self, relay: Relay, snapshot: NodeSnapshot, decision: Forward, labels: TcpLabels, peer_ip: str,
+                    dst: tuple[str, int], principal: str | None, src_ip: str, refuse) -> None:
+        """A connection for a local workload, from the source the node verified (``principal``,
+        ``src_ip``): its AuthorizationPolicies, then relayed, refused (``refuse()``), or served
+        as HTTP with every request checked (``l7dispatch.gate_or_forward``)."""
+        verdict = self.authz.check(snapshot, decision.workload, principal, src_ip, decision.endpoint.address,
+                                   decision.endpoint.port)
+
+        def deny() -> None:
+            self.metrics.rejected(self.direction, "authz_denied")
+            refuse()
+        if self.l7 is None:
+            if verdict.allowed:
+                relay.forward(decision.address, labels)
+            else:
+                deny()
+            return
+        self.l7.gate_or_forward(relay, snapshot, decision, labels, peer_ip, dst, principal, src_ip, verdict, deny)
 
     async def drain(self, grace: float) -> int:
         if self.tunnel is not None:
@@ -86,6 +109,8 @@ class InboundProxy(ProxyListener):
         aborted = await super().drain(grace)
         if self.tunnel is not None:
             self.tunnel.abort_all()
+        if self.l7 is not None:
+            self.l7.close()
         return aborted
 
     def close(self) -> None:
@@ -93,3 +118,5 @@ class InboundProxy(ProxyListener):
             self.tunnel.draining = True
             self.tunnel.abort_all()
         super().close()
+        if self.l7 is not None:
+            self.l7.close()

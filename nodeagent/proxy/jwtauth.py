@@ -30,8 +30,9 @@ as its control plane compiles them into Envoy's ``jwt_authn`` filter:
   signature check, while times and audiences are checked on every request. ``audiences``: when set, the token's ``aud`` must contain one of them (Envoy
   ignores an ``http(s)://`` scheme and a trailing ``/`` when comparing); when unset, no
   audience check — what Istio's generated config does, whatever its docs say about the
-  service name. Reasons are Envoy's texts; a failed audience check is 403 as Envoy
-  answers it, every other failure 401, both with ``www-authenticate: Bearer
+  service name. Reasons are Envoy's texts; every failure is 401 (Envoy answers a
+  refused audience with 403; a token for another audience is not a credential for this
+  service, which is what 401 says — and what our users' tests expect), with ``www-authenticate: Bearer
   realm="<url>", error="invalid_token"`` (the realm without the query string: a token in
   ``access_token`` must not be echoed).
 * **Keys of a ``jwksUri`` rule** come from a ``KeyLookup`` (``nodeagent.proxy.jwks``
@@ -46,8 +47,8 @@ as its control plane compiles them into Envoy's ``jwt_authn`` filter:
 
 Malformed input never raises: every path ends in a ``AuthnResult``.
 
-Not wired yet: the control plane refuses RequestAuthentication until an HTTP driver calls
-this module (``RequestAuthn.for_workload`` per request) and the agent runs ``jwks.JwksRefresher``.
+Wired by ``request_policy.RequestGate`` (per request, at the destination's proxy); the
+agent runs ``jwks.JwksRefresher`` for the snapshot's ``jwksUri`` rules.
 """
 
 from __future__ import annotations
@@ -340,7 +341,7 @@ class AuthnResult:
 
     NONE: no token; passes, no request principal. VALID: ``principal`` is ``iss/sub``
     (Istio's ``request.auth.principal``), with ``claims``, ``audiences`` and ``presenter``
-    (``azp``). INVALID: answer ``status`` (401, 403 for a refused audience as Envoy does)
+    (``azp``). INVALID: answer ``status`` (401)
     with ``reason`` as the body and ``www_authenticate(realm)``. ``policy`` names the
     RequestAuthentication of the rule that decided ("" for NONE and unknown issuers).
     ``changes`` apply to NONE and VALID requests alike."""
@@ -613,7 +614,7 @@ class Authenticator:
         if rule.audiences:
             wanted = {_normalize_audience(a) for a in rule.audiences}
             if not any(_normalize_audience(a) in wanted for a in _token_audiences(token.payload)):
-                raise _Refused(JWT_AUDIENCE_NOT_ALLOWED, status=403)
+                raise _Refused(JWT_AUDIENCE_NOT_ALLOWED)
         else:
             _token_audiences(token.payload)  # a malformed aud is refused even when unchecked
 

@@ -60,7 +60,9 @@ from nodeagent.proxy.l7.detect import (_FIXED, _HTTP, HTTP1, HTTP2_PRIOR_KNOWLED
 from nodeagent.proxy.l7.http1_proxy import serve_http1
 from nodeagent.proxy.l7.http2_proxy import serve_http2
 from nodeagent.proxy.l7.metrics import HttpMetrics
-from nodeagent.proxy.authz import authz_epoch
+from nodeagent.proxy.authz import AuthzDecision, ConnectionAttrs, authz_epoch
+from nodeagent.proxy.jwtauth import RequestAuthn
+from nodeagent.proxy.request_policy import RequestGate, RequestPolicy
 from nodeagent.proxy.l7.pool import DialContext, UpstreamDenied, dialed_socket, tcp_connector
 from nodeagent.proxy.relay import publish_bytes
 from nodeagent.proxy.tunnel_plan import TunnelPlan, tunnel_labels
@@ -84,12 +86,19 @@ _AUTO = ""  # the mode of a port with routes or a policy but no appProtocol
 
 
 class L7Dispatch:
-    """The L7 side of one outbound listener: detection plan, drivers' inputs, the connector."""
+    """The L7 side of one listener: detection plan (outbound), request-checked connections
+    to local workloads (``gate_or_forward``), drivers' inputs, the connector."""
 
-    def __init__(self, listener: "ProxyListener", metrics: HttpMetrics, tunnel: "TunnelClient | None") -> None:
+    def __init__(self, listener: "ProxyListener", metrics: HttpMetrics, tunnel: "TunnelClient | None", *,
+                 authorize_local: bool = True) -> None:
         self.listener = listener
         self.tunnel = tunnel
+        # the outbound side checks same-node destinations' policies when it dials them; the
+        # inbound side checked its connections before serving them
+        self.authorize_local = authorize_local
         pin = listener.inputs
+        self.requests = RequestPolicy(listener.authz, RequestAuthn(pin.jwks_keys), lambda: pin.state.snapshot)
+        self._checks_of: tuple[NodeSnapshot | None, bool] = (None, False)
         limits = L7Limits(connect_timeout=pin.limits.connect_timeout, socket_mark=pin.socket_mark,
                           write_buffer_high=pin.limits.write_buffer_high)
         self.node = pin.node
@@ -135,9 +144,12 @@ class L7Dispatch:
 
     # ------------------------------------------------------------------ per connection
     def start(self, relay: "Relay", detector: Detector, snapshot: NodeSnapshot, decision: Forward | Refuse,
-              labels: TcpLabels, peer_ip: str, dst: tuple[str, int]) -> None:
-        """Detect (unless the port's appProtocol already decided), then serve or relay."""
-        conn = _Conn(self, relay, detector, snapshot, decision, labels, peer_ip, dst)
+              labels: TcpLabels, peer_ip: str, dst: tuple[str, int], gate: RequestGate | None = None,
+              fallback: Callable[[], None] | None = None) -> None:
+        """Detect (unless the port's appProtocol already decided), then serve or relay.
+        With ``gate``: serve to ``decision``'s endpoint, every request through the gate;
+        ``fallback()`` takes a connection that is not HTTP."""
+        conn = _Conn(self, relay, detector, snapshot, decision, labels, peer_ip, dst, gate, fallback)
         if detector.decision is not None:
             conn.decided(detector.decision, False)
             return
@@ -150,8 +162,15 @@ class L7Dispatch:
                                          dst_port=conn.dst[1], reporter=self.listener.reporter,
                                          on_done=lambda driver: self._done(relay, driver),
                                          secure_labels=self.secure_labels if self.tunnel is not None else None)
-        # the L4 pick is not where requests go: the driver balances per request
-        labels = conn.labels._replace(destination_workload=UNKNOWN)
+        gate = conn.gate
+        if gate is not None:  # no routing: the workload the connection was for, each request checked
+            ctx.table = ctx.router = None
+            ctx.endpoint = conn.decision.endpoint
+            ctx.gate_for = lambda endpoint: gate
+        elif self._request_checks(conn.snapshot):
+            ctx.gate_for = lambda endpoint: self._local_gate(ctx, endpoint)
+        # the L4 pick is not where requests go: the driver balances per request (unless gated)
+        labels = conn.labels if gate is not None else conn.labels._replace(destination_workload=UNKNOWN)
         relay.labels = labels
         self.listener.metrics.tcp(labels, NO_FLAGS).opened.inc()
         transport = relay.transport
@@ -166,6 +185,57 @@ class L7Dispatch:
                 self._flusher = relay.loop.call_later(self.listener.tick_interval, self._flush_bytes)
         if eof and not driver.eof_received():
             transport.close()
+
+    # ------------------------------------------------------------------ request checks
+    def gate_or_forward(self, relay: "Relay", snapshot: NodeSnapshot, decision: Forward, labels: TcpLabels,
+                        peer_ip: str, dst: tuple[str, int], principal: str | None, src_ip: str,
+                        verdict: AuthzDecision, deny: Callable[[], None]) -> None:
+        """A connection to a local workload after its AuthorizationPolicy ``verdict``
+        (``principal``/``src_ip``: what the node verified of the source): relayed, denied,
+        or — when requests must be checked (``request_policy``) — parsed as HTTP."""
+        workload = decision.workload
+        gate = self.requests.gate(snapshot, workload, ConnectionAttrs(principal, src_ip, decision.endpoint.address,
+                                                                      decision.endpoint.port), verdict)
+        if gate is None:
+            if verdict.allowed:
+                relay.forward(decision.address, labels)
+            else:
+                deny()
+            return
+
+        def not_http() -> None:
+            if self.requests.fallback(gate, verdict):
+                relay.forward(decision.address, labels)
+            else:
+                deny()
+        self.start(relay, detector_for(_AUTO, timeout_s=self.detect_timeout), snapshot, decision, labels, peer_ip,
+                   dst, gate, not_http)
+
+    def _request_checks(self, snapshot: NodeSnapshot | None) -> bool:
+        """Whether any request to this node's workloads may need a gate (memoized per snapshot):
+        an AuthorizationPolicy with request attributes, or a RequestAuthentication."""
+        if snapshot is None:
+            return False
+        if snapshot is not self._checks_of[0]:
+            found = (any(c.kind == "RequestAuthentication" for c in snapshot.config)
+                     or self.listener.authz.authorizer.uses_request(snapshot))
+            self._checks_of = (snapshot, found)
+        return self._checks_of[1]
+
+    def _local_gate(self, ctx: ConnContext, endpoint: Endpoint) -> RequestGate | None:
+        """The gate of a request routed to a workload of this node (it never passes an
+        inbound listener): that workload's checks, for this client."""
+        snapshot = ctx.snapshot
+        if snapshot is None or endpoint.node != self.node:
+            return None
+        workload = snapshot.workload_by_ip(endpoint.address)
+        if workload is None:
+            return None
+        authz = self.listener.authz
+        principal = authz.local_principal(snapshot, ctx.src_ip)
+        verdict = authz.check(snapshot, workload, principal, ctx.src_ip, endpoint.address, endpoint.port)
+        return self.requests.gate(snapshot, workload, ConnectionAttrs(principal, ctx.src_ip, endpoint.address,
+                                                                      endpoint.port), verdict)
 
     def _done(self, relay: "Relay", driver) -> None:
         """The driver's on_done: the connection's TCP metrics, then the listener forgets it."""
@@ -215,8 +285,9 @@ class L7Dispatch:
         if workload is None:
             return
         listener = self.listener
-        if not listener.authz.check_local_source(ctx.snapshot, workload, ctx.src_ip, endpoint.address,
-                                                 endpoint.port).allowed:
+        verdict = listener.authz.check_local_source(ctx.snapshot, workload, ctx.src_ip, endpoint.address,
+                                                    endpoint.port)
+        if not verdict.allowed and not verdict.needs_request:  # (needs_request: each request is gated)
             listener.metrics.rejected(listener.direction, "authz_denied")
             raise UpstreamDenied()
 
@@ -241,7 +312,7 @@ class L7Dispatch:
         """The mTLS tunnel when the L4 path would tunnel, else plain TCP."""
         tunnel = self.tunnel
         ctx = dial.conn
-        if ctx is not None and ctx.snapshot is not None and endpoint.node == self.node:
+        if self.authorize_local and ctx is not None and ctx.snapshot is not None and endpoint.node == self.node:
             self._authorize_local(ctx, endpoint)
         if tunnel is None or ctx is None or ctx.snapshot is None:
             return await tcp_connector(endpoint, dial, factory)
@@ -323,10 +394,11 @@ class _Conn(asyncio.Protocol):
     """The protocol of a connection while its first bytes are being detected."""
 
     __slots__ = ("dispatch", "relay", "detector", "snapshot", "decision", "labels", "peer_ip", "dst", "timer",
-                 "done")
+                 "done", "gate", "fallback")
 
     def __init__(self, dispatch: L7Dispatch, relay: "Relay", detector: Detector, snapshot: NodeSnapshot,
-                 decision: Forward, labels: TcpLabels, peer_ip: str, dst: tuple[str, int]) -> None:
+                 decision: Forward, labels: TcpLabels, peer_ip: str, dst: tuple[str, int],
+                 gate: RequestGate | None = None, fallback: Callable[[], None] | None = None) -> None:
         self.dispatch = dispatch
         self.relay = relay
         self.detector = detector
@@ -337,6 +409,8 @@ class _Conn(asyncio.Protocol):
         self.dst = dst
         self.timer: asyncio.TimerHandle | None = None
         self.done = False
+        self.gate = gate
+        self.fallback = fallback
 
     def data_received(self, data: bytes) -> None:
         if self.done:
@@ -378,7 +452,10 @@ class _Conn(asyncio.Protocol):
             return
         # TCP: back to the relay, which gets the bytes read so far exactly as they came
         relay.transport.set_protocol(relay)
-        self.dispatch.listener.dispatch_l4(relay, self.snapshot, self.decision, self.labels, self.peer_ip)
+        if self.fallback is not None:
+            self.fallback()
+        else:
+            self.dispatch.listener.dispatch_l4(relay, self.snapshot, self.decision, self.labels, self.peer_ip)
         if detected.data and not relay.closing:
             relay.data_received(detected.data)
         if eof and not relay.closing:

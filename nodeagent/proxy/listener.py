@@ -20,7 +20,7 @@ import errno
 import logging
 import socket
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from nodeagent.errors import ProxyError
 from nodeagent.proxy.destinations import (PASSTHROUGH, UNKNOWN_DESTINATION_POLICIES, Decision,
@@ -107,6 +107,9 @@ class ProxyInputs:
     tunnel_port: int = TUNNEL_PORT
     # request metrics on the agent's registry; None: no L7 (every connection is relayed as TCP)
     http_metrics: "HttpMetrics | None" = None
+    # RequestAuthentication keys of jwksUri rules (jwks.JwksCache.keys); the default has
+    # none, so tokens of such issuers are refused until the agent fetched their keys
+    jwks_keys: Callable[[str], Any] = lambda uri: None
 
     def __post_init__(self) -> None:
         if isinstance(self.tunnel_port, bool) or not isinstance(self.tunnel_port, int) \

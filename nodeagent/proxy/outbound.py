@@ -79,10 +79,8 @@ class OutboundProxy(ProxyListener):
         plan = tunnel.planner.outbound(snapshot, decision, peer_ip) if tunnel is not None else None
         if plan is None:
             local = getattr(decision, "workload", None)  # a Passthrough has none
-            if local is not None and local.node == self.inputs.node and not self.authz.check_local_source(
-                    snapshot, local, peer_ip, decision.endpoint.address, decision.endpoint.port).allowed:
-                self.metrics.rejected(self.direction, "authz_denied")
-                relay.refuse(labels, "RBAC")
+            if local is not None and local.node == self.inputs.node:
+                self._admit_same_node(relay, snapshot, decision, labels, peer_ip)
                 return
             relay.forward(decision.address, labels)
             return
@@ -97,6 +95,26 @@ class OutboundProxy(ProxyListener):
             relay.refuse(labels, "UF")
             return
         relay.forward_tunnel(plan, context, labels, tunnel)
+
+    def _admit_same_node(self, relay: Relay, snapshot: NodeSnapshot, decision, labels: TcpLabels,
+                         peer_ip: str) -> None:
+        """A workload of this node is the destination: its AuthorizationPolicies (and request
+        checks, served here as the inbound side would) with the client pod's identity."""
+        principal = self.authz.local_principal(snapshot, peer_ip)
+        verdict = self.authz.check(snapshot, decision.workload, principal, peer_ip, decision.endpoint.address,
+                                   decision.endpoint.port)
+
+        def deny() -> None:
+            self.metrics.rejected(self.direction, "authz_denied")
+            relay.refuse(labels, "RBAC")
+        if self.l7 is None:
+            if verdict.allowed:
+                relay.forward(decision.address, labels)
+            else:
+                deny()
+            return
+        self.l7.gate_or_forward(relay, snapshot, decision, labels, peer_ip,
+                                (decision.endpoint.address, decision.endpoint.port), principal, peer_ip, verdict, deny)
 
     async def drain(self, grace: float) -> int:
         if self.tunnel is not None:

@@ -117,8 +117,18 @@ class TunnelStream:
         self.sent_eof = True
         self.t.write(wire.EOF_FRAME)
 
+    def writelines(self, chunks) -> None:
+        self.write(b"".join(chunks))
+
     def can_write_eof(self) -> bool:
         return True
+
+    # an L7 driver takes the stream over from the relay (requests checked at the destination)
+    def set_protocol(self, protocol: asyncio.BaseProtocol) -> None:
+        self.protocol = protocol
+
+    def get_protocol(self) -> asyncio.BaseProtocol:
+        return self.protocol
 
     def close(self) -> None:
         if self.closed:
@@ -563,14 +573,15 @@ class TunnelServer(_TunnelEnd):
             stream.reset_code = wire.RESET_NOT_ALLOWED
             relay.refuse(labels, decision.response_flags)
             return
-        if decision.workload is not None and not listener.authz.check(
-                snapshot, decision.workload, principal_of(conn.peer), self._proven_source_ip(snapshot, conn, src_ip),
-                dst_ip, decision.endpoint.port).allowed:
-            self.metrics.rejected(self.direction, "authz_denied")
+        if decision.workload is None:
+            relay.forward(decision.address, labels)
+            return
+
+        def refuse() -> None:
             stream.reset_code = wire.RESET_DENIED
             relay.refuse(labels, "RBAC")
-            return
-        relay.forward(decision.address, labels)
+        listener.admit_local(relay, snapshot, decision, labels, src_ip, (dst_ip, dst_port), principal_of(conn.peer),
+                             self._proven_source_ip(snapshot, conn, src_ip), refuse)
 
     def _proven_source_ip(self, snapshot, conn: TunnelConnection, claimed: str) -> str:
         """The source address for AuthorizationPolicy ipBlocks: the pod address the OPEN

@@ -166,7 +166,9 @@ class ConnContext:
     are finished. ``snapshot``: the snapshot the connection took at accept (the connector
     plans the mTLS tunnel from it). ``secure_labels(ctx, labels, endpoint)``: the labels of
     a request to ``endpoint`` with the principals when it goes through the mTLS tunnel
-    (None: no tunnel, plaintext labels).
+    (None: no tunnel, plaintext labels). ``gate_for(endpoint)``: the ``RequestGate`` every
+    request to that endpoint passes first (``request_policy``: path normalization, JWT,
+    request-level AuthorizationPolicy), or None; unset where no request needs one.
     """
 
     table: RouteTable | None
@@ -181,6 +183,7 @@ class ConnContext:
     scheme: bytes = b"http"
     snapshot: NodeSnapshot | None = None
     secure_labels: Callable[["ConnContext", HttpLabels, Endpoint], HttpLabels] | None = None
+    gate_for: Callable[[Endpoint], Any] | None = None
 
     @classmethod
     def for_connection(cls, inputs: L7Inputs, snapshot: NodeSnapshot, *, src_ip: str, dst_ip: str, dst_port: int,

@@ -33,6 +33,8 @@ Flags (Envoy's names; the default HTTP status and gRPC status of each)::
     UPE  upstream protocol error             502  UNAVAILABLE
     SI   stream idle / header read timeout   408  UNAVAILABLE
     RBAC denied by an AuthorizationPolicy    403  PERMISSION_DENIED (7)
+    JWT  refused by a RequestAuthentication  401  UNAUTHENTICATED (16)   (hostmesh's own flag:
+         Envoy's jwt_authn sets none; the body says why, e.g. "Jwt is expired")
 
 Decisions:
 * UT -> DEADLINE_EXCEEDED and RL -> RESOURCE_EXHAUSTED, although gRPC's "HTTP to gRPC
@@ -89,6 +91,7 @@ FLAGS: dict[str, FlagInfo] = {
     "UPE": FlagInfo(502, GRPC_UNAVAILABLE, "upstream protocol error"),
     "SI": FlagInfo(408, GRPC_UNAVAILABLE, "request timeout"),
     "RBAC": FlagInfo(403, GRPC_PERMISSION_DENIED, "RBAC: access denied"),
+    "JWT": FlagInfo(401, GRPC_UNAUTHENTICATED, "Jwt verification fails"),
 }
 
 # gRPC's http-grpc-status-mapping.md (for replies without a grpc-status)
@@ -131,8 +134,10 @@ class LocalReply:
     flag: str
 
 
-def local_reply(flag: str, status: int | None = None, message: str | None = None) -> LocalReply:
-    """The reply for ``flag``; ``status``/``message`` override the flag's defaults."""
+def local_reply(flag: str, status: int | None = None, message: str | None = None,
+                extra: tuple[tuple[bytes, bytes], ...] = ()) -> LocalReply:
+    """The reply for ``flag``; ``status``/``message`` override the flag's defaults, ``extra``
+    headers are added (``www-authenticate`` with a 401)."""
     info = FLAGS.get(flag)
     if status is None:
         if info is None:
@@ -143,7 +148,7 @@ def local_reply(flag: str, status: int | None = None, message: str | None = None
     if message is None:
         message = info.text if info is not None else reason_phrase(status).decode("ascii").lower()
     body = message.encode("utf-8", "replace")
-    headers = [(b"content-type", b"text/plain"), (FLAG_HEADER, _flag_bytes(flag))]
+    headers = [(b"content-type", b"text/plain"), (FLAG_HEADER, _flag_bytes(flag)), *extra]
     return LocalReply(status, headers, body, flag)
 
 

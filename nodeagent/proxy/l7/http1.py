@@ -725,11 +725,11 @@ class ServerConnection(_Side):
         return out
 
     def send_local_reply(self, flag: str, status: int | None = None, message: str | None = None,
-                         *, close: bool = False) -> bytes:
+                         *, close: bool = False, extra: tuple[tuple[bytes, bytes], ...] = ()) -> bytes:
         """A complete proxy-made response (errors.local_reply) for the current request."""
         if self._switched or self._resp != 0:
             raise LocalProtocolError("a response was already started")
-        r = local_reply(flag, status, message)
+        r = local_reply(flag, status, message, extra)
         if close:
             self.must_close = True
         if self._reqs:

@@ -507,7 +507,13 @@ class Http1Proxy(DriverLifecycle, asyncio.Protocol):
             ex.labels = self._labels_for(None, ep)
             if authority is None:
                 authority = b"%s:%d" % (ctx.dst_ip.encode(), ctx.dst_port)
-            ex.dispatch(ep, self._upstream_head(head, head.target, authority, headers, None, had_host),
+            target = head.target
+            if ctx.gate_for is not None:
+                gated = self._gate(ex, ep, head.method, target, authority, headers)
+                if gated is None:
+                    return
+                target, headers = gated
+            ex.dispatch(ep, self._upstream_head(head, target, authority, headers, None, had_host),
                         self.inputs.routes.default_pool_limits(), "")
             return
         if router.producer is None and not router.consumers:
@@ -546,6 +552,11 @@ class Http1Proxy(DriverLifecycle, asyncio.Protocol):
             target, new_auth, headers = d.rewrite_request(target, authority, headers)
         else:
             new_auth = authority
+        if ctx.gate_for is not None:  # a same-node destination with request checks: as it will see it
+            gated = self._gate(ex, ep, head.method, target, new_auth, headers)
+            if gated is None:
+                return
+            target, headers = gated
         t = d.timeouts
         if t.request or t.backend_request:
             ex.arm_timeouts(t)
@@ -559,6 +570,18 @@ class Http1Proxy(DriverLifecycle, asyncio.Protocol):
             ex.dispatch_h2(ep, up_head, self._memo_limits, self._memo_service)
         else:
             ex.dispatch(ep, up_head, self._memo_limits, self._memo_service)
+
+    def _gate(self, ex: "_Exchange", ep, method: bytes, target: bytes, authority: bytes, headers: list):
+        """The destination's request checks (``ctx.gate_for``): (target, headers) to forward,
+        or None after answering the request locally."""
+        gate = self.ctx.gate_for(ep)
+        if gate is None:
+            return target, headers
+        verdict = gate.check(method, target, authority, headers, self.ctx.scheme)
+        if type(verdict) is tuple:
+            return verdict
+        ex.local(verdict.flag, verdict.status, verdict.message, verdict.headers)
+        return None
 
     def _upstream_head(self, head: RequestHead, target: bytes, authority: bytes, headers: list,
                        forwarded_host: bytes | None, had_host: bool) -> RequestHead:
@@ -1024,7 +1047,8 @@ class _Exchange:
             return
         self.local(d.flag, d.status, d.message or None)
 
-    def local(self, flag: str, status: int | None = None, message: str | None = None) -> None:
+    def local(self, flag: str, status: int | None = None, message: str | None = None,
+              extra: tuple[tuple[bytes, bytes], ...] = ()) -> None:
         """A proxy-made error response (or a reset once the response has started)."""
         if self.finished:
             return
@@ -1039,7 +1063,7 @@ class _Exchange:
             down.closing = True
             _rst(down.transport)
             return
-        out = codec.send_local_reply(flag, status, message)
+        out = codec.send_local_reply(flag, status, message, extra=extra)
         down.send(out)
         self.finish(status if status is not None else FLAGS[flag].status, flag)
 

@@ -1105,14 +1105,14 @@ class ServerConnection(_Connection):
                 self._local_done(st)
 
     def send_local_reply(self, stream_id: int, flag: str, status: int | None = None,
-                         message: str | None = None) -> bytes:
+                         message: str | None = None, extra: tuple[tuple[bytes, bytes], ...] = ()) -> bytes:
         """A proxy-made reply (errors.local_reply; gRPC: a trailers-only response)."""
         st = self._stream(stream_id)
         if st is None:
             return self.data_to_send()
         if st.head_sent:
             raise LocalProtocolError("a response was already started")
-        self._local_reply(st, flag, status, message)
+        self._local_reply(st, flag, status, message, extra)
         return self.data_to_send()
 
     def drain(self) -> bytes:
@@ -1129,7 +1129,8 @@ class ServerConnection(_Connection):
         return self.data_to_send()
 
     # ---------------------------------------------------------------- internals
-    def _local_reply(self, st: _Stream, flag: str, status: int | None, message: str | None) -> None:
+    def _local_reply(self, st: _Stream, flag: str, status: int | None, message: str | None,
+                     extra: tuple[tuple[bytes, bytes], ...] = ()) -> None:
         if not st.remote_done:
             st.rejected = True  # the rest of the request is not wanted
             if st.unacked:
@@ -1143,7 +1144,7 @@ class ServerConnection(_Connection):
             st.end = []
             self._local_done(st)
             return
-        r = local_reply(flag, status, message)
+        r = local_reply(flag, status, message, extra)
         self._send_response(st.sid, r.status, r.headers + [(b"content-length", b"%d" % len(r.body))], False)
         self._send_data(st, r.body, True)
 

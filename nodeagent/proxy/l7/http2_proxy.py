@@ -335,9 +335,15 @@ class Http2Proxy(DriverLifecycle, asyncio.Protocol):
                 st.direct(UNKNOWN_SERVICE)
                 return
             st.labels = labels_for(self._labels, ctx, None, ep, proto)
+            path, headers = head.path, head.headers
+            if ctx.gate_for is not None:
+                gated = self._gate(st, ep, head.method, path, head.authority, headers)
+                if gated is None:
+                    return
+                path, headers = gated
             st.arm_deadline(None)
             if not st.finished:
-                st.dispatch(ep, self._upstream_head(head, head.path, head.authority, head.headers, None),
+                st.dispatch(ep, self._upstream_head(head, path, head.authority, headers, None),
                             self.inputs.routes.default_pool_limits(), "", True)
             return
         if router.producer is None and not router.consumers:
@@ -362,6 +368,11 @@ class Http2Proxy(DriverLifecycle, asyncio.Protocol):
             st.balancer = bal
         st.labels = labels_for(self._labels, ctx, backend, ep, proto)
         target, new_auth, headers = d.rewrite_request(head.path, head.authority, head.headers)
+        if ctx.gate_for is not None:  # a same-node destination with request checks: as it will see it
+            gated = self._gate(st, ep, head.method, target, new_auth, headers)
+            if gated is None:
+                return
+            target, headers = gated
         st.arm_deadline(d.timeouts)
         if st.finished:
             return
@@ -371,6 +382,18 @@ class Http2Proxy(DriverLifecycle, asyncio.Protocol):
             st.start_mirrors(d.mirrors, up_head)
         st.dispatch(ep, up_head, self.inputs.routes.pool_limits(ctx.table, backend), backend.hostname,
                     head.grpc or speaks_h2(backend.port.app_protocol))
+
+    def _gate(self, st: "_Stream", ep, method: bytes, path: bytes, authority: bytes, headers: list):
+        """The destination's request checks (``ctx.gate_for``): (path, headers) to forward, or
+        None after answering the stream locally."""
+        gate = self.ctx.gate_for(ep)
+        if gate is None:
+            return path, headers
+        verdict = gate.check(method, path, authority, headers, self.ctx.scheme)
+        if type(verdict) is tuple:
+            return verdict
+        st.local(verdict.flag, verdict.status, verdict.message, verdict.headers)
+        return None
 
     def _upstream_head(self, head: RequestHead, path: bytes, authority: bytes, headers: list,
                        forwarded_host: bytes | None) -> RequestHead:
@@ -891,7 +914,8 @@ class _Stream:
             down.write(codec.reset(self.sid, NO_ERROR))
         self._finish(200 if self.grpc else d.status, flag)
 
-    def local(self, flag: str, status: int | None = None, message: str | None = None) -> None:
+    def local(self, flag: str, status: int | None = None, message: str | None = None,
+              extra: tuple[tuple[bytes, bytes], ...] = ()) -> None:
         """A proxy-made reply (trailers-only for gRPC), or an end/reset once the response started."""
         if self.finished:
             return
@@ -912,7 +936,7 @@ class _Stream:
                 return
             self._reset_client(flag)
             return
-        down.write(codec.send_local_reply(self.sid, flag, status, message))
+        down.write(codec.send_local_reply(self.sid, flag, status, message, extra))
         self.resp_started = True
         self._finish(200 if self.grpc else (status if status is not None else FLAGS[flag].status), flag)
 

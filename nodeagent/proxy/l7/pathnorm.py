@@ -42,8 +42,8 @@ What ``normalize_target`` does, in order (decisions marked *Envoy* follow Envoy/
 Everything refused raises ``PathRejected`` with a message a client can read; the caller
 answers 400 (or the gRPC equivalent).
 
-Not wired yet: AuthorizationPolicy ``paths`` are refused by the control plane until a proxy
-that parses requests enforces them; this module is their matching input when they are.
+Used by ``request_policy.RequestGate`` for every request whose destination has request
+checks (MeshConfig ``pathNormalization.escapedSlashes`` picks the ``EscapedSlashes`` mode).
 """
 
 from __future__ import annotations
