@@ -179,6 +179,23 @@ def test_allow_get_public_refuses_post_admin_and_traversals(clean, target):
     assert 'policy="default/public-get",result="deny"' in decisions(lab, node)
 
 
+def test_service_vip_requests_are_checked_at_whichever_endpoint_serves_them(clean):
+    """Through the outbound L7 driver: a same-node endpoint is checked by node1's connector
+    side, a cross-node one by node2's inbound side on the tunnel stream."""
+    lab = clean
+    set_config(lab, ("AuthorizationPolicy", "ns-public-get", {
+        "rules": [{"to": [{"operation": {"methods": ["GET"], "paths": ["/public/*"]}}]}]}))
+    vip = f"http://{mesh.DEFAULT_SERVICE_VIP}"
+    wait_for(lambda: all(status(lab, CLIENT, f"{vip}/admin") == "403" for _ in range(8)), what="the policy")
+    pods = set()
+    for _ in range(12):
+        body, code = body_and_status(lab, CLIENT, f"{vip}/public/x")
+        assert code == "200", body
+        pods.add((json.loads(body)["node"], json.loads(body)["pod"]))
+        assert status(lab, CLIENT, f"{vip}/public/../admin") == "403"
+    assert {node for node, _ in pods} == {"node1", "node2"}, pods
+
+
 def test_non_http_to_a_workload_with_l7_rules_is_refused(clean):
     """ALLOW rules on HTTP attributes never match a TCP connection (Istio's TCP semantics)."""
     lab = clean
@@ -262,8 +279,16 @@ def test_jwks_uri_keys_are_fetched_and_kept_when_the_server_goes_away(clean):
     lab = clean
     set_config(lab, _authn(REMOTE_RULE), REQUIRE_JWT)
     remote = token(REMOTE_KEY, ISS_REMOTE, "remote", "ES256")
-    wait_for(lambda: status(lab, CLIENT, f"{CROSS}/x", *bearer(remote)) == "200", timeout=30,
-             what="node2 to fetch the JWKS")
+    wait_for(lambda: status(lab, CLIENT, f"{CROSS}/x") == "403", what="the policies to reach node2")
+
+    def jwks() -> list:
+        return json.loads(mesh.admin_get(lab, "node2", "/config_dump").stdout)["jwks"]
+    try:
+        wait_for(lambda: status(lab, CLIENT, f"{CROSS}/x", *bearer(remote)) == "200", timeout=30,
+                 what="node2 to fetch the JWKS")
+    except pytest.fail.Exception as exc:
+        pytest.fail(f"{exc}: {jwks()}")
+    assert jwks()[0]["uri"] == JWKS_URI and jwks()[0]["keys"] == ["remote"]
     lab.jwks_server.kill()
     lab.jwks_server.wait(10)
 
@@ -273,5 +298,7 @@ def test_jwks_uri_keys_are_fetched_and_kept_when_the_server_goes_away(clean):
                 return float(line.split()[-1])
         return 0.0
     wait_for(lambda: failed_fetches() > 0, timeout=30, what="a failed JWKS refresh")
-    assert status(lab, CLIENT, f"{CROSS}/x", *bearer(remote)) == "200"     # last-known-good keys
+    body, code = body_and_status(lab, CLIENT, f"{CROSS}/x", *bearer(remote))
+    assert code == "200", (body, jwks())  # last-known-good keys
+    assert jwks()[0]["consecutive_failures"] >= 1
     assert status(lab, CLIENT, f"{CROSS}/x", *bearer(token(OTHER_KEY, ISS_REMOTE, "remote", "RS256"))) == "401"

@@ -19,7 +19,7 @@ from tests.test_jwtauth import ISS, RSA_KEY, RSA_OTHER, jwk_of, jwks_text, sign
 
 def request(method="GET", path="/", host="web.shop:8080", headers=None, c=None, principal=None, claims=None,
             audiences=(), presenter="") -> RequestAttrs:
-    return RequestAttrs.of(c or conn(), method, host, path, headers or {}, principal, claims, audiences, presenter)
+    return RequestAttrs(c or conn(), method, host, path, headers or {}, principal, claims, audiences, presenter)
 
 
 def both(objs, req: RequestAttrs):

@@ -60,6 +60,7 @@ DENY = "DENY"
 AUDIT = "AUDIT"
 _ACTIONS = (ALLOW, DENY, AUDIT)
 _MAX_CACHED = 65536
+_MAX_CACHED_PATH = 512  # longer request paths are evaluated, not remembered
 
 # source/operation fields and `when` keys that need the request: never evaluable here
 L7_SOURCE_FIELDS = frozenset({"requestPrincipals", "notRequestPrincipals"})
@@ -95,37 +96,36 @@ class ConnectionAttrs:
         object.__setattr__(self, "destination_int", _ip_int(self.destination_ip))
 
 
-@dataclass(frozen=True, slots=True)
 class RequestAttrs:
     """One HTTP request to a workload: its connection's attributes (same names as on
     ``ConnectionAttrs``, so connection rules read either) and what the request says.
     ``path`` is normalized (``l7.pathnorm``), without the query; ``host`` the authority
-    lowercased; ``headers`` lowercase names to values (repeated fields joined with ",");
-    ``request_principal`` is ``iss/sub`` of a verified JWT (None without one)."""
+    lowercased; ``headers`` lowercase names to values (repeated fields joined with ","),
+    only those the policies read; ``request_principal`` is ``iss/sub`` of a verified JWT
+    (None without one). A plain slots class: one is made per request."""
 
-    principal: str | None
-    source_ip: str
-    destination_ip: str
-    destination_port: int
-    namespace: str | None
-    source_int: int
-    destination_int: int
-    method: str
-    host: str
-    path: str
-    headers: dict[str, str]
-    request_principal: str | None = None
-    claims: Any = None
-    audiences: tuple[str, ...] = ()
-    presenter: str = ""
+    __slots__ = ("principal", "source_ip", "destination_ip", "destination_port", "namespace", "source_int",
+                 "destination_int", "method", "host", "path", "headers", "request_principal", "claims", "audiences",
+                 "presenter")
 
-    @classmethod
-    def of(cls, conn: ConnectionAttrs, method: str, host: str, path: str, headers: dict[str, str],
-           request_principal: str | None = None, claims: Any = None, audiences: tuple[str, ...] = (),
-           presenter: str = "") -> "RequestAttrs":
-        return cls(conn.principal, conn.source_ip, conn.destination_ip, conn.destination_port, conn.namespace,
-                   conn.source_int, conn.destination_int, method, host.lower(), path, headers, request_principal,
-                   claims, audiences, presenter)
+    def __init__(self, conn: ConnectionAttrs, method: str, host: str, path: str, headers: dict[str, str],
+                 request_principal: str | None = None, claims: Any = None, audiences: tuple[str, ...] = (),
+                 presenter: str = "") -> None:
+        self.principal = conn.principal
+        self.source_ip = conn.source_ip
+        self.destination_ip = conn.destination_ip
+        self.destination_port = conn.destination_port
+        self.namespace = conn.namespace
+        self.source_int = conn.source_int
+        self.destination_int = conn.destination_int
+        self.method = method
+        self.host = host.lower()
+        self.path = path
+        self.headers = headers
+        self.request_principal = request_principal
+        self.claims = claims
+        self.audiences = audiences
+        self.presenter = presenter
 
 
 @dataclass(frozen=True, slots=True)
@@ -421,6 +421,21 @@ def _condition(cond: Any, l7_constant: Predicate | None, where: str) -> Predicat
     return _all(parts)
 
 
+def request_inputs(rule: Any) -> tuple[frozenset[str], bool]:
+    """What of a request a (well-formed) rule reads besides method, host, path and request
+    principal: the header names, and whether JWT claims/audiences/presenter."""
+    names: set[str] = set()
+    token = False
+    for c in (rule.get("when") or ()) if isinstance(rule, dict) else ():
+        key = str(c.get("key", "")) if isinstance(c, dict) else ""
+        header = _bracketed(key, "request.headers")
+        if header is not None and len(header) == 1:
+            names.add(header[0].lower())
+        elif key.startswith("request.auth.") and key != "request.auth.principal":
+            token = True
+    return frozenset(names), token
+
+
 def uses_request(rule: Any) -> bool:
     """Whether a (well-formed) rule reads request attributes."""
     if not isinstance(rule, dict):
@@ -509,6 +524,8 @@ class Policy:
     bounds: tuple[Predicate, ...] = ()
     request_rules: tuple[Predicate, ...] = ()
     uses_request: bool = False
+    headers: frozenset[str] = frozenset()  # request header names its conditions read
+    token_details: bool = False            # conditions on JWT claims, audiences or presenter
 
     @property
     def label(self) -> str:
@@ -555,7 +572,9 @@ def parse_policy(namespace: str, name: str, spec_json: str) -> Policy:
         rules = compiled(FAIL_CLOSED)
         if not any(uses_request(r) for r in raw):
             return Policy(namespace, name, action, selector, rules)
-        return Policy(namespace, name, action, selector, rules, compiled(OPTIMISTIC), compiled(REQUEST), True)
+        inputs = [request_inputs(r) for r in raw]
+        return Policy(namespace, name, action, selector, rules, compiled(OPTIMISTIC), compiled(REQUEST), True,
+                      frozenset().union(*(h for h, _ in inputs)), any(t for _, t in inputs))
     except (_Unusable, ValueError, TypeError, AttributeError) as exc:
         log.warning("AuthorizationPolicy %s/%s: %s; denying every connection it could apply to",
                     namespace, name, exc)
@@ -586,6 +605,8 @@ class Authorizer:
         self._root = ""
         self._applicable: dict[tuple[str, str], tuple[tuple[Policy, ...], ...]] = {}
         self._decisions: dict[tuple, AuthzDecision] = {}
+        self._request_decisions: dict[tuple, AuthzDecision] = {}
+        self._inputs: dict[tuple[str, str], tuple[frozenset[str], bool]] = {}
         self._uses_request = False
 
     def policies(self, snapshot: NodeSnapshot, workload: Workload) -> tuple[Policy, ...]:
@@ -610,12 +631,32 @@ class Authorizer:
             found = self._decisions[key] = self._bounded(audit, deny, allow, conn)
         return found
 
+    def request_headers(self, snapshot: NodeSnapshot, workload: Workload) -> frozenset[str]:
+        """The request header names the policies of ``workload`` read (what RequestAttrs
+        must carry; the rest of the headers are not looked at)."""
+        self._for(snapshot, workload)
+        return self._inputs[(workload.namespace, workload.name)][0]
+
     def decide_request(self, snapshot: NodeSnapshot, workload: Workload, req: RequestAttrs) -> AuthzDecision:
-        """The decision for one request (not cached: paths and headers vary per request)."""
+        """The decision for one request, from a bounded cache keyed by everything the
+        workload's policies read of it (a keep-alive client repeats its requests); requests
+        whose JWT claims the policies read, and long paths, are evaluated every time."""
         audit, deny, allow = self._for(snapshot, workload)
         if not (audit or deny or allow):
             return ALLOWED_BY_DEFAULT
-        return self._evaluate(audit, deny, allow, req, Policy.matches_request)
+        names, token_details = self._inputs[(workload.namespace, workload.name)]
+        if (token_details and req.request_principal is not None) or len(req.path) > _MAX_CACHED_PATH:
+            return self._evaluate(audit, deny, allow, req, Policy.matches_request)
+        headers = req.headers
+        key = (workload.namespace, workload.name, req.principal, req.source_ip, req.destination_ip,
+               req.destination_port, req.method, req.host, req.path, req.request_principal,
+               tuple(headers.get(n) for n in sorted(names)) if names else ())
+        found = self._request_decisions.get(key)
+        if found is None:
+            if len(self._request_decisions) >= _MAX_CACHED:
+                self._request_decisions.clear()
+            found = self._request_decisions[key] = self._evaluate(audit, deny, allow, req, Policy.matches_request)
+        return found
 
     @classmethod
     def _bounded(cls, audit, deny, allow, conn: ConnectionAttrs) -> AuthzDecision:
@@ -651,6 +692,9 @@ class Authorizer:
             if len(self._applicable) >= _MAX_CACHED:
                 self._applicable.clear()
             found = self._applicable[key] = self._select(workload)
+            chosen = [p for group in found for p in group]
+            self._inputs[key] = (frozenset().union(*(p.headers for p in chosen)),
+                                 any(p.token_details for p in chosen))
         return found
 
     def _select(self, workload: Workload) -> tuple[tuple[Policy, ...], ...]:
@@ -672,7 +716,7 @@ class Authorizer:
         for policies in by_namespace.values():
             policies.sort(key=lambda p: p.name)
         self._snapshot, self._by_namespace, self._root, self._applicable = snapshot, by_namespace, root, {}
-        self._decisions = {}
+        self._decisions, self._request_decisions, self._inputs = {}, {}, {}
         self._uses_request = any(p.uses_request for ps in by_namespace.values() for p in ps)
 
     def uses_request(self, snapshot: NodeSnapshot) -> bool:
@@ -757,13 +801,16 @@ class AuthzGate:
         d = self.authorizer.decide_request(snapshot, workload, req)
         if d is not ALLOWED_BY_DEFAULT:
             self.count(d, workload, req.principal, req.source_ip, req.destination_port,
-                       f" {req.method} {req.path[:128]}")
+                       (req.method.encode("latin-1"), req.path))
         return d
 
     def count(self, d: AuthzDecision, workload: Workload, principal: str | None, src_ip: str, dst_port: int,
-              request: str = "") -> None:
-        """Count a decision and log it when it denies (or audits)."""
+              request: tuple[bytes, str] | None = None) -> None:
+        """Count a decision and log it when it denies (or audits); ``request``: (method, path)."""
         self.metrics.authz_decision(self.direction, d)
+        if d.allowed and not d.audited:
+            return
+        request = f" {request[0].decode('latin-1')} {request[1][:128]}" if request else ""
         if not d.allowed:
             self._log_denial(d, workload, principal, src_ip, dst_port, request)
         elif d.audited:

@@ -27,7 +27,7 @@ import json
 from dataclasses import dataclass
 from typing import Callable
 
-from nodeagent.proxy.authz import AuthzDecision, AuthzGate, ConnectionAttrs, RequestAttrs
+from nodeagent.proxy.authz import ALLOWED_BY_DEFAULT, AuthzDecision, AuthzGate, ConnectionAttrs, RequestAttrs
 from nodeagent.proxy.jwtauth import INVALID, VALID, Authenticator, RequestAuthn, realm_of, strip_query_params
 from nodeagent.proxy.l7.pathnorm import EscapedSlashes, PathRejected, normalize_target
 from nodeagent.state import NodeSnapshot, Workload
@@ -38,6 +38,22 @@ _DEFAULT_SLASHES = EscapedSlashes.REJECT
 # redirect answer the gate does not make: not offered)
 ESCAPED_SLASHES = {e.value: e for e in (EscapedSlashes.REJECT, EscapedSlashes.KEEP_UNCHANGED,
                                          EscapedSlashes.UNESCAPE_AND_FORWARD)}
+
+
+_MAX_CACHED_TARGET = 512
+_MAX_CACHED_TARGETS = 4096
+
+
+class _Target:
+    """A normalized request-target: ``path`` (what policies match), ``query`` (raw, None
+    without '?'), ``target_bytes`` (what the pod receives)."""
+
+    __slots__ = ("path", "query", "target_bytes")
+
+    def __init__(self, path: str, query: str | None, target_bytes: bytes) -> None:
+        self.path = path
+        self.query = query
+        self.target_bytes = target_bytes
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,10 +80,15 @@ def escaped_slashes_of(snapshot: NodeSnapshot) -> EscapedSlashes:
     return _DEFAULT_SLASHES
 
 
-def _header_map(headers: list[tuple[bytes, bytes]]) -> dict[str, str]:
+def _header_map(headers: list[tuple[bytes, bytes]], names: frozenset[str]) -> dict[str, str]:
+    """The values of the header fields ``names`` (repeated fields joined with ",")."""
     out: dict[str, str] = {}
+    if not names:
+        return out
     for n, v in headers:
         name = n.decode("latin-1")
+        if name not in names:
+            continue
         value = v.decode("latin-1")
         out[name] = f"{out[name]},{value}" if name in out else value
     return out
@@ -76,9 +97,11 @@ def _header_map(headers: list[tuple[bytes, bytes]]) -> dict[str, str]:
 class RequestGate:
     """The per-request checks of one connection to one workload (see the module doc). Each
     request is judged on the snapshot in force when it arrives, so a policy change applies
-    to an open keep-alive connection at its next request."""
+    to an open keep-alive connection at its next request. Where neither a JWT nor a header
+    can change the answer, the last request's outcome is remembered for the connection
+    (keep-alive clients repeat their requests) — and still counted."""
 
-    __slots__ = ("policy", "snapshot", "workload", "conn")
+    __slots__ = ("policy", "snapshot", "workload", "conn", "_authn", "_names", "_plain", "_memo")
 
     def __init__(self, policy: "RequestPolicy", snapshot: NodeSnapshot, workload: Workload,
                  conn: ConnectionAttrs) -> None:
@@ -86,13 +109,23 @@ class RequestGate:
         self.snapshot = snapshot
         self.workload = workload
         self.conn = conn
+        self._learn()
 
-    def _current(self) -> tuple[NodeSnapshot, Workload | None]:
+    def _learn(self) -> None:
+        """What the snapshot says about the workload's requests, once per snapshot."""
+        snapshot, workload = self.snapshot, self.workload
+        gone = workload is _GONE
+        self._authn = None if gone else self.policy.authn.for_workload(snapshot, workload)
+        self._names = frozenset() if gone else self.policy.authz.authorizer.request_headers(snapshot, workload)
+        self._plain = not gone and self._authn is None and not self._names  # nothing but the target matters
+        self._memo: tuple | None = None  # ((method, target, authority), new target, decision, path)
+
+    def _current(self) -> tuple[NodeSnapshot, Workload]:
         snapshot = self.policy.current() or self.snapshot
-        if snapshot is self.snapshot:
-            return snapshot, self.workload
-        self.snapshot = snapshot
-        self.workload = snapshot.workload_by_ip(self.workload.address) or _GONE
+        if snapshot is not self.snapshot:
+            self.snapshot = snapshot
+            self.workload = snapshot.workload_by_ip(self.workload.address) or _GONE
+            self._learn()
         return snapshot, self.workload
 
     def check(self, method: bytes, target: bytes, authority: bytes, headers: list[tuple[bytes, bytes]],
@@ -101,17 +134,18 @@ class RequestGate:
         snapshot, workload = self._current()
         if workload is _GONE:
             return GateDenial("UH", 503, "the destination workload left the mesh")
+        memo = self._memo
+        if memo is not None and memo[0] == (method, target, authority):
+            return self._outcome(memo[1], headers, memo[2], workload, method, memo[3])
         policy = self.policy
-        try:
-            normalized = normalize_target(target, escaped_slashes=policy.escaped_slashes(snapshot))
-        except PathRejected as exc:
-            return GateDenial("DPE", 400, f"bad request path: {exc}")
-        text = normalized.target.encode("latin-1")
-        new_target = target if text == target else text
+        normalized = policy.normalize(snapshot, target)
+        if type(normalized) is GateDenial:
+            return normalized
+        new_target = normalized.target_bytes
         principal = claims = None
         audiences: tuple[str, ...] = ()
         presenter = ""
-        authn = policy.authn.for_workload(snapshot, workload)
+        authn = self._authn
         if authn is not None:
             result = authn.authenticate(headers, (normalized.query or "").encode("latin-1"))
             if result.outcome == INVALID:
@@ -125,9 +159,21 @@ class RequestGate:
             if result.outcome == VALID:
                 principal, claims, audiences, presenter = (result.principal, result.claims, result.audiences,
                                                            result.presenter)
-        req = RequestAttrs.of(self.conn, method.decode("latin-1"), authority.decode("latin-1"), normalized.path,
-                              _header_map(headers), principal, claims, audiences, presenter)
-        if not policy.authz.check_request(snapshot, workload, req).allowed:
+        req = RequestAttrs(self.conn, method.decode("latin-1"), authority.decode("latin-1"), normalized.path,
+                           _header_map(headers, self._names),
+                           principal, claims, audiences, presenter)
+        decision = policy.authz.authorizer.decide_request(snapshot, workload, req)
+        if self._plain:
+            self._memo = ((method, target, authority), new_target, decision, normalized.path)
+        return self._outcome(new_target, headers, decision, workload, method, normalized.path)
+
+    def _outcome(self, new_target: bytes, headers: list, decision: AuthzDecision, workload: Workload,
+                 method: bytes, path: str) -> GateDenial | tuple[bytes, list]:
+        if decision is not ALLOWED_BY_DEFAULT:
+            conn = self.conn
+            self.policy.authz.count(decision, workload, conn.principal, conn.source_ip, conn.destination_port,
+                                    (method, path))
+        if not decision.allowed:
             return GateDenial("RBAC", 403, "RBAC: access denied")
         return new_target, headers
 
@@ -145,11 +191,32 @@ class RequestPolicy:
         self.authn = authn
         self.current = current
         self._slashes: tuple[NodeSnapshot | None, EscapedSlashes] = (None, _DEFAULT_SLASHES)
+        self._normalized: dict[bytes, _Target | GateDenial] = {}
 
     def escaped_slashes(self, snapshot: NodeSnapshot) -> EscapedSlashes:
         if self._slashes[0] is not snapshot:
             self._slashes = (snapshot, escaped_slashes_of(snapshot))
+            self._normalized = {}
         return self._slashes[1]
+
+    def normalize(self, snapshot: NodeSnapshot, target: bytes) -> "_Target | GateDenial":
+        """``target`` normalized under the snapshot's MeshConfig, or the 400 it gets;
+        remembered for short targets (clients repeat theirs)."""
+        mode = self.escaped_slashes(snapshot)
+        found = self._normalized.get(target)
+        if found is not None:
+            return found
+        try:
+            n = normalize_target(target, escaped_slashes=mode)
+            text = n.target.encode("latin-1")
+            found = _Target(n.path, n.query, target if text == target else text)
+        except PathRejected as exc:
+            found = GateDenial("DPE", 400, f"bad request path: {exc}")
+        if len(target) <= _MAX_CACHED_TARGET:
+            if len(self._normalized) >= _MAX_CACHED_TARGETS:
+                self._normalized.clear()
+            self._normalized[target] = found
+        return found
 
     def gate(self, snapshot: NodeSnapshot, workload: Workload, conn: ConnectionAttrs,
              decision: AuthzDecision) -> RequestGate | None:

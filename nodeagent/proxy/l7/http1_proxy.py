@@ -1609,8 +1609,8 @@ class _Mirror:
 
 
 async def listen_http1(inputs: L7Inputs, snapshot, host: str, port: int, *, dst: tuple[str, int],
-                       reporter: str = "source", on_done=lambda driver: None, backlog: int = 1024):
+                       reporter: str = "source", on_done=lambda driver: None, backlog: int = 1024, prepare=None):
     """A plain HTTP/1 listener that treats every connection as captured for ``dst`` (a Service
     VIP:port of ``snapshot()``): the driver without capture, for tests and benchmarks."""
     return await listen(serve_http1, inputs, snapshot, host, port, dst=dst, reporter=reporter, on_done=on_done,
-                        backlog=backlog)
+                        backlog=backlog, prepare=prepare)

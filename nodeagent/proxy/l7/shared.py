@@ -63,15 +63,16 @@ def labels_for(cache: dict, ctx, backend, ep, protocol: str | None = None) -> Ht
 class _Accept(asyncio.Protocol):
     """Accept side of ``listen``: hands each connection to ``serve(transport, b"", ctx, inputs)``."""
 
-    __slots__ = ("serve", "inputs", "snapshot", "dst", "reporter", "on_done")
+    __slots__ = ("serve", "inputs", "snapshot", "dst", "reporter", "on_done", "prepare")
 
-    def __init__(self, serve, inputs, snapshot, dst: tuple[str, int], reporter: str, on_done) -> None:
+    def __init__(self, serve, inputs, snapshot, dst: tuple[str, int], reporter: str, on_done, prepare=None) -> None:
         self.serve = serve
         self.inputs = inputs
         self.snapshot = snapshot
         self.dst = dst
         self.reporter = reporter
         self.on_done = on_done
+        self.prepare = prepare
 
     def connection_made(self, transport) -> None:
         from nodeagent.proxy.l7.context import ConnContext
@@ -79,14 +80,17 @@ class _Accept(asyncio.Protocol):
         ctx = ConnContext.for_connection(self.inputs, self.snapshot(), src_ip=peer[0] if peer else "",
                                          dst_ip=self.dst[0], dst_port=self.dst[1], reporter=self.reporter,
                                          on_done=self.on_done)
+        if self.prepare is not None:
+            self.prepare(ctx)
         self.serve(transport, b"", ctx, self.inputs)
 
 
 async def listen(serve, inputs, snapshot, host: str, port: int, *, dst: tuple[str, int], reporter: str = "source",
-                 on_done=lambda driver: None, backlog: int = 1024):
+                 on_done=lambda driver: None, backlog: int = 1024, prepare=None):
     """A plain listener whose every connection goes to ``serve`` (``serve_http1``/``serve_http2``
     signature) as if captured for ``dst`` (a Service VIP:port of ``snapshot()``): the drivers
-    without capture, for tests and benchmarks."""
+    without capture, for tests and benchmarks. ``prepare(ctx)`` may change each connection's
+    context first (a fixed endpoint, a request gate)."""
     loop = asyncio.get_running_loop()
-    return await loop.create_server(lambda: _Accept(serve, inputs, snapshot, dst, reporter, on_done), host, port,
-                                    backlog=backlog, reuse_address=True)
+    return await loop.create_server(lambda: _Accept(serve, inputs, snapshot, dst, reporter, on_done, prepare),
+                                    host, port, backlog=backlog, reuse_address=True)
