@@ -6,9 +6,12 @@ message that mentions BASE's objects is part of the contract too.
 
 from __future__ import annotations
 
+import json
 import textwrap
 
 import pytest
+from cryptography.hazmat.primitives.asymmetric import rsa
+from jwt.algorithms import RSAAlgorithm
 
 from controlplane.model import load_texts
 
@@ -76,6 +79,10 @@ spec:
 
 def route(rules: str) -> str:
     return ROUTE_HEAD + "  rules:\n" + textwrap.indent(textwrap.dedent(rules), "  ")
+
+
+_WEAK_RSA_JWK = json.loads(RSAAlgorithm.to_jwk(
+    rsa.generate_private_key(public_exponent=65537, key_size=1024).public_key()))
 
 
 def policy(kind: str, spec: str) -> str:
@@ -470,7 +477,8 @@ CASES = [
         'authz.yaml:9: AuthorizationPolicy default/p: spec.rules[0].when[1].values[0]: "http" is not a port number',
         'authz.yaml:10: AuthorizationPolicy default/p: spec.rules[0].when[2].key: "request.time" is not a condition '
         'key (known: source.ip, remote.ip, source.namespace, source.principal, destination.ip, destination.port, '
-        'request.headers[NAME], request.auth.*)',
+        'request.auth.principal, request.auth.audiences, request.auth.presenter, request.headers[NAME], '
+        'request.auth.claims[NAME])',
         'authz.yaml:11: AuthorizationPolicy default/p: spec.rules[0].when[3]: at least one of values, notValues '
         'is required',
     ]),
@@ -481,6 +489,73 @@ CASES = [
         'authz.yaml:7: AuthorizationPolicy default/p: spec.rules[0].from[0].source.principals[0]: must not be empty',
         'authz.yaml:7: AuthorizationPolicy default/p: spec.rules[0].from[0].source.principals[1]: '
         '"cluster.local/*/sa/web": \'*\' may only be the whole value, a prefix (x*) or a suffix (*x)',
+    ]),
+    # ---------------------------------------------------------------- request attributes and JWT
+    ("authz-bad-request-keys", {"x.yaml": policy("AuthorizationPolicy", """\
+        rules:
+        - when:
+          - {key: request.foo, values: [a]}
+          - {key: "request.headers[]", values: [a]}
+          - {key: "request.auth.claims[a][]", values: [a]}
+        """)}, [
+        'x.yaml:8: AuthorizationPolicy default/p: spec.rules[0].when[0].key: "request.foo" is not a condition key '
+        '(known: source.ip, remote.ip, source.namespace, source.principal, destination.ip, destination.port, '
+        'request.auth.principal, request.auth.audiences, request.auth.presenter, request.headers[NAME], '
+        'request.auth.claims[NAME])',
+        'x.yaml:9: AuthorizationPolicy default/p: spec.rules[0].when[1].key: "request.headers[]": '
+        'request.headers[NAME] needs one valid HTTP header name',
+        'x.yaml:10: AuthorizationPolicy default/p: spec.rules[0].when[2].key: "request.auth.claims[a][]": '
+        'request.auth.claims[NAME] (nested: [a][b]) needs non-empty claim names',
+    ]),
+    ("authz-bad-operation", {"x.yaml": policy("AuthorizationPolicy", """\
+        rules:
+        - to: [{operation: {methods: ["GE T"], paths: [admin], hosts: ["a*b"]}}]
+        """)}, [
+        'x.yaml:7: AuthorizationPolicy default/p: spec.rules[0].to[0].operation.methods[0]: "GE T" is not an HTTP '
+        'method (like GET)',
+        'x.yaml:7: AuthorizationPolicy default/p: spec.rules[0].to[0].operation.paths[0]: "admin" is not a path: '
+        "it must start with '/' or use a '*' prefix/suffix wildcard",
+        'x.yaml:7: AuthorizationPolicy default/p: spec.rules[0].to[0].operation.hosts[0]: "a*b": \'*\' may only be '
+        'the whole value, a prefix (x*) or a suffix (*x)',
+    ]),
+    ("jwks-unparsable-symmetric-and-weak", {"jwt.yaml": policy("RequestAuthentication", """\
+        jwtRules:
+        - issuer: https://a.example.com
+          jwks: 'not json'
+        - issuer: https://b.example.com
+          jwks: '{"keys": [{"kty": "oct", "k": "c2VjcmV0"}]}'
+        - issuer: https://c.example.com
+          jwks: '%s'
+        """ % json.dumps({"keys": [_WEAK_RSA_JWK]}))}, [
+        "jwt.yaml:8: RequestAuthentication default/p: spec.jwtRules[0].jwks: is not valid JSON: Expecting value: "
+        "line 1 column 1 (char 0)",
+        'jwt.yaml:10: RequestAuthentication default/p: spec.jwtRules[1].jwks.keys[0]: symmetric keys (kty "oct") '
+        "are refused: a JWKS must hold public keys",
+        "jwt.yaml:12: RequestAuthentication default/p: spec.jwtRules[2].jwks.keys[0]: RSA key of 1024 bits is too "
+        "weak (at least 2048)",
+    ]),
+    ("jwt-bad-params-and-outputs", {"jwt.yaml": policy("RequestAuthentication", """\
+        jwtRules:
+        - issuer: https://a.example.com
+          jwksUri: https://a.example.com/keys
+          fromParams: ["a=b"]
+          outputClaimToHeaders: [{header: x-sub}]
+        - issuer: https://b.example.com
+          jwksUri: https://b.example.com/keys
+          outputPayloadToHeader: host
+        """)}, [
+        'jwt.yaml:9: RequestAuthentication default/p: spec.jwtRules[0].fromParams[0]: "a=b" is not a query '
+        "parameter name",
+        "jwt.yaml:10: RequestAuthentication default/p: spec.jwtRules[0].outputClaimToHeaders[0].claim: required "
+        "field is missing",
+        "jwt.yaml:13: RequestAuthentication default/p: spec.jwtRules[1].outputPayloadToHeader: 'host' is a header "
+        "the proxy must not write",
+    ]),
+    ("meshconfig-bad-escaped-slashes", {"mesh.yaml": "apiVersion: hostmesh.io/v1alpha1\nkind: MeshConfig\n"
+                                                     "metadata: {name: default}\nspec:\n"
+                                                     "  pathNormalization: {escapedSlashes: BOGUS}\n"}, [
+        'mesh.yaml:5: MeshConfig default/default: spec.pathNormalization.escapedSlashes: "BOGUS" is not one of '
+        "REJECT, KEEP_UNCHANGED, UNESCAPE_AND_FORWARD",
     ]),
 ]
 

@@ -106,7 +106,7 @@ def test_defaults_for_service_workload_and_meshconfig():
     mesh = [c for c in model.config_objects() if c.kind == "MeshConfig"]
     assert mesh == [ConfigObject("MeshConfig", "default", "default",
                                  '{"certificateTTL":"24h","outboundTrafficPolicy":{"mode":"ALLOW_ANY"},'
-                                 '"serviceCIDR":"198.19.0.0/16","trustDomain":"cluster.local"}')]
+                                 '"pathNormalization":{"escapedSlashes":"REJECT"},"serviceCIDR":"198.19.0.0/16","trustDomain":"cluster.local"}')]
     assert model.settings.certificate_ttl_seconds == 86400
 
 
@@ -231,20 +231,8 @@ _NOT_YET = [
      "spec.outlierDetection", "the agents do not eject endpoints yet"),
     ("FaultInjection", "spec:\n  targetRef: {kind: Service, name: echo}\n  abort: {percentage: 1, httpStatus: 503}\n",
      "kind", "the agents do not inject faults yet"),
-    ("AuthorizationPolicy", "spec:\n  rules: [{to: [{operation: {methods: [GET]}}]}]\n",
-     "spec.rules[0].to[0].operation.methods", "the agents enforce AuthorizationPolicy on connections at the "
-                                              "destination node; request attributes (methods) are not enforced yet"),
-    ("AuthorizationPolicy", "spec:\n  rules: [{to: [{operation: {notPaths: [/admin/*]}}]}]\n",
-     "spec.rules[0].to[0].operation.notPaths", "request attributes (paths)"),
-    ("AuthorizationPolicy", "spec:\n  rules: [{from: [{source: {requestPrincipals: ['*']}}]}]\n",
-     "spec.rules[0].from[0].source.requestPrincipals", "request attributes (JWT request principals)"),
-    ("AuthorizationPolicy", "spec:\n  rules: [{when: [{key: 'request.headers[x-user]', values: [a]}]}]\n",
-     "spec.rules[0].when[0].key", "request attributes (request.headers[x-user])"),
     ("MeshConfig", "spec:\n  outboundTrafficPolicy: {mode: REGISTRY_ONLY}\n",
      "spec.outboundTrafficPolicy.mode", "the agents capture only the mesh's own CIDRs"),
-    ("RequestAuthentication", "spec:\n  jwtRules: [{issuer: https://auth.example.com, "
-                              "jwksUri: https://auth.example.com/keys}]\n",
-     "kind", "the agents do not validate JWTs yet"),
 ]
 
 
@@ -257,6 +245,48 @@ def test_settings_no_agent_enforces_are_refused_not_ignored(kind, spec, path, wh
     messages = [str(e) for e in result.errors]
     assert len(messages) == 1, messages
     assert f"{kind} shop/{name}: {path}: not supported yet: " in messages[0] and why in messages[0], messages
+
+
+_NOW_ENFORCED = [
+    ("AuthorizationPolicy", "spec:\n  rules: [{to: [{operation: {methods: [GET], notPaths: [/admin/*], "
+                            "hosts: ['*.shop'], paths: [/public/*]}}], "
+                            "from: [{source: {requestPrincipals: ['*'], notRequestPrincipals: [x/y]}}], "
+                            "when: [{key: 'request.headers[x-user]', values: [a]}, "
+                            "{key: 'request.auth.claims[groups]', values: [admins]}, "
+                            "{key: 'request.auth.claims[org][team]', notValues: [x]}, "
+                            "{key: request.auth.principal, values: ['*']}, "
+                            "{key: request.auth.audiences, values: [shop]}, "
+                            "{key: request.auth.presenter, values: [app]}]}]\n"),
+    ("RequestAuthentication", "spec:\n  jwtRules: [{issuer: https://auth.example.com, "
+                              "jwksUri: https://auth.example.com/keys, fromParams: [token], "
+                              "fromHeaders: [{name: x-jwt, prefix: 'Bearer '}], forwardOriginalToken: true, "
+                              "outputPayloadToHeader: x-jwt-payload, "
+                              "outputClaimToHeaders: [{header: x-sub, claim: sub}], audiences: [shop]}]\n"),
+    ("MeshConfig", "spec:\n  pathNormalization: {escapedSlashes: KEEP_UNCHANGED}\n"),
+]
+
+
+@pytest.mark.parametrize("kind, spec", _NOW_ENFORCED, ids=[k for k, _ in _NOW_ENFORCED])
+def test_request_checks_are_accepted_and_carried_to_agents(kind, spec):
+    name = "default" if kind == "MeshConfig" else "p"
+    doc = f"apiVersion: hostmesh.io/v1alpha1\nkind: {kind}\nmetadata: {{name: {name}, namespace: shop}}\n{spec}"
+    model = load_ok({"p.yaml": svc("echo", ns="shop") + "---\n" + doc})
+    carried = {(c.kind, c.name): json.loads(c.spec) for c in model.config_objects()}
+    raw = yaml.safe_load(doc)["spec"]
+    got = carried[(kind, name)]
+    for key, value in raw.items():
+        if kind == "RequestAuthentication":
+            assert got[key][0] | value[0] == got[key][0]  # every field as written (defaults added)
+        elif isinstance(value, dict):
+            assert got[key] == value
+        else:
+            assert got[key] == value, key
+
+
+def test_meshconfig_path_normalization_defaults_to_reject():
+    model = load_ok({"p.yaml": svc("echo")})
+    mesh = [json.loads(c.spec) for c in model.config_objects() if c.kind == "MeshConfig"][0]
+    assert mesh["pathNormalization"] == {"escapedSlashes": "REJECT"}
 
 
 def test_refused_settings_still_report_their_other_mistakes():

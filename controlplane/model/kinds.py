@@ -16,6 +16,7 @@ Cross-object rules (references, duplicates, clusterIP allocation) live in `refer
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from urllib.parse import urlsplit
@@ -284,10 +285,11 @@ FAULT_SPEC = Obj({
 
 
 # ---------------------------------------------------------------- AuthorizationPolicy
-# Istio's shape and semantics. The agents enforce the connection (L4) attributes at the
-# destination node, on the identity the mTLS tunnel proved (nodeagent/proxy/authz.py); the
-# request (L7) attributes are refused as not supported yet until a proxy that parses the
-# request enforces them.
+# Istio's shape and semantics (nodeagent/proxy/authz.py). Connection attributes are enforced
+# at the destination node on the identity the mTLS tunnel proved; request attributes where
+# requests are parsed: the destination's proxy parses the connections of a workload whose
+# policies need them (nodeagent/proxy/request_policy.py). Non-HTTP traffic to such a
+# workload is judged fail-closed: request attributes match in DENY, never in ALLOW.
 
 _STRINGS = List(Str(max_len=1024), min_items=1)
 _METHOD = token("an HTTP method (like GET)")
@@ -310,18 +312,9 @@ _PATHS = List(Str(max_len=1024, check_fn=_path_pattern_problem), min_items=1)
 _IP_BLOCKS = List(CIDR(address_ok=True), min_items=1)
 _PORTS = List(port_field(), min_items=1)
 
-_L7_NOT_YET = ("the agents enforce AuthorizationPolicy on connections at the destination node; "
-               "request attributes ({what}) are not enforced yet")
-
-
-def _l7_not_yet(field: Field, what: str) -> NotSupportedYet:
-    return NotSupportedYet(field, _L7_NOT_YET.format(what=what))
-
-
 SOURCE = Obj({
     "principals": _MATCHES, "notPrincipals": _MATCHES,
-    "requestPrincipals": _l7_not_yet(_MATCHES, "JWT request principals"),
-    "notRequestPrincipals": _l7_not_yet(_MATCHES, "JWT request principals"),
+    "requestPrincipals": _MATCHES, "notRequestPrincipals": _MATCHES,
     "namespaces": _MATCHES, "notNamespaces": _MATCHES,
     "ipBlocks": _IP_BLOCKS, "notIpBlocks": _IP_BLOCKS,
     "remoteIpBlocks": _IP_BLOCKS, "notRemoteIpBlocks": _IP_BLOCKS,
@@ -329,30 +322,58 @@ SOURCE = Obj({
                         "notNamespaces", "ipBlocks", "notIpBlocks", "remoteIpBlocks", "notRemoteIpBlocks")])
 
 OPERATION = Obj({
-    "hosts": _l7_not_yet(_MATCHES, "hosts"), "notHosts": _l7_not_yet(_MATCHES, "hosts"),
-    "methods": _l7_not_yet(List(_METHOD, min_items=1), "methods"),
-    "notMethods": _l7_not_yet(List(_METHOD, min_items=1), "methods"),
-    "paths": _l7_not_yet(_PATHS, "paths"), "notPaths": _l7_not_yet(_PATHS, "paths"),
+    "hosts": _MATCHES, "notHosts": _MATCHES,
+    "methods": List(_METHOD, min_items=1), "notMethods": List(_METHOD, min_items=1),
+    "paths": _PATHS, "notPaths": _PATHS,
     "ports": _PORTS, "notPorts": _PORTS,
 }, checks=[at_least_one("hosts", "notHosts", "methods", "notMethods", "paths", "notPaths", "ports", "notPorts")])
 
-# `when` keys (Istio's "Authorization Policy Conditions"): the connection ones are enforced
+# `when` keys (Istio's "Authorization Policy Conditions")
 CONDITION_KEYS_L4 = ("source.ip", "remote.ip", "source.namespace", "source.principal",
                      "destination.ip", "destination.port")
-CONDITION_KEYS_L7 = ("request.headers[", "request.auth.principal", "request.auth.audiences",
-                     "request.auth.presenter", "request.auth.claims[")
+CONDITION_KEYS_AUTH = ("request.auth.principal", "request.auth.audiences", "request.auth.presenter")
+_HEADER_TOKEN = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]{1,256}$")
+_CLAIM_PART = re.compile(r"^[^\[\]]{1,256}$")
+
+
+def _bracketed_parts(key: str, prefix: str) -> list[str] | None:
+    """``prefix[a][b]`` -> ["a", "b"] (parts may be empty: checked by the caller)."""
+    if not key.startswith(prefix + "[") or not key.endswith("]"):
+        return None
+    return key[len(prefix) + 1:-1].split("][")
+
+
+def _request_key_problem(key: str) -> str | None:
+    """None for a well-formed request.* key, else what is wrong with it."""
+    if key in CONDITION_KEYS_AUTH:
+        return None
+    header = _bracketed_parts(key, "request.headers")
+    if header is not None:
+        if len(header) != 1 or not _HEADER_TOKEN.match(header[0]):
+            return f"{show(key)}: request.headers[NAME] needs one valid HTTP header name"
+        return None
+    claim = _bracketed_parts(key, "request.auth.claims")
+    if claim is not None:
+        if not all(_CLAIM_PART.match(part) for part in claim):
+            return f"{show(key)}: request.auth.claims[NAME] (nested: [a][b]) needs non-empty claim names"
+        return None
+    return (f"{show(key)} is not a condition key (known: {', '.join(CONDITION_KEYS_L4)}, "
+            f"{', '.join(CONDITION_KEYS_AUTH)}, request.headers[NAME], request.auth.claims[NAME])")
 
 
 def _condition_checks(out, raw, path, problems):
     key = out.get("key")
     if key is None:
         return
-    if key in CONDITION_KEYS_L7 or (key.startswith(CONDITION_KEYS_L7) and key.endswith("]")):
-        problems.add(path + ("key",), not_supported_yet_message(_L7_NOT_YET.format(what=key)))
+    if key.startswith("request."):
+        problem = _request_key_problem(key)
+        if problem:
+            problems.add(path + ("key",), problem)
         return
     if key not in CONDITION_KEYS_L4:
         problems.add(path + ("key",), f"{show(key)} is not a condition key (known: "
-                                      f"{', '.join(CONDITION_KEYS_L4)}, request.headers[NAME], request.auth.*)")
+                                      f"{', '.join(CONDITION_KEYS_L4)}, {', '.join(CONDITION_KEYS_AUTH)}, "
+                                      f"request.headers[NAME], request.auth.claims[NAME])")
         return
     values = (out.get("values") or []) + (out.get("notValues") or [])
     for i, v in enumerate(values):
@@ -448,6 +469,26 @@ def _jwks_problem(v: str) -> str | None:
     return None
 
 
+_REL_PART = re.compile(r"([^.\[\]]+)|\[(\d+)\]")
+
+
+def _relative_path(rel: str) -> tuple:
+    """"fromHeaders[0].name" -> ("fromHeaders", 0, "name")."""
+    return tuple(int(index) if index else name for name, index in _REL_PART.findall(rel))
+
+
+def _jwt_rule_checks(out, raw, path, problems):
+    """The agent's own checks of a rule (nodeagent/proxy/jwtauth.py: the keys it can load, the
+    headers it may write), so both sides agree; only on a rule the schema found clean."""
+    from nodeagent.proxy.jwtauth import validate_jwt_rule
+    if any(p[:len(path)] == path for p, _ in problems.items):
+        return
+    for rel, message in validate_jwt_rule(raw):
+        problems.add(path + _relative_path(rel), message)
+
+
+_QUERY_PARAM = re.compile(r"^[!$'()*+,\-./0-9:;@A-Z_a-z~%]{1,256}$")
+
 JWT_RULE = Obj({
     "issuer": required(Str(max_len=1024)),
     "jwksUri": Str(max_len=2048, check_fn=_https_url_problem),
@@ -456,7 +497,12 @@ JWT_RULE = Obj({
     "forwardOriginalToken": optional(Bool(), default=False),
     "fromHeaders": List(Obj({"name": required(header_name()), "prefix": Str(min_len=0, max_len=256)}),
                         min_items=1, unique=("name", _lower, "header")),
-}, checks=[exactly_one("jwksUri", "jwks")])
+    "fromParams": List(Str(max_len=256, rule=_QUERY_PARAM, rule_text="a query parameter name"), min_items=1,
+                       unique=(None, _same, "parameter")),
+    "outputPayloadToHeader": header_name(),
+    "outputClaimToHeaders": List(Obj({"header": required(header_name()), "claim": required(Str(max_len=256))}),
+                                 min_items=1, unique=("header", _lower, "header")),
+}, checks=[exactly_one("jwksUri", "jwks"), _jwt_rule_checks])
 
 REQUEST_AUTHN_SPEC = Obj({
     "selector": selector_obj(),
@@ -482,6 +528,12 @@ MESH_CONFIG_SPEC = Obj({
     "outboundTrafficPolicy": optional(Obj({"mode": required(Enum("ALLOW_ANY", "REGISTRY_ONLY"))},
                                           checks=[_registry_only_not_yet]),
                                       default={"mode": "ALLOW_ANY"}),
+    # %2F / %5C in request paths before AuthorizationPolicy path matching (the proxies'
+    # request checks, nodeagent/proxy/request_policy.py): REJECT answers 400, KEEP_UNCHANGED
+    # keeps them encoded, UNESCAPE_AND_FORWARD decodes them to '/' and normalizes
+    "pathNormalization": optional(Obj({"escapedSlashes": optional(
+        Enum("REJECT", "KEEP_UNCHANGED", "UNESCAPE_AND_FORWARD"), default="REJECT")}),
+        default={"escapedSlashes": "REJECT"}),
 })
 
 
@@ -516,8 +568,7 @@ KINDS: dict[str, KindSpec] = {k.kind: k for k in (
              not_supported_yet="the agents do not inject faults yet"),
     KindSpec(HOSTMESH_API, "AuthorizationPolicy", AUTHZ_SPEC),
     KindSpec(HOSTMESH_API, "PeerAuthentication", PEER_AUTHN_SPEC),
-    KindSpec(HOSTMESH_API, "RequestAuthentication", REQUEST_AUTHN_SPEC,
-             not_supported_yet="the agents do not validate JWTs yet, so no token would be checked"),
+    KindSpec(HOSTMESH_API, "RequestAuthentication", REQUEST_AUTHN_SPEC),
     # a namespaced singleton (one in the whole mesh, in any namespace; like Istio's root-namespace
     # config): agents' ConfigObjects always carry a namespace
     KindSpec(HOSTMESH_API, "MeshConfig", MESH_CONFIG_SPEC, name_rule=_mesh_config_name, spec_required=False),

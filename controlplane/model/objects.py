@@ -136,6 +136,7 @@ class MeshSettings:
     service_cidr: str = kinds.DEFAULT_SERVICE_CIDR
     certificate_ttl: str = kinds.DEFAULT_CERTIFICATE_TTL
     outbound_traffic_policy: str = "ALLOW_ANY"
+    escaped_slashes: str = "REJECT"  # pathNormalization.escapedSlashes
 
     @property
     def certificate_ttl_seconds(self) -> float:
@@ -145,12 +146,14 @@ class MeshSettings:
     def from_spec(cls, spec: dict[str, Any]) -> MeshSettings:
         return cls(trust_domain=spec["trustDomain"], service_cidr=spec["serviceCIDR"],
                    certificate_ttl=spec["certificateTTL"],
-                   outbound_traffic_policy=spec["outboundTrafficPolicy"]["mode"])
+                   outbound_traffic_policy=spec["outboundTrafficPolicy"]["mode"],
+                   escaped_slashes=spec["pathNormalization"]["escapedSlashes"])
 
     def to_spec(self) -> dict[str, Any]:
         return {"trustDomain": self.trust_domain, "serviceCIDR": self.service_cidr,
                 "certificateTTL": self.certificate_ttl,
-                "outboundTrafficPolicy": {"mode": self.outbound_traffic_policy}}
+                "outboundTrafficPolicy": {"mode": self.outbound_traffic_policy},
+                "pathNormalization": {"escapedSlashes": self.escaped_slashes}}
 
 
 @dataclass(frozen=True)
