@@ -51,7 +51,8 @@ def test_examples_load_and_reload_to_an_equal_model():
     assert again.model == first.model
     assert hash(again.model) == hash(first.model)
     assert again.model.version == first.model.version
-    assert first.model.counts() == {"HTTPRoute": 1, "MeshConfig": 1, "PeerAuthentication": 1, "Service": 2,
+    assert first.model.counts() == {"AuthorizationPolicy": 1, "HTTPRoute": 1, "MeshConfig": 1,
+                                    "PeerAuthentication": 1, "RequestAuthentication": 1, "Service": 2,
                                     "TrafficPolicy": 1, "Workload": 4}
 
 
@@ -76,12 +77,13 @@ def test_config_objects_carry_canonical_spec_json():
     model = load_directory(str(EXAMPLES)).model
     cos = model.config_objects()
     assert [(c.kind, c.namespace, c.name) for c in cos] == [
-        ("HTTPRoute", "default", "web-canary-split"), ("MeshConfig", "default", "default"),
-        ("PeerAuthentication", "default", "default"), ("TrafficPolicy", "default", "web")]
+        ("AuthorizationPolicy", "default", "web-api"), ("HTTPRoute", "default", "web-canary-split"),
+        ("MeshConfig", "default", "default"), ("PeerAuthentication", "default", "default"),
+        ("RequestAuthentication", "default", "web-jwt"), ("TrafficPolicy", "default", "web")]
     route = model.get("HTTPRoute", "default", "web-canary-split")
-    assert cos[0] == ConfigObject("HTTPRoute", "default", "web-canary-split", route.spec_json)
-    spec = json.loads(cos[0].spec)
-    assert cos[0].spec == json.dumps(spec, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    assert cos[1] == ConfigObject("HTTPRoute", "default", "web-canary-split", route.spec_json)
+    spec = json.loads(cos[1].spec)
+    assert cos[1].spec == json.dumps(spec, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     # Gateway API defaults are filled in, so agents need not know them
     assert spec["parentRefs"] == [{"group": "", "kind": "Service", "name": "web", "namespace": "default", "port": 80}]
     assert spec["rules"][0]["matches"] == [{"headers": [{"name": "x-canary", "type": "Exact", "value": "always"}],
