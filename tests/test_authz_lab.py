@@ -10,6 +10,7 @@ proved; same-node ones (node1/pod-2 -> node1/pod-1) at node1's outbound side.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -163,3 +164,40 @@ def test_a_new_deny_applies_to_the_next_request_through_pooled_upstream_connecti
         {"from": [{"source": {"ipBlocks": [naming.pod_ip(1, 1)]}}]}]}))
     wait_for(lambda: codes(1) == {"403"}, what="the DENY to reach the agents")
     assert codes(8) == {"403"}
+
+
+def test_a_new_deny_closes_an_open_relayed_connection(clean, tmp_path):
+    """As ztunnel: connections relayed at L4 are re-checked when policies change."""
+    import subprocess
+    lab = clean
+    go = tmp_path / "go"
+    ip = naming.pod_ip(2, 1)
+    script = ("import http.client, os, time\n"
+              f"c = http.client.HTTPConnection({ip!r}, 8080, timeout=5)\n"
+              "c.request('GET', '/'); r = c.getresponse(); r.read(); print(r.status, flush=True)\n"
+              f"while not os.path.exists({str(go)!r}): time.sleep(0.1)\n"
+              "try:\n    c.request('GET', '/'); r = c.getresponse(); r.read(); print(r.status, flush=True)\n"
+              "except (OSError, http.client.HTTPException) as e:\n    print('closed', type(e).__name__, flush=True)\n")
+    deny = ("deny-intruder", {
+        "action": "DENY", "rules": [{"from": [{"source": {"principals": ["cluster.local/ns/other/sa/intruder"]}}]}]})
+    # the intruder's connections carry its own identity (node1 has its certificate) before we start
+    set_policies(lab, deny)
+    wait_for(lambda: refused(lab, INTRUDER, TARGET), what="the intruder's identity on the tunnel")
+    set_policies(lab)
+    wait_for(lambda: reaches(lab, INTRUDER, TARGET), what="the DENY to be gone")
+    proc = subprocess.Popen(lab.exec_argv(lab.target(INTRUDER), ["python3", "-c", script]), stdout=subprocess.PIPE,
+                            text=True)
+    try:
+        assert proc.stdout.readline().strip() == "200"
+        set_policies(lab, deny)
+        wait_for(lambda: refused(lab, INTRUDER, TARGET), what="the DENY to reach node2")
+        go.touch()
+        line = proc.stdout.readline()
+        log = Path(lab.names.run_dir, "logs", "agent-node2.log").read_text()[-3000:]
+        assert line.startswith("closed"), f"the open connection survived the DENY: {line} {log}"
+    finally:
+        proc.kill()
+        proc.wait(10)
+    assert reaches(lab, FRIEND, TARGET)
+    metrics = mesh.admin_get(lab, "node2", "/stats/prometheus").stdout
+    assert 'reason="authz_revoked"' in metrics

@@ -198,6 +198,7 @@ class L7Dispatch:
                                                                       decision.endpoint.port), verdict)
         if gate is None:
             if verdict.allowed:
+                relay.authz_key = (decision.endpoint.address, decision.endpoint.port, principal, src_ip)
                 relay.forward(decision.address, labels)
             else:
                 deny()

@@ -27,6 +27,7 @@ from nodeagent.proxy.destinations import (PASSTHROUGH, UNKNOWN_DESTINATION_POLIC
                                           Destinations, Refuse, connection_labels)
 from nodeagent.capture.origdst import so_original_dst
 from nodeagent.identity import WorkloadIdentities
+from nodeagent.proxy.authz import ConnectionAttrs
 from nodeagent.proxy.relay import Relay
 from nodeagent.proxy.tunnel_plan import TUNNEL_PORT
 from nodeagent.state import AgentState, NodeSnapshot
@@ -261,6 +262,34 @@ class ProxyListener:
     # ------------------------------------------------------------ per connection
     def decide(self, snapshot: NodeSnapshot, dst_ip: str, dst_port: int) -> Decision:  # pragma: no cover
         raise NotImplementedError
+
+    def recheck_authz(self, snapshot: NodeSnapshot) -> int:
+        """Policies changed: close the relayed (L4) connections to local workloads that the
+        new policies deny — or that now need their requests checked, which a relayed
+        connection cannot have — as ztunnel does; connections served by an L7 driver are
+        checked per request already. Returns how many were closed."""
+        authz = getattr(self, "authz", None)
+        if authz is None:
+            return 0
+        closed = 0
+        for relay in list(self.connections):
+            key = relay.authz_key
+            if key is None or relay.driver is not None or relay.torn_down:
+                continue
+            address, port, principal, src_ip = key
+            workload = snapshot.workload_by_ip(address)
+            d = authz.authorizer.decide(snapshot, workload, ConnectionAttrs(principal, src_ip, address, port)) \
+                if workload is not None else None
+            if d is not None and d.allowed:
+                continue
+            if d is not None:
+                authz.count(d, workload, principal, src_ip, port)
+            relay.abort("authz_revoked")
+            closed += 1
+        if closed:
+            log.info("%s: closed %d connection(s) the changed AuthorizationPolicies no longer allow",
+                     self.direction, closed)
+        return closed
 
     def admit(self, relay: Relay) -> None:
         """Called from Relay.connection_made: decide what happens to a new connection."""

@@ -224,7 +224,7 @@ class Relay(asyncio.Protocol):
 
     __slots__ = (
         "owner", "loop", "transport", "out", "up", "nbytes", "labels", "flags",
-        "tracked", "closing", "d_lost", "u_done", "d_eof", "u_eof", "torn_down", "driver",
+        "tracked", "closing", "d_lost", "u_done", "d_eof", "u_eof", "torn_down", "driver", "authz_key",
         "_task", "_wrapping", "_timer", "_mark", "_bufmark", "_since", "_flushed_rx", "_flushed_tx",
     )
 
@@ -246,6 +246,9 @@ class Relay(asyncio.Protocol):
         self.torn_down = False
         # an L7 driver that took the transport over (l7dispatch); it owns the connection then
         self.driver = None
+        # a relay to a local workload: (pod address, port, principal, source address) its
+        # AuthorizationPolicy decision was made on, re-checked when policies change
+        self.authz_key: tuple | None = None
         self._task: asyncio.Task | None = None
         self._wrapping = False
         self._timer: asyncio.TimerHandle | None = None

@@ -2,13 +2,16 @@
 
 Outbound (15001) and inbound (15006) always; with workload certificates
 (``ProxyInputs.identities``) also the node-addressed mTLS tunnel listener (15008), whose
-connections are served by the inbound side's ``TunnelServer``.
+connections are served by the inbound side's ``TunnelServer``. When a snapshot changes
+what authorization decisions depend on (``authz.authz_epoch``), both listeners re-check
+their relayed connections to local workloads and close those no longer allowed.
 """
 
 from __future__ import annotations
 
 import asyncio
 
+from nodeagent.proxy.authz import authz_epoch
 from nodeagent.proxy.inbound import InboundProxy
 from nodeagent.proxy.listener import INBOUND_PORT, OUTBOUND_PORT, ProxyInputs
 from nodeagent.proxy.outbound import OutboundProxy
@@ -28,6 +31,16 @@ class NodeProxy:
         if self.inbound.tunnel is not None:
             self.tunnel = TunnelListener(self.inbound.tunnel, host,
                                          inputs.tunnel_port if tunnel_port is None else tunnel_port)
+        self._authz_epoch = authz_epoch(inputs.state.snapshot)
+        inputs.state.subscribe(self._snapshot_applied)
+
+    def _snapshot_applied(self, snapshot) -> None:
+        epoch = authz_epoch(snapshot)
+        if epoch == self._authz_epoch:
+            return
+        self._authz_epoch = epoch
+        self.outbound.recheck_authz(snapshot)
+        self.inbound.recheck_authz(snapshot)
 
     async def start(self) -> list[asyncio.AbstractServer]:
         """Start the listeners; if one cannot start, those already started are closed again."""
