@@ -35,6 +35,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import authz as authz_bench  # noqa: E402
 import l7  # noqa: E402
 from peers import nginx_config  # noqa: E402
 
@@ -42,15 +43,10 @@ WEB = ("web-1", "shop", "node1", "127.0.0.1", "web", (("app", "web"),))
 PRINCIPAL = "cluster.local/ns/front/sa/ui"
 
 
-def connection_policies(n: int = 10, rules: int = 20) -> list[dict]:
-    out = []
-    for p in range(n):
-        rs = [{"from": [{"source": {"principals": [f"cluster.local/ns/ns{p}-{r}/sa/client"],
-                                    "namespaces": [f"ns{p}-{r}"], "ipBlocks": [f"198.18.{p}.0/24"]}}],
-               "to": [{"operation": {"ports": [8080 + r]}}],
-               "when": [{"key": "source.ip", "values": [f"198.18.{p}.{r}"]}]} for r in range(rules)]
-        out.append({"rules": rs})
-    out[-1]["rules"][-1] = {"from": [{"source": {"principals": [PRINCIPAL]}}]}  # the bench's connection
+def connection_policies() -> list[dict]:
+    """bench/authz.py's 10x20 connection rules, the last one matching the bench's connection."""
+    out = [json.loads(c.spec) for c in authz_bench.policies()]
+    out[-1]["rules"][-1] = {"from": [{"source": {"principals": [PRINCIPAL]}}]}
     return out
 
 

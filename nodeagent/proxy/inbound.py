@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from nodeagent.proxy.authz import AuthzGate
 from nodeagent.proxy.destinations import REPORTER_INBOUND, Decision, Forward, Refuse
-from nodeagent.proxy.l7dispatch import L7Dispatch
+from nodeagent.proxy.l7dispatch import L7Dispatch, admit_local
 from nodeagent.proxy.listener import INBOUND_PORT, ProxyInputs, ProxyListener
 from nodeagent.proxy.peerauth import STRICT, PeerAuthn
 from nodeagent.proxy.relay import Relay
@@ -85,22 +85,8 @@ class InboundProxy(ProxyListener):
 
     def admit_local(self, relay: Relay, snapshot: NodeSnapshot, decision: Forward, labels: TcpLabels, peer_ip: str,
                     dst: tuple[str, int], principal: str | None, src_ip: str, refuse) -> None:
-        """A connection for a local workload, from the source the node verified (``principal``,
-        ``src_ip``): its AuthorizationPolicies, then relayed, refused (``refuse()``), or served
-        as HTTP with every request checked (``l7dispatch.gate_or_forward``)."""
-        verdict = self.authz.check(snapshot, decision.workload, principal, src_ip, decision.endpoint.address,
-                                   decision.endpoint.port)
-
-        def deny() -> None:
-            self.metrics.rejected(self.direction, "authz_denied")
-            refuse()
-        if self.l7 is None:
-            if verdict.allowed:
-                relay.forward(decision.address, labels)
-            else:
-                deny()
-            return
-        self.l7.gate_or_forward(relay, snapshot, decision, labels, peer_ip, dst, principal, src_ip, verdict, deny)
+        """A connection for a local workload (``l7dispatch.admit_local``)."""
+        admit_local(self, relay, snapshot, decision, labels, peer_ip, dst, principal, src_ip, refuse)
 
     async def drain(self, grace: float) -> int:
         if self.tunnel is not None:

@@ -85,6 +85,28 @@ _L7_APP_PROTOCOLS = frozenset(_HTTP) | frozenset(ap for ap, p in _FIXED.items() 
 _AUTO = ""  # the mode of a port with routes or a policy but no appProtocol
 
 
+def admit_local(listener: "ProxyListener", relay: "Relay", snapshot: NodeSnapshot, decision: Forward,
+                labels: TcpLabels, peer_ip: str, dst: tuple[str, int], principal: str | None, src_ip: str,
+                refuse: Callable[[], None]) -> None:
+    """A connection for a workload of this node, from the source the node verified
+    (``principal``, ``src_ip``): its AuthorizationPolicies, then relayed, refused
+    (``refuse()``, counted as ``authz_denied``), or served as HTTP with every request checked
+    (``L7Dispatch.gate_or_forward``; without an L7 side, what needs request checks is refused)."""
+    verdict = listener.authz.check(snapshot, decision.workload, principal, src_ip, decision.endpoint.address,
+                                   decision.endpoint.port)
+
+    def deny() -> None:
+        listener.metrics.rejected(listener.direction, "authz_denied")
+        refuse()
+    l7 = listener.l7
+    if l7 is not None:
+        l7.gate_or_forward(relay, snapshot, decision, labels, peer_ip, dst, principal, src_ip, verdict, deny)
+    elif verdict.allowed:
+        relay.forward(decision.address, labels)
+    else:
+        deny()
+
+
 class L7Dispatch:
     """The L7 side of one listener: detection plan (outbound), request-checked connections
     to local workloads (``gate_or_forward``), drivers' inputs, the connector."""

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from nodeagent.proxy.authz import AuthzGate
 from nodeagent.proxy.destinations import REPORTER_OUTBOUND, Decision, Refuse
-from nodeagent.proxy.l7dispatch import L7Dispatch
+from nodeagent.proxy.l7dispatch import L7Dispatch, admit_local
 from nodeagent.proxy.listener import OUTBOUND_PORT, ProxyInputs, ProxyListener
 from nodeagent.proxy.relay import Relay
 from nodeagent.proxy.tunnel import TunnelClient
@@ -100,21 +100,8 @@ class OutboundProxy(ProxyListener):
                          peer_ip: str) -> None:
         """A workload of this node is the destination: its AuthorizationPolicies (and request
         checks, served here as the inbound side would) with the client pod's identity."""
-        principal = self.authz.local_principal(snapshot, peer_ip)
-        verdict = self.authz.check(snapshot, decision.workload, principal, peer_ip, decision.endpoint.address,
-                                   decision.endpoint.port)
-
-        def deny() -> None:
-            self.metrics.rejected(self.direction, "authz_denied")
-            relay.refuse(labels, "RBAC")
-        if self.l7 is None:
-            if verdict.allowed:
-                relay.forward(decision.address, labels)
-            else:
-                deny()
-            return
-        self.l7.gate_or_forward(relay, snapshot, decision, labels, peer_ip,
-                                (decision.endpoint.address, decision.endpoint.port), principal, peer_ip, verdict, deny)
+        admit_local(self, relay, snapshot, decision, labels, peer_ip, (decision.endpoint.address, decision.endpoint.port),
+                    self.authz.local_principal(snapshot, peer_ip), peer_ip, lambda: relay.refuse(labels, "RBAC"))
 
     async def drain(self, grace: float) -> int:
         if self.tunnel is not None:

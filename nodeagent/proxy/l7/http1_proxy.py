@@ -571,18 +571,6 @@ class Http1Proxy(DriverLifecycle, asyncio.Protocol):
         else:
             ex.dispatch(ep, up_head, self._memo_limits, self._memo_service)
 
-    def _gate(self, ex: "_Exchange", ep, method: bytes, target: bytes, authority: bytes, headers: list):
-        """The destination's request checks (``ctx.gate_for``): (target, headers) to forward,
-        or None after answering the request locally."""
-        gate = self.ctx.gate_for(ep)
-        if gate is None:
-            return target, headers
-        verdict = gate.check(method, target, authority, headers, self.ctx.scheme)
-        if type(verdict) is tuple:
-            return verdict
-        ex.local(verdict.flag, verdict.status, verdict.message, verdict.headers)
-        return None
-
     def _upstream_head(self, head: RequestHead, target: bytes, authority: bytes, headers: list,
                        forwarded_host: bytes | None, had_host: bool) -> RequestHead:
         """``forwarded_host``: the original Host when a URLRewrite changed it (then ``host`` is

@@ -383,18 +383,6 @@ class Http2Proxy(DriverLifecycle, asyncio.Protocol):
         st.dispatch(ep, up_head, self.inputs.routes.pool_limits(ctx.table, backend), backend.hostname,
                     head.grpc or speaks_h2(backend.port.app_protocol))
 
-    def _gate(self, st: "_Stream", ep, method: bytes, path: bytes, authority: bytes, headers: list):
-        """The destination's request checks (``ctx.gate_for``): (path, headers) to forward, or
-        None after answering the stream locally."""
-        gate = self.ctx.gate_for(ep)
-        if gate is None:
-            return path, headers
-        verdict = gate.check(method, path, authority, headers, self.ctx.scheme)
-        if type(verdict) is tuple:
-            return verdict
-        st.local(verdict.flag, verdict.status, verdict.message, verdict.headers)
-        return None
-
     def _upstream_head(self, head: RequestHead, path: bytes, authority: bytes, headers: list,
                        forwarded_host: bytes | None) -> RequestHead:
         ctx = self.ctx

@@ -25,6 +25,18 @@ class DriverLifecycle:
         self.closing = True
         self.transport.abort()  # connection_lost follows and cleans up
 
+    def _gate(self, exchange, ep, method: bytes, target: bytes, authority: bytes, headers: list):
+        """The destination's request checks (``ctx.gate_for``, ``request_policy``): (target,
+        headers) to forward, or None after ``exchange.local(...)`` answered the request."""
+        gate = self.ctx.gate_for(ep)
+        if gate is None:
+            return target, headers
+        verdict = gate.check(method, target, authority, headers, self.ctx.scheme)
+        if type(verdict) is tuple:
+            return verdict
+        exchange.local(verdict.flag, verdict.status, verdict.message, verdict.headers)
+        return None
+
     def _report_done(self) -> None:
         self.reported = True
         try:
