@@ -256,9 +256,10 @@ class L7Dispatch:
             return None
         authz = self.listener.authz
         principal = authz.local_principal(snapshot, ctx.src_ip)
-        verdict = authz.check(snapshot, workload, principal, ctx.src_ip, endpoint.address, endpoint.port)
-        return self.requests.gate(snapshot, workload, ConnectionAttrs(principal, ctx.src_ip, endpoint.address,
-                                                                      endpoint.port), verdict)
+        conn = ConnectionAttrs(principal, ctx.src_ip, endpoint.address, endpoint.port)
+        # not authz.check: the connection's decision was counted when it was dialed
+        # (_authorize_local); per request only the gate counts
+        return self.requests.gate(snapshot, workload, conn, authz.authorizer.decide(snapshot, workload, conn))
 
     def _done(self, relay: "Relay", driver) -> None:
         """The driver's on_done: the connection's TCP metrics, then the listener forgets it."""
