@@ -52,7 +52,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from peers import nginx_config  # noqa: E402
+from peers import cpu_seconds, haproxy_http_config, nginx_config  # noqa: E402
 
 LO = "127.0.0.1"
 VIP = "198.19.0.40"  # only looked up in the proxy's snapshot
@@ -65,24 +65,7 @@ def free_port() -> int:
 
 
 def haproxy_config(run_dir: str, port: int, backend_port: int) -> str:
-    return f"""global
-    nbthread 1
-    maxconn 4096
-    pidfile {run_dir}/haproxy.pid
-defaults
-    mode http
-    option http-keep-alive
-    timeout connect 5s
-    timeout client 60s
-    timeout server 60s
-    timeout http-keep-alive 60s
-frontend web
-    bind {LO}:{port}
-    default_backend web
-backend web
-    http-reuse always
-    server s1 {LO}:{backend_port}
-"""
+    return haproxy_http_config(run_dir, f"{LO}:{port}", f"{LO}:{backend_port}")
 
 
 def haproxy_h2_config(run_dir: str, port: int, backend_port: int) -> str:
@@ -146,16 +129,6 @@ def serve_proxy(port: int, backend_port: int, mode: str = "h1") -> None:
 
 
 # ------------------------------------------------------------------ load generators
-def cpu_seconds(pids: list[int]) -> float:
-    """utime + stime of processes (and their reaped children) from /proc, in seconds."""
-    total = 0
-    for pid in pids:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        total += sum(int(x) for x in fields[11:15])
-    return total / os.sysconf("SC_CLK_TCK")
-
-
 def wrk_rps(url: str, seconds: int, connections: int, pids: list[int]) -> tuple[float, float]:
     """(requests/s, CPU microseconds per request of ``pids``) of one wrk run."""
     before = cpu_seconds(pids)

@@ -206,6 +206,9 @@ def agent_bootstrap(lab: Lab, node: str, capture: str, *, static: bool = False) 
         "stateDir": str(Path(lab.names.run_dir, "state", node)),
         "drainGrace": "5s",
     }
+    workers = getattr(lab, "workers", None)  # proxy worker processes; None: the agent's default (auto)
+    if workers is not None:
+        doc["workers"] = workers
     accelerate = getattr(lab, "accelerate", None)  # eBPF same-node acceleration; None: the agent's default
     if accelerate is not None:
         doc["capture"]["accelerate"] = accelerate
@@ -242,6 +245,32 @@ def spawn_agent(lab: Lab, node: str, capture: str = "iptables", *, static: bool 
     cfg = agent_bootstrap(lab, node, capture, static=static)
     argv = [sys.executable, "-m", "hostmesh.cli", "agent", "--config", str(cfg)]
     return lab.spawn(lab.target(node), argv, f"agent-{node}")
+
+
+def restart_agent(lab: Lab, node: str, capture: str = "iptables", *, static: bool = False,
+                  env: dict[str, str] | None = None, timeout: float = AGENT_READY_TIMEOUT) -> int:
+    """Start a successor next to the running agent: it takes the listeners over (hand-off),
+    the old one drains and exits. Returns once the successor serves the admin endpoint and
+    is ready; ``env``: extra environment (another build: PYTHONPATH, HOSTMESH_BPF_DIR)."""
+    before = set(agent_pids(lab, node))
+    cfg = agent_bootstrap(lab, node, capture, static=static)
+    argv = [sys.executable, "-m", "hostmesh.cli", "agent", "--config", str(cfg)]
+    if env:
+        argv = ["env", *(f"{k}={v}" for k, v in env.items()), *argv]
+    proc = lab.spawn(lab.target(node), argv, f"agent-{node}")
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc.poll() is not None:
+            raise LabError(f"the new agent on {node} exited with {proc.returncode}; "
+                           f"see {lab.names.run_dir}/logs/agent-{node}.log")
+        r = admin_get(lab, node, "/server_info")
+        if r.returncode == 0:
+            info = json.loads(r.stdout)
+            if info["pid"] not in before and info["state"] == "LIVE" and admin_get(lab, node, "/ready").returncode == 0:
+                return info["pid"]
+        if time.monotonic() > deadline:
+            raise LabError(f"the new agent on {node} did not take over within {timeout:g}s")
+        time.sleep(0.05)
 
 
 def uninstall_agent(lab: Lab, node: str, capture: str = "iptables") -> subprocess.CompletedProcess:

@@ -738,21 +738,36 @@ class AdminServer:
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"{host}:{self._bound_port or self.port}"
 
-    async def start(self) -> None:
+    async def start(self, sock: socket.socket | None = None) -> None:
+        """Listen, or accept on ``sock`` (handed over by the previous agent)."""
         if self._server is not None:
             raise RuntimeError(f"{self.name} already started")
         self._loop = asyncio.get_running_loop()
         self._accepting = True
         try:
-            self._server = await self._loop.create_server(
-                lambda: _AdminConnection(self), self.host, self.port,
-                reuse_address=True, reuse_port=False, backlog=64)
+            if sock is not None:
+                self._server = await self._loop.create_server(lambda: _AdminConnection(self), sock=sock, backlog=64)
+            else:
+                self._server = await self._loop.create_server(
+                    lambda: _AdminConnection(self), self.host, self.port,
+                    reuse_address=True, reuse_port=False, backlog=64)
         except OSError as exc:
             self._accepting = False
             raise ProxyError(f"{self.name}: cannot listen on {self.address}: {_os_reason(exc)}") from exc
         sockets = self._server.sockets or ()
         self._bound_port = sockets[0].getsockname()[1] if sockets else self.port
         log.info("%s listening on %s", self.name, self.address)
+
+    @property
+    def listening_socket(self) -> socket.socket | None:
+        sockets = self._server.sockets if self._server is not None else ()
+        return sockets[0] if sockets else None
+
+    def stop_accepting(self) -> None:
+        """Close the listening socket only (a successor accepts on its copy); requests in
+        flight finish, and ``close`` still does the rest."""
+        if self._server is not None:
+            self._server.close()
 
     async def close(self) -> None:
         """Stop listening, let open connections flush, then close them. Follow-up actions

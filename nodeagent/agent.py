@@ -36,7 +36,10 @@ from nodeagent.persist import SnapshotStore
 from nodeagent.errors import AgentError
 from nodeagent.identity.cpauth import ControlPlaneAuth, GrpcSigner
 from nodeagent.identity.manager import CertificateManager
-from nodeagent.instance_lock import InstanceLock
+from nodeagent import handoff as ho
+from nodeagent import lineage
+from nodeagent.lineage import Lineage
+from nodeagent.instance_lock import AgentRunning, InstanceLock
 from nodeagent.proxy import NodeProxy, ProxyInputs, ProxyLimits
 from nodeagent.proxy.jwks import HttpsJwksFetcher, JwksCache, JwksRefresher
 from nodeagent.proxy.jwtauth import RequestAuthn
@@ -44,6 +47,8 @@ from nodeagent.proxy.l7.metrics import HttpMetrics
 from nodeagent.proxy.destinations import service_endpoints
 from nodeagent.state import AgentState, NodeSnapshot
 from nodeagent.telemetry import ProxyMetrics
+from nodeagent.worker import bootstrap_to
+from nodeagent.workers import WorkerPool
 
 log = logging.getLogger("hostmesh.agent")
 
@@ -66,6 +71,19 @@ class AgentMetrics:
         self.capture_verify_ok = Gauge("hostmesh_agent_capture_verified",
                                        "1 when the last capture verification matched the desired state",
                                        registry=registry)
+        self.generation = Gauge("hostmesh_agent_generation",
+                                "Agents started on this state directory so far, this one included",
+                                registry=registry)
+        self.restarts = Counter("hostmesh_agent_restarts_total",
+                                "Agent starts on this state directory after the first (stop, crash or hand-off); "
+                                "continues across processes", registry=registry)
+        self.handoffs = Counter("hostmesh_agent_handoffs_total",
+                                "Listener hand-offs to a new agent on this state directory; continues across "
+                                "processes", registry=registry)
+        self.handoff_failures = Counter("hostmesh_agent_handoff_failures_total",
+                                        "Hand-offs this agent did not complete, by reason (refused: an incompatible "
+                                        "new agent; aborted: it gave up or died); this agent kept serving",
+                                        ["reason"], registry=registry)
         self.capture_adopted = Gauge("hostmesh_agent_capture_adopted",
                                      "1 when this agent found its capture already installed at start "
                                      "(left by a previous agent's stop or crash) and adopted it",
@@ -74,11 +92,15 @@ class AgentMetrics:
 
 @dataclass
 class Lifecycle:
-    state: str = "STARTING"  # STARTING -> LIVE -> DRAINING -> STOPPED
+    # STARTING -> LIVE -> DRAINING -> STOPPED; a hand-off: LIVE -> HANDED_OFF -> DRAINING -> STOPPED
+    state: str = "STARTING"
     started: float = field(default_factory=time.time)
     capture_installed: bool = False
     capture_adopted: bool = False  # found installed at start (a previous agent's stop or crash)
     last_verify: dict | None = None
+    lineage: Lineage = field(default_factory=Lineage)
+    predecessor: ho.Predecessor | None = None  # the agent this one took the listeners from
+    successor_pid: int | None = None  # the agent this one handed them to
 
 
 class Agent:
@@ -118,93 +140,257 @@ class Agent:
         self.jwks_refresher = JwksRefresher(self.jwks, HttpsJwksFetcher(jwks_ssl_context(boot)), self.registry,
                                             refresh_interval=boot.jwks_refresh_interval)
         self._jwks_rules = RequestAuthn(self.jwks.keys)
+        self.workers_count = boot.workers
+        # with worker processes this proxy only answers the admin views (routes, policies);
+        # its metrics go to a registry nobody reads, the workers' are merged into ours
         self.proxy = NodeProxy(
-            ProxyInputs(
-                state=self.state, node=boot.node, metrics=ProxyMetrics(self.registry),
-                limits=ProxyLimits(connect_timeout=boot.connect_timeout, idle_timeout=boot.idle_timeout,
-                                   max_connections=boot.max_connections),
-                socket_mark=boot.socket_mark if self.capture else 0,
-                unknown_destination=boot.unknown_destination,
-                original_destination=self.capture.original_destination if self.capture else so_original_dst,
-                identities=self.certs,
-                http_metrics=HttpMetrics(self.registry),
-                jwks_keys=self.jwks.keys,
-            ),
+            proxy_inputs(boot, self.state, self.registry if self.workers_count == 1 else CollectorRegistry(),
+                         identities=self.certs, jwks_keys=self.jwks.keys,
+                         original_destination=self.capture.original_destination if self.capture else so_original_dst,
+                         capturing=self.capture is not None),
             outbound_port=boot.outbound_port, inbound_port=boot.inbound_port,
         )
+        self.pool: WorkerPool | None = None
+        if self.workers_count > 1:
+            self.pool = WorkerPool(count=self.workers_count, bootstrap=bootstrap_to(boot), log_level=boot.log_level,
+                                   state=self.state, certs=self.certs, jwks=self.jwks, registry=self.registry)
+        # what serves the node's traffic: the workers, or the proxy in this process
+        self.serving = self.pool if self.pool is not None else self.proxy
         self._stop = asyncio.Event()
         self._tasks: list[asyncio.Task] = []
+        self.build = lineage.build_id()
+        self.handoff: ho.HandoffServer | None = None
         self.admin = AdminServer(self._admin_inputs(), host=boot.admin_host, port=boot.admin_port)
 
     # ------------------------------------------------------------------ lifecycle
     async def run(self) -> int:
-        self.lock.acquire(f"agent for node {self.boot.node}")
+        successor: ho.HandoffClient | None = None
         try:
-            return await self._run()
+            self.lock.acquire(f"agent for node {self.boot.node}")
+        except AgentRunning:
+            if not (self.boot.handoff_enabled and ho.HandoffClient.available(self.boot.state_dir)):
+                raise
+            successor = ho.HandoffClient(self.boot.state_dir)
+        try:
+            return await self._run(successor)
         finally:
+            if self.handoff is not None:
+                self.handoff.close()
             self.lock.release()
 
-    async def _run(self) -> int:
+    async def _run(self, successor: ho.HandoffClient | None) -> int:
         if self.source:
             self.source.poll()
             if self.source.last_error and self.state.snapshot is None:
                 raise AgentError(self.source.last_error)
-        await self.proxy.start()
+        # config and certificates first: a successor must be able to serve before it takes over
+        self._start_config_loops()
         try:
-            await self.admin.start()
+            await self._start_serving(successor)
+            await self._install_capture()
         except BaseException:
-            self.proxy.close()
-            raise
-        try:
-            if self.capture:
-                # what a previous agent left (a stop keeps capture): adopted by install's reconcile
-                self.life.capture_adopted = (await asyncio.to_thread(self.capture.verify)).ok
-                self.metrics.capture_adopted.set(1 if self.life.capture_adopted else 0)
-                await asyncio.to_thread(self.capture.install)
-                self.life.capture_installed = True
-                self.life.last_verify = (await asyncio.to_thread(self.capture.verify)).to_dict()
-                self.metrics.capture_verify_ok.set(1)
-        except BaseException:
-            self.proxy.close()
+            if successor is not None:
+                successor.abort("the new agent failed to start")
+            self._cancel_tasks()
+            self.serving.close()
             await self.admin.close()
             raise
         self.life.state = "LIVE"
         self._update_ready()
         log.info("agent started", extra={"node": self.boot.node, "capture": self.boot.capture_mode,
-                                          "admin": f"{self.boot.admin_host}:{self.admin.bound_port}"})
+                                          "admin": f"{self.boot.admin_host}:{self.admin.bound_port}",
+                                          "generation": self.life.lineage.generation})
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stop.set)
+        if self.capture:
+            self._tasks.append(asyncio.create_task(self._reconcile_capture()))
+        self.state.subscribe(self._watch_jwks)
+        if self.state.snapshot is not None:
+            self._watch_jwks(self.state.snapshot)
+        self._serve_handoffs(loop)
+        await self._stop.wait()
+        await self.shutdown()
+        return 0
+
+    def _start_config_loops(self) -> None:
         if self.source:
             self._tasks.append(asyncio.create_task(self._watch_config()))
         if self.cp:
             self._tasks.append(asyncio.create_task(self.cp.run()))
         if self.certs:
             self._tasks.append(asyncio.create_task(self.certs.run(self.state)))
-        if self.capture:
-            self._tasks.append(asyncio.create_task(self._reconcile_capture()))
-        self.state.subscribe(self._watch_jwks)
-        if self.state.snapshot is not None:
-            self._watch_jwks(self.state.snapshot)
-        await self._stop.wait()
-        await self.shutdown()
-        return 0
 
-    async def shutdown(self) -> None:
-        log.info("shutting down: draining", extra={"grace": self.boot.drain_grace,
-                                                   "active": self.proxy.active_connections})
-        self.life.state = "DRAINING"
-        self._update_ready()
+    def _cancel_tasks(self) -> None:
         for t in self._tasks:
             t.cancel()
+        self._tasks.clear()
+
+    async def _start_serving(self, successor: ho.HandoffClient | None) -> None:
+        """Listen: on fresh sockets, or on the running agent's (a hand-off). Either way this
+        process holds the state directory's lock afterwards."""
+        inherited: dict = {}
+        if successor is not None:
+            inherited = await self._take_over(successor)
+        await self.serving.start({n: s for n, s in inherited.items() if n != "admin"})
+        await self.admin.start(inherited.get("admin"))
+        previous = lineage.load(self.boot.state_dir)
+        if successor is not None:
+            await asyncio.to_thread(successor.serving)
+            await self._acquire_lock_after_handoff()
+            pred = self.life.predecessor
+            self.life.lineage = previous.successor(predecessor=Lineage(pred.generation, pred.counters.get("handoffs", 0)))
+            log.info("took over from the previous agent", extra={"predecessor_pid": pred.pid,
+                                                                 "predecessor_build": pred.build})
+        else:
+            self.life.lineage = previous.successor()
+        try:
+            lineage.save(self.boot.state_dir, self.life.lineage)
+        except OSError as exc:
+            log.warning("cannot record the agent generation", extra={"error": exc.strerror or str(exc)})
+        self.metrics.generation.set(self.life.lineage.generation)
+        self.metrics.restarts.inc(self.life.lineage.restarts)
+        self.metrics.handoffs.inc(self.life.lineage.handoffs)
+
+    async def _take_over(self, successor: ho.HandoffClient) -> dict:
+        """HELLO, ready our config, TAKE: the running agent's listening sockets by name."""
+        self.life.predecessor = await asyncio.to_thread(successor.connect, self._hello())
+        log.info("an agent is running on this state directory: taking its listeners over once ready",
+                 extra={"predecessor_pid": self.life.predecessor.pid, "timeout": self.boot.handoff_timeout})
+        try:
+            await self._wait_ready_to_serve(self.boot.handoff_timeout)
+        except AgentError as exc:
+            successor.abort(str(exc))
+            raise
+        return await asyncio.to_thread(successor.take)
+
+    async def _wait_ready_to_serve(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            why = self._not_ready_to_serve()
+            if not why:
+                return
+            if time.monotonic() >= deadline:
+                raise AgentError(f"not ready to take over within {timeout:g}s ({why}); the running agent keeps "
+                                 "serving")
+            await asyncio.sleep(0.05)
+
+    def _not_ready_to_serve(self) -> str:
+        """'' once this agent could serve its node: a snapshot and valid certificates."""
+        if self.state.snapshot is None:
+            if self.cp:
+                return self.cp.status()["message"]
+            return self.source.last_error if self.source and self.source.last_error else "no config yet"
+        if self.certs:
+            ok, why = self.certs.readiness()
+            if not ok:
+                return why
+        return ""
+
+    async def _acquire_lock_after_handoff(self, timeout: float = 10.0) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                self.lock.acquire(f"agent for node {self.boot.node}")
+                return
+            except AgentRunning:
+                if time.monotonic() >= deadline:
+                    raise
+                await asyncio.sleep(0.02)
+
+    def _hello(self) -> ho.Hello:
+        return ho.Hello(node=self.boot.node, build=self.build, pid=os.getpid(),
+                        listeners=self._listener_addresses(), capture=self._capture_identity())
+
+    def _listener_addresses(self) -> dict[str, str]:
+        return {**self.proxy.listener_addresses(), "admin": f"{self.boot.admin_host}:{self.boot.admin_port}"}
+
+    def _capture_identity(self) -> dict[str, str]:
+        return {"mode": self.boot.capture_mode, "instance": self.boot.capture_instance}
+
+    async def _install_capture(self) -> None:
+        if not self.capture:
+            return
+        # what a previous agent left (a stop keeps capture): adopted by install's reconcile
+        self.life.capture_adopted = (await asyncio.to_thread(self.capture.verify)).ok
+        self.metrics.capture_adopted.set(1 if self.life.capture_adopted else 0)
+        await asyncio.to_thread(self.capture.install)
+        self.life.capture_installed = True
+        self.life.last_verify = (await asyncio.to_thread(self.capture.verify)).to_dict()
+        self.metrics.capture_verify_ok.set(1)
+        if self.pool is not None and not self._workers_find_destinations():
+            raise AgentError("workers: proxy worker processes read original destinations with SO_ORIGINAL_DST, "
+                             "which this eBPF capture cannot answer (cgroup/getsockopt is not attached); "
+                             "set workers: 1 or use capture.mode: iptables")
+
+    def _workers_find_destinations(self) -> bool:
+        """eBPF without cgroup/getsockopt answers original destinations from a map only the
+        agent process reads; workers cannot."""
+        d = self.capture.describe()
+        return d.get("backend") != "ebpf" or "getsockopt" in str(d.get("original_destination", ""))
+
+    # ------------------------------------------------------------------ being the predecessor
+    def _serve_handoffs(self, loop: asyncio.AbstractEventLoop) -> None:
+        if not self.boot.handoff_enabled:
+            return
+        hooks = ho.HandoffHooks(
+            offer=self._offer,
+            listener_fds=lambda: ho.fds_of({**self.serving.listening_sockets(), "admin": self.admin.listening_socket}),
+            release=lambda hello: asyncio.run_coroutine_threadsafe(self._hand_off(hello), loop).result(30),
+            outcome=lambda result, why: loop.call_soon_threadsafe(self._handoff_outcome, result),
+        )
+        self.handoff = ho.HandoffServer(self.boot.state_dir, hooks,
+                                        take_timeout=self.boot.handoff_timeout + 30.0)
+        try:
+            self.handoff.start()
+        except ho.HandoffError as exc:
+            log.error("hand-offs are off for this agent", extra={"error": str(exc)})
+            self.handoff = None
+
+    def _offer(self) -> ho.Offer:
+        lin = self.life.lineage
+        return ho.Offer(node=self.boot.node, build=self.build, pid=os.getpid(), generation=lin.generation,
+                        listeners=self._listener_addresses(), capture=self._capture_identity(),
+                        counters={"handoffs": lin.handoffs})
+
+    def _handoff_outcome(self, result: str) -> None:
+        if result in ("refused", "aborted"):
+            self.metrics.handoff_failures.labels(result).inc()
+
+    async def _hand_off(self, hello: ho.Hello) -> None:
+        """The successor accepts on our listeners: stop accepting, stop every loop that
+        writes shared state (config, certificates, capture), release the lock, then drain."""
+        if self.life.state in ("HANDED_OFF", "DRAINING", "STOPPED"):
+            return
+        self.life.state = "HANDED_OFF"
+        self.life.successor_pid = hello.pid
+        self._update_ready()
+        self.serving.stop_accepting()
+        self.admin.stop_accepting()
+        self._cancel_tasks()
+        self.lock.release()
+        self._stop.set()
+
+    async def shutdown(self) -> None:
+        handed_off = self.life.state == "HANDED_OFF"
+        log.info("handed off: draining" if handed_off else "shutting down: draining",
+                 extra={"grace": self.boot.drain_grace, "active": self.serving.active_connections,
+                        "successor_pid": self.life.successor_pid})
+        if self.handoff is not None:
+            self.handoff.close()
+        self.life.state = "DRAINING"
+        self._update_ready()
+        self._cancel_tasks()
         await self.jwks_refresher.close()
-        aborted = await self.proxy.drain(self.boot.drain_grace)
+        aborted = await self.serving.drain(self.boot.drain_grace)
         if self.signer:
             await self.signer.close()
         await self.admin.close()
         self.life.state = "STOPPED"
         log.info("agent stopped", extra={"aborted_connections": aborted})
-        if self.capture:
+        if handed_off:
+            log.info("the new agent serves this node and owns capture", extra={"successor_pid": self.life.successor_pid})
+        elif self.capture:
             log.info("capture stays installed: captured connections are refused until the next agent starts "
                      "(fail closed); remove it with `hostmesh agent --uninstall`", extra={"capture": self.boot.capture_mode})
 
@@ -302,16 +488,30 @@ class Agent:
             "state": self.life.state, "uptime_seconds": round(time.time() - self.life.started, 3),
             "capture_mode": self.boot.capture_mode, "capture_adopted": self.life.capture_adopted,
             "snapshot_version": snap.version if snap else None,
-            "active_connections": self.proxy.active_connections,
+            "active_connections": self.serving.active_connections,
             "control_plane": self.cp.status()["message"] if self.cp else "static snapshot file",
+            "build": self.build, "generation": self.life.lineage.generation,
+            "restarts": self.life.lineage.restarts, "handoffs": self.life.lineage.handoffs,
+            "predecessor": ({"pid": p.pid, "build": p.build, "generation": p.generation}
+                            if (p := self.life.predecessor) else None),
+            "successor_pid": self.life.successor_pid,
+            "handoff_socket": self.handoff.path if self.handoff is not None else None,
+            "workers": self.workers_view(),
         }
+
+    def workers_view(self) -> dict:
+        if self.pool is None:
+            return {"count": 1, "mode": "in-process", "processes": [{"index": 0, "pid": os.getpid(),
+                                                                     "state": "serving"}]}
+        return {"count": self.pool.count, "mode": "processes", "processes": self.pool.stats()["workers"]}
 
     def config_dump(self) -> dict:
         snap = self.state.snapshot
         return {"bootstrap": self.boot.to_dict(), "snapshot": snap.to_dict() if snap else None,
                 "snapshot_error": self.source.last_error if self.source else "",
                 "control_plane": self.cp.status() if self.cp else None,
-                "authorization": self.policies(), "jwks": self.jwks_view()}
+                "authorization": self.policies(), "jwks": self.jwks_view(),
+                **({"workers": self.pool.describe()} if self.pool is not None else {})}
 
     def policies(self) -> list[dict]:
         """The AuthorizationPolicies in force per local workload (what the inbound side applies)."""
@@ -334,13 +534,14 @@ class Agent:
         return out
 
     def listeners(self) -> list[dict]:
+        counts = self.serving.connection_counts()
         return [
             {"name": "outbound", "address": f"0.0.0.0:{self.boot.outbound_port}",
-             "active_connections": self.proxy.outbound.active_connections},
+             "active_connections": counts["outbound"]},
             {"name": "inbound", "address": f"0.0.0.0:{self.boot.inbound_port}",
-             "active_connections": self.proxy.inbound.active_connections},
+             "active_connections": counts["inbound"]},
             *([{"name": "tunnel", "address": f"0.0.0.0:{self.proxy.tunnel.port}",
-                "active_connections": len(self.proxy.inbound.tunnel.connections)}]
+                "active_connections": counts["tunnel"]}]
               if self.proxy.tunnel is not None else []),
             {"name": "admin", "address": f"{self.boot.admin_host}:{self.admin.bound_port}"},
         ]
@@ -372,7 +573,23 @@ class Agent:
         """POST /drain: stop accepting and finish what is in flight; the agent keeps running."""
         self.life.state = "DRAINING"
         self._update_ready()
-        await self.proxy.drain(self.boot.drain_grace)
+        await self.serving.drain(self.boot.drain_grace)
+
+
+def proxy_inputs(boot: Bootstrap, state: AgentState, registry: CollectorRegistry, *, identities, jwks_keys,
+                 original_destination, capturing: bool) -> ProxyInputs:
+    """The proxy's inputs from the bootstrap: the same for the in-process proxy and workers."""
+    return ProxyInputs(
+        state=state, node=boot.node, metrics=ProxyMetrics(registry),
+        limits=ProxyLimits(connect_timeout=boot.connect_timeout, idle_timeout=boot.idle_timeout,
+                           max_connections=boot.max_connections),
+        socket_mark=boot.socket_mark if capturing else 0,
+        unknown_destination=boot.unknown_destination,
+        original_destination=original_destination,
+        identities=identities,
+        http_metrics=HttpMetrics(registry),
+        jwks_keys=jwks_keys,
+    )
 
 
 def jwks_ssl_context(boot: Bootstrap) -> ssl.SSLContext:

@@ -7,6 +7,7 @@ malformed bootstrap never gets as far as installing capture rules.
 from __future__ import annotations
 
 import ipaddress
+import os
 import re
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -58,6 +59,13 @@ class Bootstrap:
     # system's (a private identity provider); "" = the system's only
     jwks_ca_file: str = ""
     jwks_refresh_interval: float = 20 * 60.0  # how often jwksUri keys are fetched again (istiod: 20 min)
+    # an agent started while another runs on this state directory takes its listeners over
+    # (handoff.py); off: it refuses to start, as before
+    handoff_enabled: bool = True
+    handoff_timeout: float = 60.0  # how long a successor may take to ready its config before giving up
+    # proxy worker processes on the shared listening sockets (workers.py); 1: the proxy runs
+    # inside the agent process
+    workers: int = 1
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -81,6 +89,8 @@ class Bootstrap:
             "stateDir": self.state_dir,
             "logLevel": self.log_level,
             "jwks": {"caFile": self.jwks_ca_file, "refreshInterval": self.jwks_refresh_interval},
+            "handoff": {"enabled": self.handoff_enabled, "timeout": self.handoff_timeout},
+            "workers": self.workers,
         }
 
 
@@ -93,10 +103,27 @@ _SCHEMA: dict[str, Any] = {
     "controlPlaneAuth": {"tokenFile": str, "rootBundle": str, "serverName": str, "insecure": "bool"},
     "certDir": "abspath",
     "jwks": {"caFile": "abspath", "refreshInterval": "duration"},
+    "handoff": {"enabled": "bool", "timeout": "duration"},
+    "workers": "workers",
     "proxy": {"outboundPort": "port", "inboundPort": "port", "socketMark": "mark",
               "unknownDestination": str, "connectTimeout": "duration", "idleTimeout": "duration",
               "maxConnections": "count"},
 }
+
+
+MAX_WORKERS = 64
+AUTO_WORKERS_CAP = 8  # "auto": one per usable core, at most this many
+
+
+def resolve_workers(value: Any) -> int:
+    """``auto`` -> the cores this process may run on (its CPU affinity), capped."""
+    if value != "auto":
+        return int(value)
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cores = os.cpu_count() or 1
+    return max(1, min(cores, AUTO_WORKERS_CAP))
 
 
 def parse_duration(value: Any, where: str) -> float:
@@ -119,6 +146,13 @@ def _check(kind: Any, value: Any, where: str) -> Any:
         return value
     if kind == "duration":
         return parse_duration(value, where)
+    if kind == "workers":
+        if value == "auto":
+            return value
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_WORKERS:
+            raise ConfigError(f"{where}: must be auto or a number of worker processes (1-{MAX_WORKERS}), "
+                              f"got {value!r}")
+        return value
     if kind == "bool":
         if not isinstance(value, bool):
             raise ConfigError(f"{where}: must be true or false, got {value!r}")
@@ -283,6 +317,9 @@ def build(file_values: dict[str, Any], overrides: dict[str, Any]) -> Bootstrap:
         state_dir=v.get("stateDir", b.state_dir), log_level=level,
         jwks_ca_file=v.get("jwks.caFile", ""),
         jwks_refresh_interval=v.get("jwks.refreshInterval", b.jwks_refresh_interval),
+        handoff_enabled=v.get("handoff.enabled", b.handoff_enabled),
+        handoff_timeout=v.get("handoff.timeout", b.handoff_timeout),
+        workers=resolve_workers(v.get("workers", "auto")),
     )
 
 

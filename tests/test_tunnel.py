@@ -634,6 +634,61 @@ def test_node_proxy_runs_the_tunnel_listener_and_drain_closes_pooled_connections
     run(main())
 
 
+def test_a_draining_server_sends_goaway_and_the_client_stops_reusing_the_connection():
+    """Closing an idle pooled connection outright races with a client reusing it; GOAWAY
+    does not: the client drops it from its pool and closes it, and the server's drain
+    waits for that instead of cutting it."""
+    async def main():
+        app, port = await start_app(echo)
+        async with app, Mesh() as m:
+            assert await ask(m, port, b"pooled") == b"pooled"
+            await m.settle()
+            (conn,) = m.out.tunnel.pool[next(iter(m.out.tunnel.pool))]
+            (served,) = m.inb.tunnel.connections
+            m.inb.tunnel.draining = True
+            m.inb.tunnel.close_idle()
+            assert served.goaway_sent
+            async with asyncio.timeout(20):
+                while not conn.lost or not served.lost:
+                    await asyncio.sleep(0.005)
+            assert m.out.tunnel.idle_count() == 0
+            # (a successor would take new connections; here the same server does again)
+            m.inb.tunnel.draining = False
+            # the next connection makes a new tunnel connection, and a stream on a connection
+            # that got GOAWAY mid-stream still completes
+            r, w = await m.connect((POD_IP, port))
+            w.write(b"first")
+            assert await asyncio.wait_for(r.readexactly(5), 20) == b"first"
+            (busy,) = [c for c in m.inb.tunnel.connections if not c.lost]
+            m.inb.tunnel.close_idle()
+            await asyncio.sleep(0.05)
+            w.write(b"second")
+            assert await asyncio.wait_for(r.readexactly(6), 20) == b"second"
+            w.write_eof()
+            assert await asyncio.wait_for(r.read(), 20) == b""
+            w.close()
+            async with asyncio.timeout(20):
+                while not busy.lost:
+                    await asyncio.sleep(0.005)
+            assert m.out.tunnel.idle_count() == 0
+            assert m.m1("hostmesh_agent_tunnel_handshakes_total") == 2
+    run(main())
+
+
+def test_an_open_that_crossed_the_goaway_is_served():
+    async def main():
+        app, port = await start_app(echo)
+        async with app, Mesh() as m:
+            assert await ask(m, port, b"pooled") == b"pooled"
+            await m.settle()
+            m.inb.tunnel.draining = True
+            m.inb.draining = True  # what drain() sets: no new connections, but this stream is served
+            (served,) = m.inb.tunnel.connections
+            served.goaway_sent = True  # the GOAWAY is "in flight": the client has not seen it
+            assert await ask(m, port, b"crossed") == b"crossed"
+    run(main())
+
+
 def test_the_tunnel_also_works_on_the_default_asyncio_loop():
     async def main():
         app, port = await start_app(echo)

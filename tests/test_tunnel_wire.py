@@ -157,3 +157,25 @@ def test_fuzz_any_split_of_valid_frames_round_trips(payloads, data):
     assert events[0] == (OPEN, ("10.1.2.3", 9090, "10.1.2.4"))
     assert joined_data(events) == b"".join(payloads)
     assert events[-1] == (EOF, None)
+
+
+# ------------------------------------------------------------------ GOAWAY
+
+def test_goaway_reaches_a_client_between_and_inside_streams():
+    rx = FrameReceiver(wire.CLIENT)
+    assert rx.feed(wire.GOAWAY_FRAME) == [(wire.GOAWAY, None)]
+    rx.start_stream()
+    events = rx.feed(data_frames(b"hi") + wire.GOAWAY_FRAME + EOF_FRAME)
+    assert events[-2:] == [(wire.GOAWAY, None), (EOF, None)]
+    assert not rx.dead
+
+
+@pytest.mark.parametrize("role,bad,message", [
+    (SERVER, wire.GOAWAY_FRAME, "the client sent a GOAWAY frame"),
+    (wire.CLIENT, bytes([wire.GOAWAY, 0, 0, 1, 0]), "GOAWAY frame with a 1-byte payload"),
+])
+def test_goaway_misuse_is_named(role, bad, message):
+    rx = FrameReceiver(role)
+    with pytest.raises(TunnelProtocolError, match=message):
+        rx.feed(bad)
+    assert rx.dead

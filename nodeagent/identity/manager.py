@@ -188,6 +188,7 @@ class CertificateManager:
         self._held: dict[SpiffeId, Held] = {}
         self._synced: NodeSnapshot | None = None
         self._wake = asyncio.Event()
+        self._subscribers: list[Callable[[], None]] = []
         self.expiry = Gauge("hostmesh_agent_certificate_expiry_seconds",
                             "Seconds until the current certificate of each local identity expires",
                             ["identity"], registry=registry)
@@ -199,6 +200,21 @@ class CertificateManager:
     @property
     def trust_domain(self) -> str:
         return self._trust_domain
+
+    def subscribe(self, fn: Callable[[], None]) -> None:
+        """``fn()`` after a certificate was installed or an identity dropped (files complete)."""
+        self._subscribers.append(fn)
+
+    def _changed(self) -> None:
+        for fn in self._subscribers:
+            fn()
+
+    def held_files(self) -> list[dict]:
+        """Per identity with a certificate: where its files are, serial and expiry (what a
+        proxy worker needs to build the same contexts; never key material itself)."""
+        return [{"uri": h.identity.uri, "dir": str(h.directory), "serial": h.issued.serial,
+                 "not_after": h.issued.not_after}
+                for h in sorted(self._held.values(), key=lambda h: h.identity.uri) if h.issued is not None]
 
     def _valid(self, identity: SpiffeId) -> Issued | None:
         h = self._held.get(identity)
@@ -257,6 +273,7 @@ class CertificateManager:
         except KeyError:
             pass
         log.info("identity left this node; certificate dropped", extra={"identity": ident.uri})
+        self._changed()
 
     # ------------------------------------------------------------------ renewal
     def next_due(self) -> float | None:
@@ -327,6 +344,7 @@ class CertificateManager:
             self.renewal_results.labels("issued").inc()
         log.info("certificate installed", extra={"identity": h.identity.uri, "serial": h.issued.serial,
                                                  "not_after": _iso(not_after), "renew_at": _iso(h.next_attempt)})
+        self._changed()
 
     def _failed(self, h: Held, exc: Exception) -> None:
         now = self.clock()

@@ -83,6 +83,15 @@ class JwksCache:
     def __init__(self, clock: Callable[[], float] = time.time) -> None:
         self._clock = clock
         self._entries: dict[str, JwksStatus] = {}
+        self._bodies: dict[str, bytes] = {}  # the last good body per URI (what proxy workers get)
+        self._subscribers: list[Callable[[str, bytes | None], None]] = []
+
+    def subscribe(self, fn: Callable[[str, bytes | None], None]) -> None:
+        """``fn(uri, body)`` after a new good body; ``fn(uri, None)`` when a URI is forgotten."""
+        self._subscribers.append(fn)
+
+    def bodies(self) -> dict[str, bytes]:
+        return dict(self._bodies)
 
     def keys(self, uri: str) -> KeySet | None:
         entry = self._entries.get(uri)
@@ -96,6 +105,9 @@ class JwksCache:
 
     def forget(self, uri: str) -> None:
         self._entries.pop(uri, None)
+        if self._bodies.pop(uri, None) is not None:
+            for fn in self._subscribers:
+                fn(uri, None)
 
     def record_body(self, uri: str, body: bytes) -> str:
         """A fetched body: parsed, and kept only if it holds a usable signing key. Returns
@@ -111,6 +123,10 @@ class JwksCache:
         now = self._clock()
         entry.keys, entry.last_success, entry.last_attempt = keys, now, now
         entry.last_error, entry.consecutive_failures = "", 0
+        if self._bodies.get(uri) != body:
+            self._bodies[uri] = body
+            for fn in self._subscribers:
+                fn(uri, body)
         return OK
 
     def record_failure(self, uri: str, message: str) -> None:

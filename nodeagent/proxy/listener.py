@@ -182,6 +182,7 @@ class ProxyListener:
         self.connections: set[Relay] = set()
         self.loop: asyncio.AbstractEventLoop | None = None
         self.server: asyncio.AbstractServer | None = None
+        self.sock: socket.socket | None = None  # the listening socket, for a hand-off
         self.draining = False
         self.nodelay_by_loop = False  # uvloop sets TCP_NODELAY on accepted sockets itself
         self._empty: asyncio.Event | None = None
@@ -189,23 +190,32 @@ class ProxyListener:
         self.metrics.track_active(self.direction, self.__len__)
 
     # --------------------------------------------------------------- lifecycle
-    async def start(self) -> asyncio.AbstractServer:
-        """Bind and start accepting. Raises ProxyError with a clear message."""
+    async def start(self, sock: socket.socket | None = None) -> asyncio.AbstractServer:
+        """Bind and start accepting, or accept on ``sock`` (a listening socket handed over by
+        the previous agent). Raises ProxyError with a clear message."""
         if self.server is not None:
             raise ProxyError(f"{self.direction} listener already started on {self.host}:{self.port}")
         check_socket_mark(self.socket_mark)
         self.loop = asyncio.get_running_loop()
         self.nodelay_by_loop = type(self.loop).__module__.startswith("uvloop")
-        sock = listen_socket(self.host, self.port, self.limits.backlog)
+        if sock is None:
+            sock = listen_socket(self.host, self.port, self.limits.backlog)
         try:
             self.server = await self.loop.create_server(
                 lambda: Relay(self), sock=sock, backlog=self.limits.backlog)
         except BaseException:
             sock.close()
             raise
+        self.sock = sock
         self.port = sock.getsockname()[1]  # the real port when asked for 0
         log.info("%s listener on %s:%d", self.direction, self.host, self.port)
         return self.server
+
+    def stop_accepting(self) -> None:
+        """Close the listening socket (a successor that took it over keeps accepting on it)."""
+        self.draining = True
+        if self.server is not None:
+            self.server.close()
 
     @property
     def address(self) -> tuple[str, int]:

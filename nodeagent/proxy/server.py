@@ -10,6 +10,7 @@ their relayed connections to local workloads and close those no longer allowed.
 from __future__ import annotations
 
 import asyncio
+import socket
 
 from nodeagent.proxy.authz import authz_epoch
 from nodeagent.proxy.inbound import InboundProxy
@@ -31,6 +32,9 @@ class NodeProxy:
         if self.inbound.tunnel is not None:
             self.tunnel = TunnelListener(self.inbound.tunnel, host,
                                          inputs.tunnel_port if tunnel_port is None else tunnel_port)
+        self._configured = {"outbound": f"{host}:{outbound_port}", "inbound": f"{host}:{inbound_port}"}
+        if self.tunnel is not None:
+            self._configured["tunnel"] = f"{host}:{self.tunnel.port}"
         self._authz_epoch = authz_epoch(inputs.state.snapshot)
         inputs.state.subscribe(self._snapshot_applied)
 
@@ -42,17 +46,41 @@ class NodeProxy:
         self.outbound.recheck_authz(snapshot)
         self.inbound.recheck_authz(snapshot)
 
-    async def start(self) -> list[asyncio.AbstractServer]:
-        """Start the listeners; if one cannot start, those already started are closed again."""
-        servers = [await self.outbound.start()]
+    async def start(self, inherited: dict[str, socket.socket] | None = None) -> list[asyncio.AbstractServer]:
+        """Start the listeners, on the ``inherited`` listening sockets by name where given (a
+        hand-off); if one cannot start, those already started are closed again."""
+        inherited = inherited or {}
+        servers = [await self.outbound.start(inherited.get("outbound"))]
         try:
-            servers.append(await self.inbound.start())
+            servers.append(await self.inbound.start(inherited.get("inbound")))
             if self.tunnel is not None:
-                servers.append(await self.tunnel.start())
+                servers.append(await self.tunnel.start(inherited.get("tunnel")))
         except BaseException:
             await asyncio.gather(self.outbound.drain(0), self.inbound.drain(0))
             raise
         return servers
+
+    def listening_sockets(self) -> dict[str, socket.socket]:
+        """The listening sockets by name (what a hand-off passes on)."""
+        out = {"outbound": self.outbound.sock, "inbound": self.inbound.sock}
+        if self.tunnel is not None:
+            out["tunnel"] = self.tunnel.sock
+        return {name: s for name, s in out.items() if s is not None}
+
+    def listener_addresses(self) -> dict[str, str]:
+        """name -> "host:port" as configured (what a hand-off compares)."""
+        return dict(self._configured)
+
+    def stop_accepting(self) -> None:
+        """Close every listening socket (a successor accepts on its copies); connections stay."""
+        if self.tunnel is not None:
+            self.tunnel.close()
+        self.outbound.stop_accepting()
+        self.inbound.stop_accepting()
+
+    def connection_counts(self) -> dict[str, int]:
+        return {"outbound": self.outbound.active_connections, "inbound": self.inbound.active_connections,
+                "tunnel": len(self.inbound.tunnel.connections) if self.inbound.tunnel is not None else 0}
 
     @property
     def active_connections(self) -> int:

@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import ssl
 import weakref
 from typing import TYPE_CHECKING
@@ -58,6 +59,9 @@ if TYPE_CHECKING:  # pragma: no cover
     from nodeagent.proxy.listener import ProxyListener
 
 log = logging.getLogger(__name__)
+
+# after a GOAWAY the client closes at once; one that does not (or a stale peer) is closed by us
+GOAWAY_CLOSE_AFTER = 5.0
 
 try:  # the class uvloop's own start_tls uses; asyncio's otherwise
     from uvloop.loop import SSLProtocol as _UvSSLProtocol
@@ -194,6 +198,7 @@ class TunnelConnection(asyncio.Protocol):
         self.lost = False
         self.write_paused = False  # a new stream could not learn it: such a connection is not reused
         self.idle_timer: asyncio.TimerHandle | None = None
+        self.goaway_sent = False  # server: told the client to stop opening streams here
 
     # ------------------------------------------------------------ TLS events
     def connection_made(self, transport) -> None:
@@ -216,6 +221,11 @@ class TunnelConnection(asyncio.Protocol):
                     stream.protocol.eof_received()
             elif kind == wire.OPEN:
                 self.owner.open(self, *value)
+            elif kind == wire.GOAWAY:  # client: no new stream here; close once idle
+                self.reusable = False
+                if stream is None:
+                    self.owner.gone(self)  # out of the pool now, not at connection_lost
+                    self.close()
             else:  # RESET: the peer closes the connection after it
                 self.reusable = False
                 if stream is not None:
@@ -321,6 +331,17 @@ class TunnelConnection(asyncio.Protocol):
         if not self.lost and self.transport is not None:
             self.transport.close()
 
+    def go_away(self, close_after: float) -> None:
+        """Server: GOAWAY, then close if the client has not within ``close_after`` s."""
+        if self.lost or self.transport is None:
+            return
+        if not self.goaway_sent:
+            self.goaway_sent = True
+            self.transport.write(wire.GOAWAY_FRAME)
+        if self.idle_timer is not None:
+            self.idle_timer.cancel()
+        self.idle_timer = self.loop.call_later(close_after, self.close)
+
 
 # ------------------------------------------------------------------ client side
 
@@ -369,7 +390,8 @@ class TunnelClient(_TunnelEnd):
             if conn.idle_timer is not None:
                 conn.idle_timer.cancel()
                 conn.idle_timer = None
-            if conn.lost or conn.context is not context or now - conn.created >= self.limits.tunnel_max_age:
+            if (conn.lost or not conn.reusable or conn.context is not context
+                    or now - conn.created >= self.limits.tunnel_max_age):
                 conn.close()
                 continue
             self.active.add(conn)
@@ -556,8 +578,9 @@ class TunnelServer(_TunnelEnd):
         stream = conn.accept_stream(relay)
         relay.transport = stream
         self.metrics.tunnel_stream(self.direction, conn.streams > 1)
-        if listener.draining or len(listener.connections) >= self.limits.max_connections:
-            self.metrics.rejected(self.direction, "draining" if listener.draining else "connection_limit")
+        # draining: still served (an OPEN that crossed our GOAWAY; the drain deadline bounds it)
+        if len(listener.connections) >= self.limits.max_connections:
+            self.metrics.rejected(self.direction, "connection_limit")
             stream.reset_code = wire.RESET_NOT_ALLOWED
             relay.reject()
             return
@@ -594,21 +617,28 @@ class TunnelServer(_TunnelEnd):
         return peer[0] if peer else ""
 
     def idle(self, conn: TunnelConnection) -> None:
-        if self.draining:
-            conn.close()
+        if self.draining or conn.goaway_sent:
+            conn.go_away(GOAWAY_CLOSE_AFTER)
             return
         self._arm_idle(conn)
 
     def _arm_idle(self, conn: TunnelConnection) -> None:
-        conn.idle_timer = self.loop.call_later(self.limits.tunnel_server_idle_timeout, conn.close)
+        # idle too long: GOAWAY rather than a close the client might be reusing it across
+        conn.idle_timer = self.loop.call_later(self.limits.tunnel_server_idle_timeout, conn.go_away,
+                                               GOAWAY_CLOSE_AFTER)
 
     def gone(self, conn: TunnelConnection) -> None:
         self.connections.discard(conn)
 
     def close_idle(self) -> None:
+        """Draining: GOAWAY on every connection; idle ones close when the client closes them
+        (or after GOAWAY_CLOSE_AFTER), busy ones after their stream."""
         for conn in list(self.connections):
             if conn.stream is None:
-                conn.close()
+                conn.go_away(GOAWAY_CLOSE_AFTER)
+            elif not conn.goaway_sent and not conn.lost and conn.transport is not None:
+                conn.goaway_sent = True
+                conn.transport.write(wire.GOAWAY_FRAME)
 
     def abort_all(self) -> None:
         for conn in list(self.connections):
@@ -639,16 +669,20 @@ class TunnelListener:
         self.host = host
         self.port = port
         self.aserver: asyncio.AbstractServer | None = None
+        self.sock: socket.socket | None = None
 
-    async def start(self) -> asyncio.AbstractServer:
+    async def start(self, sock: socket.socket | None = None) -> asyncio.AbstractServer:
+        """Bind, or accept on ``sock`` (handed over by the previous agent)."""
         loop = asyncio.get_running_loop()
         backlog = self.server.limits.backlog
-        sock = listen_socket(self.host, self.port, backlog)
+        if sock is None:
+            sock = listen_socket(self.host, self.port, backlog)
         try:
             self.aserver = await loop.create_server(lambda: _NodeAddressed(self.server), sock=sock, backlog=backlog)
         except BaseException:
             sock.close()
             raise
+        self.sock = sock
         self.port = sock.getsockname()[1]
         log.info("tunnel listener on %s:%d", self.host, self.port)
         return self.aserver

@@ -17,6 +17,14 @@ a time; each stream is one proxied TCP connection. Every byte inside TLS is a fr
                 the TLS connection after it. Codes: 0 reset, 1 connect failed,
                 2 not allowed (identity, limits), 3 protocol error, 4 denied by an
                 AuthorizationPolicy (a peer that predates 4 reports it as a reset).
+    0x05 GOAWAY server -> client, empty, at any time: the server is going away (draining
+                for a restart, or closing an idle connection). The client sends no new
+                OPEN on this connection and closes it once its current stream (if any)
+                ends; an OPEN that crossed the GOAWAY is still served. Closing an idle
+                connection outright instead races with a client that is just reusing it
+                (the stream would fail before reaching the server), as HTTP/2's GOAWAY
+                avoids for its streams. A peer that predates 5 treats it as a protocol
+                error and drops the connection, which for an idle one is what was asked.
 
 A stream is over when each side has sent and received EOF; the connection is then idle
 and the client may send the next OPEN (HTTP/1.1 keep-alive style reuse). The client
@@ -52,6 +60,7 @@ OPEN = 0x01
 DATA = 0x02
 EOF = 0x03
 RESET = 0x04
+GOAWAY = 0x05
 
 VERSION = 1
 HEADER_LEN = 4
@@ -69,6 +78,7 @@ RESET_CODES = {RESET_RESET: "reset", RESET_CONNECT_FAILED: "connect failed",
 
 _HDR = struct.Struct(">I")
 EOF_FRAME = _HDR.pack(EOF << 24)
+GOAWAY_FRAME = _HDR.pack(GOAWAY << 24)
 
 CLIENT = "client"
 SERVER = "server"
@@ -137,7 +147,8 @@ class FrameReceiver:
 
     ``feed(data)`` returns a list of ``(type, value)``: ``(OPEN, (dst_ip, dst_port,
     src_ip))``, ``(DATA, bytes)`` (a DATA frame may arrive as several events; payloads are
-    passed through, not buffered), ``(EOF, None)``, ``(RESET, code)``. It raises
+    passed through, not buffered), ``(EOF, None)``, ``(RESET, code)``, ``(GOAWAY, None)``
+    (a client only; in or between streams). It raises
     ``TunnelProtocolError`` for anything the format forbids; after that (or after RESET)
     the receiver is dead and must not be fed again.
 
@@ -201,7 +212,7 @@ class FrameReceiver:
                 pos += HEADER_LEN
                 self._remaining = length
                 continue
-            if ftype not in (OPEN, EOF, RESET):
+            if ftype not in (OPEN, EOF, RESET, GOAWAY):
                 self.dead = True
                 raise TunnelProtocolError(f"unknown frame type {ftype:#04x}")
             if length > MAX_CONTROL:
@@ -244,6 +255,14 @@ class FrameReceiver:
             self.open = True
             self.peer_eof = False
             return (OPEN, value)
+        if ftype == GOAWAY:
+            if self.role != CLIENT:
+                self.dead = True
+                raise TunnelProtocolError("the client sent a GOAWAY frame")
+            if payload:
+                self.dead = True
+                raise TunnelProtocolError(f"GOAWAY frame with a {len(payload)}-byte payload")
+            return (GOAWAY, None)
         if not self.open:
             self.dead = True
             raise TunnelProtocolError(f"{'EOF' if ftype == EOF else 'RESET'} frame outside a stream")

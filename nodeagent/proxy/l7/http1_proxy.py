@@ -157,6 +157,7 @@ from nodeagent.proxy.relay import RST, _close_transport
 log = logging.getLogger(__name__)
 
 LINGER = 2.0  # seconds a closing connection keeps reading so the client gets its reply
+DRAIN_IDLE_CLOSE = 1.0  # draining: an idle keep-alive connection is closed after this long
 
 # reasons the client connection is not read (bit mask)
 _R_PIPELINE = 1  # the codec holds enough pipelined requests
@@ -348,11 +349,22 @@ class Http1Proxy(DriverLifecycle, asyncio.Protocol):
 
     # ================================================================ control
     def drain(self) -> None:
-        """Graceful: close now if idle, else after the current response (``connection: close``)."""
+        """Graceful: the next response says ``connection: close`` and ends the connection; one
+        that stays idle for ``DRAIN_IDLE_CLOSE`` is closed. Not at once: closing an idle
+        keep-alive connection races with a client that is just sending its next request,
+        which then fails in a way it cannot safely retry (Envoy and nginx also let a
+        draining keep-alive connection carry one more request)."""
         self.draining = True
         self.codec.must_close = True
+        if self._idle():
+            self.loop.call_later(DRAIN_IDLE_CLOSE, self._close_if_idle, self.activity)
+
+    def _idle(self) -> bool:
         ex = self.ex
-        if self.raw_up is None and (ex is None or ex.finished):
+        return self.raw_up is None and (ex is None or ex.finished) and not self.codec.partial_head
+
+    def _close_if_idle(self, activity: int) -> None:
+        if not self.closing and not self.lost and self.activity == activity and self._idle():
             self._close()
 
     # ================================================================ internals
