@@ -1,17 +1,22 @@
-"""Workers benchmark: HTTP/1.1 keep-alive through the node agent with ``workers: 1`` and
-``workers: 2``, and HAProxy with ``nbthread 1`` and ``nbthread 2``, in one run.
+"""Workers benchmark: the node agent with ``workers: 1`` and ``workers: 2`` against HAProxy
+with ``nbthread 1`` and ``nbthread 2``, HTTP/1.1 keep-alive and HTTP/2, in one run.
 
     sudo .venv/bin/python bench/workers.py [--seconds 5] [--rounds 3] [--connections 32] [--json out.json]
 
-Topology: a throwaway lab (1 node, 2 pods). nginx (one worker, 200 "ok") in node1/pod-2;
-``wrk -t1`` in node1/pod-1 against the Service VIP (``appProtocol: http``: the agent's
-HTTP/1.1 driver, iptables capture, static snapshot) or against HAProxy, which runs in
-pod-2's namespace in front of the same nginx (``mode http``, keep-alive both sides). The
-agent is restarted between the workers settings with a hand-off (the same listeners).
-Reported per path: requests/s, CPU microseconds per request of the proxy's processes
-(agent + workers, or HAProxy), and the scaling of the 2 setting over the 1 setting.
-Everything shares the machine's cores (wrk and nginx too): read the ratios. Rounds
-alternate the order of the paths; medians are shown. The lab is removed at the end.
+Topology: a throwaway lab (1 node, 2 pods). nginx (one worker, 200 "ok"; 8081 HTTP/1.1,
+8082 h2c) in node1/pod-2; the client in node1/pod-1: ``wrk -t1 -c<connections>`` (h1) or
+``h2load -t1 -c8 -m32`` (h2) against a Service VIP (``appProtocol: http`` / ``http2``: the
+agent's HTTP drivers, iptables capture, static snapshot) or against HAProxy, which runs in
+pod-2's namespace in front of the same nginx (``mode http``, keep-alive / h2 both sides)
+with the agent stopped and capture removed, so each path has exactly one proxy hop. The
+agent's second workers setting is started with a hand-off from the first.
+
+Reported per path: requests/s, the 2-vs-1 scaling, and the proxy's CPU per request (agent
+and workers, or HAProxy) with the rps one fully used core would give. The client, nginx
+and the kernel's veth path share the same cores: on a 2-core machine a second proxy core
+can only be taken from them, which caps the scaling of every proxy, HAProxy included; the
+CPU per request says what a core buys. Rounds alternate the settings' order; medians
+are shown. The lab is removed at the end.
 """
 
 from __future__ import annotations
@@ -32,13 +37,22 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from peers import cpu_seconds, haproxy_http_config, nginx_config  # noqa: E402
 
 WEB_PORT = 8081
+H2_PORT = 8082
 HAPROXY_PORT = 8090
 WEB_VIP = "198.19.0.31"
-PATHS = ("hostmesh workers=1", "hostmesh workers=2", "haproxy nbthread=1", "haproxy nbthread=2")
+H2_VIP = "198.19.0.32"
+MODES = ("h1", "h2")
+PATHS = tuple(f"{m} {p}" for m in MODES for p in ("hostmesh workers=1", "hostmesh workers=2",
+                                                   "haproxy nbthread=1", "haproxy nbthread=2"))
 
 
-def haproxy_config(run_dir: str, threads: int) -> str:
-    return haproxy_http_config(run_dir, f"0.0.0.0:{HAPROXY_PORT}", f"127.0.0.1:{WEB_PORT}", threads)
+def haproxy_config(run_dir: str, threads: int, mode: str) -> str:
+    text = haproxy_http_config(run_dir, f"0.0.0.0:{HAPROXY_PORT}",
+                               f"127.0.0.1:{WEB_PORT if mode == 'h1' else H2_PORT}", threads)
+    if mode == "h2":  # h2c on both sides
+        text = text.replace(f"bind 0.0.0.0:{HAPROXY_PORT}", f"bind 0.0.0.0:{HAPROXY_PORT} proto h2")
+        text = text.replace(f"server s1 127.0.0.1:{H2_PORT}", f"server s1 127.0.0.1:{H2_PORT} proto h2")
+    return text
 
 
 def tree(pid: int) -> list[int]:
@@ -52,18 +66,20 @@ def tree(pid: int) -> list[int]:
     return out
 
 
-def wrk(lab, url: str, seconds: int, connections: int, pids: list[int]) -> dict:
+def load(lab, mode: str, url: str, seconds: int, connections: int, pids: list[int]) -> dict:
+    """One measurement: (rps, CPU microseconds per request of ``pids``)."""
     before = cpu_seconds(pids)
-    out = lab.run("node1/pod-1", ["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", url],
-                  timeout=seconds + 30).stdout
+    if mode == "h1":
+        argv = ["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", url]
+    else:
+        argv = ["h2load", "-t1", "-c8", "-m32", f"-D{seconds}", url]
+    out = lab.run("node1/pod-1", argv, timeout=seconds + 30).stdout
     used = cpu_seconds(pids) - before
-    m = re.search(r"Requests/sec:\s+([\d.]+)", out)
-    errors = re.search(r"Non-2xx or 3xx responses: (\d+)|Socket errors: (.*)", out)
+    m = re.search(r"Requests/sec:\s+([\d.]+)" if mode == "h1" else r"finished in [\d.]+\w+, ([\d.]+) req/s", out)
     if not m:
-        raise RuntimeError(f"wrk gave no rate for {url}:\n{out}")
+        raise RuntimeError(f"{argv[0]} gave no rate for {url}:\n{out}")
     rps = float(m.group(1))
-    return {"rps": rps, "cpu_us_per_request": used / (rps * seconds) * 1e6 if rps else 0.0,
-            "errors": errors.group(0) if errors else ""}
+    return {"rps": rps, "cpu_us_per_request": used / (rps * seconds) * 1e6 if rps else 0.0}
 
 
 def agent_with_workers(lab, n: int) -> list[int]:
@@ -95,8 +111,8 @@ def stop_agent(lab) -> None:
         raise RuntimeError(f"uninstall failed: {r.stderr.strip()}")
 
 
-def haproxy(lab, run_dir: str, threads: int):
-    Path(run_dir, "haproxy.cfg").write_text(haproxy_config(run_dir, threads))
+def haproxy(lab, run_dir: str, threads: int, mode: str):
+    Path(run_dir, "haproxy.cfg").write_text(haproxy_config(run_dir, threads, mode))
     proc = lab.spawn(lab.target("node1/pod-2"), ["haproxy", "-f", f"{run_dir}/haproxy.cfg", "-db"],
                      f"haproxy-{threads}")
     time.sleep(0.5)
@@ -113,13 +129,20 @@ def run(seconds: int, rounds: int, connections: int) -> list[dict]:
     try:
         lab.up(1, 2, apps=False)
         run_dir = lab.names.run_dir
-        Path(run_dir, "nginx.conf").write_text(nginx_config(run_dir, WEB_PORT))
+        nginx = nginx_config(run_dir, WEB_PORT).replace(
+            f"listen {WEB_PORT} reuseport backlog=4096;",
+            f"listen {WEB_PORT} reuseport backlog=4096;\n        listen {H2_PORT} http2 backlog=4096;")
+        Path(run_dir, "nginx.conf").write_text(nginx)
         lab.spawn(lab.target("node1/pod-2"), ["nginx", "-c", f"{run_dir}/nginx.conf"], "nginx")
         time.sleep(1.0)
         workloads = mesh.lab_workloads(lab)
-        server = next(w for w in workloads if w.name == "pod-2")
-        mesh.write_snapshots(lab, [Service("web", "default", WEB_VIP, (ServicePort(80, WEB_PORT, app_protocol="http"),),
-                                           (Endpoint(server.address, WEB_PORT, server.node, server.name),))],
+        server = next(w for w in workloads if w.name == "node1-pod-2")
+
+        def service(name: str, vip: str, port: int, app_protocol: str) -> Service:
+            return Service(name, "default", vip, (ServicePort(80, port, app_protocol=app_protocol),),
+                           (Endpoint(server.address, port, server.node, server.name),))
+
+        mesh.write_snapshots(lab, [service("web", WEB_VIP, WEB_PORT, "http"), service("h2", H2_VIP, H2_PORT, "http2")],
                              workloads)
         per_round: dict[str, list[dict]] = {p: [] for p in PATHS}
         for i in range(rounds):
@@ -127,16 +150,20 @@ def run(seconds: int, rounds: int, connections: int) -> list[dict]:
             settings = (1, 2) if i % 2 == 0 else (2, 1)  # alternate: a noisy neighbour hits both alike
             for n in settings:  # the second start is a hand-off from the first
                 pids = agent_with_workers(lab, n)
-                per_round[f"hostmesh workers={n}"].append(wrk(lab, f"http://{WEB_VIP}/", seconds, connections, pids))
+                for mode, vip in (("h1", WEB_VIP), ("h2", H2_VIP)):
+                    per_round[f"{mode} hostmesh workers={n}"].append(
+                        load(lab, mode, f"http://{vip}/", seconds, connections, pids))
             stop_agent(lab)  # HAProxy alone in the path: no agent, no capture
             for n in settings:
-                proc = haproxy(lab, run_dir, n)
-                try:
-                    per_round[f"haproxy nbthread={n}"].append(
-                        wrk(lab, f"http://{server.address}:{HAPROXY_PORT}/", seconds, connections, tree(proc.pid)))
-                finally:
-                    proc.send_signal(signal.SIGTERM)
-                    proc.wait(10)
+                for mode in MODES:
+                    proc = haproxy(lab, run_dir, n, mode)
+                    try:
+                        per_round[f"{mode} haproxy nbthread={n}"].append(
+                            load(lab, mode, f"http://{server.address}:{HAPROXY_PORT}/", seconds, connections,
+                                 tree(proc.pid)))
+                    finally:
+                        proc.send_signal(signal.SIGTERM)
+                        proc.wait(10)
         return [{"path": p, "rps": statistics.median(r["rps"] for r in per_round[p]),
                  "cpu_us_per_request": statistics.median(r["cpu_us_per_request"] for r in per_round[p]),
                  "rounds": per_round[p]} for p in PATHS]
@@ -146,14 +173,16 @@ def run(seconds: int, rounds: int, connections: int) -> list[dict]:
 
 def render(results: list[dict]) -> str:
     by = {r["path"]: r for r in results}
-    lines = ["| path | keep-alive rps | scaling 2 vs 1 | rps per core used | CPU us/req (proxy) |",
-             "|---|---|---|---|---|"]
+    lines = ["| protocol | path | rps | scaling 2 vs 1 | CPU us/req (proxy) | rps per proxy core |",
+             "|---|---|---|---|---|---|"]
     for r in results:
-        kind, _, setting = r["path"].partition(" ")
-        one = by[f"{kind} {setting.split('=')[0]}=1"]
+        mode, kind, setting = r["path"].split(" ")
+        one = by[f"{mode} {kind} {setting.split('=')[0]}=1"]
         scale = f"{r['rps'] / one['rps']:.2f}x" if setting.endswith("=2") else "1.00x"
         per_core = 1e6 / r["cpu_us_per_request"] if r["cpu_us_per_request"] else 0
-        lines.append(f"| {r['path']} | {r['rps']:.0f} | {scale} | {per_core:.0f} | {r['cpu_us_per_request']:.1f} |")
+        proto = "HTTP/1.1 keep-alive" if mode == "h1" else "HTTP/2 (h2load -c8 -m32)"
+        lines.append(f"| {proto} | {kind} {setting} | {r['rps']:.0f} | {scale} | {r['cpu_us_per_request']:.1f} | "
+                     f"{per_core:.0f} |")
     return "\n".join(lines)
 
 

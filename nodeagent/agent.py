@@ -232,8 +232,9 @@ class Agent:
         inherited: dict = {}
         if successor is not None:
             inherited = await self._take_over(successor)
-        await self.serving.start({n: s for n, s in inherited.items() if n != "admin"})
-        await self.admin.start(inherited.get("admin"))
+        admin = inherited.pop("admin", None)
+        await self.serving.start(ho.grouped(inherited))
+        await self.admin.start(admin)
         previous = lineage.load(self.boot.state_dir)
         if successor is not None:
             await asyncio.to_thread(successor.serving)

@@ -189,6 +189,11 @@ class _Channel:
         self.fds = []
 
 
+def _wire_name_ok(name: str) -> bool:
+    base, sep, index = name.partition("#")
+    return base in LISTENER_NAMES and (not sep or (index.isdigit() and int(index) > 0 and base != "admin"))
+
+
 def socket_path(state_dir: str) -> str:
     return os.path.join(state_dir, SOCKET_NAME)
 
@@ -246,14 +251,14 @@ class HandoffClient:
             raise
 
     def take(self) -> dict[str, socket.socket]:
-        """The predecessor's listening sockets, by listener name."""
+        """The predecessor's listening sockets, by wire name (``grouped`` gives them per listener)."""
         chan = self._require()
         try:
             chan.send({"type": "TAKE"})
             msg = chan.recv("LISTENERS")
             names = msg.get("names")
-            if not isinstance(names, list) or len(names) != len(chan.fds) or not all(
-                    isinstance(n, str) and n in LISTENER_NAMES for n in names):
+            if not isinstance(names, list) or len(names) != len(chan.fds) or len(set(names)) != len(names) \
+                    or not all(isinstance(n, str) and _wire_name_ok(n) for n in names):
                 raise HandoffError("the running agent sent listeners that do not match their names")
             out = {}
             for name, fd in zip(names, chan.fds):
@@ -370,7 +375,10 @@ class HandoffServer:
         except OSError:
             pass
         # the thread notices within its accept timeout; an exchange in progress ends at its
-        # next step (not joined: close() runs on the event loop the exchange may wait for)
+        # next step. Joined briefly only: close() runs on the event loop that an exchange's
+        # release step may be waiting for.
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout=1.0)
 
     def _serve(self) -> None:
         while not self._closed.is_set():
@@ -409,7 +417,7 @@ class HandoffServer:
             chan.recv("TAKE")
             conn.settimeout(self.step_timeout)
             fds = self.hooks.listener_fds()
-            names = [n for n in LISTENER_NAMES if n in fds]
+            names = list(fds)
             chan.send({"type": "LISTENERS", "names": names}, [fds[n] for n in names])
             chan.recv("SERVING")
             self.hooks.release(hello)
@@ -432,9 +440,26 @@ class HandoffServer:
             chan.close_fds()
 
 
-def fds_of(sockets: dict[str, socket.socket]) -> dict[str, int]:
-    return {name: s.fileno() for name, s in sockets.items() if s is not None and s.fileno() >= 0}
+def fds_of(sockets: dict[str, "socket.socket | list[socket.socket] | None"]) -> dict[str, int]:
+    """Wire names -> fds: a listener's several sockets (SO_REUSEPORT, one per worker) are
+    ``name``, ``name#1``, ``name#2``..."""
+    out = {}
+    for name, socks in sockets.items():
+        if socks is None:
+            continue
+        for i, s in enumerate(socks if isinstance(socks, list) else [socks]):
+            if s.fileno() >= 0:
+                out[name if i == 0 else f"{name}#{i}"] = s.fileno()
+    return out
+
+
+def grouped(received: dict[str, socket.socket]) -> dict[str, list[socket.socket]]:
+    """The inverse of ``fds_of`` on received sockets: listener name -> its sockets."""
+    out: dict[str, list[socket.socket]] = {}
+    for name in sorted(received, key=lambda n: (n.partition("#")[0], int(n.partition("#")[2] or 0))):
+        out.setdefault(name.partition("#")[0], []).append(received[name])
+    return out
 
 
 __all__ = ["HandoffClient", "HandoffError", "HandoffHooks", "HandoffRefused", "HandoffServer", "Hello", "Offer",
-           "Predecessor", "decode", "encode", "incompatibility", "socket_path", "fds_of"]
+           "Predecessor", "decode", "encode", "grouped", "incompatibility", "socket_path", "fds_of"]

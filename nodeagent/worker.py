@@ -69,7 +69,7 @@ class Worker:
         self.proxy: NodeProxy | None = None
         self.boot: Bootstrap | None = None
         self.index = 0
-        self.fds: dict[str, int] = {}
+        self.fds: dict[str, list[int]] = {}
         self._done = asyncio.Event()
         self._draining = False
 
@@ -80,7 +80,7 @@ class Worker:
         if kind == "init":
             self.boot = bootstrap_from(msg["bootstrap"])
             self.index = int(msg.get("worker", 0))
-            self.fds = {str(k): int(v) for k, v in msg["listeners"].items()}
+            self.fds = {str(k): [int(fd) for fd in v] for k, v in msg["listeners"].items()}
             self.with_identities = bool(msg.get("identities"))
         elif kind == "snapshot":
             self.state.apply(NodeSnapshot.from_dict(msg["snapshot"], source="agent"))
@@ -128,10 +128,10 @@ class Worker:
                               capturing=boot.capture_mode != "none")
         self.proxy = NodeProxy(inputs, outbound_port=boot.outbound_port, inbound_port=boot.inbound_port)
         inherited = {}
-        for name, fd in self.fds.items():
-            s = socket.socket(fileno=fd)
-            s.setblocking(False)
-            inherited[name] = s
+        for name, fds in self.fds.items():
+            inherited[name] = [socket.socket(fileno=fd) for fd in fds]
+            for s in inherited[name]:
+                s.setblocking(False)
         await self.proxy.start(inherited)
 
     async def drain(self, grace: float) -> None:

@@ -1,11 +1,12 @@
 """The agent's proxy worker processes (``workers: N``, N > 1): start, feed, watch, restart.
 
 The agent binds the listening sockets (or takes them over from its predecessor) and keeps
-them: every worker inherits the same sockets, so the kernel spreads new connections over
-the workers accepting on them, a worker that dies loses no queued connection (the others
-still accept from the shared queue), capture never changes, and a restarted worker
-inherits them again. eBPF capture registers the agent's copy of the inbound socket in its
-sockmap: it is the same socket the workers accept on.
+them: per port one SO_REUSEPORT socket per worker, so the kernel spreads new connections
+over the workers by hash (with one shared accept socket, whichever worker woke first
+swallowed a burst of connections: no scaling). A worker that dies loses no queued
+connection: its sockets stay open here and the restarted worker inherits them again;
+capture never changes. eBPF capture registers one of the agent's inbound sockets in its
+sockmap; sk_lookup honours the reuseport group.
 
 Each worker is a fresh interpreter (``python -m nodeagent.worker``; gRPC objects do not
 survive fork) fed over its own socketpair (``worker_wire``): the snapshot in force and
@@ -110,23 +111,37 @@ class WorkerPool:
         log.info("proxy workers serving", extra={"workers": self.count,
                                                  "pids": [w.pid for w in self.workers if w]})
 
-    def _bind(self, inherited: dict[str, socket.socket]) -> dict[str, socket.socket]:
+    def _bind(self, inherited: dict[str, list[socket.socket]]) -> dict[str, list[socket.socket]]:
+        """Per listener one SO_REUSEPORT socket per worker: the kernel spreads connections over
+        them by hash (a shared accept socket lets one worker swallow a burst of connections).
+        Inherited sockets are all kept (each holds queued connections) and topped up."""
         b = self.bootstrap
         ports = {"outbound": b["outbound_port"], "inbound": b["inbound_port"]}
         if self.certs is not None:
             ports["tunnel"] = TUNNEL_PORT
-        out: dict[str, socket.socket] = {}
+        out: dict[str, list[socket.socket]] = {}
         try:
             for name, port in ports.items():
-                out[name] = inherited.get(name) or listen_socket("0.0.0.0", port, ProxyLimits().backlog)
+                socks = out[name] = list(inherited.get(name, []))
+                while len(socks) < self.count:
+                    if socks:  # join the group the inherited sockets hold (no probe: the port is ours)
+                        socks.append(_join(socks[0]))
+                    else:
+                        socks.append(listen_socket("0.0.0.0", port, ProxyLimits().backlog, reuseport=True))
         except BaseException:
-            for s in out.values():
-                s.close()
+            for socks in out.values():
+                for s in socks:
+                    s.close()
             raise
         return out
 
-    def listening_sockets(self) -> dict[str, socket.socket]:
-        return {n: s for n, s in self.sockets.items() if s.fileno() >= 0}
+    def listening_sockets(self) -> dict[str, list[socket.socket]]:
+        return {n: [s for s in socks if s.fileno() >= 0] for n, socks in self.sockets.items()}
+
+    def _share(self, index: int) -> dict[str, list[int]]:
+        """Worker ``index`` serves sockets index, index + count, ... of every listener."""
+        return {name: [s.fileno() for k, s in enumerate(socks) if k % self.count == index]
+                for name, socks in self.sockets.items()}
 
     @property
     def active_connections(self) -> int:
@@ -139,12 +154,12 @@ class WorkerPool:
 
     async def _spawn(self, index: int) -> None:
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        fds = {name: s.fileno() for name, s in self.sockets.items()}
+        fds = self._share(index)
         try:
             proc = subprocess.Popen(
                 [sys.executable, "-m", "nodeagent.worker", "--channel", str(child.fileno()),
                  "--parent", str(os.getpid()), "--log-level", self.log_level],
-                pass_fds=[child.fileno(), *fds.values()], stdin=subprocess.DEVNULL)
+                pass_fds=[child.fileno(), *(fd for v in fds.values() for fd in v)], stdin=subprocess.DEVNULL)
         finally:
             child.close()
         parent.settimeout(QUERY_TIMEOUT)
@@ -168,7 +183,7 @@ class WorkerPool:
         w.state = "serving"
         log.info("proxy worker started", extra={"worker": index, "pid": proc.pid})
 
-    def _initial_messages(self, index: int, fds: dict[str, int]) -> list[dict]:
+    def _initial_messages(self, index: int, fds: dict[str, list[int]]) -> list[dict]:
         out = [{"type": "init", "bootstrap": self.bootstrap, "worker": index, "listeners": fds,
                 "identities": self.certs is not None}]
         if self.state.snapshot is not None:
@@ -227,8 +242,7 @@ class WorkerPool:
         """Every worker closes its listening sockets; so does the agent (a successor has them)."""
         self.stopping = True
         self._broadcast({"type": "stop_accepting"})
-        for s in self.sockets.values():
-            s.close()
+        self._close_sockets()
 
     async def drain(self, grace: float) -> int:
         """Workers stop accepting, drain for ``grace`` and exit; those still running after
@@ -241,8 +255,7 @@ class WorkerPool:
         self._broadcast({"type": "drain", "grace": grace})
         for w in self._live():
             w.state = "draining"
-        for s in self.sockets.values():  # with the workers' copies closed, new connections are refused
-            s.close()
+        self._close_sockets()  # with the workers' copies closed too, new connections are refused
         deadline = time.monotonic() + grace + 10.0
         while any(w.proc.poll() is None for w in self._live()) and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
@@ -261,8 +274,12 @@ class WorkerPool:
             self._monitor.cancel()
         for w in self._live():
             self._kill(w)
-        for s in self.sockets.values():
-            s.close()
+        self._close_sockets()
+
+    def _close_sockets(self) -> None:
+        for socks in self.sockets.values():
+            for s in socks:
+                s.close()
 
     def _kill(self, w: WorkerProcess) -> None:
         if w.proc.poll() is None:
@@ -364,6 +381,28 @@ class WorkerPool:
                     entry["active_connections"] = int(msg.get("outbound", 0)) + int(msg.get("inbound", 0))
             procs.append(entry)
         return {**total, "workers": procs}
+
+
+def _join(member: socket.socket) -> socket.socket:
+    """Another listening socket in ``member``'s SO_REUSEPORT group (same address and port)."""
+    host, port = member.getsockname()[:2]
+    sock = socket.socket(member.family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        if member.getsockopt(socket.SOL_IP, IP_TRANSPARENT):
+            sock.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)
+        sock.bind((host, port))
+        sock.listen(ProxyLimits().backlog)
+        sock.setblocking(False)
+    except OSError as exc:
+        sock.close()
+        raise AgentError(f"cannot add a listening socket on {host}:{port} for a worker: {exc.strerror or exc} "
+                         "(the previous agent's sockets were bound without SO_REUSEPORT?)") from None
+    return sock
+
+
+IP_TRANSPARENT = 19
 
 
 class _MergedCollector:

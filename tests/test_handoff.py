@@ -182,6 +182,7 @@ def test_full_exchange_passes_the_same_listening_sockets(pred, tmp_path):
         s.close()
     client.serving()
     assert [h.pid for h in pred.released] == [2]
+    wait(lambda: pred.outcomes, "the outcome")
     assert pred.outcomes == [("given", "")]
     assert pred.server.handed_off.is_set()
 
@@ -375,3 +376,36 @@ def test_handoff_disabled_refuses_as_before(tmp_path):
         await first_run
 
     asyncio.run(main())
+
+
+def test_several_sockets_per_listener_travel_as_numbered_names():
+    a, b, c, adm = (socket.socket() for _ in range(4))
+    try:
+        fds = ho.fds_of({"outbound": [a, b], "inbound": [c], "admin": adm})
+        assert list(fds) == ["outbound", "outbound#1", "inbound", "admin"]
+        back = ho.grouped({"outbound#1": b, "inbound": c, "outbound": a})
+        assert back == {"inbound": [c], "outbound": [a, b]}
+        assert all(ho._wire_name_ok(n) for n in fds)
+        assert not any(ho._wire_name_ok(n) for n in ("admin#1", "outbound#0", "outbound#x", "other", "tunnel#"))
+    finally:
+        for s in (a, b, c, adm):
+            s.close()
+
+
+def test_reuseport_listeners_still_refuse_a_port_someone_else_holds():
+    from nodeagent.errors import ProxyError
+    from nodeagent.proxy.listener import listen_socket
+
+    holder = socket.socket()
+    holder.bind(("127.0.0.1", 0))
+    holder.listen(1)
+    try:
+        with pytest.raises(ProxyError, match="address already in use"):
+            listen_socket("127.0.0.1", holder.getsockname()[1], 16, reuseport=True)
+    finally:
+        holder.close()
+    ours = listen_socket("127.0.0.1", 0, 16, reuseport=True)
+    try:
+        assert ours.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT) == 1
+    finally:
+        ours.close()

@@ -434,6 +434,15 @@ class EbpfCapture(Capture):
     # -- the inbound listener -------------------------------------------------------------
     def find_listener(self) -> socket.socket | None:
         """A dup of this process's TCP listener on inbound_port in the target netns, or None."""
+        found = self.find_listeners()
+        for extra in found[1:]:
+            extra.close()
+        return found[0] if found else None
+
+    def find_listeners(self) -> list[socket.socket]:
+        """Dups of every TCP listener of this process on inbound_port in the target netns
+        (several with proxy workers: one SO_REUSEPORT socket each), in fd order."""
+        out: list[socket.socket] = []
         want_ck = netns_cookie(self.netns)
         for name in os.listdir("/proc/self/fd"):
             try:
@@ -454,43 +463,52 @@ class EbpfCapture(Capture):
                     if ck != want_ck:
                         s.close()
                         continue
-                return s
+                out.append(s)
             except OSError:
                 s.close()
-        return None
+        return out
 
     def _register_listener(self, ld: BpfLoader) -> None:
-        s = self.find_listener()
-        if s is None:
+        """IP_TRANSPARENT on every inbound listener (a SYN the sockmap's socket gets may be
+        handed to any socket of its SO_REUSEPORT group); the sockmap holds one of them."""
+        socks = self.find_listeners()
+        if not socks:
             log.warning("no inbound listener on port %d in this process: inbound SYNs for local pods are "
                         "dropped (fail closed) until one is registered", self.spec.inbound_port)
             return
         try:
-            s.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)
-            ck = struct.unpack("=Q", s.getsockopt(socket.SOL_SOCKET, SO_COOKIE, 8))[0]
+            cookies = []
+            for s in socks:
+                s.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)
+                cookies.append(struct.unpack("=Q", s.getsockopt(socket.SOL_SOCKET, SO_COOKIE, 8))[0])
             have = ld.maps["hm_listen"].get(0)
-            if have is None or int(have.value) != ck:
-                ld.maps["hm_listen"].put(0, ctypes.c_uint64(s.fileno()))
+            if have is None or int(have.value) not in cookies:
+                ld.maps["hm_listen"].put(0, ctypes.c_uint64(socks[0].fileno()))
         except OSError as exc:
             raise CaptureError(f"ebpf capture: cannot register the inbound listener: {exc}") from None
         finally:
-            s.close()
+            for s in socks:
+                s.close()
 
     def listener_status(self) -> dict[str, Any]:
-        s = self.find_listener()
-        if s is None:
+        socks = self.find_listeners()
+        if not socks:
             return {"found": False}
         try:
-            ck = struct.unpack("=Q", s.getsockopt(socket.SOL_SOCKET, SO_COOKIE, 8))[0]
-            info = {"found": True, "address": "%s:%d" % s.getsockname(), "cookie": ck,
-                    "transparent": bool(s.getsockopt(socket.SOL_IP, IP_TRANSPARENT))}
+            cookies = [struct.unpack("=Q", s.getsockopt(socket.SOL_SOCKET, SO_COOKIE, 8))[0] for s in socks]
+            info = {"found": True, "address": "%s:%d" % socks[0].getsockname(), "cookie": cookies[0],
+                    "sockets": len(socks),
+                    "transparent": all(bool(s.getsockopt(socket.SOL_IP, IP_TRANSPARENT)) for s in socks)}
         finally:
-            s.close()
+            for s in socks:
+                s.close()
         rt = self._runtime
         if rt is not None:
             try:
                 have = rt.maps["hm_listen"].get(0)
-                info["in_sockmap"] = have is not None and int(have.value) == ck
+                info["in_sockmap"] = have is not None and int(have.value) in cookies
+                if info["in_sockmap"]:
+                    info["cookie"] = int(have.value)
             except OSError:
                 info["in_sockmap"] = False
         return info

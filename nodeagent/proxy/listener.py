@@ -123,12 +123,23 @@ class ProxyInputs:
             raise ValueError(f"socket_mark: must be a 32-bit unsigned integer, got {self.socket_mark!r}")
 
 
-def listen_socket(host: str, port: int, backlog: int) -> socket.socket:
-    """A bound, listening, non-blocking TCP socket; failures become a clear ProxyError."""
+def listen_socket(host: str, port: int, backlog: int, *, reuseport: bool = False) -> socket.socket:
+    """A bound, listening, non-blocking TCP socket; failures become a clear ProxyError.
+
+    ``reuseport``: SO_REUSEPORT, so that more sockets can join the port later (workers,
+    or a successor with more workers). A port someone else holds still fails: it is probed
+    first with a plain bind (SO_REUSEPORT alone would let us share another root process's
+    port without a word)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
+        if reuseport and port:
+            with socket.socket(family, socket.SOCK_STREAM) as probe:
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                probe.bind((host, port))  # EADDRINUSE here if anyone holds the port
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuseport:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         sock.bind((host, port))
         sock.listen(backlog)
         sock.setblocking(False)
@@ -144,6 +155,26 @@ def listen_socket(host: str, port: int, backlog: int) -> socket.socket:
             why = exc.strerror or str(exc)
         raise ProxyError(f"cannot listen on {host}:{port}: {why}") from None
     return sock
+
+
+async def serve_sockets(loop: asyncio.AbstractEventLoop, factory, socks, bind, backlog: int
+                        ) -> tuple[list[asyncio.AbstractServer], list[socket.socket]]:
+    """A server per listening socket (``socks``: one, a list, or None: ``bind()`` one)."""
+    if socks is None:
+        socks = [bind()]
+    elif isinstance(socks, socket.socket):
+        socks = [socks]
+    servers: list[asyncio.AbstractServer] = []
+    try:
+        for sock in socks:
+            servers.append(await loop.create_server(factory, sock=sock, backlog=backlog))
+    except BaseException:
+        for server in servers:
+            server.close()
+        for sock in socks:
+            sock.close()
+        raise
+    return servers, list(socks)
 
 
 def check_socket_mark(mark: int) -> None:
@@ -182,7 +213,9 @@ class ProxyListener:
         self.connections: set[Relay] = set()
         self.loop: asyncio.AbstractEventLoop | None = None
         self.server: asyncio.AbstractServer | None = None
-        self.sock: socket.socket | None = None  # the listening socket, for a hand-off
+        self.sock: socket.socket | None = None  # the first listening socket
+        self.servers: list[asyncio.AbstractServer] = []
+        self.socks: list[socket.socket] = []  # every listening socket of the port, for a hand-off
         self.draining = False
         self.nodelay_by_loop = False  # uvloop sets TCP_NODELAY on accepted sockets itself
         self._empty: asyncio.Event | None = None
@@ -190,32 +223,28 @@ class ProxyListener:
         self.metrics.track_active(self.direction, self.__len__)
 
     # --------------------------------------------------------------- lifecycle
-    async def start(self, sock: socket.socket | None = None) -> asyncio.AbstractServer:
-        """Bind and start accepting, or accept on ``sock`` (a listening socket handed over by
-        the previous agent). Raises ProxyError with a clear message."""
+    async def start(self, socks: "socket.socket | list[socket.socket] | None" = None) -> asyncio.AbstractServer:
+        """Bind and start accepting, or accept on ``socks`` (listening sockets of one port,
+        handed over by the previous agent or by the agent to a worker: every one is served,
+        so no queued connection is left behind). Raises ProxyError with a clear message."""
         if self.server is not None:
             raise ProxyError(f"{self.direction} listener already started on {self.host}:{self.port}")
         check_socket_mark(self.socket_mark)
         self.loop = asyncio.get_running_loop()
         self.nodelay_by_loop = type(self.loop).__module__.startswith("uvloop")
-        if sock is None:
-            sock = listen_socket(self.host, self.port, self.limits.backlog)
-        try:
-            self.server = await self.loop.create_server(
-                lambda: Relay(self), sock=sock, backlog=self.limits.backlog)
-        except BaseException:
-            sock.close()
-            raise
-        self.sock = sock
-        self.port = sock.getsockname()[1]  # the real port when asked for 0
+        self.servers, self.socks = await serve_sockets(
+            self.loop, lambda: Relay(self), socks, lambda: listen_socket(self.host, self.port, self.limits.backlog,
+                                                                         reuseport=True), self.limits.backlog)
+        self.server, self.sock = self.servers[0], self.socks[0]
+        self.port = self.sock.getsockname()[1]  # the real port when asked for 0
         log.info("%s listener on %s:%d", self.direction, self.host, self.port)
         return self.server
 
     def stop_accepting(self) -> None:
-        """Close the listening socket (a successor that took it over keeps accepting on it)."""
+        """Close the listening sockets (a successor that took them over keeps accepting)."""
         self.draining = True
-        if self.server is not None:
-            self.server.close()
+        for server in self.servers:
+            server.close()
 
     @property
     def address(self) -> tuple[str, int]:
@@ -234,8 +263,8 @@ class ProxyListener:
         Returns the number of connections aborted at the deadline.
         """
         self.draining = True
-        if self.server is not None:
-            self.server.close()
+        for server in self.servers:
+            server.close()
         for relay in list(self.connections):
             if relay.driver is not None:  # L7: close when idle, else after the current response
                 relay.driver.drain()
@@ -264,8 +293,8 @@ class ProxyListener:
     def close(self) -> None:
         """Stop accepting and abort every connection now."""
         self.draining = True
-        if self.server is not None:
-            self.server.close()
+        for server in self.servers:
+            server.close()
         for relay in list(self.connections):
             relay.abort("drain")
 

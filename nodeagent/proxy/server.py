@@ -46,9 +46,9 @@ class NodeProxy:
         self.outbound.recheck_authz(snapshot)
         self.inbound.recheck_authz(snapshot)
 
-    async def start(self, inherited: dict[str, socket.socket] | None = None) -> list[asyncio.AbstractServer]:
+    async def start(self, inherited: dict[str, list[socket.socket]] | None = None) -> list[asyncio.AbstractServer]:
         """Start the listeners, on the ``inherited`` listening sockets by name where given (a
-        hand-off); if one cannot start, those already started are closed again."""
+        hand-off, or a worker's share); if one cannot start, those already started are closed."""
         inherited = inherited or {}
         servers = [await self.outbound.start(inherited.get("outbound"))]
         try:
@@ -60,12 +60,12 @@ class NodeProxy:
             raise
         return servers
 
-    def listening_sockets(self) -> dict[str, socket.socket]:
-        """The listening sockets by name (what a hand-off passes on)."""
-        out = {"outbound": self.outbound.sock, "inbound": self.inbound.sock}
+    def listening_sockets(self) -> dict[str, list[socket.socket]]:
+        """The listening sockets by listener name (what a hand-off passes on)."""
+        out = {"outbound": self.outbound.socks, "inbound": self.inbound.socks}
         if self.tunnel is not None:
-            out["tunnel"] = self.tunnel.sock
-        return {name: s for name, s in out.items() if s is not None}
+            out["tunnel"] = self.tunnel.socks
+        return {name: socks for name, socks in out.items() if socks}
 
     def listener_addresses(self) -> dict[str, str]:
         """name -> "host:port" as configured (what a hand-off compares)."""

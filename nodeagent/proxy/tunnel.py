@@ -50,7 +50,7 @@ from nodeagent.identity import IdentityError, SpiffeId, leaf_identity_der
 from nodeagent.proxy import tunnel_wire as wire
 from nodeagent.proxy.authz import principal_of
 from nodeagent.proxy.destinations import REPORTER_INBOUND, Destinations, Refuse, connection_labels
-from nodeagent.proxy.listener import listen_socket
+from nodeagent.proxy.listener import listen_socket, serve_sockets
 from nodeagent.proxy.relay import Relay
 from nodeagent.proxy.tunnel_plan import TunnelPlan, TunnelPlanner
 
@@ -669,24 +669,22 @@ class TunnelListener:
         self.host = host
         self.port = port
         self.aserver: asyncio.AbstractServer | None = None
+        self.aservers: list[asyncio.AbstractServer] = []
         self.sock: socket.socket | None = None
+        self.socks: list[socket.socket] = []
 
-    async def start(self, sock: socket.socket | None = None) -> asyncio.AbstractServer:
-        """Bind, or accept on ``sock`` (handed over by the previous agent)."""
+    async def start(self, socks: "socket.socket | list[socket.socket] | None" = None) -> asyncio.AbstractServer:
+        """Bind, or accept on ``socks`` (handed over: see ``ProxyListener.start``)."""
         loop = asyncio.get_running_loop()
         backlog = self.server.limits.backlog
-        if sock is None:
-            sock = listen_socket(self.host, self.port, backlog)
-        try:
-            self.aserver = await loop.create_server(lambda: _NodeAddressed(self.server), sock=sock, backlog=backlog)
-        except BaseException:
-            sock.close()
-            raise
-        self.sock = sock
-        self.port = sock.getsockname()[1]
+        self.aservers, self.socks = await serve_sockets(
+            loop, lambda: _NodeAddressed(self.server), socks,
+            lambda: listen_socket(self.host, self.port, backlog, reuseport=True), backlog)
+        self.aserver, self.sock = self.aservers[0], self.socks[0]
+        self.port = self.sock.getsockname()[1]
         log.info("tunnel listener on %s:%d", self.host, self.port)
         return self.aserver
 
     def close(self) -> None:
-        if self.aserver is not None:
-            self.aserver.close()
+        for server in self.aservers:
+            server.close()
