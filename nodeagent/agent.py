@@ -28,7 +28,7 @@ from hostmesh import __version__
 from nodeagent import logs
 from nodeagent.admin import AdminInputs, AdminServer
 from nodeagent.bootstrap import Bootstrap
-from nodeagent.capture import Capture, CaptureSpec, make_capture
+from nodeagent.capture import Capture, CaptureSpec, make_capture, remove_other_backends
 from nodeagent.capture.base import so_original_dst
 from nodeagent.configsource import SnapshotFile
 from nodeagent.cpclient import ControlPlaneClient
@@ -317,6 +317,11 @@ class Agent:
         self.metrics.capture_adopted.set(1 if self.life.capture_adopted else 0)
         await asyncio.to_thread(self.capture.install)
         self.life.capture_installed = True
+        # capture.mode changed since the last agent: its backend goes once ours is in place
+        removed = await asyncio.to_thread(remove_other_backends, self.capture)
+        if removed:
+            log.warning("removed the capture another backend left (capture.mode changed)",
+                        extra={"removed": removed, "capture": self.boot.capture_mode})
         self.life.last_verify = (await asyncio.to_thread(self.capture.verify)).to_dict()
         self.metrics.capture_verify_ok.set(1)
         if self.pool is not None and not self._workers_find_destinations():
@@ -625,7 +630,9 @@ def uninstall(boot: Bootstrap) -> str:
         if capture is None:
             return f"node {boot.node}: capture is off in this bootstrap; nothing to remove"
         capture.remove()
-        return f"node {boot.node}: {boot.capture_mode} capture removed"
+        others = remove_other_backends(capture)  # whatever else an earlier capture.mode left
+        return f"node {boot.node}: {boot.capture_mode} capture removed" + (
+            f" (and leftovers of {', '.join(others)})" if others else "")
     finally:
         lock.release()
 

@@ -388,6 +388,28 @@ def test_auto_mode_picks_ebpf_here(L):
         start_agent(L, "node2")
 
 
+@pytest.mark.lab
+def test_a_changed_capture_mode_replaces_the_old_backend(L):
+    """Stop, then start with iptables: the eBPF capture is removed once iptables is in
+    place; back to eBPF: the iptables chains go. Never two backends, never none."""
+    kill_agent(L, "node2", signal.SIGTERM)
+    try:
+        start_agent(L, "node2", capture="iptables")
+        assert f"{L.name}-node2" not in _pins_of(L)
+        assert all(not progs for progs in bpftool_tree(L, "node2").values())
+        assert "HOSTMESH-PREROUTING" in L.run("node2", ["iptables-save", "-t", "nat"]).stdout
+        r = curl(L, "node1/pod-1", "http://198.18.2.1:8080/")
+        assert r.returncode == 0, r.stderr
+        kill_agent(L, "node2", signal.SIGTERM)
+        start_agent(L, "node2")
+        assert "HOSTMESH" not in L.run("node2", ["iptables-save", "-t", "nat"]).stdout
+        assert f"{L.name}-node2" in _pins_of(L)
+    finally:
+        if not mesh.agent_running(L, "node2"):
+            start_agent(L, "node2")
+    assert capture_view(L, "node2")["last_verification"]["ok"]
+
+
 def uninstall(lab: Lab, node: str) -> None:
     """`hostmesh agent --uninstall`, twice: the second run finds nothing and succeeds."""
     for _ in range(2):

@@ -691,3 +691,49 @@ def test_install_rolls_back_when_rules_do_not_read_back(L, tmp_path, monkeypatch
     with pytest.raises(CaptureError, match="rolled back"):
         cap_on(L, "node1", exclude_inbound_ports=(22,)).install()
     assert L.iptables_save("node1", "nat") == previous
+
+
+def test_remove_other_backends_removes_only_leftovers_of_the_others(monkeypatch):
+    """A changed capture.mode: once the new backend is installed, the old one's leftovers go;
+    a backend with nothing installed is not touched, and one that cannot even be checked is
+    logged, not raised."""
+    import nodeagent.capture as capture_pkg
+    from nodeagent.capture.base import Capture
+    from nodeagent.errors import CaptureError
+
+    calls = []
+
+    def fake(name, leftovers, broken=False):
+        class Fake(Capture):
+            def __init__(self, spec, netns=None):
+                if broken:
+                    raise CaptureError(f"{name}: not on this host")
+                super().__init__(spec, netns=netns)
+                self.name = name
+
+            def leftovers(self):
+                return leftovers
+
+            def remove(self):
+                calls.append(name)
+
+            def install(self):  # pragma: no cover
+                pass
+
+            def verify(self):  # pragma: no cover
+                return CaptureStatus(ok=True)
+
+            def describe(self):  # pragma: no cover
+                return {}
+        return Fake
+
+    spec = CaptureSpec(pod_cidrs=("198.18.1.0/24",), mesh_cidrs=("198.18.0.0/15",))
+    monkeypatch.setattr(capture_pkg, "BACKENDS", {"iptables": fake("iptables", True), "ebpf": fake("ebpf", True),
+                                                  "auto": fake("auto", True)})
+    active = capture_pkg.BACKENDS["ebpf"](spec)
+    assert capture_pkg.remove_other_backends(active) == ["iptables"] and calls == ["iptables"]
+    calls.clear()
+    monkeypatch.setattr(capture_pkg, "BACKENDS", {"iptables": fake("iptables", False),
+                                                  "ebpf": fake("ebpf", True, broken=True)})
+    assert capture_pkg.remove_other_backends(capture_pkg.BACKENDS["iptables"](spec)) == []
+    assert capture_pkg.remove_other_backends(fake("ebpf", False)(spec)) == [] and calls == []

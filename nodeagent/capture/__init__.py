@@ -54,5 +54,28 @@ def make_capture(mode: str, spec: CaptureSpec, *, netns: str | None = None) -> C
     return factory(spec, netns)
 
 
-__all__ = ["BACKENDS", "Capture", "CaptureError", "CaptureSpec", "CaptureStatus", "make_capture",
+def remove_other_backends(capture: Capture) -> list[str]:
+    """Remove what the *other* backends left for this spec (capture.mode changed across a
+    stop and start: the new backend is installed first, then the old one goes, so capture
+    never lapses). Returns the backends removed; failures are logged, never raised."""
+    import logging
+
+    active = getattr(capture, "backend", capture.name)
+    removed = []
+    for name, factory in BACKENDS.items():
+        if name in (active, "auto"):
+            continue
+        try:
+            other = factory(capture.spec, capture.netns)
+            if other.leftovers():
+                other.remove()
+                removed.append(name)
+        except (CaptureError, OSError, ImportError) as exc:
+            logging.getLogger("hostmesh.capture").warning(
+                "cannot check or remove leftovers of another capture backend",
+                extra={"backend": name, "error": str(exc)})
+    return removed
+
+
+__all__ = ["BACKENDS", "remove_other_backends", "Capture", "CaptureError", "CaptureSpec", "CaptureStatus", "make_capture",
            "so_original_dst"]

@@ -173,6 +173,10 @@ class Capture(abc.ABC):
     def register_metrics(self, registry: Any) -> None:
         """Add backend-specific metrics to the agent's Prometheus registry (default: none)."""
 
+    def leftovers(self) -> bool:
+        """Is anything of this backend installed (by any agent, for this spec)? Cheap."""
+        return False
+
     def original_destination(self, sock: socket.socket) -> tuple[str, int]:
         """Where a redirected connection was originally headed (IPv4 SO_ORIGINAL_DST)."""
         return so_original_dst(sock)

@@ -514,6 +514,9 @@ class EbpfCapture(Capture):
         return info
 
     # -- removal ----------------------------------------------------------------------------
+    def leftovers(self) -> bool:
+        return os.path.isdir(os.path.join(self.pin_root, self.instance))
+
     def remove(self) -> None:
         with self._lock:
             if self._runtime is not None:

@@ -551,6 +551,10 @@ class IptablesCapture(Capture):
             return f"; rollback failed too: {exc}"
         return ""
 
+    def leftovers(self) -> bool:
+        with self._lock:
+            return self._read()[1] != NOTHING
+
     def remove(self) -> None:
         with self._lock:
             self._reconcile(NOTHING)
