@@ -6,7 +6,7 @@ with ``nbthread 1`` and ``nbthread 2``, HTTP/1.1 keep-alive and HTTP/2, in one r
 Topology: a throwaway lab (1 node, 2 pods). nginx (one worker, 200 "ok"; 8081 HTTP/1.1,
 8082 h2c) in node1/pod-2; the client in node1/pod-1: ``wrk -t1 -c<connections>`` (h1) or
 ``h2load -t1 -c8 -m32`` (h2) against a Service VIP (``appProtocol: http`` / ``http2``: the
-agent's HTTP drivers, iptables capture, static snapshot) or against HAProxy, which runs in
+agent's HTTP drivers, iptables capture or ``--capture ebpf``, static snapshot) or against HAProxy, which runs in
 pod-2's namespace in front of the same nginx (``mode http``, keep-alive / h2 both sides)
 with the agent stopped and capture removed, so each path has exactly one proxy hop. The
 agent's second workers setting is started with a hand-off from the first.
@@ -87,9 +87,9 @@ def agent_with_workers(lab, n: int) -> list[int]:
     from meshlab import mesh
     lab.workers = n
     if mesh.agent_pids(lab, "node1"):
-        mesh.restart_agent(lab, "node1", "iptables", static=True)
+        mesh.restart_agent(lab, "node1", lab.capture, static=True)
     else:
-        proc = mesh.spawn_agent(lab, "node1", "iptables", static=True)
+        proc = mesh.spawn_agent(lab, "node1", lab.capture, static=True)
         mesh.wait_ready(lab, "node1", proc)
     deadline = time.monotonic() + 30
     while len(mesh.agent_pids(lab, "node1")) != 1 and time.monotonic() < deadline:
@@ -106,7 +106,7 @@ def stop_agent(lab) -> None:
     deadline = time.monotonic() + 20
     while mesh.agent_running(lab, "node1") and time.monotonic() < deadline:
         time.sleep(0.05)
-    r = mesh.uninstall_agent(lab, "node1", "iptables")
+    r = mesh.uninstall_agent(lab, "node1", lab.capture)
     if r.returncode != 0:
         raise RuntimeError(f"uninstall failed: {r.stderr.strip()}")
 
@@ -119,13 +119,14 @@ def haproxy(lab, run_dir: str, threads: int, mode: str):
     return proc
 
 
-def run(seconds: int, rounds: int, connections: int) -> list[dict]:
+def run(seconds: int, rounds: int, connections: int, capture: str = "iptables") -> list[dict]:
     from meshlab import mesh
     from meshlab.lab import Lab
     from nodeagent.state import Endpoint, Service, ServicePort
 
     lab = Lab("bwrk")
     lab.down()
+    lab.capture = capture
     try:
         lab.up(1, 2, apps=False)
         run_dir = lab.names.run_dir
@@ -191,13 +192,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seconds", type=int, default=5)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--connections", type=int, default=32)
+    p.add_argument("--capture", choices=("iptables", "ebpf"), default="iptables")
     p.add_argument("--json")
     a = p.parse_args(argv)
     if not 1 <= a.seconds <= 60 or not 1 <= a.rounds <= 10 or not 1 <= a.connections <= 1000:
         p.error("--seconds 1-60, --rounds 1-10, --connections 1-1000")
     if os.geteuid() != 0:
         p.error("needs root (it builds a lab)")
-    results = run(a.seconds, a.rounds, a.connections)
+    results = run(a.seconds, a.rounds, a.connections, a.capture)
     print(render(results))
     if a.json:
         Path(a.json).write_text(json.dumps(results, indent=2))

@@ -52,6 +52,7 @@ from typing import Any
 
 from nodeagent.identity.manager import trust_domain_of
 from nodeagent.state import NodeSnapshot, Workload
+from nodeagent.proxy.peerauth import selector_labels, selector_matches
 
 log = logging.getLogger(__name__)
 
@@ -532,7 +533,7 @@ class Policy:
         return f"{self.namespace}/{self.name}"
 
     def selects(self, labels: dict[str, str]) -> bool:
-        return self.selector is None or all(labels.get(k) == v for k, v in self.selector)
+        return self.selector is None or selector_matches(self.selector, labels)
 
     def matches(self, conn: ConnectionAttrs) -> bool:
         for rule in self.rules:
@@ -587,12 +588,10 @@ def parse_policy(namespace: str, name: str, spec_json: str) -> Policy:
 
 
 def _selector(spec: dict) -> tuple[tuple[str, str], ...] | None:
-    if "selector" not in spec:
-        return None
-    labels = spec["selector"].get("matchLabels") if isinstance(spec["selector"], dict) else None
-    if not isinstance(labels, dict) or not labels:
-        raise _Unusable("selector has no matchLabels")
-    return tuple(sorted((str(k), str(v)) for k, v in labels.items()))
+    try:
+        return selector_labels(spec)
+    except ValueError as exc:
+        raise _Unusable(str(exc)) from None
 
 
 class Authorizer:

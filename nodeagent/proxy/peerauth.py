@@ -57,17 +57,26 @@ def selector_matches(selector: Selector, labels: dict[str, str]) -> bool:
     return all(labels.get(k) == v for k, v in selector)
 
 
-def parse_selector(spec: dict, obj: ConfigObject) -> Selector | None:
+def selector_labels(spec: dict) -> Selector | None:
     """``spec.selector.matchLabels`` as sorted pairs; ``None`` when the policy has no
-    selector (namespace-wide). A malformed selector (not expected: the control plane
-    validated it) selects nothing, failing closed rather than widening to the namespace."""
+    selector (namespace-wide); ValueError for a malformed one (not expected: the control
+    plane validated it; each caller fails closed its own way)."""
     if "selector" not in spec:
         return None
     labels = spec["selector"].get("matchLabels") if isinstance(spec["selector"], dict) else None
     if not isinstance(labels, dict) or not labels:
+        raise ValueError("selector has no matchLabels")
+    return tuple(sorted((str(k), str(v)) for k, v in labels.items()))
+
+
+def parse_selector(spec: dict, obj: ConfigObject) -> Selector | None:
+    """``selector_labels``; a malformed selector selects nothing, failing closed rather
+    than widening to the namespace."""
+    try:
+        return selector_labels(spec)
+    except ValueError:
         log.warning("%s %s/%s: bad selector; it selects nothing", obj.kind, obj.namespace, obj.name)
         return _SELECTS_NOTHING
-    return tuple(sorted((str(k), str(v)) for k, v in labels.items()))
 
 
 def root_namespace(snapshot: NodeSnapshot) -> str:
