@@ -140,19 +140,18 @@ class Agent:
         self.jwks_refresher = JwksRefresher(self.jwks, HttpsJwksFetcher(jwks_ssl_context(boot)), self.registry,
                                             refresh_interval=boot.jwks_refresh_interval)
         self._jwks_rules = RequestAuthn(self.jwks.keys)
-        self.workers_count = boot.workers
         # with worker processes this proxy only answers the admin views (routes, policies);
         # its metrics go to a registry nobody reads, the workers' are merged into ours
         self.proxy = NodeProxy(
-            proxy_inputs(boot, self.state, self.registry if self.workers_count == 1 else CollectorRegistry(),
+            proxy_inputs(boot, self.state, self.registry if boot.workers == 1 else CollectorRegistry(),
                          identities=self.certs, jwks_keys=self.jwks.keys,
                          original_destination=self.capture.original_destination if self.capture else so_original_dst,
                          capturing=self.capture is not None),
             outbound_port=boot.outbound_port, inbound_port=boot.inbound_port,
         )
         self.pool: WorkerPool | None = None
-        if self.workers_count > 1:
-            self.pool = WorkerPool(count=self.workers_count, bootstrap=bootstrap_to(boot), log_level=boot.log_level,
+        if boot.workers > 1:
+            self.pool = WorkerPool(count=boot.workers, bootstrap=bootstrap_to(boot), log_level=boot.log_level,
                                    state=self.state, certs=self.certs, jwks=self.jwks, registry=self.registry)
         # what serves the node's traffic: the workers, or the proxy in this process
         self.serving = self.pool if self.pool is not None else self.proxy

@@ -70,6 +70,7 @@ class Worker:
         self.boot: Bootstrap | None = None
         self.index = 0
         self.fds: dict[str, list[int]] = {}
+        self.with_identities = False  # the agent has a certificate manager (mTLS)
         self._done = asyncio.Event()
         self._draining = False
 
