@@ -258,19 +258,20 @@ def restart_agent(lab: Lab, node: str, capture: str = "iptables", *, static: boo
     if env:
         argv = ["env", *(f"{k}={v}" for k, v in env.items()), *argv]
     proc = lab.spawn(lab.target(node), argv, f"agent-{node}")
-    deadline = time.monotonic() + timeout
-    while True:
-        if proc.poll() is not None:
-            raise LabError(f"the new agent on {node} exited with {proc.returncode}; "
-                           f"see {lab.names.run_dir}/logs/agent-{node}.log")
+    taken: list[int] = []
+
+    def took_over() -> str:
         r = admin_get(lab, node, "/server_info")
-        if r.returncode == 0:
-            info = json.loads(r.stdout)
-            if info["pid"] not in before and info["state"] == "LIVE" and admin_get(lab, node, "/ready").returncode == 0:
-                return info["pid"]
-        if time.monotonic() > deadline:
-            raise LabError(f"the new agent on {node} did not take over within {timeout:g}s")
-        time.sleep(0.05)
+        if r.returncode != 0:
+            return r.stdout.strip()
+        info = json.loads(r.stdout)
+        if info["pid"] in before or info["state"] != "LIVE" or admin_get(lab, node, "/ready").returncode != 0:
+            return f"pid {info['pid']} is {info['state']}"
+        taken.append(info["pid"])
+        return ""
+
+    _wait_agent(lab, node, proc, took_over, timeout, "take over", poll=0.05)
+    return taken[0]
 
 
 def uninstall_agent(lab: Lab, node: str, capture: str = "iptables") -> subprocess.CompletedProcess:
@@ -281,17 +282,27 @@ def uninstall_agent(lab: Lab, node: str, capture: str = "iptables") -> subproces
 
 
 def wait_ready(lab: Lab, node: str, proc: subprocess.Popen, timeout: float = AGENT_READY_TIMEOUT) -> None:
+    def ready() -> str:
+        r = admin_get(lab, node, "/ready")
+        return "" if r.returncode == 0 else r.stdout.strip() or "not ready"
+
+    _wait_agent(lab, node, proc, ready, timeout, "be ready")
+
+
+def _wait_agent(lab: Lab, node: str, proc: subprocess.Popen, check, timeout: float, what: str,
+                poll: float = 0.1) -> None:
+    """Until ``check()`` returns "" (else: why not yet); LabError if the agent exits or time runs out."""
     deadline = time.monotonic() + timeout
     while True:
         if proc.poll() is not None:
             raise LabError(f"the agent on {node} exited with {proc.returncode}; "
                            f"see {lab.names.run_dir}/logs/agent-{node}.log")
-        r = admin_get(lab, node, "/ready")
-        if r.returncode == 0:
+        why = check()
+        if not why:
             return
         if time.monotonic() > deadline:
-            raise LabError(f"the agent on {node} was not ready within {timeout:g}s: {r.stdout.strip()}")
-        time.sleep(0.1)
+            raise LabError(f"the agent on {node} did not {what} within {timeout:g}s: {why}")
+        time.sleep(poll)
 
 
 def agent_pids(lab: Lab, node: str) -> list[int]:

@@ -288,6 +288,34 @@ async def start_live(agent) -> tuple:
     return agent, run
 
 
+class Dialer:
+    """New connections to 127.0.0.1:``port`` every 2 ms until ``stop()``: ``dialed`` counts
+    those accepted (a reset after accept included), ``refused`` keeps the failures."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.dialed = 0
+        self.refused: list[Exception] = []
+        self._stop = asyncio.Event()
+        self._task = asyncio.create_task(self._run())
+
+    async def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                _, w = await asyncio.open_connection("127.0.0.1", self.port)
+                w.close()
+                self.dialed += 1
+            except ConnectionResetError:
+                self.dialed += 1  # accepted, then refused by the proxy (no original destination)
+            except OSError as exc:
+                self.refused.append(exc)
+            await asyncio.sleep(0.002)
+
+    async def stop(self) -> None:
+        self._stop.set()
+        await self._task
+
+
 async def admin_json(port: int, path: str) -> dict:
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     writer.write(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n".encode())
@@ -303,30 +331,14 @@ def test_two_agents_hand_over_without_refusing_a_connection(tmp_path):
 
     async def main():
         first, first_run = await start_live(Agent(agent_boot(tmp_path, ports)))
-        stop = asyncio.Event()
-        refused = []
-        connected = 0
-
-        async def dial_forever():
-            nonlocal connected
-            while not stop.is_set():
-                try:
-                    _, w = await asyncio.open_connection("127.0.0.1", ports[2])
-                    connected += 1
-                    w.close()
-                except OSError as exc:
-                    refused.append(exc)
-                await asyncio.sleep(0.002)
-
-        dialer = asyncio.create_task(dial_forever())
+        dialer = Dialer(ports[2])
         second, second_run = await start_live(Agent(agent_boot(tmp_path, ports)))
         assert await asyncio.wait_for(first_run, 10) == 0
         info = await admin_json(ports[2], "/server_info")
-        stop.set()
-        await dialer
+        await dialer.stop()
         second._stop.set()
         assert await asyncio.wait_for(second_run, 10) == 0
-        return first, second, info, refused, connected
+        return first, second, info, dialer.refused, dialer.dialed
 
     first, second, info, refused, connected = asyncio.run(main())
     assert not refused and connected >= 3

@@ -21,7 +21,7 @@ from prometheus_client.exposition import generate_latest
 from nodeagent import worker_wire as wire
 from nodeagent.identity.mirror import IdentityMirror
 from nodeagent.worker import bootstrap_from, bootstrap_to
-from tests.test_handoff import admin_json, agent_boot, free_ports, start_live
+from tests.test_handoff import Dialer, admin_json, agent_boot, free_ports, start_live
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -232,34 +232,16 @@ def test_a_handoff_between_agents_with_workers_refuses_nothing(tmp_path):
     async def main():
         first, first_run = await start_live(Agent(agent_boot(tmp_path, ports, workers=2)))
         old_pids = worker_pids(first)
-        stop = asyncio.Event()
-        refused: list[Exception] = []
-        dialed = 0
-
-        async def dial():
-            nonlocal dialed
-            while not stop.is_set():
-                try:
-                    _, w = await asyncio.open_connection("127.0.0.1", ports[0])
-                    w.close()
-                    dialed += 1
-                except ConnectionRefusedError as exc:
-                    refused.append(exc)
-                except ConnectionResetError:
-                    dialed += 1  # accepted, then refused by a worker (no original destination)
-                await asyncio.sleep(0.002)
-
-        dialer = asyncio.create_task(dial())
+        dialer = Dialer(ports[0])
         second, second_run = await start_live(Agent(agent_boot(tmp_path, ports, workers=2)))
         assert await asyncio.wait_for(first_run, 30) == 0
         await asyncio.sleep(0.3)
-        stop.set()
-        await dialer
+        await dialer.stop()
         new_pids = worker_pids(second)
         text = await scrape(ports[2])
         second._stop.set()
         assert await asyncio.wait_for(second_run, 30) == 0
-        return old_pids, new_pids, refused, dialed, text
+        return old_pids, new_pids, dialer.refused, dialer.dialed, text
 
     old_pids, new_pids, refused, dialed, text = asyncio.run(main())
     assert not refused and dialed > 10
