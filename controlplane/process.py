@@ -1,5 +1,9 @@
-"""The control-plane process: file source -> model -> per-node snapshots -> cache -> gRPC,
+"""The control-plane process: config source -> model -> per-node snapshots -> cache -> gRPC,
 plus the HTTP port (15014) for /metrics, /ready, /healthz and /debug.
+
+The source is a directory of YAML files (sources/files.py), or etcd (sources/etcd.py,
+``Etcd``). With etcd, several replicas can run: each serves agents from the same etcd
+state, and one, elected on an etcd lease (election.py), writes the config status back.
 
 Security (``Security``): the CA directory (controlplane/ca.py), the node token directory
 (controlplane/auth.py) and the names the TLS certificate of 15010 carries. With it, 15010
@@ -15,8 +19,11 @@ model and snapshots stay in force.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+import os
 import signal
+import socket
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -29,10 +36,13 @@ from controlplane.builder import build_snapshot, build_snapshots, check_consiste
 from controlplane.ca import CAError, CertificateAuthority
 from controlplane.cache import SnapshotCache, SnapshotRejected
 from controlplane.certservice import CertificateService, ServingCertificate
+from controlplane.election import DEFAULT_TTL, LeaderElection
+from controlplane.etcd import DEFAULT_PREFIX, EtcdClient, EtcdError, EtcdTLS, put_op
 from controlplane.grpcserver import DiscoveryServer
 from controlplane.metrics import ControlPlaneMetrics
 from controlplane.model.objects import ConfigIssue, MeshModel
 from controlplane.sources import FileSource
+from controlplane.sources.etcd import EtcdSource
 from hostmesh import __version__
 from nodeagent.admin import AdminServer, Route, RouteTable, error_response, json_response, metrics_response, \
     text_response
@@ -51,10 +61,23 @@ class Security:
     tls_names: Sequence[str] = ("hostmesh-controlplane",)
 
 
+@dataclass(frozen=True)
+class Etcd:
+    """etcd as the config source, and the replica's part in leader election."""
+
+    endpoints: Sequence[str]
+    prefix: str = DEFAULT_PREFIX
+    tls: EtcdTLS | None = None
+    replica: str = ""               # this replica's name in the election (default: host-pid)
+    lease_ttl: int = DEFAULT_TTL
+
+
 class ControlPlane:
-    def __init__(self, config_dir: str, *, grpc_address: str = "0.0.0.0:15010",
-                 http_host: str = "0.0.0.0", http_port: int = 15014, security: Security | None = None) -> None:
+    def __init__(self, config_dir: str | None, *, grpc_address: str = "0.0.0.0:15010",
+                 http_host: str = "0.0.0.0", http_port: int = 15014, security: Security | None = None,
+                 etcd: Etcd | None = None) -> None:
         self.config_dir = config_dir
+        self.etcd = etcd
         self.security = security
         self.grpc_address = grpc_address
         self.registry = CollectorRegistry()
@@ -71,7 +94,11 @@ class ControlPlane:
         self.started = time.time()
         self.cache = SnapshotCache(consistency_check=check_consistency, snapshot_for_new_node=self._new_node,
                                    metrics=self.metrics)
-        self.source = FileSource(config_dir, on_change=self._on_model, on_error=self._on_errors)
+        self.election: LeaderElection | None = None
+        if etcd is None:
+            self.source = FileSource(config_dir, on_change=self._on_model, on_error=self._on_errors)
+        else:
+            self._init_etcd(etcd)
         self.ca: CertificateAuthority | None = None
         self.tokens: NodeTokens | None = None
         self.serving: ServingCertificate | None = None
@@ -102,22 +129,86 @@ class ControlPlane:
         except SnapshotRejected as exc:  # counted by the cache; the previous snapshots stay
             log.error("snapshots refused by the consistency check", extra={"error": str(exc)})
             return
+        if self.election is not None:
+            self._status_dirty.set()
         log.info("config applied", extra={"model_version": model.version, "nodes": len(snaps),
                                           "objects": model.counts()})
 
     def _on_errors(self, errors: list[ConfigIssue]) -> None:
         self.errors = list(errors)
+        if self.election is not None:
+            self._status_dirty.set()
         self.config_valid.set(0)
         self.config_errors.inc()
         for e in errors:
             log.error("config error; the last good config stays in force", extra={"error": str(e)})
+
+    def _init_etcd(self, etcd: Etcd) -> None:
+        self.etcd_client = EtcdClient(etcd.endpoints, tls=etcd.tls)
+        self.source = EtcdSource(self.etcd_client, on_change=self._on_model, on_error=self._on_errors,
+                                 prefix=etcd.prefix, on_state=self._etcd_state)
+        replica = etcd.replica or f"{socket.gethostname()}-{os.getpid()}"
+        self.election = LeaderElection(EtcdClient(etcd.endpoints, tls=etcd.tls), replica, prefix=etcd.prefix,
+                                       ttl=etcd.lease_ttl, on_change=self._leadership)
+        self.status_written: str | None = None
+        self._status_dirty = asyncio.Event()
+        self.etcd_connected = Gauge("hostmesh_controlplane_etcd_connected",
+                                    "1 while the etcd source is listed and watching", registry=self.registry)
+        self.etcd_skipped = Gauge("hostmesh_controlplane_etcd_skipped_keys",
+                                  "Keys under the config prefix skipped as corrupt", registry=self.registry)
+        self.etcd_relists = Gauge("hostmesh_controlplane_etcd_lists",
+                                  "Full lists of the config prefix (start, compaction, reconnect)",
+                                  registry=self.registry)
+        self.leader_gauge = Gauge("hostmesh_controlplane_leader", "1 while this replica is the elected leader",
+                                  registry=self.registry)
+        self.leader_changes = Counter("hostmesh_controlplane_leader_changes",
+                                      "Times this replica gained or lost leadership", registry=self.registry)
+
+    def _etcd_state(self) -> None:
+        self.etcd_connected.set(1 if self.source.connected else 0)
+        self.etcd_skipped.set(len(self.source.state.corrupt))
+        self.etcd_relists.set(self.source.relists)
+        self._status_dirty.set()
+
+    def _leadership(self, leading: bool) -> None:
+        self.leader_gauge.set(1 if leading else 0)
+        self.leader_changes.inc()
+        self.status_written = None
+        self._status_dirty.set()
+
+    def status_record(self) -> dict:
+        """What the leader writes to <prefix>status/config."""
+        return {"leader": self.election.identity if self.election else None,
+                "model_version": self.model.version if self.model else None,
+                "valid": not self.errors, "objects": self.model.counts() if self.model else {},
+                "errors": [str(e) for e in self.errors],
+                "skipped": self.source.describe().get("skipped", [])}
+
+    async def _write_status(self) -> None:
+        """The leader's one job: keep the config status record in etcd current (fenced)."""
+        key = f"{self.etcd.prefix.rstrip('/')}/status/config"
+        while True:
+            await self._status_dirty.wait()
+            self._status_dirty.clear()
+            if not self.election.leading:
+                continue
+            body = json.dumps(self.status_record(), sort_keys=True)
+            if body == self.status_written:
+                continue
+            try:
+                if await self.election.fenced_txn([put_op(key, body.encode())]):
+                    self.status_written = body
+            except EtcdError as exc:
+                log.warning("could not write the config status to etcd", extra={"error": str(exc)})
+                await asyncio.sleep(1.0)
+                self._status_dirty.set()
 
     def _new_node(self, node: str) -> NodeSnapshot | None:
         return build_snapshot(self.model, node) if self.model is not None else None
 
     # ------------------------------------------------------------------ lifecycle
     async def run(self) -> int:
-        self.source.load_now()
+        await self.source.initial_load()
         await self.grpc.start(self.grpc_address)
         try:
             await self.http.start()
@@ -130,12 +221,16 @@ class ControlPlane:
         watchers = [asyncio.create_task(self.source.run())]
         if self.security is not None:
             watchers.append(asyncio.create_task(self._watch_security()))
-        log.info("control plane started", extra={"config_dir": self.config_dir, "grpc": self.grpc_address,
+        if self.election is not None:
+            watchers += [asyncio.create_task(self.election.run()), asyncio.create_task(self._write_status())]
+        log.info("control plane started", extra={"source": self.source.describe(), "grpc": self.grpc_address,
                                                   "http": self.http.address, "valid": not self.errors,
                                                   "tls": self.security is not None})
         await self._stop.wait()
         for w in watchers:
             w.cancel()
+        if self.election is not None:
+            await self.election.resign()
         await self.grpc.stop(2.0)
         await self.http.close()
         return 0
@@ -167,13 +262,16 @@ class ControlPlane:
 
     def _ready(self, query: str):
         if self.model is None:
-            reason = "no valid config loaded" + (f": {self.errors[0]}" if self.errors else "")
+            errors = self.errors or self.source.errors   # the source's own: e.g. etcd unreachable at start
+            reason = "no valid config loaded" + (f": {errors[0]}" if errors else "")
             return text_response(503, reason)
         return text_response(200, "ready")
 
     def config_view(self) -> dict:
         return {
             "version": __version__, "config_dir": self.config_dir, "valid": not self.errors,
+            "source": self.source.describe(),
+            "election": self.election.describe() if self.election else None,
             "model_version": self.model.version if self.model else None,
             "loaded_at": _iso(self.model_loaded_at), "objects": self.model.counts() if self.model else {},
             "errors": [e.to_dict() | {"message": str(e)} for e in self.errors],
@@ -196,13 +294,13 @@ def _iso(ts: float | None) -> str | None:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts)) if ts else None
 
 
-def run_controlplane(config_dir: str, grpc_address: str, http_address: tuple[str, int], log_level: str,
-                     security: Security | None = None) -> int:
+def run_controlplane(config_dir: str | None, grpc_address: str, http_address: tuple[str, int], log_level: str,
+                     security: Security | None = None, etcd: Etcd | None = None) -> int:
     import uvloop
 
     from nodeagent import logs
     logs.setup(log_level)
     cp = ControlPlane(config_dir, grpc_address=grpc_address, http_host=http_address[0], http_port=http_address[1],
-                      security=security)
+                      security=security, etcd=etcd)
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         return runner.run(cp.run())

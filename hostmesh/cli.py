@@ -7,7 +7,7 @@ import logging
 import os
 import sys
 
-from hostmesh import __version__
+from hostmesh import __version__, configcmd
 from hostmesh.output import table, to_json
 
 
@@ -46,7 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--capture", help="capture mode: iptables, ebpf, auto (eBPF, else iptables with a logged reason) or none")
     p.add_argument("--pod-cidr", action="append", help="a CIDR of this node's pods (repeatable)")
     p.add_argument("--mesh-cidr", action="append", help="a destination CIDR captured outbound (repeatable)")
-    p.add_argument("--control-plane", help="the control plane's gRPC address, HOST:PORT (port 15010)")
+    p.add_argument("--control-plane", help="the control plane's gRPC address, HOST:PORT (port 15010); "
+                                           "comma-separated for replicas (the agent fails over in order)")
     p.add_argument("--token-file", help="this node's bootstrap token file (mode 0600) for the control plane")
     p.add_argument("--root-bundle", help="PEM root certificate(s) the control plane's TLS certificate chains to")
     p.add_argument("--insecure-control-plane", action="store_true",
@@ -65,8 +66,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="remove this node's capture (a stop leaves it installed, failing closed) and exit; "
                         "refused while the agent runs")
 
-    p = sub.add_parser("controlplane", help="run the control plane (config dir -> snapshots -> gRPC)")
-    p.add_argument("--config-dir", required=True, help="directory of YAML config objects (watched)")
+    p = sub.add_parser("controlplane", help="run the control plane (config dir or etcd -> snapshots -> gRPC)")
+    p.add_argument("--config-dir", help="directory of YAML config objects (watched); or --etcd")
+    configcmd.etcd_flags(p, required=False)
+    p.add_argument("--replica", help="with --etcd: this replica's name in leader election (default host-pid)")
+    p.add_argument("--leader-ttl", type=int, default=5,
+                   help="with --etcd: the leader lease TTL in seconds (a killed leader is replaced within it)")
     p.add_argument("--grpc-address", default="0.0.0.0:15010", help="discovery + certificates (default 0.0.0.0:15010)")
     p.add_argument("--http-address", default="0.0.0.0:15014", help="/metrics, /ready, /debug (default 0.0.0.0:15014)")
     p.add_argument("--ca-dir", help="the CA directory (a root is generated into an empty one; see `hostmesh ca`)")
@@ -75,6 +80,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a DNS name or IP for the TLS certificate of the gRPC port (repeatable; agents dial it)")
     p.add_argument("--insecure", action="store_true",
                    help="plaintext gRPC, no node tokens, no certificates (tests only)")
+
+    configcmd.register(sub)
+    from hostmesh import hostinstall  # install / uninstall on a bare-metal or VM host (systemd)
+    hostinstall.register(sub)
 
     p = sub.add_parser("ca", help="the mesh CA directory: trust bundle, root rotation")
     csub = p.add_subparsers(dest="ca_command", required=True, metavar="ACTION")
@@ -184,8 +193,18 @@ def cmd_controlplane(args) -> int:
     from controlplane.process import run_controlplane
     from nodeagent import bootstrap
     from nodeagent.errors import AgentError
-    if not os.path.isdir(args.config_dir):
+    if bool(args.config_dir) == bool(args.etcd):
+        raise CliError("give one config source: --config-dir DIR or --etcd HOST:PORT[,...]")
+    if args.config_dir and not os.path.isdir(args.config_dir):
         raise CliError(f"--config-dir {args.config_dir}: not a directory")
+    from controlplane.process import Etcd
+    try:
+        etcd = Etcd(endpoints=args.etcd.split(","), prefix=args.etcd_prefix, tls=configcmd.etcd_tls(args),
+                    replica=args.replica or "", lease_ttl=args.leader_ttl) if args.etcd else None
+    except configcmd.ConfigCommandError as exc:
+        raise CliError(str(exc)) from None
+    if etcd is not None and args.leader_ttl < 2:
+        raise CliError("--leader-ttl must be at least 2 seconds")
     from controlplane.process import Security
     if args.insecure and (args.ca_dir or args.node_tokens):
         raise CliError("--insecure serves plaintext without tokens or certificates; drop --ca-dir/--node-tokens")
@@ -197,8 +216,23 @@ def cmd_controlplane(args) -> int:
     try:
         http = bootstrap.parse_host_port(args.http_address, "--http-address")
         bootstrap.parse_host_port(args.grpc_address, "--grpc-address")
-        return run_controlplane(args.config_dir, args.grpc_address, http, args.log_level, security)
+        return run_controlplane(args.config_dir, args.grpc_address, http, args.log_level, security, etcd)
     except (AgentError, ControlPlaneError, OSError) as exc:
+        raise CliError(str(exc)) from None
+
+
+def cmd_hostinstall(args) -> int:
+    from hostmesh import hostinstall
+    try:
+        return hostinstall.run(args)
+    except hostinstall.InstallError as exc:
+        raise CliError(str(exc)) from None
+
+
+def cmd_config(args) -> int:
+    try:
+        return configcmd.cmd_config(args)
+    except configcmd.ConfigCommandError as exc:
         raise CliError(str(exc)) from None
 
 
@@ -375,8 +409,8 @@ def cmd_demo(args) -> int:
 
 LAB_COMMANDS = {"up": lab_up, "down": lab_down, "status": lab_status, "exec": lab_exec}
 COMMANDS = {"version": cmd_version, "check": cmd_check, "agent": cmd_agent, "controlplane": cmd_controlplane,
-            "ca": cmd_ca, "status": cmd_status,
-            "proxy-config": cmd_proxy_config, "lab": cmd_lab, "demo": cmd_demo}
+            "ca": cmd_ca, "status": cmd_status, "install": cmd_hostinstall, "uninstall": cmd_hostinstall,
+            "proxy-config": cmd_proxy_config, "lab": cmd_lab, "demo": cmd_demo, "config": cmd_config}
 
 
 if __name__ == "__main__":

@@ -200,7 +200,8 @@ def agent_bootstrap(lab: Lab, node: str, capture: str, *, static: bool = False) 
                     "redirectAddress": naming.POD_GATEWAY, "instance": f"{lab.name}-{node}"},
         "admin": {"address": ADMIN},
         **({"snapshotFile": str(config_dir(lab) / f"snapshot-{node}.json")} if static else {
-            "controlPlane": CP_GRPC,
+            # every replica when the lab runs an HA control plane (meshlab/ha.py)
+            "controlPlane": getattr(lab, "control_plane_endpoints", None) or CP_GRPC,
             "controlPlaneAuth": {"tokenFile": str(token_file(lab, node)), "rootBundle": str(root_bundle(lab))},
             "certDir": str(Path(lab.names.run_dir, "certs", node))}),
         "stateDir": str(Path(lab.names.run_dir, "state", node)),

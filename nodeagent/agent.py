@@ -7,7 +7,9 @@ stops us before any rule exists), then capture is installed, or adopted from the
 agent. A stop (SIGTERM, SIGINT, POST /quitquitquit) stops accepting and drains, and leaves
 capture in place: until the next agent starts, captured connections are refused (fail
 closed), never sent around the proxy. Only ``uninstall`` (``hostmesh agent --uninstall``)
-removes capture, and it refuses while an agent holds the lock.
+removes capture, and it refuses while an agent holds the lock. Under systemd the agent is a
+``Type=notify`` service (``nodeagent/service.py``: READY once ready, STATUS, STOPPING, the
+watchdog from the event loop); a stop there keeps capture the same way.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from nodeagent.capture import Capture, CaptureSpec, make_capture, remove_other_b
 from nodeagent.capture.base import so_original_dst
 from nodeagent.configsource import SnapshotFile
 from nodeagent.cpclient import ControlPlaneClient
+from nodeagent.endpoints import EndpointRotation
 from nodeagent.persist import SnapshotStore
 from nodeagent.errors import AgentError
 from nodeagent.identity.cpauth import ControlPlaneAuth, GrpcSigner
@@ -47,6 +50,7 @@ from nodeagent.proxy.l7.metrics import HttpMetrics
 from nodeagent.proxy.destinations import service_endpoints
 from nodeagent.state import AgentState, NodeSnapshot
 from nodeagent.telemetry import ProxyMetrics
+from nodeagent.service import ServiceReporter, status_line
 from nodeagent.worker import bootstrap_to
 from nodeagent.workers import WorkerPool
 
@@ -125,13 +129,14 @@ class Agent:
         self.auth: ControlPlaneAuth | None = None
         self.certs: CertificateManager | None = None
         self.signer: GrpcSigner | None = None
+        endpoints = EndpointRotation(boot.control_plane) if use_cp else None
         if use_cp and not boot.cp_insecure:
             self.auth = ControlPlaneAuth.from_files(boot.node, boot.cp_token_file, boot.cp_root_bundle,
                                                     boot.cp_server_name)
-            self.signer = GrpcSigner(boot.control_plane, self.auth, extra_roots=self._ca_bundle)
+            self.signer = GrpcSigner(endpoints, self.auth, extra_roots=self._ca_bundle)
             self.certs = CertificateManager(boot.node, self.signer, boot.cert_dir, self.registry)
         self.cp = ControlPlaneClient(
-            boot.control_plane, boot.node, self.state,
+            endpoints, boot.node, self.state,
             SnapshotStore(os.path.join(boot.state_dir, "snapshot.json")), self.registry,
             validate=self.validate_snapshot, auth=self.auth, extra_roots=self._ca_bundle,
         ) if use_cp else None
@@ -160,6 +165,8 @@ class Agent:
         self.build = lineage.build_id()
         self.handoff: ho.HandoffServer | None = None
         self.admin = AdminServer(self._admin_inputs(), host=boot.admin_host, port=boot.admin_port)
+        # READY/STATUS/STOPPING and the watchdog for systemd (Type=notify); a no-op without it
+        self.service = ServiceReporter.from_environ(self._service_status)
 
     # ------------------------------------------------------------------ lifecycle
     async def run(self) -> int:
@@ -178,6 +185,7 @@ class Agent:
             self.lock.release()
 
     async def _run(self, successor: ho.HandoffClient | None) -> int:
+        self.service.start()  # the watchdog is petted from this loop: a wedged loop gets restarted
         if self.source:
             self.source.poll()
             if self.source.last_error and self.state.snapshot is None:
@@ -185,7 +193,11 @@ class Agent:
         # config and certificates first: a successor must be able to serve before it takes over
         self._start_config_loops()
         try:
+            self.service.phase("starting: taking the running agent's listeners over once config is ready"
+                               if successor is not None else "starting: opening listeners")
             await self._start_serving(successor)
+            self.service.phase(f"starting: installing {self.boot.capture_mode} capture" if self.capture
+                               else "starting (capture is off)")
             await self._install_capture()
         except BaseException:
             if successor is not None:
@@ -196,6 +208,7 @@ class Agent:
             raise
         self.life.state = "LIVE"
         self._update_ready()
+        self.service.running()  # READY=1 once /ready says ready, then STATUS as things change
         log.info("agent started", extra={"node": self.boot.node, "capture": self.boot.capture_mode,
                                           "admin": f"{self.boot.admin_host}:{self.admin.bound_port}",
                                           "generation": self.life.lineage.generation})
@@ -385,6 +398,9 @@ class Agent:
             self.handoff.close()
         self.life.state = "DRAINING"
         self._update_ready()
+        self.service.stopping(f"handed off to the agent with pid {self.life.successor_pid}: draining" if handed_off
+                              else f"stopping: draining {self.serving.active_connections} connections "
+                                   f"(up to {self.boot.drain_grace:g}s); capture stays installed")
         self._cancel_tasks()
         await self.jwks_refresher.close()
         aborted = await self.serving.drain(self.boot.drain_grace)
@@ -392,6 +408,8 @@ class Agent:
             await self.signer.close()
         await self.admin.close()
         self.life.state = "STOPPED"
+        self.service.close("handed off: the new agent serves this node" if handed_off
+                           else "stopped; capture stays installed (fail closed)" if self.capture else "stopped")
         log.info("agent stopped", extra={"aborted_connections": aborted})
         if handed_off:
             log.info("the new agent serves this node and owns capture", extra={"successor_pid": self.life.successor_pid})
@@ -464,6 +482,16 @@ class Agent:
 
     def _update_ready(self) -> None:
         self.metrics.ready.set(1 if self.readiness()[0] else 0)
+
+    def _service_status(self) -> tuple[bool, str]:
+        """(ready, STATUS line) for the service manager: the same readiness as /ready."""
+        ready, why = self.readiness()
+        snap = self.state.snapshot
+        return ready, status_line(
+            self.life.state, ready, why, services=len(snap.services) if snap else None,
+            workloads=len(snap.local_workloads()) if snap else None, version=snap.version if snap else None,
+            config_from="the control plane" if self.cp else "the snapshot file",
+            successor_pid=self.life.successor_pid)
 
     def _admin_inputs(self) -> AdminInputs:
         return AdminInputs(

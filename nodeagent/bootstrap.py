@@ -46,7 +46,8 @@ class Bootstrap:
     max_connections: int = 10000
     drain_grace: float = 10.0
     snapshot_file: str = ""
-    control_plane: str = ""  # host:port of the control plane's gRPC endpoint
+    # host:port of each control-plane replica's gRPC endpoint; the agent fails over in order
+    control_plane: tuple[str, ...] = ()
     # TLS + node token toward the control plane (required unless insecure: tests only)
     cp_token_file: str = ""
     cp_root_bundle: str = ""
@@ -82,7 +83,7 @@ class Bootstrap:
             },
             "drainGrace": self.drain_grace,
             "snapshotFile": self.snapshot_file,
-            "controlPlane": self.control_plane,
+            "controlPlane": list(self.control_plane),
             "controlPlaneAuth": {"tokenFile": self.cp_token_file, "rootBundle": self.cp_root_bundle,
                                  "serverName": self.cp_server_name, "insecure": self.cp_insecure},
             "certDir": self.cert_dir,
@@ -96,7 +97,7 @@ class Bootstrap:
 
 # the file's shape: a key maps to its kind, or to a nested section
 _SCHEMA: dict[str, Any] = {
-    "node": str, "snapshotFile": str, "controlPlane": "endpoint", "stateDir": str, "logLevel": str, "drainGrace": "duration",
+    "node": str, "snapshotFile": str, "controlPlane": "endpoints", "stateDir": str, "logLevel": str, "drainGrace": "duration",
     "capture": {"mode": str, "podCIDRs": "cidrs", "meshCIDRs": "cidrs", "cgroups": "strings",
                 "redirectAddress": "ipv4", "instance": "instance", "accelerate": "bool"},
     "admin": {"address": "hostport"},
@@ -198,6 +199,15 @@ def _check(kind: Any, value: Any, where: str) -> Any:
         if not isinstance(value, str) or not re.match(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$", value):
             raise ConfigError(f"{where}: {value!r} must be 1-64 letters, digits, '.', '_' or '-'")
         return value
+    if kind == "endpoints":
+        items = value.split(",") if isinstance(value, str) else value
+        if not isinstance(items, list | tuple) or not items:
+            raise ConfigError(f"{where}: must be host:port, or a list of them (one per control-plane replica)")
+        out = tuple(_check("endpoint", str(x).strip(), f"{where}[{i}]" if len(items) > 1 else where)
+                    for i, x in enumerate(items))
+        if len(set(out)) != len(out):
+            raise ConfigError(f"{where}: lists an endpoint twice")
+        return out
     if kind == "endpoint":
         host, sep, port = str(value).rpartition(":")
         if not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
@@ -309,7 +319,7 @@ def build(file_values: dict[str, Any], overrides: dict[str, Any]) -> Bootstrap:
         idle_timeout=v.get("proxy.idleTimeout", b.idle_timeout),
         max_connections=v.get("proxy.maxConnections", b.max_connections),
         drain_grace=v.get("drainGrace", b.drain_grace), snapshot_file=v.get("snapshotFile", ""),
-        control_plane=v.get("controlPlane", ""),
+        control_plane=v.get("controlPlane", ()),
         cp_token_file=v.get("controlPlaneAuth.tokenFile", ""), cp_root_bundle=v.get("controlPlaneAuth.rootBundle", ""),
         cp_server_name=v.get("controlPlaneAuth.serverName", ""),
         cp_insecure=v.get("controlPlaneAuth.insecure", False),
@@ -364,7 +374,7 @@ def flag_overrides(args: Any) -> dict[str, Any]:
         ("capture.podCIDRs", "cidrs", args.pod_cidr, "--pod-cidr"),
         ("capture.meshCIDRs", "cidrs", args.mesh_cidr, "--mesh-cidr"),
         ("admin.address", "hostport", args.admin_address, "--admin-address"),
-        ("controlPlane", "endpoint", args.control_plane, "--control-plane"),
+        ("controlPlane", "endpoints", args.control_plane, "--control-plane"),
         ("drainGrace", "duration", args.drain_grace, "--drain-grace"),
     ):
         if value:

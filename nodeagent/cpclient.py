@@ -48,7 +48,7 @@ import asyncio
 import logging
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import grpc
@@ -69,6 +69,7 @@ from controlplane.resources import (
     split,
 )
 from hostmesh import __version__
+from nodeagent.endpoints import EndpointRotation
 from nodeagent.errors import ConfigError
 from nodeagent.identity.cpauth import ControlPlaneAuth
 from nodeagent.persist import SnapshotStore
@@ -129,7 +130,8 @@ class _Resync(Exception):
 
 
 class ControlPlaneClient:
-    def __init__(self, address: str, node: str, state: AgentState, store: SnapshotStore | None,
+    def __init__(self, address: str | Sequence[str] | EndpointRotation, node: str, state: AgentState,
+                 store: SnapshotStore | None,
                  registry: CollectorRegistry, *,
                  validate: Callable[[NodeSnapshot], None] | None = None,
                  credentials: grpc.ChannelCredentials | None = None,
@@ -141,7 +143,7 @@ class ControlPlaneClient:
                  keepalive_time_ms: int = KEEPALIVE_TIME_MS,
                  keepalive_timeout_ms: int = KEEPALIVE_TIMEOUT_MS,
                  clock: Callable[[], float] = time.time) -> None:
-        self.address = address
+        self.endpoints = address if isinstance(address, EndpointRotation) else EndpointRotation(address)
         self.node = node
         self.state = state
         self.store = store
@@ -173,9 +175,15 @@ class ControlPlaneClient:
         self._persisted_at = ""
         self._persist_error = ""
         self._attempts = 0
+        self._session_endpoint = ""
         self._next_retry: float | None = None
         self._applies = 0
         self._nacks = 0
+
+    @property
+    def address(self) -> str:
+        """The replica dialled now (or next)."""
+        return self.endpoints.current
 
     # ------------------------------------------------------------------ status
     def status(self) -> dict[str, Any]:
@@ -191,7 +199,8 @@ class ControlPlaneClient:
         if not self._connected and self._last_error:
             message += f" ({self._last_error})"
         return {
-            "address": self.address, "node": self.node,
+            "address": self.address, "node": self.node, "endpoints": list(self.endpoints.endpoints),
+            "failovers": self.endpoints.failovers,
             "connected": self._connected,
             "state": "connected" if self._connected else "connecting" if self._connecting else "disconnected",
             "last_connected": iso(self._last_connected),
@@ -242,7 +251,13 @@ class ControlPlaneClient:
             self._set_connected(False)
             if synced or resync:
                 self._attempts = 0
-            delay = 0.0 if resync else backoff_delay(self._attempts, self.backoff_initial, self.backoff_max)
+            failed = self._session_endpoint or self.address
+            round_failed = resync or self.endpoints.failed(failed)
+            if failed != self.address:
+                log.warning("failing over to another control-plane replica",
+                            extra={"from": failed, "to": self.address, "error": self._last_error})
+            delay = 0.0 if resync or not round_failed else backoff_delay(self._attempts, self.backoff_initial,
+                                                                         self.backoff_max)
             self._attempts += 1
             self._next_retry = self.clock() + delay
             log.warning("control plane unreachable; serving the last known config",
@@ -296,6 +311,7 @@ class ControlPlaneClient:
         if self.state.snapshot is not self._resources_of:
             self._index_current()
         metadata = None
+        self._session_endpoint = self.address
         if self.auth is not None:
             channel = grpc.aio.secure_channel(self.address, self.auth.credentials(self.extra_roots()),
                                               options=self.options + self.auth.options())
@@ -329,6 +345,7 @@ class ControlPlaneClient:
                                                                 snapshot_version=update.snapshot_version)))
                 if not synced:
                     synced = True
+                    self.endpoints.succeeded()
                     self._set_connected(True)
         finally:
             await channel.close()

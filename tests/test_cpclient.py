@@ -590,3 +590,30 @@ def test_large_pushes_are_limited_and_a_silent_agent_cannot_hold_the_slot():
         await cp.server.stop(0)
 
     run(main())
+
+
+def test_the_agent_fails_over_to_the_next_replica_at_once(tmp_path):
+    """Two replicas serving the same snapshot: the agent starts on a dead endpoint, moves to
+    the live one without backing off, and when that one dies, to the other one."""
+    async def main():
+        dead = free_port()
+        cp_a = await ControlPlane().start()
+        s1 = cp_a.publish(snap(*BASE))
+        c = RecordingClient([f"127.0.0.1:{dead}", cp_a.address], NODE, AgentState(),
+                            SnapshotStore(tmp_path / "agent" / "snapshot.json"), CollectorRegistry(),
+                            backoff_initial=5.0, backoff_max=5.0)
+        task = asyncio.create_task(c.run())
+        t0 = time.monotonic()
+        await cp_a.acked(s1)
+        assert time.monotonic() - t0 < 3.0         # no 5 s backoff between the two endpoints
+        assert c.status()["address"] == cp_a.address and c.status()["failovers"] == 1
+        cp_b = await ControlPlane().start(dead)     # the other replica comes up...
+        cp_b.publish(s1)
+        await cp_a.server.stop(0)                  # ...and this one dies
+        await wait_until(lambda: (s := c.status())["connected"] and s["address"] == cp_b.address,
+                         what="failed over to the other replica")
+        assert c.state.snapshot.version == s1.version
+        await stop_task(task)
+        await cp_b.server.stop(0)
+
+    run(main())

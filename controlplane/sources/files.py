@@ -21,7 +21,6 @@ good model in force; this class never reports a partial model.
 from __future__ import annotations
 
 import asyncio
-import logging
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -34,8 +33,7 @@ from controlplane.model import (
     assemble,
     load_file,
 )
-
-log = logging.getLogger(__name__)
+from controlplane.sources.reporting import ReportingSource
 
 SUFFIXES = (".yaml", ".yml")
 _NONE = object()
@@ -98,7 +96,7 @@ class DirectoryLoader:
             key = (ino, mtime, size)
             hit = self._cache.get(name)
             if hit is None or hit.key != key:
-                hit = _Cached(key, _read(os.path.join(self.path, name), name))
+                hit = _Cached(key, read_config_file(os.path.join(self.path, name), name))
             cache[name] = hit
             results.append(hit.result)
         self._cache = cache
@@ -113,7 +111,7 @@ def _dir_issue(path: str) -> ConfigIssue:
     return ConfigIssue(path, message="config directory cannot be read")
 
 
-def _read(full: str, name: str) -> FileResult:
+def read_config_file(full: str, name: str) -> FileResult:
     try:
         with open(full, "rb") as f:
             raw = f.read()
@@ -133,20 +131,17 @@ def load_directory(path: str) -> LoadResult:
     return DirectoryLoader(str(path)).load()
 
 
-class FileSource:
+class FileSource(ReportingSource):
     """Watches a config directory; see the module docstring for the callback contract."""
+
+    kind = "files"
 
     def __init__(self, path: str, on_change: Callable[[MeshModel], None],
                  on_error: Callable[[list[ConfigIssue]], None], interval: float = 0.2) -> None:
+        super().__init__(on_change, on_error)
         self.path = str(path)
-        self.on_change = on_change
-        self.on_error = on_error
         self.interval = interval
         self.loader = DirectoryLoader(self.path)
-        self.model: MeshModel | None = None          # the last good model
-        self.errors: list[ConfigIssue] = []          # the errors of the last load ([] when it was good)
-        self.warnings: list[ConfigIssue] = []
-        self.loads = 0
         self._loaded: object = _NONE    # signature of the last reported load
         self._pending: object = _NONE   # a new signature seen once, waiting to be seen stable
 
@@ -166,6 +161,12 @@ class FileSource:
         result = self.loader.load(sig)
         self._finish(sig, result, sig)
         return result
+
+    async def initial_load(self) -> None:
+        self.load_now()
+
+    def describe(self) -> dict:
+        return {"kind": self.kind, "config_dir": self.path}
 
     async def run(self) -> None:
         """Poll forever (cancel the task to stop). Parsing runs in a worker thread so a large
@@ -193,19 +194,3 @@ class FileSource:
         self._loaded, self._pending = sig, _NONE
         self._report(result)
         return True
-
-    def _report(self, result: LoadResult) -> None:
-        self.loads += 1
-        self.warnings = result.warnings
-        if result.errors:
-            if result.errors != self.errors:
-                self.errors = result.errors
-                log.error("config rejected; keeping the last good config:\n%s", result.error_text())
-                self.on_error(result.errors)
-            return
-        had_errors, self.errors = bool(self.errors), []
-        model = result.model
-        if model != self.model or had_errors:
-            self.model = model
-            log.info("config loaded: version %s, %s", model.version, model.counts())
-            self.on_change(model)

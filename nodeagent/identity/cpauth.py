@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +17,7 @@ from cryptography import x509
 
 from controlplane.api import NODE_METADATA, SIGN_METHOD, TOKEN_METADATA
 from controlplane.api import certificates_pb2 as cpb
+from nodeagent.endpoints import EndpointRotation
 from nodeagent.errors import ConfigError
 
 log = logging.getLogger("hostmesh.agent.cpauth")
@@ -81,35 +82,45 @@ class GrpcSigner:
     """``await signer(csr_pem, namespace, service_account)`` -> SignResponse over one channel,
     created lazily in the running loop and recreated when the trust bundle changes."""
 
-    def __init__(self, address: str, auth: ControlPlaneAuth, extra_roots: Callable[[], str] = lambda: "",
-                 timeout: float = SIGN_TIMEOUT) -> None:
-        self.address = address
+    def __init__(self, address: str | Sequence[str] | EndpointRotation, auth: ControlPlaneAuth,
+                 extra_roots: Callable[[], str] = lambda: "", timeout: float = SIGN_TIMEOUT) -> None:
+        # shared with the discovery client: a replica one of them found dead is skipped by both
+        self.endpoints = address if isinstance(address, EndpointRotation) else EndpointRotation(address)
+        self._dialled = ""
         self.auth = auth
         self.extra_roots = extra_roots
         self.timeout = timeout
         self._channel: grpc.aio.Channel | None = None
         self._roots = ""
 
+    @property
+    def address(self) -> str:
+        return self.endpoints.current
+
     def _call(self):
         roots = self.extra_roots()
-        if self._channel is None or roots != self._roots:
+        if self._channel is None or roots != self._roots or self._dialled != self.address:
             if self._channel is not None:
                 old = self._channel
                 # calls in flight on the old channel may finish; it closes after them
                 asyncio.get_running_loop().create_task(old.close(grace=self.timeout))
-            self._roots = roots
+            self._roots, self._dialled = roots, self.address
             self._channel = grpc.aio.secure_channel(self.address, self.auth.credentials(roots),
                                                     options=self.auth.options())
         return self._channel.unary_unary(SIGN_METHOD, request_serializer=cpb.SignRequest.SerializeToString,
                                          response_deserializer=cpb.SignResponse.FromString)
 
     async def __call__(self, csr_pem: str, namespace: str, service_account: str) -> cpb.SignResponse:
-        call = self._call()
-        try:
-            return await call(cpb.SignRequest(csr_pem=csr_pem, namespace=namespace, service_account=service_account),
-                              metadata=self.auth.metadata(), timeout=self.timeout)
-        except grpc.aio.AioRpcError as exc:
-            raise SignError(self.auth.explain(exc, self.address), exc.code()) from None
+        request = cpb.SignRequest(csr_pem=csr_pem, namespace=namespace, service_account=service_account)
+        for _ in range(len(self.endpoints.endpoints)):
+            address = self.address
+            try:
+                return await self._call()(request, metadata=self.auth.metadata(), timeout=self.timeout)
+            except grpc.aio.AioRpcError as exc:
+                error = SignError(self.auth.explain(exc, address), exc.code())
+                if exc.code() != grpc.StatusCode.UNAVAILABLE or self.endpoints.failed(address):
+                    raise error from None
+        raise error
 
     async def close(self) -> None:
         if self._channel is not None:
