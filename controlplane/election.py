@@ -105,8 +105,11 @@ class LeaderElection:
                 self._step_down("the leader lease expired")
                 return
             self._valid_until = sent + left
-            if not await self._still_holder():
-                return
+            try:
+                if not await self._still_holder():
+                    return
+            except EtcdError as exc:   # unknown for now: the lease deadline above still bounds us
+                self.last_error = str(exc)
 
     async def _still_holder(self) -> bool:
         kv = await self.client.get(self.key)

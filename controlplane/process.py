@@ -1,8 +1,8 @@
 """The control-plane process: config source -> model -> per-node snapshots -> cache -> gRPC,
 plus the HTTP port (15014) for /metrics, /ready, /healthz and /debug.
 
-The source is a directory of YAML files (sources/files.py), or etcd (sources/etcd.py,
-``Etcd``). With etcd, several replicas can run: each serves agents from the same etcd
+The source is a directory of YAML files (sources/files.py), etcd (sources/etcd.py,
+``Etcd``), or the Kubernetes API (sources/kubernetes.py, ``KubeSettings``). With etcd, several replicas can run: each serves agents from the same etcd
 state, and one, elected on an etcd lease (election.py), writes the config status back.
 
 Security (``Security``): the CA directory (controlplane/ca.py), the node token directory
@@ -43,6 +43,7 @@ from controlplane.metrics import ControlPlaneMetrics
 from controlplane.model.objects import ConfigIssue, MeshModel
 from controlplane.sources import FileSource
 from controlplane.sources.etcd import EtcdSource
+from controlplane.sources.kubernetes import KubernetesSource, KubeSettings
 from hostmesh import __version__
 from nodeagent.admin import AdminServer, Route, RouteTable, error_response, json_response, metrics_response, \
     text_response
@@ -75,7 +76,7 @@ class Etcd:
 class ControlPlane:
     def __init__(self, config_dir: str | None, *, grpc_address: str = "0.0.0.0:15010",
                  http_host: str = "0.0.0.0", http_port: int = 15014, security: Security | None = None,
-                 etcd: Etcd | None = None) -> None:
+                 etcd: Etcd | None = None, kubernetes: KubeSettings | None = None) -> None:
         self.config_dir = config_dir
         self.etcd = etcd
         self.security = security
@@ -95,10 +96,12 @@ class ControlPlane:
         self.cache = SnapshotCache(consistency_check=check_consistency, snapshot_for_new_node=self._new_node,
                                    metrics=self.metrics)
         self.election: LeaderElection | None = None
-        if etcd is None:
-            self.source = FileSource(config_dir, on_change=self._on_model, on_error=self._on_errors)
-        else:
+        if etcd is not None:
             self._init_etcd(etcd)
+        elif kubernetes is not None:
+            self.source = KubernetesSource(kubernetes, on_change=self._on_model, on_error=self._on_errors)
+        else:
+            self.source = FileSource(config_dir, on_change=self._on_model, on_error=self._on_errors)
         self.ca: CertificateAuthority | None = None
         self.tokens: NodeTokens | None = None
         self.serving: ServingCertificate | None = None
@@ -295,12 +298,13 @@ def _iso(ts: float | None) -> str | None:
 
 
 def run_controlplane(config_dir: str | None, grpc_address: str, http_address: tuple[str, int], log_level: str,
-                     security: Security | None = None, etcd: Etcd | None = None) -> int:
+                     security: Security | None = None, etcd: Etcd | None = None,
+                     kubernetes: KubeSettings | None = None) -> int:
     import uvloop
 
     from nodeagent import logs
     logs.setup(log_level)
     cp = ControlPlane(config_dir, grpc_address=grpc_address, http_host=http_address[0], http_port=http_address[1],
-                      security=security, etcd=etcd)
+                      security=security, etcd=etcd, kubernetes=kubernetes)
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         return runner.run(cp.run())

@@ -67,7 +67,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "refused while the agent runs")
 
     p = sub.add_parser("controlplane", help="run the control plane (config dir or etcd -> snapshots -> gRPC)")
-    p.add_argument("--config-dir", help="directory of YAML config objects (watched); or --etcd")
+    p.add_argument("--config-dir", help="directory of YAML config objects (watched); or --etcd, --source kubernetes")
+    p.add_argument("--source", choices=["files", "etcd", "kubernetes"],
+                   help="where the objects come from (default: files with --config-dir, etcd with --etcd)")
+    p.add_argument("--kubeconfig", help="with --source kubernetes: a kubeconfig (default: in-cluster config)")
+    p.add_argument("--kube-context", help="with --source kubernetes: the kubeconfig context")
     configcmd.etcd_flags(p, required=False)
     p.add_argument("--replica", help="with --etcd: this replica's name in leader election (default host-pid)")
     p.add_argument("--leader-ttl", type=int, default=5,
@@ -193,8 +197,16 @@ def cmd_controlplane(args) -> int:
     from controlplane.process import run_controlplane
     from nodeagent import bootstrap
     from nodeagent.errors import AgentError
-    if bool(args.config_dir) == bool(args.etcd):
-        raise CliError("give one config source: --config-dir DIR or --etcd HOST:PORT[,...]")
+    source = args.source or ("etcd" if args.etcd else "files")
+    given = [f for f, v in (("--config-dir", args.config_dir), ("--etcd", args.etcd)) if v]
+    wanted = {"files": ["--config-dir"], "etcd": ["--etcd"], "kubernetes": []}[source]
+    if given != wanted:
+        raise CliError("give one config source: --config-dir DIR, --etcd HOST:PORT[,...] or --source kubernetes "
+                       f"(got {' '.join(given) or 'none'} for source {source})")
+    if args.kubeconfig and source != "kubernetes":
+        raise CliError("--kubeconfig goes with --source kubernetes")
+    from controlplane.sources.kubernetes import KubeSettings
+    kube = KubeSettings(args.kubeconfig or "", args.kube_context or "") if source == "kubernetes" else None
     if args.config_dir and not os.path.isdir(args.config_dir):
         raise CliError(f"--config-dir {args.config_dir}: not a directory")
     from controlplane.process import Etcd
@@ -216,7 +228,7 @@ def cmd_controlplane(args) -> int:
     try:
         http = bootstrap.parse_host_port(args.http_address, "--http-address")
         bootstrap.parse_host_port(args.grpc_address, "--grpc-address")
-        return run_controlplane(args.config_dir, args.grpc_address, http, args.log_level, security, etcd)
+        return run_controlplane(args.config_dir, args.grpc_address, http, args.log_level, security, etcd, kube)
     except (AgentError, ControlPlaneError, OSError) as exc:
         raise CliError(str(exc)) from None
 

@@ -131,10 +131,13 @@ def write_default_config(lab: Lab) -> None:
          {"name": "grpc", "port": 9090, "targetPort": 9090, "appProtocol": "grpc"}])])
 
 
-def start_controlplane(lab: Lab, timeout: float = AGENT_READY_TIMEOUT) -> subprocess.Popen:
+def start_controlplane(lab: Lab, timeout: float = AGENT_READY_TIMEOUT,
+                       source: list[str] | None = None) -> subprocess.Popen:
+    """`source`: the control plane's source flags (default: the lab's config dir)."""
     from meshlab.lab import CONTROLPLANE
     write_pki(lab)
-    argv = [sys.executable, "-m", "hostmesh.cli", "controlplane", "--config-dir", str(cp_config_dir(lab)),
+    argv = [sys.executable, "-m", "hostmesh.cli", "controlplane",
+            *(source or ["--config-dir", str(cp_config_dir(lab))]),
             "--ca-dir", str(pki_dir(lab) / "ca"), "--node-tokens", str(pki_dir(lab) / "tokens"),
             "--tls-san", naming.CONTROLPLANE_IP]
     proc = lab.spawn(lab.target(CONTROLPLANE), argv, "controlplane")

@@ -32,6 +32,7 @@ units anyway). Every message and transition is recorded with a monotonic timesta
 from __future__ import annotations
 
 import argparse
+import array
 import json
 import os
 import re
@@ -51,6 +52,8 @@ from pathlib import Path
 from typing import Callable
 
 from meshlab.errors import LabError
+
+MAX_FDS = 253  # SCM_MAX_FD: what one message can carry
 
 _SPAN = re.compile(r"(\d+(?:\.\d+)?)\s*([a-zµ]*)")
 _UNIT_SECONDS = {
@@ -141,6 +144,8 @@ class UnitSpec:
     kill_mode: str = "control-group"
     kill_signal: int = signal.SIGTERM
     environment: tuple[tuple[str, str], ...] = ()
+    fd_store_max: int = 0
+    exec_reload: tuple[str, ...] = ()   # unexpanded: $MAINPID is known only when it runs
 
 
 def load_unit(path: str | Path, **overrides) -> UnitSpec:
@@ -185,6 +190,8 @@ def load_unit(path: str | Path, **overrides) -> UnitSpec:
         timeout_abort=span("TimeoutAbortSec", stop), kill_mode=one("KillMode", "control-group"),
         kill_signal=signal.Signals[one("KillSignal", "SIGTERM")].value,
         environment=tuple(sorted(env.items())),
+        fd_store_max=int(one("FileDescriptorStoreMax", "0")),
+        exec_reload=tuple(shlex.split(one("ExecReload", ""))),
     )
     return replace(spec, **overrides)
 
@@ -225,6 +232,12 @@ class Supervisor:
         self._deadlines: dict[str, float] = {}
         self._stop_requested = False
         self._closing = False
+        # FDSTORE=1: (name, fd) kept across restarts while the unit is not inactive/failed
+        self.fd_store: list[tuple[str, int]] = []
+        self._keep_store = False
+        self._env: dict[str, str] = {}
+        self._pgid = 0
+        self._former: list = []   # earlier main processes (before MAINPID=), not yet exited
         self._thread = threading.Thread(target=self._loop, name="supervisor", daemon=True)
 
     # ------------------------------------------------------------------ public
@@ -246,6 +259,42 @@ class Supervisor:
             self._cond.notify_all()
         self.wait(lambda _: self._proc is None, timeout or (self.spec.timeout_stop or 90) + 10, "the unit to stop")
 
+    def restart(self, timeout: float | None = None) -> None:
+        """``systemctl restart``: stop, then start; the file descriptor store is kept (a job
+        is queued for the unit, so systemd does not flush it)."""
+        with self._cond:
+            self._keep_store = True
+        try:
+            self.stop(timeout)
+        finally:
+            with self._cond:
+                self._keep_store = False
+                self._stop_requested = False
+                self._record("restart", 0, {"n": self.restarts, "why": "requested"})
+                self._spawn()
+
+    def reload(self, timeout: float = 90) -> None:
+        """``systemctl reload``: run ExecReload= ($MAINPID expanded); with Type=notify the unit
+        is "reloading" from RELOADING=1 until READY=1 from the main process (which may have
+        changed meanwhile: MAINPID=)."""
+        if not self.spec.exec_reload:
+            raise LabError("the unit has no ExecReload=")
+        # a main process that is not our child (MAINPID=) is reparented to us when its parent
+        # exits, as it would be to systemd: we can then wait for it
+        _set_child_subreaper()
+        with self._cond:
+            argv = expand_command(list(self.spec.exec_reload), {**self._env, "MAINPID": str(self.main_pid)})
+            self._record("reload", self.main_pid or 0, {"argv": argv})
+            reloads = len(self.of_locked("reload"))
+        r = subprocess.run(argv, capture_output=True, text=True, timeout=30)
+        if r.returncode != 0:
+            raise LabError(f"ExecReload= failed ({r.returncode}): {r.stderr.strip()}")
+        self.wait(lambda ev: self.state == "active" and len([e for e in ev if e.kind == "reloaded"]) >= reloads,
+                  timeout, "the reload to finish (READY=1)")
+
+    def of_locked(self, kind: str) -> list[Event]:
+        return [e for e in self.events if e.kind == kind]
+
     def close(self) -> None:
         """Stop (if running), end the thread, remove the socket. Safe to call twice."""
         if self._closing:
@@ -264,6 +313,7 @@ class Supervisor:
             if self._proc is not None:  # the thread never ran, or gave up: do not leave a process behind
                 self._kill_group(signal.SIGKILL)
             self._sock.close()
+            self._flush_store()
             shutil.rmtree(self._dir, ignore_errors=True)
 
     def wait(self, pred: Callable[[list[Event]], object], timeout: float, what: str):
@@ -300,6 +350,13 @@ class Supervisor:
         env.pop("WATCHDOG_USEC", None)
         env.pop("WATCHDOG_PID", None)
         argv = list(self.wrap(list(self.spec.exec_start)))
+        pass_fds: tuple[int, ...] = ()
+        if self.fd_store:
+            # systemd passes the store from fd 3 on, with LISTEN_PID = the exec'd process;
+            # the launcher puts them there and execs, keeping the pid
+            pass_fds = tuple(fd for _, fd in self.fd_store)
+            argv = [sys.executable, "-m", "meshlab.supervisor", "exec", "--fds", ",".join(map(str, pass_fds)),
+                    "--names", ":".join(n for n, _ in self.fd_store), "--", *argv]
         if self.spec.watchdog:
             env["WATCHDOG_USEC"] = str(int(self.spec.watchdog * 1_000_000))
             # systemd sets WATCHDOG_PID to the pid it forked; here the shell that execs the
@@ -309,11 +366,13 @@ class Supervisor:
         out = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL
         try:
             self._proc = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=out,
-                                          start_new_session=True, close_fds=True)
+                                          start_new_session=True, close_fds=True, pass_fds=pass_fds)
         finally:
             if self.log_path:
                 out.close()
         self.main_pid = self._proc.pid
+        self._pgid = self._proc.pid   # start_new_session: the group a later main process stays in
+        self._env = env
         self.state = "activating" if self.spec.type == "notify" else "active"
         self._deadlines = {}
         if self.spec.type == "notify" and self.spec.timeout_start:
@@ -337,17 +396,30 @@ class Supervisor:
 
     def _receive(self) -> None:
         try:
-            data, anc, _, _ = self._sock.recvmsg(4096, socket.CMSG_SPACE(12), socket.MSG_DONTWAIT)
+            data, anc, _, _ = self._sock.recvmsg(4096, socket.CMSG_SPACE(12) + socket.CMSG_SPACE(MAX_FDS * 4),
+                                                 socket.MSG_DONTWAIT | socket.MSG_CMSG_CLOEXEC)
         except BlockingIOError:
             return
         pid = next((struct.unpack("3i", d[:12])[0] for level, kind, d in anc
                     if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS), 0)
+        fds = [fd for level, kind, d in anc if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS
+               for fd in array.array("i", d[:len(d) - len(d) % 4])]
         from nodeagent.sdnotify import parse_message
         fields = parse_message(data)
         if self.spec.notify_access == "main" and pid != self.main_pid:
             self._record("ignored", pid, fields)  # systemd: "reception only permitted for main PID"
+            for fd in fds:
+                os.close(fd)
             return
         self._record("notify", pid, fields)
+        self._fd_store_message(fields, fds)
+        if fields.get("MAINPID", "").isdigit() and int(fields["MAINPID"]) != self.main_pid:
+            self._adopt_main(int(fields["MAINPID"]))
+        if fields.get("RELOADING") == "1" and self.state == "active":
+            self.state = "reloading"
+        if fields.get("READY") == "1" and self.state == "reloading":
+            self.state = "active"
+            self._record("reloaded", pid, fields)
         if fields.get("READY") == "1" and self.state == "activating":
             self.state = "active"
             self._deadlines.pop("start", None)
@@ -360,6 +432,41 @@ class Supervisor:
             self.state = "deactivating"
             self._deadlines.pop("watchdog", None)
 
+    def _adopt_main(self, pid: int) -> None:
+        """MAINPID=: another process (a child of the main one, in the unit) is the main process."""
+        if not os.path.exists(f"/proc/{pid}"):
+            self._record("ignored", pid, {"MAINPID": str(pid), "why": "no such process"})
+            return
+        old = self.main_pid
+        self.main_pid = pid
+        if self._proc is not None:
+            self._former.append(self._proc)   # still draining; reaped when it exits
+        self._proc = _AdoptedProcess(pid)
+        self._record("mainpid", pid, {"from": old})
+
+    def _fd_store_message(self, fields: dict, fds: list[int]) -> None:
+        """FDSTORE=1 keeps the descriptors (at most FileDescriptorStoreMax, one copy of each
+        open file, as systemd does); FDSTOREREMOVE=1 drops those named FDNAME."""
+        name = fields.get("FDNAME", "stored")
+        if fields.get("FDSTOREREMOVE") == "1":
+            for n, fd in [e for e in self.fd_store if e[0] == name]:
+                os.close(fd)
+            self.fd_store = [e for e in self.fd_store if e[0] != name]
+        for fd in fds:
+            st = os.fstat(fd)
+            duplicate = any((o := os.fstat(old)).st_dev == st.st_dev and o.st_ino == st.st_ino
+                            for _, old in self.fd_store)
+            if fields.get("FDSTORE") != "1" or duplicate or len(self.fd_store) >= self.spec.fd_store_max:
+                os.close(fd)
+                continue
+            self.fd_store.append((name, fd))
+            self._record("fdstore", self.main_pid or 0, {"name": name})
+
+    def _flush_store(self) -> None:
+        for _, fd in self.fd_store:
+            os.close(fd)
+        self.fd_store = []
+
     def _terminate(self, sig: int, timeout: float | None, why: str) -> None:
         """sig (+ SIGCONT) to the main process (KillMode=mixed/process) or the group; SIGKILL later."""
         self.state = "deactivating"
@@ -371,7 +478,7 @@ class Supervisor:
                 if target == "main":
                     os.kill(self.main_pid, s)
                 else:
-                    os.killpg(self.main_pid, s)
+                    os.killpg(self._pgid or self.main_pid, s)
             except ProcessLookupError:
                 pass
         self._record("kill", self.main_pid, {"signal": signal.Signals(sig).name, "why": why, "to": target})
@@ -380,7 +487,7 @@ class Supervisor:
 
     def _kill_group(self, sig: int) -> None:
         try:
-            os.killpg(self.main_pid, sig)
+            os.killpg(self._pgid or self.main_pid, sig)
         except (ProcessLookupError, PermissionError):
             pass
 
@@ -405,6 +512,10 @@ class Supervisor:
             self._spawn()
 
     def _check_exit(self) -> None:
+        for former in list(self._former):
+            if former.poll() is not None:
+                self._former.remove(former)
+                self._record("exit-former", former.pid, {"returncode": former.returncode})
         if self._proc is None or self._proc.poll() is None:
             return
         rc = self._proc.returncode
@@ -427,7 +538,61 @@ class Supervisor:
             self._deadlines = {"restart": time.monotonic() + self.spec.restart_sec}
         else:
             self.state = "failed" if failed else "inactive"
+            if not self._keep_store:  # inactive or failed with no job queued: systemd flushes the store
+                self._flush_store()
         self.result = ""
+
+
+class _AdoptedProcess:
+    """A main process the supervisor did not start (MAINPID=): polled like a Popen. It is
+    waited for once it has been reparented to us (child subreaper); before that its parent
+    reaps it, and an exit seen only as a vanished /proc entry counts as a failure."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.returncode: int | None = None
+
+    def poll(self) -> int | None:
+        if self.returncode is not None:
+            return self.returncode
+        try:
+            got, status = os.waitpid(self.pid, os.WNOHANG)
+        except ChildProcessError:
+            if not os.path.exists(f"/proc/{self.pid}"):
+                self.returncode = 255
+            return self.returncode
+        if got == 0:
+            return None
+        self.returncode = os.waitstatus_to_exitcode(status)
+        return self.returncode
+
+
+def _set_child_subreaper() -> None:
+    import ctypes
+    PR_SET_CHILD_SUBREAPER = 36
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+
+
+def exec_with_fds(argv: list[str]) -> int:
+    """``exec --fds 7,9 --names a:b -- CMD...``: move the descriptors to 3, 4, ..., set
+    LISTEN_FDS / LISTEN_FDNAMES / LISTEN_PID (this pid, which exec keeps) and exec CMD."""
+    p = argparse.ArgumentParser(prog="python -m meshlab.supervisor exec")
+    p.add_argument("--fds", required=True)
+    p.add_argument("--names", required=True)
+    p.add_argument("cmd", nargs=argparse.REMAINDER)
+    args = p.parse_args(argv)
+    fds = [int(x) for x in args.fds.split(",")]
+    import fcntl
+    high = [fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 1000) for fd in fds]   # out of the way first
+    for fd in fds:
+        os.close(fd)
+    for i, fd in enumerate(high):
+        os.dup2(fd, 3 + i)          # dup2 makes the target inheritable
+        os.close(fd)
+    os.environ.update(LISTEN_FDS=str(len(fds)), LISTEN_FDNAMES=args.names, LISTEN_PID=str(os.getpid()))
+    cmd = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
+    os.execvp(cmd[0], cmd)
+    return 127
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -454,4 +619,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    if sys.argv[1:2] == ["exec"]:
+        sys.exit(exec_with_fds(sys.argv[2:]))
     sys.exit(main())

@@ -21,6 +21,7 @@ import os
 import signal
 import socket
 import ssl
+import subprocess
 import time
 from dataclasses import dataclass, field
 
@@ -50,6 +51,7 @@ from nodeagent.proxy.l7.metrics import HttpMetrics
 from nodeagent.proxy.destinations import service_endpoints
 from nodeagent.state import AgentState, NodeSnapshot
 from nodeagent.telemetry import ProxyMetrics
+from nodeagent import reload, sdnotify
 from nodeagent.service import ServiceReporter, status_line
 from nodeagent.worker import bootstrap_to
 from nodeagent.workers import WorkerPool
@@ -165,8 +167,16 @@ class Agent:
         self.build = lineage.build_id()
         self.handoff: ho.HandoffServer | None = None
         self.admin = AdminServer(self._admin_inputs(), host=boot.admin_host, port=boot.admin_port)
+        # the manager's variables, for a successor started by a reload (they are unset below)
+        self._notify_env = {k: os.environ[k] for k in (sdnotify.ENV_SOCKET, sdnotify.ENV_WATCHDOG_USEC)
+                            if k in os.environ}
+        self._reload_child: subprocess.Popen | None = None
+        self._reloading: asyncio.Task | None = None
         # READY/STATUS/STOPPING and the watchdog for systemd (Type=notify); a no-op without it
         self.service = ServiceReporter.from_environ(self._service_status)
+        # listening sockets systemd kept for us (FDSTORE) across a restart or a crash
+        self._stored_fds = sdnotify.take_listen_fds()
+        self._stored_names: set[str] = set()
 
     # ------------------------------------------------------------------ lifecycle
     async def run(self) -> int:
@@ -215,6 +225,7 @@ class Agent:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stop.set)
+        loop.add_signal_handler(signal.SIGHUP, self._reload)
         if self.capture:
             self._tasks.append(asyncio.create_task(self._reconcile_capture()))
         self.state.subscribe(self._watch_jwks)
@@ -244,9 +255,12 @@ class Agent:
         inherited: dict = {}
         if successor is not None:
             inherited = await self._take_over(successor)
+        elif self._stored_fds:
+            inherited = self._adopt_stored()
         admin = inherited.pop("admin", None)
         await self.serving.start(ho.grouped(inherited))
         await self.admin.start(admin)
+        self._store_listeners()
         previous = lineage.load(self.boot.state_dir)
         if successor is not None:
             await asyncio.to_thread(successor.serving)
@@ -264,6 +278,40 @@ class Agent:
         self.metrics.generation.set(self.life.lineage.generation)
         self.metrics.restarts.inc(self.life.lineage.restarts)
         self.metrics.handoffs.inc(self.life.lineage.handoffs)
+
+    def _adopt_stored(self) -> dict[str, socket.socket]:
+        """The service manager's stored sockets that still fit the bootstrap: a listening TCP
+        socket on the configured address. One that does not (the bootstrap changed) is closed
+        and its listener bound afresh."""
+        want = self._listener_addresses()
+        out = {}
+        for name, fd in self._stored_fds.items():
+            sock = socket.socket(fileno=fd)
+            why = ho.stored_socket_mismatch(sock, want.get(name.partition("#")[0]))
+            if why:
+                log.warning("a stored socket does not fit this bootstrap; binding afresh",
+                            extra={"name": name, "reason": why})
+                sock.close()
+                continue
+            out[name] = sock
+        if out:
+            log.info("listening on the sockets the service manager kept (no connection was refused meanwhile)",
+                     extra={"sockets": sorted(out)})
+        self._stored_names = set(self._stored_fds)
+        self._stored_fds = {}
+        return out
+
+    def _store_listeners(self) -> None:
+        """Give the service manager our listening sockets (FDSTORE): across a restart, a crash
+        or a watchdog kill the kernel keeps queueing connections on them, and the next agent
+        accepts them, so a restart under systemd refuses nothing either."""
+        if not self.service.notifier.enabled:
+            return
+        fds = ho.fds_of({**self.serving.listening_sockets(), "admin": self.admin.listening_socket})
+        for gone in sorted(self._stored_names - set(fds)):
+            self.service.notifier.remove_fds(gone)
+        for name, fd in fds.items():
+            self.service.notifier.store_fds(name, [fd])
 
     async def _take_over(self, successor: ho.HandoffClient) -> dict:
         """HELLO, ready our config, TAKE: the running agent's listening sockets by name."""
@@ -375,11 +423,49 @@ class Agent:
         if result in ("refused", "aborted"):
             self.metrics.handoff_failures.labels(result).inc()
 
+    def _reload(self) -> None:
+        """SIGHUP (``systemctl reload``): hand over to a new agent inside the unit (reload.py)."""
+        if self._reloading is not None:
+            log.warning("a reload is already in progress")
+            return
+        if self.life.state != "LIVE" or self.handoff is None:
+            log.warning("reload ignored: only a serving agent with hand-offs enabled can hand over",
+                        extra={"state": self.life.state})
+            return
+        self._reloading = asyncio.create_task(self._run_reload())
+
+    async def _run_reload(self) -> None:
+        self.service.reloading("reloading: a new agent is taking the listeners over")
+        log.info("reload: starting a new agent to take over", extra={"argv": reload.successor_argv()})
+        why = ""
+        try:
+            child = self._reload_child = reload.spawn_successor(self._notify_env)
+        except OSError as exc:
+            why = f"cannot start the new agent: {exc.strerror or exc}"
+        deadline = time.monotonic() + self.boot.handoff_timeout + 30.0
+        while not why and self.life.state == "LIVE":
+            if child.poll() is not None:
+                why = f"the new agent exited with {child.returncode} before taking over (see its log)"
+            elif time.monotonic() > deadline:
+                child.kill()
+                why = "the new agent did not take over in time"
+            else:
+                await asyncio.sleep(0.1)
+        self._reloading = None
+        if why:
+            self._reload_child = None
+            self.metrics.handoff_failures.labels("reload").inc()
+            log.error("reload failed; this agent keeps serving", extra={"error": why})
+            self.service.reload_failed(f"reload failed: {why}; the running agent keeps serving")
+
     async def _hand_off(self, hello: ho.Hello) -> None:
         """The successor accepts on our listeners: stop accepting, stop every loop that
         writes shared state (config, certificates, capture), release the lock, then drain."""
         if self.life.state in ("HANDED_OFF", "DRAINING", "STOPPED"):
             return
+        if self._reload_child is not None and hello.pid == self._reload_child.pid:
+            # before the successor can take the lock and send READY: the unit follows it now
+            self.service.notifier.send(MAINPID=hello.pid)
         self.life.state = "HANDED_OFF"
         self.life.successor_pid = hello.pid
         self._update_ready()
@@ -414,8 +500,11 @@ class Agent:
         if handed_off:
             log.info("the new agent serves this node and owns capture", extra={"successor_pid": self.life.successor_pid})
         elif self.capture:
-            log.info("capture stays installed: captured connections are refused until the next agent starts "
-                     "(fail closed); remove it with `hostmesh agent --uninstall`", extra={"capture": self.boot.capture_mode})
+            log.info("capture stays installed: captured connections "
+                     + ("wait in the listening sockets the service manager keeps (FDSTORE), or are refused "
+                        "where it keeps none" if self.service.notifier.enabled
+                        else "are refused until the next agent starts (fail closed)")
+                     + "; remove it with `hostmesh agent --uninstall`", extra={"capture": self.boot.capture_mode})
 
     def _watch_jwks(self, snapshot: NodeSnapshot) -> None:
         """Keep the keys of exactly the snapshot's jwksUri rules fresh."""

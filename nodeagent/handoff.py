@@ -453,6 +453,24 @@ def fds_of(sockets: dict[str, "socket.socket | list[socket.socket] | None"]) -> 
     return out
 
 
+def stored_socket_mismatch(sock: socket.socket, want: str | None) -> str:
+    """Why a socket kept by the service manager cannot serve a listener configured as
+    ``want`` ("host:port", port 0 = any); '' when it can."""
+    if want is None:
+        return "no such listener in this bootstrap"
+    try:
+        if sock.getsockopt(socket.SOL_SOCKET, socket.SO_TYPE) != socket.SOCK_STREAM \
+                or not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+            return "not a listening TCP socket"
+        host, port = sock.getsockname()[:2]
+    except OSError as exc:
+        return f"not a usable socket ({exc.strerror or exc})"
+    want_host, _, want_port = want.rpartition(":")
+    if host != want_host or (int(want_port) and port != int(want_port)):
+        return f"listens on {host}:{port}, the bootstrap wants {want}"
+    return ""
+
+
 def grouped(received: dict[str, socket.socket]) -> dict[str, list[socket.socket]]:
     """The inverse of ``fds_of`` on received sockets: listener name -> its sockets."""
     out: dict[str, list[socket.socket]] = {}
@@ -462,4 +480,5 @@ def grouped(received: dict[str, socket.socket]) -> dict[str, list[socket.socket]
 
 
 __all__ = ["HandoffClient", "HandoffError", "HandoffHooks", "HandoffRefused", "HandoffServer", "Hello", "Offer",
-           "Predecessor", "decode", "encode", "grouped", "incompatibility", "socket_path", "fds_of"]
+           "Predecessor", "decode", "encode", "grouped", "incompatibility", "socket_path", "fds_of",
+           "stored_socket_mismatch"]

@@ -11,6 +11,10 @@ datagram per message:
     WATCHDOG=1     keep-alive: the manager kills the service (SIGABRT) when none arrived
                    within ``$WATCHDOG_USEC`` microseconds
     MAINPID=...    another process is the main process from now on
+    FDSTORE=1      keep the file descriptors sent with this message (SCM_RIGHTS) under
+                   ``FDNAME=``; on the next start of the service they come back as
+                   ``$LISTEN_FDS`` (from fd 3), ``$LISTEN_FDNAMES`` and ``$LISTEN_PID``
+    FDSTOREREMOVE=1  drop the stored descriptors named ``FDNAME=``
 
 The watchdog concerns one process only: ``$WATCHDOG_PID``, when set, names the process
 that must pet, so a child that inherited the environment never keeps a stuck parent
@@ -27,6 +31,7 @@ credentials (SO_PASSCRED), so messages go from the process that means them.
 
 from __future__ import annotations
 
+import array
 import asyncio
 import logging
 import os
@@ -38,8 +43,13 @@ log = logging.getLogger("hostmesh.sdnotify")
 ENV_SOCKET = "NOTIFY_SOCKET"
 ENV_WATCHDOG_USEC = "WATCHDOG_USEC"
 ENV_WATCHDOG_PID = "WATCHDOG_PID"
+ENV_LISTEN_PID = "LISTEN_PID"
+ENV_LISTEN_FDS = "LISTEN_FDS"
+ENV_LISTEN_FDNAMES = "LISTEN_FDNAMES"
+LISTEN_FDS_START = 3
 # the variables a service consumes: a child must not inherit them (sd_notify's unset_environment)
 ENV_NAMES = (ENV_SOCKET, ENV_WATCHDOG_USEC, ENV_WATCHDOG_PID)
+ENV_LISTEN_NAMES = (ENV_LISTEN_PID, ENV_LISTEN_FDS, ENV_LISTEN_FDNAMES)
 
 
 class NotifyError(ValueError):
@@ -67,6 +77,32 @@ def watchdog_interval(environ: Mapping[str, str], pid: int) -> float | None:
     if owner and (not owner.isdigit() or int(owner) != pid):
         return None
     return int(usec) / 1_000_000
+
+
+def take_listen_fds(environ: MutableMapping[str, str] | None = None, pid: int | None = None) -> dict[str, int]:
+    """The descriptors the manager passed this process (sd_listen_fds_with_names): name -> fd.
+
+    Only when ``$LISTEN_PID`` is this process; the variables are removed either way and
+    the descriptors made close-on-exec, so nothing this process starts inherits them. A
+    name given twice keeps the first; unnamed ones are called ``unknown``, as systemd does."""
+    env = os.environ if environ is None else environ
+    owner, count, names = (env.pop(k, "") for k in ENV_LISTEN_NAMES)
+    if not owner.isdigit() or int(owner) != (os.getpid() if pid is None else pid) or not count.isdigit():
+        return {}
+    labels = names.split(":") if names else []
+    out: dict[str, int] = {}
+    for i in range(int(count)):
+        fd = LISTEN_FDS_START + i
+        try:
+            os.set_inheritable(fd, False)
+        except OSError:
+            continue
+        name = labels[i] if i < len(labels) and labels[i] else "unknown"
+        if name in out:
+            os.close(fd)
+            continue
+        out[name] = fd
+    return out
 
 
 def message(**fields: str | int) -> bytes:
@@ -138,6 +174,27 @@ class Notifier:
                 log.warning("cannot notify the service manager", extra={"error": exc.strerror or str(exc),
                                                                         "socket": self.address.replace("\0", "@")})
             return False
+
+    def store_fds(self, name: str, fds: list[int]) -> bool:
+        """FDSTORE=1: the manager keeps ``fds`` under ``name`` across a restart or a crash (with
+        ``FileDescriptorStoreMax=``; a manager that keeps none drops them, which is harmless)."""
+        if self.address is None or not fds:
+            return False
+        try:
+            if self._sock is None:
+                self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+            self._sock.sendmsg([message(FDSTORE=1, FDNAME=name)],
+                               [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))],
+                               socket.MSG_DONTWAIT, self.address)
+            return True
+        except OSError as exc:
+            self.dropped += 1
+            log.warning("cannot store descriptors with the service manager",
+                        extra={"error": exc.strerror or str(exc), "name": name})
+            return False
+
+    def remove_fds(self, name: str) -> bool:
+        return self.send(FDSTOREREMOVE=1, FDNAME=name)
 
     def ready(self, status: str = "") -> bool:
         self._status = status or self._status

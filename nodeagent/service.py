@@ -12,10 +12,12 @@ event loop (``nodeagent.sdnotify.Watchdog``): a wedged loop is killed and restar
 **A stop under systemd does not remove capture.** ``systemctl stop`` and ``restart`` send
 SIGTERM to the main process (``KillMode=mixed``); the agent sends ``STOPPING=1``, drains for
 ``drainGrace`` and exits, and leaves its iptables chains or eBPF programs in place, exactly
-as after a crash or a watchdog kill (SIGABRT). Until the next agent runs, captured
-connections are refused by the node (fail closed): there is no window in which workload
-traffic goes around the proxy, whether the unit restarts, crash-loops or stays stopped.
-The next start adopts what is installed. Capture is removed only explicitly: ``hostmesh
+as after a crash or a watchdog kill (SIGABRT). There is no window in which workload traffic
+goes around the proxy, whether the unit restarts, crash-loops or stays stopped. The agent
+keeps its listening sockets in the unit's file descriptor store (FDSTORE=1), so until the
+next agent runs, captured connections wait in their accept queues (without a store they
+are refused: fail closed). The next start adopts what is installed and the stored sockets.
+``systemctl reload`` hands over to a new agent inside the unit (``nodeagent/reload.py``). Capture is removed only explicitly: ``hostmesh
 agent --config /etc/hostmesh/agent.yaml --uninstall`` once the unit is stopped (it refuses
 while an agent holds the state directory), which ``hostmesh uninstall`` does for you.
 """
@@ -88,6 +90,14 @@ class ServiceReporter:
         else:
             self.notifier.status(text)
         self._poll = self._loop.call_later(STATUS_INTERVAL, self._report)
+
+    def reloading(self, text: str) -> None:
+        """RELOADING=1: the unit is "reloading" until READY=1 (from the new agent, or below)."""
+        self.notifier.send(RELOADING=1, STATUS=text)
+
+    def reload_failed(self, text: str) -> None:
+        """READY=1 again from this agent: the reload is over and it still serves."""
+        self.notifier.send(READY=1, STATUS=text)
 
     def stopping(self, text: str) -> None:
         """Shutting down: STOPPING=1 once; STATUS is no longer polled (the watchdog still runs

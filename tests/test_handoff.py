@@ -421,3 +421,25 @@ def test_reuseport_listeners_still_refuse_a_port_someone_else_holds():
         assert ours.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT) == 1
     finally:
         ours.close()
+
+
+def test_a_stored_socket_is_used_only_where_it_fits_the_bootstrap():
+    import socket as so
+    from nodeagent.handoff import stored_socket_mismatch
+    lst = so.socket()
+    lst.bind(("127.0.0.1", 0))
+    lst.listen()
+    port = lst.getsockname()[1]
+    try:
+        assert stored_socket_mismatch(lst, f"127.0.0.1:{port}") == ""
+        assert stored_socket_mismatch(lst, "127.0.0.1:0") == ""           # any port configured
+        assert "the bootstrap wants 0.0.0.0:15001" in stored_socket_mismatch(lst, "0.0.0.0:15001")
+        assert stored_socket_mismatch(lst, None) == "no such listener in this bootstrap"
+        unlistened = so.socket()
+        assert stored_socket_mismatch(unlistened, "127.0.0.1:0") == "not a listening TCP socket"
+        unlistened.close()
+        udp = so.socket(so.AF_INET, so.SOCK_DGRAM)
+        assert stored_socket_mismatch(udp, "127.0.0.1:0") == "not a listening TCP socket"
+        udp.close()
+    finally:
+        lst.close()

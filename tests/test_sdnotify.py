@@ -5,6 +5,7 @@ event loop only, never blocking or raising, and the agent-side reporter."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import secrets
 import shutil
@@ -13,6 +14,7 @@ import struct
 import tempfile
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -240,3 +242,30 @@ def test_status_lines():
     assert status_line("DRAINING", False, "agent is draining", **kw).startswith("draining")
     assert status_line("HANDED_OFF", False, "", successor_pid=42, **kw) == \
         "handed off to the agent with pid 42: draining"
+
+
+def test_listen_fds_come_from_fd_3_for_this_pid_only(tmp_path):
+    """Through the supervisor's launcher (what systemd does): fds moved to 3.., LISTEN_PID
+    = the exec'd process; the names map to them and the variables are gone afterwards."""
+    import subprocess
+    import sys
+    a, b = socket.socket(), socket.socket()
+    for s in (a, b):
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+    script = ("import os, socket, sys, json; sys.path.insert(0, sys.argv[1]); from nodeagent import sdnotify; "
+              "got = sdnotify.take_listen_fds(); "
+              "print(json.dumps({n: [fd, socket.socket(fileno=fd).getsockname()[1]] for n, fd in got.items()}), "
+              "'LISTEN_FDS' in os.environ)")
+    repo = str(Path(__file__).resolve().parents[1])
+    r = subprocess.run([sys.executable, "-m", "meshlab.supervisor", "exec", "--fds", f"{a.fileno()},{b.fileno()}",
+                        "--names", "outbound:admin", "--", sys.executable, "-c", script, repo],
+                       pass_fds=(a.fileno(), b.fileno()), capture_output=True, text=True, timeout=30, cwd=repo)
+    assert r.returncode == 0, r.stderr
+    got, _, leaked = r.stdout.strip().rpartition(" ")
+    assert json.loads(got) == {"outbound": [3, a.getsockname()[1]], "admin": [4, b.getsockname()[1]]}
+    assert leaked.strip() == "False"
+    env = {"LISTEN_PID": "1", "LISTEN_FDS": "2", "LISTEN_FDNAMES": "x:y"}
+    assert sdnotify.take_listen_fds(env, pid=2) == {} and env == {}   # another process's: ignored, unset
+    a.close()
+    b.close()

@@ -134,3 +134,103 @@ def test_the_shipped_units_parse():
     assert agent.exec_start == ("/usr/local/bin/hostmesh", "agent", "--config", "/etc/hostmesh/agent.yaml")
     cp = load_unit(REPO / "systemd" / "hostmesh-controlplane.service")
     assert cp.exec_start[:2] == ("/usr/local/bin/hostmesh", "controlplane") and cp.restart == "on-failure"
+
+
+# ---------------------------------------------------------------------- FDSTORE and reload
+STORING = textwrap.dedent("""
+    import os, signal, socket, subprocess, sys, time
+    sys.path.insert(0, sys.argv[1])
+    from nodeagent import sdnotify
+    n = sdnotify.Notifier.from_environ(unset=False)
+    got = sdnotify.take_listen_fds()
+    if os.environ.get("HANDED"):
+        s = socket.socket(fileno=int(os.environ["HANDED"]))
+        how = "successor"
+    elif "listener" in got:
+        s = socket.socket(fileno=got["listener"])
+        how = "inherited"
+    else:
+        s = socket.socket()
+        s.bind(("127.0.0.1", 0))
+        s.listen(16)
+        how = "bound"
+    n.store_fds("listener", [s.fileno()])
+    if how == "successor":
+        n.send(READY=1, STATUS="successor serving")
+    else:
+        n.ready(f"{how} {s.getsockname()[1]}")
+
+    def reload(*_):
+        # the reload pattern: a successor in the unit, MAINPID=, then this one goes
+        n.send(RELOADING=1)
+        child = subprocess.Popen([sys.executable, *sys.argv], env={**os.environ, "HANDED": str(s.fileno())},
+                                 pass_fds=(s.fileno(),))
+        n.send(MAINPID=child.pid)
+        time.sleep(0.3)
+        os._exit(0)
+    signal.signal(signal.SIGHUP, reload)
+    while True:
+        c, _ = s.accept()
+        c.sendall(b"pid %d" % os.getpid())
+        c.close()
+""")
+
+
+def storing_unit(tmp_path: Path, **settings: str) -> Path:
+    script = tmp_path / "storing.py"
+    script.write_text(STORING)
+    body = {"Type": "notify", "NotifyAccess": "main", "Restart": "on-failure", "RestartSec": "1s",
+            "TimeoutStopSec": "5s", "KillMode": "mixed", "FileDescriptorStoreMax": "4",
+            "ExecReload": "/bin/kill -HUP $MAINPID", **settings}
+    path = tmp_path / "storing.service"
+    path.write_text("\n".join(["[Service]", f"ExecStart={sys.executable} {script} {REPO}",
+                               *(f"{k}={v}" for k, v in body.items())]) + "\n")
+    return path
+
+
+def port_of(sup: Supervisor) -> int:
+    return int(sup.of("ready")[-1].fields["STATUS"].split()[1])
+
+
+def test_stored_descriptors_come_back_after_a_crash_and_connections_wait_meanwhile(tmp_path):
+    import socket
+    sup = Supervisor(load_unit(storing_unit(tmp_path)), log_path=tmp_path / "storing.log")
+    try:
+        sup.start()
+        sup.wait(lambda ev: sup.of("ready"), 15, "READY")
+        port = port_of(sup)
+        assert sup.of("ready")[-1].fields["STATUS"].startswith("bound ")
+        wait_store = sup.wait(lambda _: sup.fd_store, 5, "the stored socket")
+        assert [n for n, _ in wait_store] == ["listener"]
+        first = sup.main_pid
+        os.kill(first, signal.SIGKILL)                 # a crash: Restart=on-failure after 1 s
+        sup.wait(lambda ev: [e for e in ev if e.kind == "exit" and e.pid == first], 10, "the exit")
+        c = socket.create_connection(("127.0.0.1", port), timeout=10)   # no agent: queued, not refused
+        sup.wait(lambda ev: len(sup.of("ready")) == 2, 15, "READY after the restart")
+        assert c.recv(100) == b"pid %d" % sup.main_pid     # served by the restarted process
+        assert sup.of("ready")[-1].fields["STATUS"] == f"inherited {port}"
+        assert len(sup.fd_store) == 1                   # the same socket stored again: one copy
+        sup.restart()                                   # systemctl restart keeps the store too
+        assert sup.of("ready")[-1].fields["STATUS"] == f"inherited {port}"
+    finally:
+        sup.close()
+    assert sup.fd_store == []                           # flushed once the unit is inactive
+
+
+def test_reload_follows_mainpid_to_the_successor(tmp_path):
+    import socket
+    sup = Supervisor(load_unit(storing_unit(tmp_path)), log_path=tmp_path / "storing.log")
+    try:
+        sup.start()
+        sup.wait(lambda ev: sup.of("ready"), 15, "READY")
+        port, first = port_of(sup), sup.main_pid
+        sup.reload()
+        assert sup.main_pid != first and sup.state == "active"
+        assert sup.of("reloaded")[-1].fields["STATUS"] == "successor serving"
+        sup.wait(lambda ev: [e for e in ev if e.kind == "exit-former" and e.pid == first], 10, "the old process")
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as c:
+            assert c.recv(100) == b"pid %d" % sup.main_pid
+        sup.stop()                                      # stops the adopted main process
+        assert sup.state == "inactive"
+    finally:
+        sup.close()

@@ -10,10 +10,13 @@ READY; /ready is never 503 after READY arrived), the STATUS lines say what the a
 does, traffic between pods goes through the mesh, and an agent whose main process is
 stopped (SIGSTOP) stops petting, is killed by the watchdog (SIGABRT) and restarted after
 RestartSec; meanwhile capture stays installed (pods' connections are not answered, then
-refused: nothing goes around the proxy) and traffic works again after the restart. And a
+queued in the kernel for the next agent: nothing goes around the proxy) and traffic works
+again after the restart. And a
 hand-off to an agent in a second unit (the upgrade path under systemd) ends the old unit
-cleanly (STOPPING=1, exit 0, no restart). Runtime: about 25 s (the watchdog alone waits
-WatchdogSec=10s).
+cleanly (STOPPING=1, exit 0, no restart). The agent keeps its listening sockets in the
+unit's file descriptor store (FDSTORE=1), so a `systemctl restart` under load fails no
+request, and connections made while no agent runs wait and are served by the next one.
+Runtime: about 40 s (the watchdog alone waits WatchdogSec=10s).
 """
 
 from __future__ import annotations
@@ -135,6 +138,9 @@ def slab():
             p.stop()
         for sup in sups.values():
             sup.close()
+        if os.environ.get("HOSTMESH_KEEP_LOGS"):
+            import shutil
+            shutil.copytree(Path(lab.names.run_dir, "logs"), os.environ["HOSTMESH_KEEP_LOGS"], dirs_exist_ok=True)
         lab.down()
 
 
@@ -185,6 +191,98 @@ def test_traffic_between_pods_goes_through_the_mesh(slab):
     assert 'hostmesh_tcp_connections_opened_total{' in metrics
 
 
+class Load:
+    """meshlab.restartload in node1/pod-1: HTTP/1.1 keep-alive and new connections and gRPC
+    streams to the VIP, TCP echo streams to node2/pod-1 (through the tunnel)."""
+
+    def __init__(self, lab: Lab, tmp_path: Path, name: str) -> None:
+        import sys
+        self.lab, self.name = lab, name
+        if not lab.run("node2/pod-1", ["ss", "-Hltn", "sport = :7000"]).stdout.strip():
+            lab.spawn(lab.target("node2/pod-1"), [sys.executable, "-m", "meshlab.tcptools", "serve", "--port",
+                                                   "7000"], "echo-node2-pod-1")
+            wait(lambda: lab.run("node2/pod-1", ["ss", "-Hltn", "sport = :7000"]).stdout.strip(), 15, "the echo server")
+        self.stop_file, ready = tmp_path / f"{name}.stop", tmp_path / f"{name}.ready"
+        self.proc = lab.spawn(lab.target("node1/pod-1"), [
+            sys.executable, "-m", "meshlab.restartload", "--http", f"{VIP}:80", "--tcp", f"{naming.pod_ip(2, 1)}:7000",
+            "--grpc", f"{VIP}:9090", "--stop-file", str(self.stop_file), "--ready-file", str(ready),
+            "--max-seconds", "120", "--rate", "20", "--stream-seconds", "2"], name)
+        wait(ready.exists, 30, "every load client's first success")
+
+    def result(self) -> dict:
+        self.stop_file.write_text("stop\n")
+        self.proc.wait(timeout=60)
+        return json.loads(Path(self.lab.names.run_dir, "logs", f"{self.name}.log").read_text().strip().splitlines()[-1])
+
+
+def assert_nothing_failed(result: dict) -> None:
+    for kind, tally in result.items():
+        assert tally["failed"] == 0, (kind, tally)
+        assert tally["ok"] > 0, (kind, tally)
+
+
+def wait(pred, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while not (got := pred()):
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.1)
+    return got
+
+
+def test_systemctl_reload_restarts_the_agent_under_load_and_drops_nothing(slab, tmp_path):
+    """`systemctl reload` (ExecReload=kill -HUP $MAINPID): the agent starts its successor in
+    the unit, hands the listeners over and says MAINPID=; the unit stays active throughout,
+    follows the new process, and no request, stream or connection fails."""
+    lab = slab.lab
+    load = Load(lab, tmp_path, "reload-load")
+    try:
+        for node in ("node1", "node2"):
+            sup = slab.sups[node]
+            old = sup.main_pid
+            sup.reload()
+            assert sup.main_pid != old and sup.state == "active"
+            mainpid = [e for e in sup.of("mainpid") if e.fields["from"] == old]
+            assert mainpid and mainpid[0].pid == sup.main_pid
+            info = json.loads(mesh.admin_get(lab, node, "/server_info").stdout)
+            assert info["pid"] == sup.main_pid and info["predecessor"]["pid"] == old
+            wait(lambda: [e for e in sup.of("exit-former") if e.pid == old], 30, f"the old {node} agent to exit")
+            assert [e for e in sup.of("exit-former") if e.pid == old][0].fields["returncode"] == 0
+            # the new main process pets the watchdog: systemd would otherwise kill it
+            wait(lambda: [e for e in sup.of("notify") if e.pid == sup.main_pid and e.fields.get("WATCHDOG") == "1"],
+                 10, "the new agent's watchdog pets")
+            time.sleep(1.0)
+        time.sleep(2.5)
+    finally:
+        result = load.result()
+    assert_nothing_failed(result)
+
+
+def test_systemctl_restart_under_load_refuses_nothing(slab, tmp_path):
+    """`systemctl restart` stops before it starts; the agent's listening sockets stay in
+    the unit's file descriptor store (FDSTORE=1, FileDescriptorStoreMax=), so connections
+    made in the gap wait in the kernel's accept queue and the next agent serves them."""
+    lab = slab.lab
+    load = Load(lab, tmp_path, "restart-load")
+    try:
+        for node in ("node1", "node2"):
+            sup = slab.sups[node]
+            before = sup.main_pid
+            stored = {n for n, _ in sup.fd_store}
+            assert {"outbound", "inbound", "tunnel", "admin"} <= stored, stored
+            sup.restart()
+            sup.wait(lambda ev: [e for e in ev if e.kind == "ready" and e.pid != before], 45, f"{node} READY again")
+            info = json.loads(mesh.admin_get(lab, node, "/server_info").stdout)
+            assert info["pid"] == sup.main_pid != before
+            assert {n for n, _ in sup.fd_store} == stored   # the same sockets, not new copies
+            time.sleep(1.0)
+        time.sleep(2.5)
+    finally:
+        result = load.result()
+    assert_nothing_failed(result)
+    logs = Path(lab.names.run_dir, "logs", "agent-node1.log").read_text()
+    assert "listening on the sockets the service manager kept" in logs
+
+
 def test_a_stuck_agent_is_killed_by_the_watchdog_restarted_and_never_bypassed(slab):
     lab, sup = slab.lab, slab.sups["node1"]
     spec = sup.spec  # the shipped unit's values
@@ -197,29 +295,40 @@ def test_a_stuck_agent_is_killed_by_the_watchdog_restarted_and_never_bypassed(sl
     assert r.returncode == 28 and r.stdout == "", (r.returncode, r.stdout)
     died = sup.wait(lambda ev: [e for e in ev if e.kind == "exit" and e.pid == first], spec.watchdog + 15,
                     "the watchdog to kill the stopped agent")[0]
-    # the gap before RestartSec: capture stays, so connections are refused, not sent around the proxy
-    for url in ("http://198.18.2.1:8080/", f"http://{VIP}/", "http://198.18.1.2:8080/"):
-        r = curl(lab, url, max_time=1)
-        assert r.returncode == 7, (url, r.returncode, r.stdout)  # connection refused
+    # the gap before RestartSec: capture stays and the unit keeps the listening sockets, so
+    # connections wait in the accept queue: never answered by anything but a proxy, never
+    # sent around it, and the next agent serves them
+    urls = ("http://198.18.2.1:8080/", f"http://{VIP}/", "http://198.18.1.2:8080/")
+    probes = [subprocess.Popen(lab.exec_argv(lab.target("node1/pod-1"), ["curl", "-sS", "--max-time", "1", url]),
+                               stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True) for url in urls]
+    for url, probe in zip(urls, probes):   # side by side: all inside RestartSec
+        out, _ = probe.communicate(timeout=10)
+        assert probe.returncode == 28 and out == "", (url, probe.returncode, out)  # accepted, unanswered
+    assert time.monotonic() - died.t < spec.restart_sec
     assert ":HOSTMESH-PREROUTING" in lab.run("node1", ["iptables-save", "-t", "nat"]).stdout
-    assert sup.of("restart") == [] or sup.of("restart")[0].t > time.monotonic() - 0.5
+    waiting = subprocess.Popen(lab.exec_argv(lab.target("node1/pod-1"), [
+        "curl", "-sS", "--max-time", "40", "http://198.18.2.1:8080/"]), stdout=subprocess.PIPE, text=True)
+    assert not [e for e in sup.of("restart") if died.t < e.t < time.monotonic() - 0.5]
     timeout = next(e for e in sup.of("watchdog-timeout") if e.pid == first)
     last_pet = [e for e in sup.of("notify") if e.pid == first and e.fields.get("WATCHDOG") == "1"][-1]
     assert last_pet.t <= stopped + 0.1
     # the watchdog runs from READY=1 on (as systemd's), re-armed by every pet
-    armed = max(last_pet.t, next(e.t for e in sup.of("ready") if e.pid == first))
+    armed = max(last_pet.t, next(e.t for e in sup.of("ready") + sup.of("reloaded") if e.pid == first))
     assert timeout.t - armed == pytest.approx(spec.watchdog, abs=0.5)
     abort = next(e for e in sup.of("kill") if e.pid == first and e.fields["signal"] == "SIGABRT")
     assert died.fields["signal"] == "SIGABRT" and abort.t == pytest.approx(timeout.t, abs=0.1)
     # restarted after RestartSec, ready again, adopting the capture the killed agent left
-    again = sup.wait(lambda ev: [e for e in ev if e.kind == "ready" and e.pid != first], 45, "READY after the restart")
-    restart = sup.of("restart")[0]
+    again = sup.wait(lambda ev: [e for e in ev if e.kind == "ready" and e.t > died.t], 45, "READY after the restart")
+    restart = next(e for e in sup.of("restart") if e.t > died.t)
     assert restart.t - died.t >= spec.restart_sec - 0.05
     info = json.loads(mesh.admin_get(lab, "node1", "/server_info").stdout)
     assert info["pid"] == again[0].pid and info["capture_adopted"] is True and info["generation"] == generation + 1
     r = curl(lab, "http://198.18.2.1:8080/")
     assert r.returncode == 0 and json.loads(r.stdout)["node"] == "node2", r.stderr
     assert json.loads(curl(lab, f"http://{VIP}/").stdout)["pod"]
+    out, _ = waiting.communicate(timeout=45)   # made while no agent ran: served by the new one
+    assert waiting.returncode == 0 and json.loads(out)["node"] == "node2"
+    assert json.loads(out)["source"]["address"] != naming.pod_ip(1, 1)   # through the proxy
 
 
 def test_a_hand_off_between_two_units_ends_the_old_one_cleanly(slab):
@@ -233,9 +342,12 @@ def test_a_hand_off_between_two_units_ends_the_old_one_cleanly(slab):
     slab.sups["node2-next"] = new  # closed by the fixture
     new.start()
     new.wait(lambda ev: [e for e in ev if e.kind == "ready"], 45, "the successor's READY")
-    exit_ = old.wait(lambda ev: [e for e in ev if e.kind == "exit"], 30, "the predecessor to exit")[0]
-    assert exit_.fields["returncode"] == 0 and old.state == "inactive" and old.restarts == 0
-    stopping = [e for e in old.of("notify") if e.fields.get("STOPPING") == "1"]
+    restarts = old.restarts
+    exit_ = old.wait(lambda ev: [e for e in ev if e.kind == "exit" and e.pid == old_pid], 30,
+                     "the predecessor to exit")[0]
+    old.wait(lambda _: old.state == "inactive", 5, "the old unit to be inactive")
+    assert exit_.fields["returncode"] == 0 and old.restarts == restarts
+    stopping = [e for e in old.of("notify") if e.fields.get("STOPPING") == "1" and e.pid == old_pid]
     assert stopping and stopping[0].fields["STATUS"] == f"handed off to the agent with pid {new.main_pid}: draining"
     info = json.loads(mesh.admin_get(lab, "node2", "/server_info").stdout)
     assert info["pid"] == new.main_pid and info["predecessor"]["pid"] == old_pid

@@ -363,7 +363,8 @@ class L7Dispatch:
         stream = _StreamTransport(conn.open_stream(plan, proto))
         proto.connection_made(stream)
         loop, max_age, source = tunnel.loop, tunnel.limits.tunnel_max_age, plan.source
-        proto.reuse_ok = lambda: (not conn.lost and not tunnel.draining and loop.time() - conn.created < max_age
+        proto.reuse_ok = lambda: (not conn.lost and conn.reusable and not tunnel.draining
+                                  and loop.time() - conn.created < max_age
                                   and identities.client_context(source) is conn.context)
         return stream, proto
 

@@ -226,6 +226,12 @@ class TunnelConnection(asyncio.Protocol):
                 if stream is None:
                     self.owner.gone(self)  # out of the pool now, not at connection_lost
                     self.close()
+                else:
+                    # a pooled upstream on this stream (L7): retire it, so the draining peer is
+                    # not held until its grace by a connection that only waits for reuse
+                    retire = getattr(stream.protocol, "peer_draining", None)
+                    if retire is not None:
+                        retire()
             else:  # RESET: the peer closes the connection after it
                 self.reusable = False
                 if stream is not None:

@@ -251,12 +251,23 @@ class UpstreamConn(asyncio.Protocol):
             self.read_paused = False
             self.transport.resume_reading()
 
+    def peer_draining(self) -> None:
+        """The tunnel carrying this connection is going away (GOAWAY): the exchange in flight
+        finishes, then the connection closes; an idle one closes now."""
+        self.reuse_ok = _never
+        if self.owner is None:
+            self.close()
+
     def close(self) -> None:
         """Close now (no reuse); buffered bytes are dropped."""
         self.ep_pool.forget(self)
         if not self.closed and self.transport is not None:
             self.closed = True
             self.transport.abort()
+
+
+def _never() -> bool:
+    return False
 
 
 class EndpointPool:
@@ -384,6 +395,7 @@ class UpstreamPool:
         ep = conn.ep_pool
         lim = ep.limits
         if (conn.closed or not conn.codec.reusable or conn.raw or conn.transport.is_closing()
+                or (conn.reuse_ok is not None and not conn.reuse_ok())
                 or (lim.max_requests_per_connection and conn.served >= lim.max_requests_per_connection)):
             conn.close()
             return

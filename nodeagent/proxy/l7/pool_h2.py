@@ -210,6 +210,13 @@ class H2Upstream(asyncio.Protocol):
             return 0
         return self.codec.capacity - self.reserved
 
+    def peer_draining(self) -> None:
+        """The tunnel carrying this connection is going away (GOAWAY): no new streams; the
+        open ones finish, then it closes (now, when there are none)."""
+        self.ep.forget(self)
+        if not self.owners:
+            self.close()
+
     def close(self) -> None:
         self.ep.forget(self)
         if not self.closed and self.transport is not None:
