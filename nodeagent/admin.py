@@ -277,10 +277,15 @@ def metrics_response(registry: prometheus_client.CollectorRegistry) -> Response:
     return Response(200, [("Content-Type", METRICS_CONTENT_TYPE)], generate_latest(registry))
 
 
-class AdminDispatcher:
-    """Routes (method, path, query) to the `AdminInputs`; never raises."""
+#: what the read-only health endpoint serves (probes and Prometheus; no views, no POSTs)
+HEALTH_PATHS = ("/", "/healthz", "/ready", "/stats/prometheus", "/metrics")
 
-    def __init__(self, inputs: AdminInputs):
+
+class AdminDispatcher:
+    """Routes (method, path, query) to the `AdminInputs`; never raises. ``only``: serve just
+    these paths (the health endpoint)."""
+
+    def __init__(self, inputs: AdminInputs, only: tuple[str, ...] | None = None):
         self.inputs = inputs
         i = inputs
         self._table = RouteTable({
@@ -301,6 +306,8 @@ class AdminDispatcher:
             "/drain": Route("POST", self._drain, "stop accepting new connections, finish the rest"),
             "/quitquitquit": Route("POST", self._quit, "shut the agent down"),
         })
+        if only is not None:
+            self._table.routes = {p: r for p, r in self._table.routes.items() if p in only}
 
     def paths(self) -> list[dict[str, str]]:
         return self._table.paths()

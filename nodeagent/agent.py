@@ -29,7 +29,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Info
 
 from hostmesh import __version__
 from nodeagent import logs
-from nodeagent.admin import AdminInputs, AdminServer
+from nodeagent.admin import HEALTH_PATHS, AdminDispatcher, AdminInputs, AdminServer
 from nodeagent.bootstrap import Bootstrap
 from nodeagent.capture import Capture, CaptureSpec, make_capture, remove_other_backends
 from nodeagent.capture.base import so_original_dst
@@ -167,6 +167,10 @@ class Agent:
         self.build = lineage.build_id()
         self.handoff: ho.HandoffServer | None = None
         self.admin = AdminServer(self._admin_inputs(), host=boot.admin_host, port=boot.admin_port)
+        # probes and Prometheus from off the node, without the admin endpoint's views and POSTs
+        self.health = AdminServer(None, host=boot.health_host, port=boot.health_port, name="health endpoint",
+                                  dispatcher=AdminDispatcher(self.admin.inputs, only=HEALTH_PATHS)) \
+            if boot.health_port else None
         # the manager's variables, for a successor started by a reload (they are unset below)
         self._notify_env = {k: os.environ[k] for k in (sdnotify.ENV_SOCKET, sdnotify.ENV_WATCHDOG_USEC)
                             if k in os.environ}
@@ -215,6 +219,8 @@ class Agent:
             self._cancel_tasks()
             self.serving.close()
             await self.admin.close()
+            if self.health is not None:
+                await self.health.close()
             raise
         self.life.state = "LIVE"
         self._update_ready()
@@ -257,9 +263,13 @@ class Agent:
             inherited = await self._take_over(successor)
         elif self._stored_fds:
             inherited = self._adopt_stored()
-        admin = inherited.pop("admin", None)
+        admin, health = inherited.pop("admin", None), inherited.pop("health", None)
         await self.serving.start(ho.grouped(inherited))
         await self.admin.start(admin)
+        if self.health is not None:
+            await self.health.start(health)
+        elif health is not None:
+            health.close()
         self._store_listeners()
         previous = lineage.load(self.boot.state_dir)
         if successor is not None:
@@ -307,7 +317,7 @@ class Agent:
         accepts them, so a restart under systemd refuses nothing either."""
         if not self.service.notifier.enabled:
             return
-        fds = ho.fds_of({**self.serving.listening_sockets(), "admin": self.admin.listening_socket})
+        fds = ho.fds_of(self._own_sockets())
         for gone in sorted(self._stored_names - set(fds)):
             self.service.notifier.remove_fds(gone)
         for name, fd in fds.items():
@@ -364,7 +374,14 @@ class Agent:
                         listeners=self._listener_addresses(), capture=self._capture_identity())
 
     def _listener_addresses(self) -> dict[str, str]:
-        return {**self.proxy.listener_addresses(), "admin": f"{self.boot.admin_host}:{self.boot.admin_port}"}
+        b = self.boot
+        return {**self.proxy.listener_addresses(), "admin": f"{b.admin_host}:{b.admin_port}",
+                **({"health": f"{b.health_host}:{b.health_port}"} if b.health_port else {})}
+
+    def _own_sockets(self) -> dict:
+        """Every listening socket this agent hands over or stores, by wire name."""
+        return {**self.serving.listening_sockets(), "admin": self.admin.listening_socket,
+                **({"health": self.health.listening_socket} if self.health is not None else {})}
 
     def _capture_identity(self) -> dict[str, str]:
         return {"mode": self.boot.capture_mode, "instance": self.boot.capture_instance}
@@ -401,7 +418,7 @@ class Agent:
             return
         hooks = ho.HandoffHooks(
             offer=self._offer,
-            listener_fds=lambda: ho.fds_of({**self.serving.listening_sockets(), "admin": self.admin.listening_socket}),
+            listener_fds=lambda: ho.fds_of(self._own_sockets()),
             release=lambda hello: asyncio.run_coroutine_threadsafe(self._hand_off(hello), loop).result(30),
             outcome=lambda result, why: loop.call_soon_threadsafe(self._handoff_outcome, result),
         )
@@ -471,6 +488,8 @@ class Agent:
         self._update_ready()
         self.serving.stop_accepting()
         self.admin.stop_accepting()
+        if self.health is not None:
+            self.health.stop_accepting()
         self._cancel_tasks()
         self.lock.release()
         self._stop.set()
@@ -493,6 +512,8 @@ class Agent:
         if self.signer:
             await self.signer.close()
         await self.admin.close()
+        if self.health is not None:
+            await self.health.close()
         self.life.state = "STOPPED"
         self.service.close("handed off: the new agent serves this node" if handed_off
                            else "stopped; capture stays installed (fail closed)" if self.capture else "stopped")
@@ -666,6 +687,8 @@ class Agent:
                 "active_connections": counts["tunnel"]}]
               if self.proxy.tunnel is not None else []),
             {"name": "admin", "address": f"{self.boot.admin_host}:{self.admin.bound_port}"},
+            *([{"name": "health", "address": f"{self.boot.health_host}:{self.health.bound_port}"}]
+              if self.health is not None else []),
         ]
 
     def routes(self) -> list[dict]:

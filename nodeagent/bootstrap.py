@@ -37,6 +37,9 @@ class Bootstrap:
     capture_accelerate: bool = False  # eBPF: sockops + sk_msg for same-node socket pairs (README: measured)
     admin_host: str = "127.0.0.1"
     admin_port: int = 15000
+    # read-only health and metrics endpoint (probes, Prometheus), e.g. 0.0.0.0:15020; 0 = none
+    health_host: str = ""
+    health_port: int = 0
     outbound_port: int = 15001
     inbound_port: int = 15006
     socket_mark: int = 0x539
@@ -74,7 +77,8 @@ class Bootstrap:
             "capture": {"mode": self.capture_mode, "podCIDRs": list(self.pod_cidrs), "meshCIDRs": list(self.mesh_cidrs),
                         "cgroups": list(self.capture_cgroups), "redirectAddress": self.redirect_address,
                         "instance": self.capture_instance, "accelerate": self.capture_accelerate},
-            "admin": {"address": f"{self.admin_host}:{self.admin_port}"},
+            "admin": {"address": f"{self.admin_host}:{self.admin_port}",
+                      **({"healthAddress": f"{self.health_host}:{self.health_port}"} if self.health_port else {})},
             "proxy": {
                 "outboundPort": self.outbound_port, "inboundPort": self.inbound_port,
                 "socketMark": self.socket_mark, "unknownDestination": self.unknown_destination,
@@ -100,7 +104,7 @@ _SCHEMA: dict[str, Any] = {
     "node": str, "snapshotFile": str, "controlPlane": "endpoints", "stateDir": str, "logLevel": str, "drainGrace": "duration",
     "capture": {"mode": str, "podCIDRs": "cidrs", "meshCIDRs": "cidrs", "cgroups": "strings",
                 "redirectAddress": "ipv4", "instance": "instance", "accelerate": "bool"},
-    "admin": {"address": "hostport"},
+    "admin": {"address": "hostport", "healthAddress": "hostport"},
     "controlPlaneAuth": {"tokenFile": str, "rootBundle": str, "serverName": str, "insecure": "bool"},
     "certDir": "abspath",
     "jwks": {"caFile": "abspath", "refreshInterval": "duration"},
@@ -297,6 +301,9 @@ def build(file_values: dict[str, Any], overrides: dict[str, Any]) -> Bootstrap:
     ports = {k: v.get(k) for k in ("proxy.outboundPort", "proxy.inboundPort") if v.get(k)}
     admin = v.get("admin.address", ("127.0.0.1", 15000))
     ports["admin.address"] = admin[1]
+    health = v.get("admin.healthAddress")
+    if health:
+        ports["admin.healthAddress"] = health[1]
     ports.setdefault("proxy.outboundPort", 15001)
     ports.setdefault("proxy.inboundPort", 15006)
     if len(set(ports.values())) != len(ports):
@@ -313,6 +320,7 @@ def build(file_values: dict[str, Any], overrides: dict[str, Any]) -> Bootstrap:
         capture_instance=v.get("capture.instance", ""),
         capture_accelerate=v.get("capture.accelerate", b.capture_accelerate),
         admin_host=admin[0], admin_port=admin[1],
+        health_host=health[0] if health else "", health_port=health[1] if health else 0,
         outbound_port=ports["proxy.outboundPort"], inbound_port=ports["proxy.inboundPort"],
         socket_mark=v.get("proxy.socketMark", b.socket_mark), unknown_destination=unknown,
         connect_timeout=v.get("proxy.connectTimeout", b.connect_timeout),

@@ -50,7 +50,7 @@ log = logging.getLogger("hostmesh.handoff")
 SOCKET_NAME = "handoff.sock"
 MAX_LINE = 64 * 1024
 # the listeners a hand-off passes, in order; "tunnel" only when the agent has certificates
-LISTENER_NAMES = ("outbound", "inbound", "tunnel", "admin")
+LISTENER_NAMES = ("outbound", "inbound", "tunnel", "admin", "health")
 
 
 class HandoffError(AgentError):
@@ -191,7 +191,8 @@ class _Channel:
 
 def _wire_name_ok(name: str) -> bool:
     base, sep, index = name.partition("#")
-    return base in LISTENER_NAMES and (not sep or (index.isdigit() and int(index) > 0 and base != "admin"))
+    return base in LISTENER_NAMES and (not sep or (index.isdigit() and int(index) > 0
+                                                    and base not in ("admin", "health")))
 
 
 def socket_path(state_dir: str) -> str:

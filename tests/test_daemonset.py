@@ -150,10 +150,12 @@ def test_the_overlay_bootstrap_loads_and_lives_on_the_pods_volumes(overlay, mode
     assert vol["configMap"]["name"] == "hostmesh-root-bundle"
     vol, _ = volume_of(pod, agent, "/etc/hostmesh/agent.yaml")   # the entrypoint's default
     assert vol["configMap"]["name"] == "hostmesh-agent"
-    # the probes ask the admin endpoint the bootstrap names
-    admin = f"http://{boot.admin_host}:{boot.admin_port}"
-    assert agent["readinessProbe"]["exec"]["command"][-1] == f"{admin}/ready"
-    assert agent["livenessProbe"]["exec"]["command"][-1] == f"{admin}/healthz"
+    # the probes ask the health endpoint the bootstrap names, on a port the pod declares
+    ports = {p["name"]: p["containerPort"] for p in agent["ports"]}
+    assert boot.health_host == "0.0.0.0" and ports["http-monitoring"] == boot.health_port
+    from nodeagent.admin import HEALTH_PATHS
+    for probe, path in (("readinessProbe", "/ready"), ("livenessProbe", "/healthz"), ("startupProbe", "/healthz")):
+        assert agent[probe]["httpGet"] == {"path": path, "port": "http-monitoring"} and path in HEALTH_PATHS
     # drainGrace fits the grace period the kubelet gives before SIGKILL
     assert pod["terminationGracePeriodSeconds"] > boot.drain_grace + 5
 

@@ -443,3 +443,37 @@ def test_a_stored_socket_is_used_only_where_it_fits_the_bootstrap():
         udp.close()
     finally:
         lst.close()
+
+
+def test_the_health_endpoint_serves_probes_and_metrics_only_and_is_handed_over(tmp_path):
+    """admin.healthAddress: /healthz, /ready, /metrics for probes and Prometheus from off the
+    node; no views, no POSTs. Its socket goes to a successor with the others."""
+    from nodeagent.agent import Agent
+
+    ports = free_ports(4)
+
+    async def get(port, method, path):
+        r, w = await asyncio.open_connection("127.0.0.1", port)
+        w.write(f"{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 0\r\nConnection: close\r\n\r\n".encode())
+        data = await r.read()
+        w.close()
+        return int(data.split(b" ", 2)[1]), data
+
+    async def main():
+        boot = agent_boot(tmp_path, ports[:3], health_host="127.0.0.1", health_port=ports[3])
+        first, first_run = await start_live(Agent(boot))
+        seen = {p: (await get(ports[3], "GET", p))[0] for p in ("/healthz", "/ready", "/metrics", "/config_dump")}
+        quit_status, _ = await get(ports[3], "POST", "/quitquitquit")
+        dialer = Dialer(ports[3])
+        second, second_run = await start_live(Agent(boot))
+        assert await asyncio.wait_for(first_run, 10) == 0
+        after, body = await get(ports[3], "GET", "/metrics")
+        await dialer.stop()
+        second._stop.set()
+        assert await asyncio.wait_for(second_run, 10) == 0
+        return seen, quit_status, after, body, dialer.refused, first
+
+    seen, quit_status, after, body, refused, first = asyncio.run(main())
+    assert seen == {"/healthz": 200, "/ready": 200, "/metrics": 200, "/config_dump": 404}
+    assert quit_status == 404 and first.life.successor_pid == os.getpid()   # not shut down by it
+    assert after == 200 and b"hostmesh_agent_generation 2.0" in body and not refused

@@ -267,11 +267,9 @@ class Gone(Exception):
 
 
 def _stream_errors() -> tuple[type[BaseException], ...]:
+    """What a broken watch raises (aiohttp is imported only when the source runs)."""
     import aiohttp
     return (aiohttp.ClientError, asyncio.TimeoutError, ConnectionError)
-
-
-_STREAM_ERRORS = _stream_errors()
 
 
 # ---------------------------------------------------------------------- the source
@@ -340,7 +338,7 @@ class KubernetesSource(ReportingSource):
                     try:
                         await self._watch(res)   # returns at the server's timeout: resume from the version
                         attempt = 0
-                    except _STREAM_ERRORS as exc:
+                    except _stream_errors() as exc:
                         # a broken stream or connection: watch again from the last version seen
                         # (a list only if that version has expired: 410)
                         self.last_error = f"{res.name}: {_describe(exc)}"
