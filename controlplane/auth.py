@@ -56,6 +56,23 @@ def read_token_file(path: Path) -> str:
     return text
 
 
+def credentials_of(metadata: Iterable[tuple[str, str | bytes]] | None) -> tuple[str, str]:
+    """(node, bearer token) of a call, or Unauthenticated saying what is missing."""
+    md: dict[str, str] = {}
+    for k, v in metadata or ():
+        md[k.lower()] = v.decode(errors="replace") if isinstance(v, bytes) else v
+    node = md.get(NODE_METADATA, "")
+    auth = md.get(TOKEN_METADATA, "")
+    if not node:
+        raise Unauthenticated(f"missing {NODE_METADATA} metadata: the agent must name its node")
+    if not auth:
+        raise Unauthenticated(f"missing {TOKEN_METADATA} metadata: node {node!r} sent no bootstrap token")
+    scheme, _, token = auth.partition(" ")
+    if scheme.lower() != "bearer" or not token:
+        raise Unauthenticated(f"{TOKEN_METADATA} metadata must be 'Bearer <token>'")
+    return node, token
+
+
 class NodeTokens:
     """The node -> token map of a token directory, reloaded when the directory changes."""
 
@@ -99,20 +116,15 @@ class NodeTokens:
     def nodes(self) -> list[str]:
         return sorted(self._tokens)
 
+    def knows(self, node: str) -> bool:
+        return node in self._tokens
+
     def authenticate(self, metadata: Iterable[tuple[str, str | bytes]] | None) -> str:
         """The node the call's credentials belong to, or Unauthenticated saying what is wrong."""
-        md: dict[str, str] = {}
-        for k, v in metadata or ():
-            md[k.lower()] = v.decode(errors="replace") if isinstance(v, bytes) else v
-        node = md.get(NODE_METADATA, "")
-        auth = md.get(TOKEN_METADATA, "")
-        if not node:
-            raise Unauthenticated(f"missing {NODE_METADATA} metadata: the agent must name its node")
-        if not auth:
-            raise Unauthenticated(f"missing {TOKEN_METADATA} metadata: node {node!r} sent no bootstrap token")
-        scheme, _, token = auth.partition(" ")
-        if scheme.lower() != "bearer" or not token:
-            raise Unauthenticated(f"{TOKEN_METADATA} metadata must be 'Bearer <token>'")
+        node, token = credentials_of(metadata)
+        return self.check(node, token)
+
+    def check(self, node: str, token: str) -> str:
         expected = self._tokens.get(node)
         # compare even for an unknown node so the timing does not tell which nodes exist
         ok = hmac.compare_digest(token.encode(), expected if expected is not None else b"\0" * 43)

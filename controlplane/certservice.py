@@ -24,6 +24,7 @@ import grpc
 from controlplane.api import CERTIFICATES_SERVICE
 from controlplane.api import certificates_pb2 as cpb
 from controlplane.auth import NodeIdentities, NodeTokens, Unauthenticated
+from controlplane.tokenreview import Authenticator, resolve
 from controlplane.ca import CAError, CertificateAuthority, CSRRejected
 from controlplane.metrics import ControlPlaneMetrics
 from nodeagent.identity.spiffe import IdentityError, spiffe_id
@@ -36,7 +37,7 @@ SERVING_TTL = 30 * 86400.0
 class CertificateService:
     """The Sign handler; ``identities()`` returns the authorization in force (None: no config yet)."""
 
-    def __init__(self, ca: CertificateAuthority, tokens: NodeTokens,
+    def __init__(self, ca: CertificateAuthority, tokens: NodeTokens | Authenticator,
                  identities: Callable[[], NodeIdentities | None], metrics: ControlPlaneMetrics) -> None:
         self.ca = ca
         self.tokens = tokens
@@ -56,7 +57,7 @@ class CertificateService:
     async def sign(self, request: cpb.SignRequest, context: grpc.aio.ServicerContext) -> cpb.SignResponse:
         asked = f"{request.namespace}/{request.service_account}"
         try:
-            node = self.tokens.authenticate(context.invocation_metadata())
+            node = await resolve(self.tokens.authenticate(context.invocation_metadata()))
         except Unauthenticated as exc:
             self.metrics.authentication_failures.labels("sign").inc()
             self._refuse("unauthenticated", "", asked, str(exc))

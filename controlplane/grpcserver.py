@@ -57,6 +57,7 @@ import grpc
 from controlplane.api import SERVICE_NAME
 from controlplane.api import discovery_pb2 as pb
 from controlplane.auth import Unauthenticated
+from controlplane.tokenreview import resolve
 from controlplane.cache import SnapshotCache
 from controlplane.metrics import ControlPlaneMetrics
 from controlplane.resources import (
@@ -330,7 +331,7 @@ class DiscoveryServer:
         if self.authenticate is None:
             return None
         try:
-            return self.authenticate(context.invocation_metadata())
+            return await resolve(self.authenticate(context.invocation_metadata()))
         except Unauthenticated as exc:
             log.warning("agent refused: bad credentials", extra={"peer": context.peer(), "reason": str(exc)})
             self.metrics.authentication_failures.labels("discovery").inc()

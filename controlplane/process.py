@@ -37,6 +37,8 @@ from controlplane.ca import CAError, CertificateAuthority
 from controlplane.cache import SnapshotCache, SnapshotRejected
 from controlplane.certservice import CertificateService, ServingCertificate
 from controlplane.election import DEFAULT_TTL, LeaderElection
+from controlplane.errors import ControlPlaneError
+from controlplane.tokenreview import REVIEW_PATH, Authenticator, ReviewPolicy, TokenReviewer
 from controlplane.etcd import DEFAULT_PREFIX, EtcdClient, EtcdError, EtcdTLS, put_op
 from controlplane.grpcserver import DiscoveryServer
 from controlplane.metrics import ControlPlaneMetrics
@@ -60,6 +62,7 @@ class Security:
     ca_dir: str
     tokens_dir: str
     tls_names: Sequence[str] = ("hostmesh-controlplane",)
+    token_review: ReviewPolicy | None = None   # also accept agents' Kubernetes SA tokens
 
 
 @dataclass(frozen=True)
@@ -112,9 +115,10 @@ class ControlPlane:
             self.ca = CertificateAuthority(security.ca_dir)
             self.tokens = NodeTokens(security.tokens_dir)
             self.serving = ServingCertificate(self.ca, security.tls_names)
-            certs = CertificateService(self.ca, self.tokens, lambda: self.identities, self.metrics)
+            self.auth = Authenticator(self.tokens, self._token_reviewer(security, kubernetes))
+            certs = CertificateService(self.ca, self.auth, lambda: self.identities, self.metrics)
             self.grpc = DiscoveryServer(self.cache, self.metrics, server_credentials=self.serving.credentials(),
-                                        authenticate=self.tokens.authenticate, extra_handlers=[certs.handler()])
+                                        authenticate=self.auth.authenticate, extra_handlers=[certs.handler()])
         self.http = AdminServer(None, http_host, http_port, dispatcher=self._routes(),
                                 name="control plane http")
         self._stop = asyncio.Event()
@@ -145,6 +149,20 @@ class ControlPlane:
         self.config_errors.inc()
         for e in errors:
             log.error("config error; the last good config stays in force", extra={"error": str(e)})
+
+    def _token_reviewer(self, security: Security, kubernetes: KubeSettings | None) -> TokenReviewer | None:
+        """Agents' service-account tokens checked by the cluster (``--token-review``)."""
+        if security.token_review is None:
+            return None
+        if kubernetes is None:
+            raise ControlPlaneError("--token-review needs --source kubernetes (the API server reviews the tokens)")
+
+        async def review(body: dict) -> dict:
+            api = await self.source._client()
+            return await api.call_api(REVIEW_PATH, "POST", body=body, auth_settings=["BearerToken"],
+                                      response_types_map={201: "object", 200: "object"},
+                                      _return_http_data_only=True, _request_timeout=10)
+        return TokenReviewer(review, security.token_review)
 
     def _init_etcd(self, etcd: Etcd) -> None:
         self.etcd_client = EtcdClient(etcd.endpoints, tls=etcd.tls)

@@ -72,6 +72,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="where the objects come from (default: files with --config-dir, etcd with --etcd)")
     p.add_argument("--kubeconfig", help="with --source kubernetes: a kubeconfig (default: in-cluster config)")
     p.add_argument("--kube-context", help="with --source kubernetes: the kubeconfig context")
+    p.add_argument("--token-review", action="store_true",
+                   help="with --source kubernetes: also accept agents' projected service-account tokens, "
+                        "checked by TokenReview and bound to the node they name")
+    p.add_argument("--agent-service-account", action="append", metavar="NAMESPACE/NAME",
+                   help="with --token-review: the agents' service account (default hostmesh-system/hostmesh-agent)")
+    p.add_argument("--token-audience", default="hostmesh", help="with --token-review: the tokens' audience")
     configcmd.etcd_flags(p, required=False)
     p.add_argument("--replica", help="with --etcd: this replica's name in leader election (default host-pid)")
     p.add_argument("--leader-ttl", type=int, default=5,
@@ -223,8 +229,19 @@ def cmd_controlplane(args) -> int:
     if not args.insecure and not (args.ca_dir and args.node_tokens):
         raise CliError("--ca-dir and --node-tokens are required (TLS, node tokens and workload certificates); "
                        "--insecure serves plaintext for tests only")
+    review = None
+    if args.token_review:
+        from controlplane.tokenreview import ReviewPolicy
+        if args.source != "kubernetes" or args.insecure:
+            raise CliError("--token-review needs --source kubernetes and TLS (not --insecure)")
+        accounts = tuple(args.agent_service_account or ("hostmesh-system/hostmesh-agent",))
+        for sa in accounts:
+            if sa.count("/") != 1 or not all(sa.split("/")):
+                raise CliError(f"--agent-service-account {sa!r}: use NAMESPACE/NAME")
+        review = ReviewPolicy(audience=args.token_audience, service_accounts=accounts)
     security = None if args.insecure else Security(ca_dir=args.ca_dir, tokens_dir=args.node_tokens,
-                                                   tls_names=tuple(args.tls_san or ("hostmesh-controlplane",)))
+                                                   tls_names=tuple(args.tls_san or ("hostmesh-controlplane",)),
+                                                   token_review=review)
     try:
         http = bootstrap.parse_host_port(args.http_address, "--http-address")
         bootstrap.parse_host_port(args.grpc_address, "--grpc-address")

@@ -87,6 +87,8 @@ class FakeKube:
         self.floor = 0            # history before this rv is compacted
         self.generation = 0       # bumped by drop_watches: open watches end
         self.events: list[dict] = []
+        self.tokens: dict[str, dict] = {}      # TokenReview: token -> who it is
+        self.reviews: list[str] = []
         self.requests: list[tuple[str, str]] = []   # (method, path?query)
         self.port = 0
         self._server: ThreadingHTTPServer | None = None
@@ -114,6 +116,25 @@ class FakeKube:
             obj = {**obj, "metadata": {**obj["metadata"], "resourceVersion": str(self.rv)}}
             self.history.append((self.rv, path, "DELETED", obj))
             self._cond.notify_all()
+
+    def add_token(self, token: str, *, namespace: str, service_account: str, node: str,
+                  audiences: tuple[str, ...] = ("hostmesh",)) -> None:
+        """A projected service-account token the TokenReview endpoint will vouch for."""
+        self.tokens[token] = {"username": f"system:serviceaccount:{namespace}:{service_account}",
+                              "node": node, "audiences": list(audiences)}
+
+    def review(self, body: dict) -> dict:
+        spec = body.get("spec") or {}
+        info = self.tokens.get(spec.get("token", ""))
+        wanted = spec.get("audiences") or []
+        ok = info is not None and (not wanted or set(wanted) & set(info["audiences"]))
+        status = {"authenticated": False, "error": "invalid bearer token"} if not ok else {
+            "authenticated": True, "audiences": [a for a in wanted if a in info["audiences"]] or info["audiences"],
+            "user": {"username": info["username"], "uid": "uid",
+                     "groups": ["system:serviceaccounts", "system:authenticated"],
+                     "extra": {"authentication.kubernetes.io/node-name": [info["node"]]}}}
+        self.reviews.append(spec.get("token", ""))
+        return {**body, "status": status}
 
     def compact(self) -> None:
         """Forget all history (as an etcd compaction at the current revision does, plus one
@@ -225,6 +246,9 @@ def _handler(kube: FakeKube):
                 return
             length = int(self.headers.get("Content-Length") or 0)
             body = json.loads(self.rfile.read(length) or b"{}")
+            if urlsplit(self.path).path == "/apis/authentication.k8s.io/v1/tokenreviews":
+                self._json(201, kube.review(body))
+                return
             if urlsplit(self.path).path == "/fake/apply":   # test control, not a Kubernetes API
                 self._json(200, kube.apply(body))
                 return

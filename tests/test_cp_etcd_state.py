@@ -219,6 +219,10 @@ def test_bootstrap_control_plane_bad_lists(tmp_path, value, msg):
     (["controlplane", "--insecure", "--etcd", "127.0.0.1:2379", "--leader-ttl", "1"], "at least 2 seconds"),
     (["controlplane", "--insecure", "--etcd", "127.0.0.1:2379", "--etcd-cert", "c"], "go together"),
     (["config", "apply", "-f", "/nonexistent", "--etcd", "127.0.0.1:1"], "cannot read the directory"),
+    (["controlplane", "--insecure", "--config-dir", "/", "--token-review"], "--token-review needs --source kubernetes"),
+    (["controlplane", "--source", "kubernetes", "--ca-dir", "/x", "--node-tokens", "/y", "--token-review",
+      "--agent-service-account", "nope"], "use NAMESPACE/NAME"),
+    (["controlplane", "--config-dir", "/", "--kubeconfig", "/k", "--insecure"], "--kubeconfig goes with"),
 ])
 def test_cli_refuses_bad_source_flags(argv, msg, capsys):
     from hostmesh.cli import main

@@ -199,3 +199,21 @@ def test_nothing_is_reported_before_every_resource_listed():
     assert not st.synced
     st.reset("Pod", [], "5")
     assert st.synced
+
+
+def test_resources_the_cluster_does_not_serve_count_as_empty(tmp_path):
+    """No hostmesh.io CRDs installed (404 on their lists): Services and Pods are served anyway."""
+    fake = FakeKube().start()
+    try:
+        for doc in [d for d in yaml.safe_load_all((EXAMPLES / "workloads.yaml").read_text()) if d]:
+            fake.apply(from_mesh_document(doc))
+        cfg = tmp_path / "kubeconfig"
+        cfg.write_text(fake.kubeconfig())
+        fake.config_path = str(cfg)
+
+        async def scenario(src, rec):
+            assert await until(lambda: src.model is not None, 5)
+            assert src.model.counts() == {"Workload": 4}
+        run_source(fake, scenario)
+    finally:
+        fake.stop()

@@ -242,6 +242,14 @@ def test_the_controlplane_command_line_parses_and_its_ports_are_served():
     args = build_parser().parse_args(cp["args"])
     assert args.command == "controlplane" and not args.insecure
     assert args.source == "kubernetes" and args.config_dir is None and args.kubeconfig is None   # in-cluster
+    assert args.token_review and args.token_audience == "hostmesh"
+    # the agents' tokens: projected for that audience, from the service account the review accepts
+    agent_pod_spec = agent_pod(objects)
+    projected = [s["serviceAccountToken"] for v in agent_pod_spec["volumes"] if "projected" in v
+                 for s in v["projected"]["sources"] if "serviceAccountToken" in s]
+    assert projected and all(t["audience"] == args.token_audience for t in projected)
+    sa = one(objects, "ServiceAccount", agent_pod_spec["serviceAccountName"])["metadata"]
+    assert f"{sa['namespace']}/{sa['name']}" == "hostmesh-system/hostmesh-agent"
     for path in (args.ca_dir, args.node_tokens):
         assert volume_of(pod, cp, path)[1]["mountPath"] == path
     assert "hostmesh-controlplane.hostmesh-system.svc" in args.tls_san

@@ -13,7 +13,8 @@ What is read (list, then watch, per resource; all namespaces):
 
 Watch semantics: each resource lists, then watches from the list's resourceVersion with
 bookmarks; a stream that ends is resumed from the last version seen (an event's or a
-bookmark's); `410 Gone` (expired version) -> list again; a dropped connection or an API
+bookmark's); `410 Gone` (expired version) -> list again; a resource the cluster does not
+serve (404: its CRD is not installed) counts as empty and is looked for again every 30 s; a dropped connection or an API
 error -> retry with backoff, the last good model in force meanwhile. Nothing is reported
 until every resource has listed once (no model built from half a cluster).
 
@@ -46,6 +47,7 @@ BACKOFF_INITIAL = 0.2
 BACKOFF_MAX = 10.0
 WATCH_TIMEOUT = 300          # seconds a watch request asks for; resumed afterwards
 DEBOUNCE = 0.05              # events arriving together make one rebuild
+NOT_SERVED_RECHECK = 30.0    # how often a resource the cluster does not serve is looked for again
 DROPPED_ANNOTATIONS = ("kubectl.kubernetes.io/last-applied-configuration",)
 
 
@@ -266,6 +268,10 @@ class Gone(Exception):
     """410: the resource version is too old; list again."""
 
 
+class NotServed(Exception):
+    """404 on a list: the cluster does not serve this resource (its CRD is not installed)."""
+
+
 def _stream_errors() -> tuple[type[BaseException], ...]:
     """What a broken watch raises (aiohttp is imported only when the source runs)."""
     import aiohttp
@@ -350,6 +356,15 @@ class KubernetesSource(ReportingSource):
                         attempt += 1
             except Gone:
                 log.info("resource version expired; listing again", extra={"resource": res.name})
+            except NotServed:
+                # the cluster has no such API (the Gateway API CRDs not installed, say): an empty
+                # resource, so the rest is served; looked for again in case it gets installed
+                if not self.state.caches[res.kind].listed or self.state.caches[res.kind].objects:
+                    log.warning("this cluster does not serve a resource; treated as empty",
+                                extra={"resource": res.name, "path": res.path})
+                self.state.reset(res.kind, [], "")
+                self._changed()
+                await asyncio.sleep(NOT_SERVED_RECHECK)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # the API unreachable, an error status, a broken stream
@@ -366,7 +381,12 @@ class KubernetesSource(ReportingSource):
                                   auth_settings=["BearerToken"], _return_http_data_only=True, **kw)
 
     async def _list(self, res: Resource) -> None:
-        body = await self._get(res.path, [], _request_timeout=30)
+        try:
+            body = await self._get(res.path, [], _request_timeout=30)
+        except Exception as exc:
+            if getattr(exc, "status", None) == 404:
+                raise NotServed() from None
+            raise
         self.state.reset(res.kind, body.get("items") or [], (body.get("metadata") or {}).get("resourceVersion", ""))
         self.lists += 1
         self.last_error = ""

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
@@ -29,13 +30,16 @@ _TLS_FAILURES = ("CERTIFICATE_VERIFY_FAILED", "Ssl handshake failed", "ssl_trans
 
 @dataclass(frozen=True)
 class ControlPlaneAuth:
-    """The node's credentials toward the control plane (read once at start)."""
+    """The node's credentials toward the control plane. The token file is read again when it
+    changes: a projected Kubernetes service-account token is rotated by the kubelet."""
 
     node: str
     token: str
     root_bundle_pem: bytes
     root_bundle_path: str = ""
     server_name: str = ""  # TLS name to verify instead of the address's host
+    token_path: str = ""
+    _token_seen: dict = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
     def from_files(cls, node: str, token_file: str, root_bundle: str, server_name: str = "") -> ControlPlaneAuth:
@@ -54,10 +58,30 @@ class ControlPlaneAuth:
         if not roots:
             raise ConfigError(f"controlPlaneAuth.rootBundle: {root_bundle}: holds no certificate")
         return cls(node=node, token=token, root_bundle_pem=data, root_bundle_path=root_bundle,
-                   server_name=server_name)
+                   server_name=server_name, token_path=token_file)
+
+    def current_token(self) -> str:
+        """The token file's content now (one stat per call; the last good token if it broke)."""
+        if not self.token_path:
+            return self.token
+        from controlplane.auth import TokenFileError, read_token_file
+        try:
+            st = os.stat(self.token_path)
+        except OSError:
+            return self._token_seen.get("token", self.token)
+        stamp = (st.st_ino, st.st_mtime_ns, st.st_size)
+        if self._token_seen.get("stamp") != stamp:
+            try:
+                self._token_seen["token"] = read_token_file(Path(self.token_path))
+                self._token_seen["stamp"] = stamp
+            except TokenFileError as exc:
+                log.warning("the node token file changed but cannot be used; keeping the last one",
+                            extra={"error": str(exc)})
+                self._token_seen["stamp"] = stamp
+        return self._token_seen.get("token", self.token)
 
     def metadata(self) -> tuple[tuple[str, str], ...]:
-        return ((TOKEN_METADATA, f"Bearer {self.token}"), (NODE_METADATA, self.node))
+        return ((TOKEN_METADATA, f"Bearer {self.current_token()}"), (NODE_METADATA, self.node))
 
     def credentials(self, extra_roots_pem: str = "") -> grpc.ChannelCredentials:
         roots = self.root_bundle_pem
