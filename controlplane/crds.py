@@ -28,8 +28,8 @@ What maps to what:
   -> not(anyOf of pairs), `at_least_one` -> anyOf of `required`, and the few checks in
   `CHECK_SCHEMAS`. A field the model refuses as `not supported yet` keeps its schema
   (so its shape is documented) and its parent gets `not: {required: [field]}`; a Kind
-  refused as a whole (FaultInjection) gets an unsatisfiable spec (`maxProperties: 0`): accepted means
-  enforced, on the API server too.
+  refused as a whole (`KindSpec.not_supported_yet`; none today) gets an unsatisfiable spec
+  (`maxProperties: 0`): accepted means enforced, on the API server too.
 - No `additionalProperties: false` (structural schemas forbid it next to `properties`):
   the API server prunes unknown fields, and rejects them with field validation Strict
   (kubectl's default `--validate=strict`). `strict()` adds it for offline checks.
@@ -40,12 +40,16 @@ generator refuses a check it does not know, so a new rule is either mapped or li
 
 - map keys: label keys (qualified names) and PeerAuthentication `portLevelMtls` keys
   (port numbers): OpenAPI v3 in CRDs has no `propertyNames`;
-- durations' `positive`/`minimum` (e.g. certificateTTL >= 1m), CIDRs with host bits set,
+- durations' `positive`/`minimum` (e.g. certificateTTL >= 1m) and durations compared
+  (TrafficPolicy retries.perTryTimeout <= timeout, backoff maxInterval >= baseInterval),
+  CIDRs with host bits set,
   IntOrString ranges and port-name rules (targetPort-like fields);
 - uniqueness compared case-insensitively (header names) and Workload port numbers;
 - AuthorizationPolicy `when` keys and values, RequestAuthentication JWKS content, the
-  agent's JWT rule checks, the https URL's host part;
-- defaults that depend on the object (a namespace defaulting to the object's own);
+  agent's JWT rule checks, the https URL's host part; TrafficPolicy retriableStatusCodes
+  going with retryOn retriable-status-codes (CRD schemas have no `contains`);
+- defaults that depend on the object (a namespace defaulting to the object's own,
+  rateLimit.burst defaulting to requestsPerUnit);
 - everything across objects (`references.py`: references, duplicates, clusterIPs).
 """
 
@@ -104,11 +108,25 @@ CHECK_SCHEMAS: dict[Callable, dict] = {
         {"required": ["type", "ringHash"], "properties": {"type": {"enum": ["RING_HASH"]}}},
         {"not": {"required": ["ringHash"]}, "properties": {"type": {"not": {"enum": ["RING_HASH"]}}}},
     ]},
+    k._outlier_checks: {"not": {"required": ["consecutive5xxErrors", "consecutiveGatewayErrors"],
+                                "properties": {"consecutive5xxErrors": {"enum": [0]},
+                                               "consecutiveGatewayErrors": {"enum": [0]}}}},
+    # the group/kind pairs, and a Service's name is a DNS-1035 label (a route's a subdomain)
+    k._fault_target_checks: {"anyOf": [
+        {"properties": {"group": {"enum": [""]}, "kind": {"enum": ["Service"]},
+                        "name": {"maxLength": 63, "pattern": k.DNS1035_LABEL.pattern}}},
+        {"required": ["group"], "properties": {"group": {"enum": [k.ROUTE_GROUP]},
+                                               "kind": {"enum": list(k.FAULT_TARGET_KINDS[k.ROUTE_GROUP])}}},
+    ]},
 }
 UNEXPRESSED_CHECKS: dict[Callable, str] = {
     k._unique_ports: "Workload port numbers must be unique",
     k._condition_checks: "AuthorizationPolicy when: condition keys and their values",
     k._jwt_rule_checks: "RequestAuthentication: the agent's own JWT rule checks",
+    k._retries_checks: "retriableStatusCodes goes with retryOn retriable-status-codes (needs a list 'contains')",
+    k._backoff_checks: "retries.backoff maxInterval >= baseInterval (durations compared)",
+    k._policy_timeouts_check: "retries.perTryTimeout <= timeout (durations compared)",
+    k._rate_limit_defaults: "rateLimit.burst defaults to requestsPerUnit (a default that depends on the object)",
 }
 
 

@@ -48,6 +48,7 @@ from nodeagent.proxy import NodeProxy, ProxyInputs, ProxyLimits
 from nodeagent.proxy.jwks import HttpsJwksFetcher, JwksCache, JwksRefresher
 from nodeagent.proxy.jwtauth import RequestAuthn
 from nodeagent.proxy.l7.metrics import HttpMetrics
+from nodeagent.proxy.l7.resilience import NOT_EJECTED, merge_state_views, state_view
 from nodeagent.proxy.destinations import service_endpoints
 from nodeagent.state import AgentState, NodeSnapshot
 from nodeagent.telemetry import ProxyMetrics
@@ -697,14 +698,35 @@ class Agent:
         return l7.routes_view(self.state.snapshot) if l7 is not None else []
 
     def clusters(self) -> list[dict]:
+        """Per Service port: VIP, endpoints and, where a TrafficPolicy sets retries, outlier
+        detection, rate limits or maxRequests, their live state (``resilience``; with worker
+        processes each keeps its own: the ``hostmesh_destination_*`` metrics sum them)."""
         snap = self.state.snapshot
         if snap is None:
             return []
-        return [{
-            "name": f"{s.hostname}:{p.port}", "service": s.hostname, "vip": f"{s.cluster_ip}:{p.port}",
-            "endpoints": [{"address": f"{e.address}:{e.port}", "node": e.node, "workload": e.workload}
-                          for e in service_endpoints(s, p)],
-        } for s in snap.services for p in s.ports]
+        views = self._resilience_views()
+        out = []
+        for s in snap.services:
+            for p in s.ports:
+                v = views.get(f"{s.namespace}/{s.name}/{p.port}")
+                eps = []
+                for e in service_endpoints(s, p):
+                    ep = {"address": f"{e.address}:{e.port}", "node": e.node, "workload": e.workload}
+                    if v is not None and "outlier" in v["summary"]:
+                        ep["outlier"] = v["endpoints"].get(ep["address"], NOT_EJECTED)
+                    eps.append(ep)
+                c = {"name": f"{s.hostname}:{p.port}", "service": s.hostname, "vip": f"{s.cluster_ip}:{p.port}",
+                     "endpoints": eps}
+                if v is not None:
+                    c["resilience"] = v["summary"]
+                out.append(c)
+        return out
+
+    def _resilience_views(self) -> dict[str, dict]:
+        if self.pool is not None:
+            return merge_state_views(self.pool.resilience())
+        l7 = self.proxy.outbound.l7
+        return state_view(l7.inputs.routes.resilience, time.perf_counter()) if l7 is not None else {}
 
     def capture_view(self) -> dict:
         if not self.capture:
@@ -734,6 +756,7 @@ def proxy_inputs(boot: Bootstrap, state: AgentState, registry: CollectorRegistry
         identities=identities,
         http_metrics=HttpMetrics(registry),
         jwks_keys=jwks_keys,
+        rate_limit_share=1.0 / max(1, boot.workers),
     )
 
 

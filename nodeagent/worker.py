@@ -25,6 +25,7 @@ import os
 import signal
 import socket
 import sys
+import time
 from dataclasses import fields
 
 from prometheus_client import CollectorRegistry
@@ -98,6 +99,8 @@ class Worker:
             return self.stats()
         elif kind == "describe":
             return self.describe()
+        elif kind == "resilience":
+            return {"destinations": self.resilience()}
         elif kind == "stop_accepting":
             if self.proxy is not None:
                 self.proxy.stop_accepting()
@@ -110,6 +113,12 @@ class Worker:
         snap = self.state.snapshot
         return {"worker": self.index, "pid": os.getpid(), "snapshot_version": snap.version if snap else None,
                 "identities": sorted(i.uri for i in self.identities._held), "jwks": self.jwks.uris()}
+
+    def resilience(self) -> dict:
+        """The live retry/outlier/rate-limit state of this worker's destinations (/clusters)."""
+        from nodeagent.proxy.l7.resilience import state_view
+        l7 = self.proxy.outbound.l7 if self.proxy is not None else None
+        return state_view(l7.inputs.routes.resilience, time.perf_counter()) if l7 is not None else {}
 
     def stats(self) -> dict:
         p = self.proxy

@@ -12,7 +12,7 @@ object with a ``type``. The agent sends; the worker answers only requests (those
                       start       start accepting on the listener fds
                       stop_accepting
                       drain       grace: stop accepting, drain, then exit
-                      metrics/stats (requests, with id)
+                      metrics/stats/describe/resilience (requests, with id)
     worker -> agent   ready       pid
                       reply       id + the answer
 

@@ -363,6 +363,15 @@ class WorkerPool:
                        {"worker": i, "state": w.state if w else "restarting"})
         return out
 
+    def resilience(self) -> list[dict]:
+        """Each serving worker's ``resilience.state_view`` (merged by the caller)."""
+        out = []
+        for w in self.workers:
+            msg = self._request(w, "resilience") if w is not None and w.state == "serving" else None
+            if msg:
+                out.append(msg.get("destinations") or {})
+        return out
+
     def stats(self) -> dict:
         """Connections by listener, summed over the workers, and each worker's state."""
         total = {"outbound": 0, "inbound": 0, "tunnel": 0}

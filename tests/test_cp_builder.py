@@ -112,7 +112,8 @@ def test_snapshot_content_from_the_examples():
     assert [s.name for s in snap.services] == ["web", "web-canary"]
     assert [w.name for w in snap.workloads] == ["node1-pod1", "node1-pod2", "node2-pod1", "node2-pod2"]
     assert [(c.kind, c.name) for c in snap.config] == [
-        ("AuthorizationPolicy", "web-api"), ("HTTPRoute", "web-canary-split"), ("MeshConfig", "default"),
+        ("AuthorizationPolicy", "web-api"), ("FaultInjection", "web-chaos"), ("HTTPRoute", "web-canary-split"),
+        ("MeshConfig", "default"),
         ("PeerAuthentication", "default"), ("RequestAuthentication", "web-jwt"), ("TrafficPolicy", "web")]
     assert snap.workload_by_ip("198.18.2.2").labels == (("app", "web"), ("track", "canary"), ("version", "v2"))
     svc, port = snap.service_by_vip("198.19.0.20", 80)

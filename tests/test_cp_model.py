@@ -51,7 +51,7 @@ def test_examples_load_and_reload_to_an_equal_model():
     assert again.model == first.model
     assert hash(again.model) == hash(first.model)
     assert again.model.version == first.model.version
-    assert first.model.counts() == {"AuthorizationPolicy": 1, "HTTPRoute": 1, "MeshConfig": 1,
+    assert first.model.counts() == {"AuthorizationPolicy": 1, "FaultInjection": 1, "HTTPRoute": 1, "MeshConfig": 1,
                                     "PeerAuthentication": 1, "RequestAuthentication": 1, "Service": 2,
                                     "TrafficPolicy": 1, "Workload": 4}
 
@@ -77,13 +77,14 @@ def test_config_objects_carry_canonical_spec_json():
     model = load_directory(str(EXAMPLES)).model
     cos = model.config_objects()
     assert [(c.kind, c.namespace, c.name) for c in cos] == [
-        ("AuthorizationPolicy", "default", "web-api"), ("HTTPRoute", "default", "web-canary-split"),
+        ("AuthorizationPolicy", "default", "web-api"), ("FaultInjection", "default", "web-chaos"),
+        ("HTTPRoute", "default", "web-canary-split"),
         ("MeshConfig", "default", "default"), ("PeerAuthentication", "default", "default"),
         ("RequestAuthentication", "default", "web-jwt"), ("TrafficPolicy", "default", "web")]
     route = model.get("HTTPRoute", "default", "web-canary-split")
-    assert cos[1] == ConfigObject("HTTPRoute", "default", "web-canary-split", route.spec_json)
-    spec = json.loads(cos[1].spec)
-    assert cos[1].spec == json.dumps(spec, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    assert cos[2] == ConfigObject("HTTPRoute", "default", "web-canary-split", route.spec_json)
+    spec = json.loads(cos[2].spec)
+    assert cos[2].spec == json.dumps(spec, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     # Gateway API defaults are filled in, so agents need not know them
     assert spec["parentRefs"] == [{"group": "", "kind": "Service", "name": "web", "namespace": "default", "port": 80}]
     assert spec["rules"][0]["matches"] == [{"headers": [{"name": "x-canary", "type": "Exact", "value": "always"}],
@@ -225,14 +226,6 @@ spec:
 # ---------------------------------------------------------------- accepted means enforced
 
 _NOT_YET = [
-    ("TrafficPolicy", "spec:\n  targetRef: {kind: Service, name: echo}\n  rateLimit: {requestsPerUnit: 100, unit: second}\n",
-     "spec.rateLimit", "the agents do not rate-limit yet"),
-    ("TrafficPolicy", "spec:\n  targetRef: {kind: Service, name: echo}\n  retries: {attempts: 2, retryOn: [5xx]}\n",
-     "spec.retries", "the agents do not retry requests yet"),
-    ("TrafficPolicy", "spec:\n  targetRef: {kind: Service, name: echo}\n  outlierDetection: {consecutive5xxErrors: 5}\n",
-     "spec.outlierDetection", "the agents do not eject endpoints yet"),
-    ("FaultInjection", "spec:\n  targetRef: {kind: Service, name: echo}\n  abort: {percentage: 1, httpStatus: 503}\n",
-     "kind", "the agents do not inject faults yet"),
     ("MeshConfig", "spec:\n  outboundTrafficPolicy: {mode: REGISTRY_ONLY}\n",
      "spec.outboundTrafficPolicy.mode", "the agents capture only the mesh's own CIDRs"),
 ]
@@ -292,11 +285,119 @@ def test_meshconfig_path_normalization_defaults_to_reject():
 
 
 def test_refused_settings_still_report_their_other_mistakes():
-    doc = ("apiVersion: hostmesh.io/v1alpha1\nkind: TrafficPolicy\nmetadata: {name: p}\nspec:\n"
-           "  targetRef: {kind: Service, name: echo}\n  retries: {attempts: -1}\n")
-    messages = [str(e) for e in load_texts({"p.yaml": svc("echo") + "---\n" + doc}).errors]
-    assert any("spec.retries.attempts" in m for m in messages), messages
-    assert any("spec.retries: not supported yet" in m for m in messages), messages
+    """NotSupportedYet checks the value it refuses, so the operator sees every mistake at once."""
+    from controlplane.model.fields import Int, NotSupportedYet, Obj, Problems
+    field = Obj({"x": NotSupportedYet(Obj({"attempts": Int(0, 100)}), "no agent does x yet")})
+    problems = Problems()
+    field.check({"x": {"attempts": -1}}, ("spec",), problems)
+    assert problems.items == [(("spec", "x", "attempts"), "-1 is not between 0 and 100"),
+                              (("spec", "x"), "not supported yet: no agent does x yet")]
+
+
+# ---------------------------------------------------------------- retries, outlier detection, rate limits, faults
+
+FULL_TRAFFIC_POLICY = """\
+apiVersion: hostmesh.io/v1alpha1
+kind: TrafficPolicy
+metadata: {name: p, namespace: shop}
+spec:
+  targetRef: {kind: Service, name: echo}
+  loadBalancer: {type: LEAST_REQUEST, preferSameNode: true}
+  connectionPool: {maxConnections: 100, maxPendingRequests: 10, maxRequestsPerConnection: 50,
+                   maxRequests: 200, maxRetries: 3, connectTimeout: 1s}
+  outlierDetection: {consecutive5xxErrors: 3, consecutiveGatewayErrors: 0, interval: 5s,
+                     baseEjectionTime: 1m, maxEjectionPercent: 50}
+  timeout: 10s
+  retries:
+    attempts: 3
+    perTryTimeout: 2s
+    retryOn: [5xx, reset, retriable-status-codes]
+    retriableStatusCodes: [409, 503]
+    backoff: {baseInterval: 25ms, maxInterval: 250ms}
+    retryNonIdempotent: true
+    budget: {percent: 20.5, minRetryConcurrency: 3}
+  rateLimit: {requestsPerUnit: 100, unit: minute, burst: 20, perSourceWorkload: true}
+"""
+
+
+def test_a_traffic_policy_with_every_field_is_accepted_and_carried_as_written():
+    model = load_ok({"p.yaml": svc("echo", ns="shop") + "---\n" + FULL_TRAFFIC_POLICY})
+    carried = {(c.kind, c.name): json.loads(c.spec) for c in model.config_objects()}
+    assert carried[("TrafficPolicy", "p")] == {**yaml.safe_load(FULL_TRAFFIC_POLICY)["spec"],
+                                               "targetRef": {"group": "", "kind": "Service", "name": "echo"}}
+
+
+def test_traffic_policy_defaults_the_agents_receive():
+    """The spec carried to agents is the normalized one: the model's defaults are filled in;
+    outlierDetection's defaults are the agents' (absent here)."""
+    doc = ("apiVersion: hostmesh.io/v1alpha1\nkind: TrafficPolicy\nmetadata: {name: p, namespace: shop}\nspec:\n"
+           "  targetRef: {kind: Service, name: echo}\n  retries: {attempts: 2}\n"
+           "  rateLimit: {requestsPerUnit: 7, unit: second}\n  outlierDetection: {}\n")
+    model = load_ok({"p.yaml": svc("echo", ns="shop") + "---\n" + doc})
+    spec = json.loads(next(c.spec for c in model.config_objects() if c.kind == "TrafficPolicy"))
+    assert spec == {"targetRef": {"group": "", "kind": "Service", "name": "echo"},
+                    "retries": {"attempts": 2, "retryNonIdempotent": False},
+                    "rateLimit": {"requestsPerUnit": 7, "unit": "second", "burst": 7, "perSourceWorkload": False},
+                    "outlierDetection": {}}
+
+
+ROUTE = ("apiVersion: gateway.networking.k8s.io/v1\nkind: {kind}\nmetadata: {{name: {name}, namespace: shop}}\n"
+         "spec:\n  parentRefs: [{{group: '', kind: Service, name: echo}}]\n")
+
+
+def fault(target: str, rest: str = "abort: {percentage: 10, httpStatus: 503}\n", name: str = "f") -> str:
+    return (f"apiVersion: hostmesh.io/v1alpha1\nkind: FaultInjection\nmetadata: {{name: {name}, namespace: shop}}\n"
+            f"spec:\n  targetRef: {target}\n" + "".join(f"  {line}\n" for line in rest.splitlines()))
+
+
+def test_fault_injection_on_a_service_is_accepted_and_carried():
+    doc = fault("{kind: Service, name: echo}", "delay: {percentage: 0.5, fixedDelay: 200ms}\n"
+                                               "abort: {percentage: 10, grpcStatus: 14}\n")
+    model = load_ok({"p.yaml": svc("echo", ns="shop") + "---\n" + doc})
+    spec = json.loads(next(c.spec for c in model.config_objects() if c.kind == "FaultInjection"))
+    assert spec == {"targetRef": {"group": "", "kind": "Service", "name": "echo"},
+                    "delay": {"percentage": 0.5, "fixedDelay": "200ms"}, "abort": {"percentage": 10, "grpcStatus": 14}}
+
+
+@pytest.mark.parametrize("kind", ["HTTPRoute", "GRPCRoute"])
+def test_fault_injection_on_a_route_with_headers_is_accepted_and_carried(kind):
+    doc = fault(f"{{group: gateway.networking.k8s.io, kind: {kind}, name: r}}",
+                "abort: {percentage: 100, httpStatus: 503}\n"
+                "headers: [{name: x-fault, value: abort}, {name: X-Tenant, value: test}]\n")
+    model = load_ok({"p.yaml": "---\n".join([svc("echo", ns="shop"), ROUTE.format(kind=kind, name="r"), doc])})
+    spec = json.loads(next(c.spec for c in model.config_objects() if c.kind == "FaultInjection"))
+    assert spec["targetRef"] == {"group": "gateway.networking.k8s.io", "kind": kind, "name": "r"}
+    assert spec["headers"] == [{"name": "x-fault", "value": "abort"}, {"name": "X-Tenant", "value": "test"}]
+
+
+def _errors(*docs: str) -> list[str]:
+    result = load_texts({"p.yaml": "---\n".join(docs)})
+    assert result.model is None
+    return [str(e) for e in result.errors]
+
+
+def test_fault_injection_on_a_tcp_only_service_is_refused_as_traffic_policy_is():
+    tcp = svc("echo", ns="shop", ports="[{port: 5432, appProtocol: tcp}]")
+    assert _errors(tcp, fault("{kind: Service, name: echo}")) == [
+        "p.yaml:12: FaultInjection shop/f: spec.targetRef: not supported yet: a FaultInjection acts on HTTP traffic, "
+        "and every port of Service shop/echo is relayed as TCP (appProtocol tcp); faults are injected into HTTP "
+        "requests only"]
+
+
+def test_fault_injection_route_target_must_exist_in_its_namespace():
+    other = ROUTE.format(kind="HTTPRoute", name="r").replace("namespace: shop", "namespace: other").replace(
+        "name: echo}", "name: echo, namespace: shop}")
+    assert _errors(svc("echo", ns="shop"), other, ROUTE.format(kind="GRPCRoute", name="r"),
+                   fault("{group: gateway.networking.k8s.io, kind: HTTPRoute, name: r}")) == [
+        "p.yaml:24: FaultInjection shop/f: spec.targetRef.name: HTTPRoute shop/r does not exist"]
+
+
+def test_one_fault_injection_per_target():
+    target = "{group: gateway.networking.k8s.io, kind: HTTPRoute, name: r}"
+    assert _errors(svc("echo", ns="shop"), ROUTE.format(kind="HTTPRoute", name="r"),
+                   fault(target), fault(target, name="g")) == [
+        "p.yaml:25: FaultInjection shop/g: spec.targetRef: HTTPRoute shop/r is already targeted by "
+        "FaultInjection shop/f (p.yaml:14); one FaultInjection per HTTPRoute"]
 
 
 # ---------------------------------------------------------------- clusterIP allocation

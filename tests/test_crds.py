@@ -146,8 +146,17 @@ def _bad_objects() -> list[tuple[str, dict]]:
     bad("port out of range", "Workload", lambda o: o["spec"]["ports"].append({"name": "x", "port": 70000}))
     bad("port name with --", "Workload", lambda o: o["spec"]["ports"].append({"name": "a--b", "port": 7}))
     bad("missing required field", "Workload", lambda o: o["spec"].pop("node"))
-    bad("retries: not supported yet", "TrafficPolicy", lambda o: o["spec"].update(retries={"attempts": 2}))
-    bad("no policy section", "TrafficPolicy", lambda o: [o["spec"].pop(k) for k in ("loadBalancer", "connectionPool")])
+    bad("retries attempts above 100", "TrafficPolicy", lambda o: o["spec"].update(retries={"attempts": 101}))
+    bad("retries without attempts", "TrafficPolicy", lambda o: o["spec"].update(retries={"retryOn": ["5xx"]}))
+    bad("unknown retryOn", "TrafficPolicy", lambda o: o["spec"].update(retries={"attempts": 1, "retryOn": ["5xxx"]}))
+    bad("outlier ejection without a trigger", "TrafficPolicy", lambda o: o["spec"].update(
+        outlierDetection={"consecutive5xxErrors": 0, "consecutiveGatewayErrors": 0}))
+    bad("maxEjectionPercent 101", "TrafficPolicy",
+        lambda o: o["spec"].update(outlierDetection={"maxEjectionPercent": 101}))
+    bad("rateLimit burst 0", "TrafficPolicy",
+        lambda o: o["spec"].update(rateLimit={"requestsPerUnit": 1, "unit": "second", "burst": 0}))
+    bad("maxRequests 0", "TrafficPolicy", lambda o: o["spec"]["connectionPool"].update(maxRequests=0))
+    bad("no policy section", "TrafficPolicy", lambda o: [o["spec"].pop(k) for k in list(o["spec"]) if k != "targetRef"])
     bad("ringHash without RING_HASH", "TrafficPolicy",
         lambda o: o["spec"]["loadBalancer"].update(ringHash={"sourceIP": True}))
     bad("two ringHash keys", "TrafficPolicy",
@@ -166,10 +175,21 @@ def _bad_objects() -> list[tuple[str, dict]]:
     bad("REGISTRY_ONLY: not supported yet", "MeshConfig",
         lambda o: o["spec"].update(outboundTrafficPolicy={"mode": "REGISTRY_ONLY"}))
     bad("wrong type", "MeshConfig", lambda o: o["spec"].update(certificateTTL=3600))
-    out.append(("FaultInjection: not supported yet", {
-        "apiVersion": "hostmesh.io/v1alpha1", "kind": "FaultInjection", "metadata": {"name": "f"},
-        "spec": {"targetRef": {"kind": "Service", "name": "web"},
-                 "abort": {"percentage": 10, "httpStatus": 503}}}))
+
+    def bad_fault(why: str, **spec) -> None:
+        spec = {"targetRef": {"kind": "Service", "name": "web"}, "abort": {"percentage": 10, "httpStatus": 503},
+                **spec}
+        out.append((why, {"apiVersion": "hostmesh.io/v1alpha1", "kind": "FaultInjection", "metadata": {"name": "f"},
+                          "spec": {k: v for k, v in spec.items() if v is not None}}))
+
+    bad_fault("FaultInjection abort percentage 150", abort={"percentage": 150, "httpStatus": 503})
+    bad_fault("FaultInjection neither delay nor abort", abort=None)
+    bad_fault("FaultInjection targetRef Deployment", targetRef={"group": "apps", "kind": "Deployment", "name": "web"})
+    bad_fault("FaultInjection HTTPRoute without its group", targetRef={"kind": "HTTPRoute", "name": "web"})
+    bad_fault("FaultInjection Service in the route group",
+              targetRef={"group": "gateway.networking.k8s.io", "kind": "Service", "name": "web"})
+    bad_fault("FaultInjection Service name not a DNS-1035 label", targetRef={"kind": "Service", "name": "web.v1"})
+    bad_fault("FaultInjection empty headers", headers=[])
     return out
 
 
@@ -213,6 +233,22 @@ GOOD = [
     {"apiVersion": "hostmesh.io/v1alpha1", "kind": "AuthorizationPolicy", "metadata": {"name": "deny"},
      "spec": {"action": "DENY", "rules": [{"from": [{"source": {"ipBlocks": ["10.0.0.0/8", "192.168.1.1"]}}],
                                            "when": [{"key": "request.headers[x-debug]", "values": ["*"]}]}]}},
+    {"apiVersion": "hostmesh.io/v1alpha1", "kind": "TrafficPolicy", "metadata": {"name": "full"},
+     "spec": {"targetRef": {"kind": "Service", "name": "web"},
+              "connectionPool": {"maxRequests": 100, "maxRetries": 3},
+              "outlierDetection": {"consecutive5xxErrors": 0, "consecutiveGatewayErrors": 3, "interval": "5s",
+                                   "baseEjectionTime": "30s", "maxEjectionPercent": 100},
+              "timeout": "10s",
+              "retries": {"attempts": 3, "perTryTimeout": "2s", "retryOn": ["5xx", "retriable-status-codes"],
+                          "retriableStatusCodes": [503], "backoff": {"baseInterval": "25ms", "maxInterval": "1s"},
+                          "retryNonIdempotent": False, "budget": {"percent": 20, "minRetryConcurrency": 3}},
+              "rateLimit": {"requestsPerUnit": 100, "unit": "second", "burst": 200, "perSourceWorkload": True}}},
+    {"apiVersion": "hostmesh.io/v1alpha1", "kind": "FaultInjection", "metadata": {"name": "svc"},
+     "spec": {"targetRef": {"kind": "Service", "name": "web"}, "delay": {"percentage": 0.5, "fixedDelay": "1s"}}},
+    {"apiVersion": "hostmesh.io/v1alpha1", "kind": "FaultInjection", "metadata": {"name": "route"},
+     "spec": {"targetRef": {"group": "gateway.networking.k8s.io", "kind": "GRPCRoute", "name": "web.v1"},
+              "abort": {"percentage": 100, "grpcStatus": 14},
+              "headers": [{"name": "x-fault", "value": "abort"}]}},
     {"apiVersion": "hostmesh.io/v1alpha1", "kind": "MeshConfig", "metadata": {"name": "default"}},
     {"apiVersion": "hostmesh.io/v1alpha1", "kind": "Workload", "metadata": {"name": "w", "namespace": "ns"},
      "spec": {"node": "node-1.example", "address": "10.244.1.5"}},

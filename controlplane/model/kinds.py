@@ -6,9 +6,11 @@ the whole mesh, in any namespace). Gateway API route schemas live in `routes.py`
 
 Schemas fill in the defaults the APIs define (Service type/protocol/targetPort/selector,
 Workload serviceAccount/ports, MeshConfig values, loadBalancer.type and preferSameNode,
-AuthorizationPolicy action, forwardOriginalToken), so the canonical spec an agent
-receives is complete where a default exists. Fields whose behaviour has no default
-(timeouts, retries, limits) stay absent when not written.
+retries.retryNonIdempotent, rateLimit.burst and perSourceWorkload, FaultInjection and
+TrafficPolicy targetRef.group, AuthorizationPolicy action, forwardOriginalToken), so the
+canonical spec an agent receives is complete where a default exists. Fields whose
+behaviour has no default (timeouts, retries, limits) stay absent when not written, and so
+do the settings whose defaults are the agents' (outlierDetection's, documented there).
 
 Cross-object rules (references, duplicates, clusterIP allocation) live in `references.py`.
 """
@@ -39,7 +41,6 @@ from controlplane.model.fields import (
     IPv4,
     List,
     Map,
-    NotSupportedYet,
     Number,
     Obj,
     Problems,
@@ -51,14 +52,17 @@ from controlplane.model.fields import (
     dns_subdomain,
     exactly_one,
     header_name,
+    header_value,
     label_key,
     label_value,
     labels_map,
     name_problem,
     not_supported_yet_message,
     optional,
+    parse_duration,
     port_field,
     port_name,
+    render_path,
     required,
     show,
     token,
@@ -236,51 +240,146 @@ CONNECTION_POOL = Obj({
     "maxConnections": Int(1, MAX_INT32),
     "maxPendingRequests": Int(1, MAX_INT32),
     "maxRequestsPerConnection": Int(1, MAX_INT32),
+    # concurrent requests (and retries) in flight to the destination Service, per proxy
+    "maxRequests": Int(1, MAX_INT32),
+    "maxRetries": Int(1, MAX_INT32),
     "connectTimeout": Duration(positive=True),
-}, checks=[at_least_one("maxConnections", "maxPendingRequests", "maxRequestsPerConnection", "connectTimeout")])
+}, checks=[at_least_one("maxConnections", "maxPendingRequests", "maxRequestsPerConnection", "maxRequests",
+                        "maxRetries", "connectTimeout")])
 
+
+def _outlier_checks(out, raw, path, problems):
+    if out.get("consecutive5xxErrors") == 0 and out.get("consecutiveGatewayErrors") == 0:
+        problems.add(path, "sets no ejection trigger: consecutive5xxErrors and consecutiveGatewayErrors are both 0")
+
+
+# Defaults are the agents' (not filled in here): consecutive5xxErrors 5, consecutiveGatewayErrors
+# 0 (0 disables a trigger), interval 10s, baseEjectionTime 30s, maxEjectionPercent 10; as in
+# Envoy, at least one endpoint may always be ejected, whatever maxEjectionPercent allows.
 OUTLIER_DETECTION = Obj({
-    "consecutive5xxErrors": Int(1, MAX_INT32),
+    "consecutive5xxErrors": Int(0, MAX_INT32),
+    "consecutiveGatewayErrors": Int(0, MAX_INT32),
     "interval": Duration(positive=True),
     "baseEjectionTime": Duration(positive=True),
     "maxEjectionPercent": Int(0, 100),
-})
+}, checks=[_outlier_checks])
+
+
+def _backoff_checks(out, raw, path, problems):
+    base, most = out.get("baseInterval"), out.get("maxInterval")
+    if base is not None and most is not None and parse_duration(most) < parse_duration(base):
+        problems.add(path + ("maxInterval",), f"{show(most)} is shorter than baseInterval {show(base)}")
+
+
+def _retries_checks(out, raw, path, problems):
+    """retriableStatusCodes goes with retryOn retriable-status-codes, both ways."""
+    retry_on = out.get("retryOn")
+    if retry_on is None and "retryOn" in raw:
+        return   # invalid: already reported
+    wants = "retriable-status-codes" in (retry_on or ())
+    if wants and "retriableStatusCodes" not in raw:
+        problems.add(path + ("retriableStatusCodes",),
+                     "required when retryOn contains retriable-status-codes")
+    elif not wants and "retriableStatusCodes" in raw:
+        problems.add(path + ("retriableStatusCodes",), "only used with retryOn retriable-status-codes")
+
 
 RETRIES = Obj({
-    "attempts": required(Int(0, 100)),
+    "attempts": required(Int(0, 100)),   # retries after the first try
     "perTryTimeout": Duration(positive=True),
     "retryOn": List(Enum(*RETRY_ON), unique=(None, _same, "condition")),
-})
+    "retriableStatusCodes": List(Int(100, 599), min_items=1, unique=(None, _same, "status code")),
+    "backoff": Obj({"baseInterval": Duration(positive=True), "maxInterval": Duration(positive=True)},
+                   checks=[_backoff_checks]),
+    "retryNonIdempotent": optional(Bool(), default=False),
+    "budget": Obj({"percent": Number(0, 100), "minRetryConcurrency": Int(0, MAX_INT32)}),
+}, checks=[_retries_checks])
+
+
+def _rate_limit_defaults(out, raw, path, problems):
+    """burst (the bucket size) defaults to requestsPerUnit."""
+    if "burst" not in raw and "requestsPerUnit" in out:
+        out["burst"] = out["requestsPerUnit"]
+
 
 RATE_LIMIT = Obj({
     "requestsPerUnit": required(Int(1, MAX_INT32)),
     "unit": required(Enum("second", "minute", "hour")),
-    "burst": Int(0, MAX_INT32),
-})
+    "burst": Int(1, MAX_INT32),
+    "perSourceWorkload": optional(Bool(), default=False),
+}, checks=[_rate_limit_defaults])
 
 _POLICY_SECTIONS = ("loadBalancer", "connectionPool", "outlierDetection", "timeout", "retries", "rateLimit")
 
-# Sections the agents do not enforce yet are refused (their values are still checked), so
-# that a written setting always means an enforced one.
+
+def _policy_timeouts_check(out, raw, path, problems):
+    """A try longer than the whole request could never run to its own timeout (0s: no timeout)."""
+    timeout, per_try = out.get("timeout"), (out.get("retries") or {}).get("perTryTimeout")
+    if timeout is None or per_try is None:
+        return
+    t, p = parse_duration(timeout), parse_duration(per_try)
+    if t != 0 and p > t:
+        problems.add(path + ("retries", "perTryTimeout"),
+                     f"{show(per_try)} is longer than the request timeout {show(timeout)} "
+                     f"({render_path(path + ('timeout',))})")
+
+
 TRAFFIC_POLICY_SPEC = Obj({
     "targetRef": required(target_ref()),
     "loadBalancer": LOAD_BALANCER,
     "connectionPool": CONNECTION_POOL,
-    "outlierDetection": NotSupportedYet(OUTLIER_DETECTION, "the agents do not eject endpoints yet"),
+    "outlierDetection": OUTLIER_DETECTION,
     "timeout": Duration(),
-    "retries": NotSupportedYet(RETRIES, "the agents do not retry requests yet "
-                                        "(only a request on a stale keep-alive connection is retried)"),
-    "rateLimit": NotSupportedYet(RATE_LIMIT, "the agents do not rate-limit yet"),
-}, checks=[at_least_one(*_POLICY_SECTIONS)])
+    "retries": RETRIES,
+    "rateLimit": RATE_LIMIT,
+}, checks=[at_least_one(*_POLICY_SECTIONS), _policy_timeouts_check])
 
 
 # ---------------------------------------------------------------- FaultInjection
 
+ROUTE_GROUP = "gateway.networking.k8s.io"
+# the kinds a FaultInjection may target, by group
+FAULT_TARGET_KINDS = {"": ("Service",), ROUTE_GROUP: ("HTTPRoute", "GRPCRoute")}
+
+
+def _article(kind: str) -> str:
+    return "an" if kind == "HTTPRoute" else "a"   # "an HTTPRoute", "a GRPCRoute", "a Service"
+
+
+def _fault_target_checks(out, raw, path, problems):
+    group, kind, name = out.get("group"), out.get("kind"), out.get("name")
+    if group is None or kind is None:
+        return
+    if kind not in FAULT_TARGET_KINDS[group]:
+        want = next(g for g, ks in FAULT_TARGET_KINDS.items() if kind in ks)
+        problems.add(path + ("kind",), f"{kind} is not in group {show(group)}"
+                                       f"{' (the default)' if 'group' not in raw else ''}: "
+                                       f"{_article(kind)} {kind} is in group {show(want)}")
+    elif kind == "Service" and name is not None:
+        msg = name_problem(name, DNS1035_LABEL, 63, DNS1035_TEXT)
+        if msg:
+            problems.add(path + ("name",), msg)
+
+
+def fault_target_ref() -> Obj:
+    """A FaultInjection's target in its namespace: a Service (group "") or a route
+    (group gateway.networking.k8s.io, kind HTTPRoute or GRPCRoute)."""
+    return Obj({
+        "group": optional(Enum("", ROUTE_GROUP, unsupported={"core": 'the core group is written ""'}), default=""),
+        "kind": required(Enum("Service", "HTTPRoute", "GRPCRoute")),
+        "name": required(dns_subdomain()),
+    }, checks=[_fault_target_checks])
+
+
+# The fault applies to the requests that carry every one of `headers` with exactly that value
+# (names compared case-insensitively), to every request without `headers`.
 FAULT_SPEC = Obj({
-    "targetRef": required(target_ref()),
+    "targetRef": required(fault_target_ref()),
     "delay": Obj({"percentage": required(Number(0, 100)), "fixedDelay": required(Duration(positive=True))}),
     "abort": Obj({"percentage": required(Number(0, 100)), "httpStatus": Int(200, 599), "grpcStatus": Int(0, 16)},
                  checks=[exactly_one("httpStatus", "grpcStatus")]),
+    "headers": List(Obj({"name": required(header_name()), "value": required(header_value(max_len=1024))}),
+                    min_items=1, max_items=16, unique=("name", _lower, "header")),
 }, checks=[at_least_one("delay", "abort")])
 
 
@@ -564,8 +663,7 @@ KINDS: dict[str, KindSpec] = {k.kind: k for k in (
     KindSpec(GATEWAY_API, "HTTPRoute", routes.HTTP_ROUTE_SPEC),
     KindSpec(GATEWAY_API, "GRPCRoute", routes.GRPC_ROUTE_SPEC),
     KindSpec(HOSTMESH_API, "TrafficPolicy", TRAFFIC_POLICY_SPEC),
-    KindSpec(HOSTMESH_API, "FaultInjection", FAULT_SPEC,
-             not_supported_yet="the agents do not inject faults yet"),
+    KindSpec(HOSTMESH_API, "FaultInjection", FAULT_SPEC),
     KindSpec(HOSTMESH_API, "AuthorizationPolicy", AUTHZ_SPEC),
     KindSpec(HOSTMESH_API, "PeerAuthentication", PEER_AUTHN_SPEC),
     KindSpec(HOSTMESH_API, "RequestAuthentication", REQUEST_AUTHN_SPEC),

@@ -76,7 +76,9 @@ def cross_check(checked: list[Checked]) -> tuple[list[MeshObject], list[ConfigIs
         _check_target_ports(svc, index, report)
 
     svc_by_key = {(s.obj.namespace, s.obj.name): s.obj for s in services}
-    refs = _Refs(svc_by_key, invalid, report)
+    routes = {(it.obj.kind, it.obj.namespace, it.obj.name): it.obj
+              for kind in ("HTTPRoute", "GRPCRoute") for it in by_kind.get(kind, [])}
+    refs = _Refs(svc_by_key, invalid, report, routes)
     for kind in ("HTTPRoute", "GRPCRoute"):
         for it in by_kind.get(kind, []):
             refs.check_route(it)
@@ -205,12 +207,23 @@ def _check_target_ports(svc: Checked, index: WorkloadIndex, report: _Report) -> 
 
 
 class _Refs:
-    """References from routes and policies to Services."""
+    """References from routes and policies to Services, and from FaultInjections to routes."""
 
-    def __init__(self, services: dict[tuple[str, str], MeshObject], invalid: set, report: _Report) -> None:
+    def __init__(self, services: dict[tuple[str, str], MeshObject], invalid: set, report: _Report,
+                 routes: dict[tuple[str, str, str], MeshObject] | None = None) -> None:
         self.services = services
         self.invalid = invalid
         self.report = report
+        self.routes = routes or {}
+
+    def route(self, item: Checked, path: tuple, kind: str, namespace: str, name: str) -> MeshObject | None:
+        """An HTTPRoute or GRPCRoute in `namespace`; a missing one is an error, as a missing Service."""
+        route = self.routes.get((kind, namespace, name))
+        if route is None and (kind, namespace, name) not in self.invalid:
+            names = [n for k, ns, n in self.routes if k == kind and ns == namespace]
+            self.report.error(item, path + ("name",),
+                              f"{kind} {namespace}/{name} does not exist{suggest(name, names, cutoff=0.6)}")
+        return route
 
     def service(self, item: Checked, path: tuple, namespace: str, name: str) -> MeshObject | None:
         svc = self.services.get((namespace, name))
@@ -259,34 +272,50 @@ class _Refs:
                 self.filters(item, base + ("backendRefs", b, "filters"), ref.get("filters", ()))
 
     def check_policy_targets(self, items: Iterable[Checked]) -> None:
-        targeted: dict[tuple[str, str], Checked] = {}
+        """TrafficPolicy targets a Service; FaultInjection a Service or an HTTPRoute/GRPCRoute (in
+        its own namespace). The target must exist and be reached by HTTP; one policy of a kind per target."""
+        targeted: dict[tuple[str, str, str], Checked] = {}
         for it in items:
             ref = it.obj.spec_view["targetRef"]
             path = ("spec", "targetRef")
-            svc = self.service(it, path, it.obj.namespace, ref["name"])
-            if svc is None:
-                continue
-            if it.obj.kind == "TrafficPolicy":
-                self._check_policy_reaches_http(it, svc, path)
-            key = (svc.namespace, svc.name)
+            kind = ref.get("kind", "Service")
+            if kind == "Service":
+                target = self.service(it, path, it.obj.namespace, ref["name"])
+                if target is None:
+                    continue
+                self._check_policy_reaches_http(it, target, path)
+            else:
+                target = self.route(it, path, kind, it.obj.namespace, ref["name"])
+                if target is None:
+                    continue
+            key = (kind, target.namespace, target.name)
             if key in targeted:
                 prev = targeted[key]
-                self.report.error(it, path, f"Service {svc.namespace}/{svc.name} is already targeted by "
+                self.report.error(it, path, f"{kind} {target.namespace}/{target.name} is already targeted by "
                                             f"{prev.label} ({prev.doc.file}:{prev.doc.line}); "
-                                            f"one {it.obj.kind} per Service")
+                                            f"one {it.obj.kind} per {kind}")
             else:
                 targeted[key] = it
 
+    _TCP_FALLBACK = {
+        "TrafficPolicy": "TCP traffic is balanced round robin with the agent's connect timeout",
+        "FaultInjection": "faults are injected into HTTP requests only",
+    }
+
     def _check_policy_reaches_http(self, it: Checked, svc: MeshObject, path: tuple) -> None:
-        """A TrafficPolicy acts in the L7 drivers only: on a Service whose every port is
-        declared non-HTTP it would be accepted and never applied."""
+        """TrafficPolicy and FaultInjection act in the L7 drivers only: on a Service whose every
+        port is declared non-HTTP they would be accepted and never applied."""
         protocols = [p.get("appProtocol") for p in svc.spec_view["ports"]]
         if any(ap is None or ap in L7_APP_PROTOCOLS for ap in protocols):
             return
+        kind = it.obj.kind
         self.report.error(it, path, not_supported_yet_message(
-            f"a TrafficPolicy acts on HTTP traffic, and every port of Service {svc.namespace}/{svc.name} "
-            f"is relayed as TCP (appProtocol {', '.join(sorted(set(protocols)))}); TCP traffic is balanced "
-            f"round robin with the agent's connect timeout"))
+            f"{_article(kind)} {kind} acts on HTTP traffic, and every port of Service {svc.namespace}/{svc.name} "
+            f"is relayed as TCP (appProtocol {', '.join(sorted(set(protocols)))}); {self._TCP_FALLBACK[kind]}"))
+
+
+def _article(word: str) -> str:
+    return "an" if word[:1] in "AEIOU" else "a"
 
 
 def _check_peer_authentications(items: list[Checked], report: _Report) -> None:

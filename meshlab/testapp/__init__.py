@@ -22,6 +22,9 @@ Query parameters (combinable; invalid values get 400 with {"error": ...}):
     reset=1           abort instead of answering: TCP RST (HTTP/1.1) / RST_STREAM
                       INTERNAL_ERROR (HTTP/2)
     header=Name:Value add a response header (repeatable)
+    fail=F            status, delay and reset apply to a share F (0..1) of the requests; the
+                      others get a plain 200 (e.g. fail=0.5&status=503: half fail)
+    pod=NAME          status, delay and reset apply only on the pod NAME (one bad endpoint)
 Special paths: /echo streams the request body back (status/delay/header/reset apply,
 size is ignored); /healthz answers 200 "ok" and ignores the query.
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import random
 import re
 from dataclasses import dataclass
 from urllib.parse import parse_qsl
@@ -130,12 +131,38 @@ def parse_header(text: str) -> tuple[str, str]:
     return name, value
 
 
-def parse_behaviour(query: str) -> Behaviour:
+def parse_fraction(text: str) -> float:
+    try:
+        v = float(text.strip())
+    except ValueError:
+        v = -1.0
+    if not 0.0 <= v <= 1.0:
+        raise BehaviourError(f"invalid fail={text!r}: expected a fraction from 0 to 1, e.g. 0.5")
+    return v
+
+
+def parse_behaviour(query: str, *, pod: str = "", draw=random.random) -> Behaviour:
     """Parse a raw query string (without '?'). Unknown parameters are ignored (they are
     free for routing tests); status, delay, size and reset may appear at most once;
-    header may repeat. Raises BehaviourError."""
+    header may repeat. ``fail=F`` (a fraction) and ``pod=NAME`` narrow where status,
+    delay and reset apply: to a share F of the requests (``draw()`` decides), and only on
+    the pod named NAME (``pod``: this app's); elsewhere the answer is a plain 200.
+    Raises BehaviourError."""
     if not query:
         return DEFAULT_BEHAVIOUR
+    b = _parse_behaviour(query)
+    fail, only = 1.0, None
+    for name, value in parse_qsl(query, keep_blank_values=True):
+        if name == "fail":
+            fail = parse_fraction(value)
+        elif name == "pod":
+            only = value
+    if fail < 1.0 and draw() >= fail or only is not None and only != pod:
+        return Behaviour(size=b.size, headers=b.headers)
+    return b
+
+
+def _parse_behaviour(query: str) -> Behaviour:
     status, informational, delay, size, reset = 200, None, 0.0, None, False
     headers: list[tuple[str, str]] = []
     seen: set[str] = set()

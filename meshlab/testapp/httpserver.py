@@ -373,7 +373,7 @@ class H1Protocol(_BaseProtocol):
         req.kind = route(req.path)
         if req.kind != HEALTHZ:
             try:
-                req.behaviour = parse_behaviour(req.query)
+                req.behaviour = parse_behaviour(req.query, pod=self.app.pod)
             except BehaviourError as exc:
                 req.error = str(exc)
         b = req.behaviour
@@ -758,7 +758,7 @@ class H2Protocol(_BaseProtocol):
         s.kind = route(s.path)
         if s.kind != HEALTHZ:
             try:
-                s.behaviour = parse_behaviour(s.query)
+                s.behaviour = parse_behaviour(s.query, pod=self.app.pod)
             except BehaviourError as exc:
                 s.error = str(exc)
         b = s.behaviour

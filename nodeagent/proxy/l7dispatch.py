@@ -122,11 +122,12 @@ class L7Dispatch:
         self.requests = RequestPolicy(listener.authz, RequestAuthn(pin.jwks_keys), lambda: pin.state.snapshot)
         self._checks_of: tuple[NodeSnapshot | None, bool] = (None, False)
         limits = L7Limits(connect_timeout=pin.limits.connect_timeout, socket_mark=pin.socket_mark,
-                          write_buffer_high=pin.limits.write_buffer_high)
+                          write_buffer_high=pin.limits.write_buffer_high, rate_limit_share=pin.rate_limit_share)
         self.node = pin.node
         self.detect_timeout = pin.limits.detect_timeout
         self.inputs = L7Inputs.create(pin.node, metrics, limits=limits, connector=self.connect,
                                       partition=self.partition)
+        metrics.destinations.append(self.inputs.routes.resilience)
         self._snapshot: NodeSnapshot | None = None
         self._modes: dict[tuple[str, int], str] = {}
         self._served: dict["Relay", Any] = {}  # relay -> its driver, until on_done
@@ -151,7 +152,7 @@ class L7Dispatch:
         table = self.inputs.routes.get(snapshot)
         modes: dict[tuple[str, int], str] = {}
         for svc in snapshot.services:
-            policy = table.traffic_policy(svc) is not None
+            policy = table.traffic_policy(svc) is not None or ("Service", svc.namespace, svc.name) in table.faults
             for port in svc.ports:
                 ap = port.app_protocol.strip().lower()
                 if ap in _L7_APP_PROTOCOLS:

@@ -111,6 +111,8 @@ class ProxyInputs:
     # RequestAuthentication keys of jwksUri rules (jwks.JwksCache.keys); the default has
     # none, so tokens of such issuers are refused until the agent fetched their keys
     jwks_keys: Callable[[str], Any] = lambda uri: None
+    # this process's share of each local rate limit (1 / the proxy worker processes)
+    rate_limit_share: float = 1.0
 
     def __post_init__(self) -> None:
         if isinstance(self.tunnel_port, bool) or not isinstance(self.tunnel_port, int) \

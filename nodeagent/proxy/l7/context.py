@@ -15,12 +15,14 @@ No module-level mutable state; nothing here does I/O.
 
 from __future__ import annotations
 
+import random as _random
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable
 
 from nodeagent.proxy.l7.headers import RequestIds
 from nodeagent.proxy.l7.lb import LbState
 from nodeagent.proxy.l7.metrics import UNKNOWN, HttpLabels, HttpMetrics, http_labels
+from nodeagent.proxy.l7.resilience import DestinationPolicy, DestinationState, ResilienceState
 from nodeagent.proxy.l7.routing import Backend, RouteTable, ServiceRouter, parse_duration
 from nodeagent.state import Endpoint, NodeSnapshot
 
@@ -43,11 +45,16 @@ class L7Limits:
     mirror_timeout: float = 30.0  # a mirrored request is abandoned after this
     mirror_buffer: int = 256 * 1024  # request bytes held for a mirror still connecting
     socket_mark: int = 0  # SO_MARK on upstream sockets (0: not set)
+    # this process's share of each local rate limit: 1 / the worker processes sharing the
+    # listeners (SO_REUSEPORT spreads connections about evenly), so the node keeps the rate
+    rate_limit_share: float = 1.0
 
     def __post_init__(self) -> None:
         for name in ("header_timeout", "connect_timeout", "pool_idle_timeout", "mirror_timeout"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"L7Limits.{name}: must be > 0, got {getattr(self, name)!r}")
+        if not 0 < self.rate_limit_share <= 1:
+            raise ValueError(f"L7Limits.rate_limit_share: must be in (0, 1], got {self.rate_limit_share!r}")
         for name in ("idle_timeout", "stream_idle_timeout"):
             if getattr(self, name) < 0:
                 raise ValueError(f"L7Limits.{name}: must be >= 0 (0 disables), got {getattr(self, name)!r}")
@@ -93,12 +100,16 @@ def pool_limits(policy: Any, limits: L7Limits) -> PoolLimits:
 class RouteTables:
     """The route table of the current snapshot, compiled once per snapshot object."""
 
-    __slots__ = ("lb", "limits", "rand", "_snapshot", "_table", "_pool_limits", "_default_limits")
+    __slots__ = ("lb", "limits", "rand", "resilience", "_snapshot", "_table", "_pool_limits", "_default_limits",
+                 "_policies")
 
-    def __init__(self, lb: LbState, limits: L7Limits, *, rand: Any = None) -> None:
+    def __init__(self, lb: LbState, limits: L7Limits, *, rand: Any = None,
+                 resilience: ResilienceState | None = None) -> None:
         self.lb = lb
         self.limits = limits
         self.rand = rand
+        self.resilience = resilience if resilience is not None else ResilienceState()
+        self._policies: dict[int, tuple[Backend, DestinationState | None]] = {}
         self._snapshot: NodeSnapshot | None = None
         self._table: RouteTable | None = None
         self._pool_limits: dict[int, tuple[Backend, PoolLimits]] = {}
@@ -110,7 +121,9 @@ class RouteTables:
         table = RouteTable.from_snapshot(snapshot, rand=self.rand)
         self._snapshot, self._table = snapshot, table
         self._pool_limits = {}
+        self._policies = {}
         self.lb.sync(table)
+        self.resilience.retain(table.backend_keys())
         return table
 
     def pool_limits(self, table: RouteTable, backend: Backend) -> PoolLimits:
@@ -121,6 +134,18 @@ class RouteTables:
         pl = pool_limits(table.traffic_policy(backend.service), self.limits)
         self._pool_limits[id(backend)] = (backend, pl)
         return pl
+
+    def destination(self, table: RouteTable, backend: Backend) -> DestinationState | None:
+        """The live resilience state of ``backend`` when its TrafficPolicy has retries, outlier
+        detection, a rate limit or request limits; None otherwise (cached per backend object)."""
+        hit = self._policies.get(id(backend))
+        if hit is not None and hit[0] is backend:
+            return hit[1]
+        policy = DestinationPolicy.from_traffic_policy(table.traffic_policy(backend.service),
+                                                       self.limits.rate_limit_share)
+        st = None if policy is None else self.resilience.get(backend.key, policy)
+        self._policies[id(backend)] = (backend, st)
+        return st
 
     def default_pool_limits(self) -> PoolLimits:
         """The pool limits without a TrafficPolicy (from ``limits`` alone: computed once)."""
@@ -139,6 +164,8 @@ class L7Inputs:
     limits: L7Limits = field(default_factory=L7Limits)
     h2pool: Any = None  # pool_h2.H2Pool: HTTP/2 upstreams (created on first use when None)
     request_ids: Callable[[], bytes] = field(default_factory=RequestIds)  # new x-request-id values
+    # uniform draws in [0, 1) for fault percentages and retry jitter (tests pass a seeded one)
+    random: Callable[[], float] = field(default_factory=lambda: _random.Random().random)
 
     @classmethod
     def create(cls, node: str, metrics: HttpMetrics, *, limits: L7Limits | None = None, connector=None,
@@ -150,8 +177,10 @@ class L7Inputs:
         limits = limits or L7Limits()
         lb = LbState(node, rng=rand)
         connector = connector or tcp_connector
+        draw = (rand.random if hasattr(rand, "random") else rand) if rand is not None else _random.Random().random
         return cls(node, metrics, UpstreamPool(connector, limits, partition=partition), lb,
-                   RouteTables(lb, limits, rand=rand), limits, H2Pool(connector, limits, partition=partition))
+                   RouteTables(lb, limits, rand=rand), limits, H2Pool(connector, limits, partition=partition),
+                   random=draw)
 
 
 @dataclass(slots=True)

@@ -117,6 +117,17 @@ def grpc_status_for_http(status: int) -> int:
     return _HTTP_TO_GRPC.get(status, GRPC_UNKNOWN)
 
 
+# gRPC status -> HTTP status (Envoy's grpc::Utility::grpcToHttpStatus), for a gRPC fault
+# answered to a client that is not gRPC
+_GRPC_TO_HTTP = {0: 200, 1: 499, 2: 500, 3: 400, 4: 504, 5: 404, 6: 409, 7: 403, 8: 429, 9: 400, 10: 409,
+                 11: 400, 12: 501, 13: 500, 14: 503, 15: 500, 16: 401}
+
+
+def http_status_for_grpc(grpc_status: int) -> int:
+    """The HTTP status that stands for a gRPC status (500 for an unknown one)."""
+    return _GRPC_TO_HTTP.get(grpc_status, 500)
+
+
 def _flag_bytes(flag: str) -> bytes:
     b = flag.encode("ascii")
     if not b or not all(0x21 <= c <= 0x7E for c in b):

@@ -138,7 +138,7 @@ from time import perf_counter as _clock  # uvloop's loop.time() counts milliseco
 
 from nodeagent.proxy.l7 import http2
 from nodeagent.proxy.l7.context import ConnContext, L7Inputs
-from nodeagent.proxy.l7.errors import FLAGS
+from nodeagent.proxy.l7.errors import FLAGS, http_status_for_grpc
 from nodeagent.proxy.l7.filters import DirectResponse
 from nodeagent.proxy.l7.headers import _PLAIN_CONNECTION, prepare_request, prepare_response, strip_hop_by_hop
 from nodeagent.proxy.l7.http1 import (Data, EndOfMessage, LocalProtocolError, ProtocolError, RequestHead,
@@ -149,6 +149,8 @@ from nodeagent.proxy.l7.metrics import NO_FLAGS, HttpMetrics
 from nodeagent.proxy.l7.pool import (IDEMPOTENT, ConnectFailed, PoolOverflow, UpstreamConn, closed_before_sending,
                                      died_stale)
 from nodeagent.proxy.l7.pool_h2 import H2Pool, H2Upstream, flush, speaks_h2
+from nodeagent.proxy.l7.resilience import (CONNECT_FAILURE, NO_FAULT, RESET, TIMEOUT, reinstate,
+                                           retry_after_seconds, retry_after_value, source_key)
 from nodeagent.proxy.l7.routing import UNKNOWN_SERVICE, RequestInfo, RouteDecision
 from nodeagent.proxy.l7.shared import DriverLifecycle, labels_for, listen
 from nodeagent.proxy.l7.translate import TranslationError, h1_request_to_h2, h1_trailers, h2_response_to_h1
@@ -199,7 +201,7 @@ class Http1Proxy(DriverLifecycle, asyncio.Protocol):
                  "timer", "tick_every", "since", "mark", "head_since", "activity", "timer_kind", "closing", "lost",
                  "reported", "raw_up", "raw_eofs", "_labels", "draining", "requests", "rx", "tx",
                  "_memo_backend", "_memo_limits", "_memo_service", "_memo_h2", "_memo_ep", "_memo_labels",
-                 "_memo_series")
+                 "_memo_series", "_memo_dest")
 
     def __init__(self, inputs: L7Inputs, ctx: ConnContext) -> None:
         self.inputs = inputs
@@ -232,6 +234,7 @@ class Http1Proxy(DriverLifecycle, asyncio.Protocol):
         self._memo_ep = None
         self._memo_labels = None
         self._memo_series = None  # (labels, status, flag, RequestSeries) of the last observation
+        self._memo_dest = None  # the backend's resilience.DestinationState (None: its policy has none)
         self.draining = False
         self.requests = 0
         self.rx = 0  # bytes read from the client (the connection's TCP metrics)
@@ -538,8 +541,62 @@ class Http1Proxy(DriverLifecycle, asyncio.Protocol):
             ex.direct(d)
             return
         ex.decision = d
+        if ctx.table.faults:
+            fault = ctx.table.fault_for(d)
+            if fault is not None and self._fault(ex, fault, head, authority, had_host):
+                return
+        self._forward(ex, head, d, authority, had_host)
+
+    def _fault(self, ex: "_Exchange", fault, head: RequestHead, authority, had_host: bool) -> bool:
+        """A FaultInjection's draw for this request: True when it answered (abort) or holds it
+        (delay: the request goes on with ``_forward`` when the delay is over)."""
+        draw = self.inputs.random
+        f = fault.decide(head.headers, draw(), draw())
+        if f is NO_FAULT:
+            return False
+        d = ex.decision
+        dest = self._destination(d.backend)
+        if f.delay:
+            if dest is not None:
+                dest.faults_delayed_total += 1
+            ex.flag = "DI"
+            ex.pending = []  # the body waits with the request
+            self._pause(_R_UPSTREAM)
+            ex.dtimer = self.loop.call_later(f.delay, ex.delayed, f, head, authority, had_host)
+            return True
+        self._abort(ex, f)
+        return True
+
+    def _abort(self, ex: "_Exchange", f) -> None:
+        d = ex.decision
+        dest = self._destination(d.backend)
+        if dest is not None:
+            dest.faults_aborted_total += 1
+        ex.labels = self._labels_for(d.backend, None)
+        status = f.abort_status or http_status_for_grpc(f.abort_grpc)
+        ex.local("FI", status, "fault filter abort")
+
+    def _destination(self, backend):
+        if backend is not self._memo_backend:
+            return self.inputs.routes.destination(self.ctx.table, backend)
+        return self._memo_dest
+
+    def _forward(self, ex: "_Exchange", head: RequestHead, d: RouteDecision, authority, had_host: bool) -> None:
+        """Pick the endpoint of a routed request and send it there."""
+        ctx = self.ctx
+        headers = head.headers
         backend = d.backend
+        if backend is not self._memo_backend:
+            self._memo_backend = backend
+            self._memo_limits = self.inputs.routes.pool_limits(ctx.table, backend)
+            self._memo_service = backend.hostname
+            self._memo_h2 = speaks_h2(backend.port.app_protocol)
+            self._memo_ep = None
+            self._memo_dest = self.inputs.routes.destination(ctx.table, backend)
         bal = self.inputs.lb.get(backend)
+        dest = self._memo_dest
+        if dest is not None and not self._admit(ex, dest, bal, backend):
+            return
         ep = bal.pick(headers, ctx.src_ip)
         if ep is None:
             ex.labels = self._labels_for(backend, None)
@@ -547,18 +604,12 @@ class Http1Proxy(DriverLifecycle, asyncio.Protocol):
             return
         if bal.policy == LEAST_REQUEST:  # the only policy that reads in-flight counts
             ex.balancer = bal
-        if backend is not self._memo_backend:
-            self._memo_backend = backend
-            self._memo_limits = self.inputs.routes.pool_limits(ctx.table, backend)
-            self._memo_service = backend.hostname
-            self._memo_h2 = speaks_h2(backend.port.app_protocol)
-            self._memo_ep = None
         if ep is not self._memo_ep:
             self._memo_ep = ep
             self._memo_labels = self._labels_for(backend, ep)
         ex.labels = self._memo_labels
         if authority is None:
-            authority = router._authority
+            authority = ctx.router._authority
         target = head.target
         if d.filters.request_ops:
             target, new_auth, headers = d.rewrite_request(target, authority, headers)
@@ -582,6 +633,27 @@ class Http1Proxy(DriverLifecycle, asyncio.Protocol):
             ex.dispatch_h2(ep, up_head, self._memo_limits, self._memo_service)
         else:
             ex.dispatch(ep, up_head, self._memo_limits, self._memo_service)
+
+    def _admit(self, ex: "_Exchange", dest, bal, backend) -> bool:
+        """Outlier reinstatements due, the rate limit (429 RL) and ``maxRequests`` (503 UO);
+        True when the request may go on (it then counts in flight at ``dest``)."""
+        now = _clock()
+        o = dest.outlier
+        if o is not None and o.next_review and now >= o.next_review:
+            reinstate(bal, o.review(now))
+        if dest.policy.rate is not None:
+            wait = dest.rate_limit(source_key(self.ctx.labels), now)
+            if wait:
+                ex.labels = self._labels_for(backend, None)
+                ex.local("RL", 429, "local rate limit", extra=((b"retry-after", retry_after_value(wait)),))
+                return False
+        if not dest.admit():
+            ex.labels = self._labels_for(backend, None)
+            ex.local("UO", 503, f"too many requests to {backend.hostname} (connectionPool.maxRequests)")
+            return False
+        ex.dest = dest
+        ex.retry = dest.policy.retry
+        return True
 
     def _upstream_head(self, head: RequestHead, target: bytes, authority: bytes, headers: list,
                        forwarded_host: bytes | None, had_host: bool) -> RequestHead:
@@ -720,7 +792,8 @@ class _Exchange:
 
     __slots__ = ("down", "head", "decision", "balancer", "endpoint", "conn", "fut", "pending", "started",
                  "req_bytes", "resp_bytes", "status", "flag", "timer", "btimer", "backend_timeout",
-                 "finished", "req_done", "mirrors", "labels", "up_head", "h2", "limits", "service", "replay")
+                 "finished", "req_done", "mirrors", "labels", "up_head", "h2", "limits", "service", "replay",
+                 "dest", "retry", "tries", "tried", "retrying", "dtimer", "rtimer", "ttimer")
 
     def __init__(self, down: Http1Proxy, head: RequestHead) -> None:
         self.down = down
@@ -748,6 +821,14 @@ class _Exchange:
         # the body kept for a stale-connection retry: None (none so far), its pieces (bytes;
         # a list: the trailers), or False (no retry: too big, not idempotent, done once)
         self.replay: list | bool | None = None
+        self.dest = None  # resilience.DestinationState: counts this request in flight (breaker, budget)
+        self.retry = None  # resilience.RetryPolicy of the destination, when it has one
+        self.tries = 0  # retries made (the policy's, not the stale-connection one)
+        self.tried: tuple = ()  # endpoints that failed a try
+        self.retrying = False  # a retry of this request holds a slot of the destination's budget
+        self.dtimer: asyncio.TimerHandle | None = None  # an injected delay
+        self.rtimer: asyncio.TimerHandle | None = None  # the backoff before a retry
+        self.ttimer: asyncio.TimerHandle | None = None  # the per-try timeout
 
     # ---------------------------------------------------------------- setup
     def arm_timeouts(self, timeouts) -> None:
@@ -762,7 +843,21 @@ class _Exchange:
         self.up_head = up_head
         self.limits = limits
         self.service = service
-        self._acquire(None, False)
+        pending, self.pending = self.pending, None  # a delayed request's body so far
+        self._acquire(pending, False)
+
+    def delayed(self, fault, head: RequestHead, authority, had_host: bool) -> None:
+        """An injected delay is over: abort now if the fault says so, else forward."""
+        self.dtimer = None
+        if self.finished:
+            return
+        down = self.down
+        if not down.closing:
+            down._unpause(_R_UPSTREAM)
+        if fault.aborts:
+            down._abort(self, fault)
+            return
+        down._forward(self, head, self.decision, authority, had_host)
 
     def _acquire(self, pending: list | None, fresh: bool) -> None:
         """An upstream connection (``fresh``: not an idle one), then ``_attach``; ``pending``: the
@@ -774,6 +869,7 @@ class _Exchange:
             self.local("UO", None, str(exc))
             return
         if type(r) is UpstreamConn:
+            self.pending = pending  # _attach sends them after the head
             self._attach(r)
             return
         self.fut = r
@@ -792,6 +888,10 @@ class _Exchange:
         self.endpoint = ep
         self.up_head = up_head
         leg = self.h2 = _H2Leg(self, head, limits, service)
+        pending, self.pending = self.pending, None
+        if pending:  # a delayed request's body so far: (True, bytes) / (False, trailers)
+            for is_data, piece in pending:
+                leg.data(piece) if is_data else leg.end(piece)
         leg.acquire(None)
 
     def _on_conn(self, fut: asyncio.Future) -> None:
@@ -805,6 +905,10 @@ class _Exchange:
         self.fut = None
         if exc is not None:
             flag = getattr(exc, "flag", "UF")
+            if flag == "UF" and self.dest is not None:
+                self._observe(0)
+                if self.retry is not None and self._try_again(None, CONNECT_FAILURE, "connect_failure"):
+                    return
             self.local(flag, None, str(exc) if isinstance(exc, (ConnectFailed, PoolOverflow)) else None)
             return
         conn = fut.result()
@@ -823,6 +927,11 @@ class _Exchange:
             self.balancer.on_request_start(self.endpoint)
         if self.backend_timeout and self.btimer is None:  # a retry stays within the first attempt's
             self.btimer = self.down.loop.call_later(self.backend_timeout, self.on_timeout)
+        r = self.retry
+        if r is not None and r.per_try_timeout:
+            if self.ttimer is not None:
+                self.ttimer.cancel()
+            self.ttimer = self.down.loop.call_later(r.per_try_timeout, self.per_try_timeout)
         codec = conn.codec
         try:
             head = codec.send_request(self.up_head)
@@ -917,8 +1026,10 @@ class _Exchange:
         """Keep a body piece (bytes) or the trailers (a list) for a replay while one may come:
         an idempotent method, at most ``RETRY_BUFFER`` bytes, a connection from the pool."""
         conn = self.conn
-        if (self.req_bytes > RETRY_BUFFER or self.up_head.method not in IDEMPOTENT
-                or (conn is not None and conn.served < 2)):
+        r = self.retry
+        if (self.req_bytes > RETRY_BUFFER
+                or (self.head.method not in IDEMPOTENT and (r is None or not r.non_idempotent))
+                or (r is None and conn is not None and conn.served < 2)):
             self.replay = False  # and let go of what was kept
         elif self.replay is None:
             self.replay = [piece]
@@ -937,6 +1048,9 @@ class _Exchange:
                 self.resp_bytes += len(ev.data)
                 out.append(codec.send_data(ev.data))
             elif t is ResponseHead:
+                if self.dest is not None and ev.status >= 200 and self._answered(conn, ev):
+                    down.send_all(out)
+                    return  # retried: the rest of this answer is dropped with its connection
                 out.append(self._response_head(ev))
             elif t is EndOfMessage:
                 end = codec.send_end(ev.trailers)
@@ -953,6 +1067,8 @@ class _Exchange:
                 return
             elif t is ProtocolError:
                 if ev.flag == "UC" and self._retry_stale(conn):  # EOF before the response
+                    return
+                if ev.flag == "UC" and self.dest is not None and self._failed(conn, RESET, "reset"):
                     return
                 down.send_all(out)
                 self.local(ev.flag, ev.status, ev.reason)
@@ -981,6 +1097,113 @@ class _Exchange:
         log.debug("http1: reused upstream connection closed before the response: retrying on a new one")
         self._acquire(pending, True)
         return True
+
+    # ---------------------------------------------------------------- retries and outlier detection
+    def _answered(self, conn: UpstreamConn, ev: ResponseHead) -> bool:
+        """A final response head from the upstream: outlier bookkeeping, then True when the
+        retry policy sends the request again instead (this answer is dropped)."""
+        status = ev.status
+        self._observe(status)
+        if self.ttimer is not None:
+            self.ttimer.cancel()
+            self.ttimer = None
+        r = self.retry
+        if r is None or not r.retriable_status(status):
+            return False
+        if self._try_again(conn, status, "5xx" if status >= 500 else "status", retry_after_seconds(ev.headers)):
+            return True
+        if self.tries:
+            self.flag = "URX"
+        return False
+
+    def _failed(self, conn: UpstreamConn | None, reason: str, metric: str) -> bool:
+        """A try ended without an answer (reset, per-try timeout): True when it is retried."""
+        self._observe(0)
+        return self.retry is not None and self._try_again(conn, reason, metric)
+
+    def _observe(self, status: int) -> None:
+        dest = self.dest
+        if dest is None or dest.outlier is None or self.endpoint is None:
+            return
+        ep = self.endpoint
+        backend = self.decision.backend
+        if dest.observe((ep.address, ep.port), status, len(backend.endpoints), _clock()):
+            self.down.inputs.lb.get(backend).set_healthy(ep, False)
+            log.info("http1: outlier detection ejected %s:%d of %s", ep.address, ep.port, backend.hostname)
+
+    def _try_again(self, conn: UpstreamConn | None, why, metric: str, retry_after: float | None = None) -> bool:
+        """Retry when the policy, the request and the destination's budget allow it: on
+        another endpoint, after the backoff. ``why``: the status, or a failure reason."""
+        r = self.retry
+        down = self.down
+        if (self.finished or not self.req_done or self.replay is False or self.tries >= r.attempts or down.lost
+                or down.codec.response_started or self.up_head.upgrade is not None or self.h2 is not None
+                or not r.method_ok(self.up_head.method)
+                or (type(why) is str and not r.retriable_failure(why))):
+            return False
+        delay = r.backoff(self.tries + 1, down.inputs.random(), retry_after)
+        if delay is None:
+            return False
+        dest = self.dest
+        if self.retrying:  # the previous retry is over
+            self.retrying = False
+            dest.retry_done()
+        if not dest.may_retry():
+            log.debug("http1: retry budget of %s exhausted", self.decision.backend.hostname)
+            return False
+        self.retrying = True
+        self.tries += 1
+        dest.count_retry(metric)
+        down.inputs.metrics.retry(metric)
+        if self.ttimer is not None:
+            self.ttimer.cancel()
+            self.ttimer = None
+        if conn is not None:
+            self.conn = None
+            if self.balancer is not None:
+                self.balancer.on_request_end(self.endpoint)
+            down.inputs.pool.discard(conn)
+        if self.endpoint not in self.tried:
+            self.tried += (self.endpoint,)
+        body = self.replay
+        pending = [(True, p) for p in body if type(p) is bytes] if body else []
+        pending.append((False, body[-1] if body and type(body[-1]) is list else ()))
+        self.pending = pending
+        down._pause(_R_UPSTREAM)
+        self.rtimer = down.loop.call_later(delay, self._retry_now)
+        return True
+
+    def _retry_now(self) -> None:
+        self.rtimer = None
+        if self.finished:
+            return
+        down = self.down
+        backend = self.decision.backend
+        bal = down.inputs.lb.get(backend)
+        ep = bal.pick(self.up_head.headers, down.ctx.src_ip)
+        if ep is None:
+            self.local("UH")
+            return
+        if ep in self.tried:
+            fresh = [c for c in bal.candidates() if c not in self.tried]
+            if fresh:
+                ep = fresh[int(down.inputs.random() * len(fresh)) % len(fresh)]
+        if ep is not self.endpoint:
+            self.endpoint = ep
+            self.labels = down._labels_for(backend, ep)
+        pending, self.pending = self.pending, None
+        self._acquire(pending, False)
+        if self.conn is not None and not self.finished and not down.closing:
+            down._unpause(_R_UPSTREAM)
+
+    def per_try_timeout(self) -> None:
+        self.ttimer = None
+        if self.finished:
+            return
+        conn = self.conn
+        if self._failed(conn, TIMEOUT, "per_try_timeout"):
+            return
+        self.local("UT")
 
     def _response_head(self, ev: ResponseHead) -> bytes:
         status = ev.status
@@ -1024,6 +1247,8 @@ class _Exchange:
             self.local("RBAC")
             return
         if self._retry_stale(conn):
+            return
+        if self.dest is not None and not self.down.codec.response_started and self._failed(conn, RESET, "reset"):
             return
         self.conn = None
         self.local("UC", 503, "upstream connection reset before the response" if exc is not None
@@ -1080,6 +1305,11 @@ class _Exchange:
         fut, self.fut = self.fut, None
         if fut is not None:
             fut.cancel()
+        for name in ("dtimer", "rtimer", "ttimer"):
+            t = getattr(self, name)
+            if t is not None:
+                t.cancel()
+                setattr(self, name, None)
         if self.h2 is not None:
             self.h2.abandon()
             return
@@ -1109,6 +1339,15 @@ class _Exchange:
         if self.btimer is not None:
             self.btimer.cancel()
             self.btimer = None
+        dest = self.dest
+        if dest is not None:
+            self.dest = None
+            dest.request_done()
+            if self.retrying:
+                dest.retry_done()
+            if self.ttimer is not None:
+                self.ttimer.cancel()
+                self.ttimer = None
         down = self.down
         labels = self.labels
         memo = down._memo_series

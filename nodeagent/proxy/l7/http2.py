@@ -1105,14 +1105,16 @@ class ServerConnection(_Connection):
                 self._local_done(st)
 
     def send_local_reply(self, stream_id: int, flag: str, status: int | None = None,
-                         message: str | None = None, extra: tuple[tuple[bytes, bytes], ...] = ()) -> bytes:
-        """A proxy-made reply (errors.local_reply; gRPC: a trailers-only response)."""
+                         message: str | None = None, extra: tuple[tuple[bytes, bytes], ...] = (),
+                         grpc_status: int | None = None) -> bytes:
+        """A proxy-made reply (errors.local_reply; gRPC: a trailers-only response with
+        ``grpc_status``, by default the flag's)."""
         st = self._stream(stream_id)
         if st is None:
             return self.data_to_send()
         if st.head_sent:
             raise LocalProtocolError("a response was already started")
-        self._local_reply(st, flag, status, message, extra)
+        self._local_reply(st, flag, status, message, extra, grpc_status)
         return self.data_to_send()
 
     def drain(self) -> bytes:
@@ -1130,7 +1132,7 @@ class ServerConnection(_Connection):
 
     # ---------------------------------------------------------------- internals
     def _local_reply(self, st: _Stream, flag: str, status: int | None, message: str | None,
-                     extra: tuple[tuple[bytes, bytes], ...] = ()) -> None:
+                     extra: tuple[tuple[bytes, bytes], ...] = (), grpc_status: int | None = None) -> None:
         if not st.remote_done:
             st.rejected = True  # the rest of the request is not wanted
             if st.unacked:
@@ -1139,7 +1141,7 @@ class ServerConnection(_Connection):
             if st.reset_after is None:
                 st.reset_after = NO_ERROR  # RFC 9113 8.1: stop sending, without error
         if st.grpc:
-            self._h2.send_headers(st.sid, grpc_error(flag, message=message), end_stream=True)
+            self._h2.send_headers(st.sid, grpc_error(flag, grpc_status, message) + list(extra), end_stream=True)
             st.head_sent = True
             st.end = []
             self._local_done(st)

@@ -52,6 +52,39 @@ that was not idle, as the HTTP/1.1 driver does — idempotent methods only, the 
 read to its end and kept, nothing answered; counted in
 ``hostmesh_agent_upstream_retries_total{reason="stale_keepalive"}``.
 
+Resilience (``resilience.py``; only for a destination whose TrafficPolicy has retries,
+outlier detection, a rate limit or ``maxRequests`` — ``routes.destination`` is not None —
+or a request a FaultInjection may apply to; other requests pay one ``is None`` check and
+one truth test): after routing, before the endpoint pick, in this order
+
+* fault injection (``table.fault_for``): a delay holds the request (its body queued and
+  not acknowledged to the client: flow-controlled) for one timer, then goes on (flag
+  ``DI`` when nothing else happens); an abort answers ``FI`` with the configured status —
+  a gRPC client gets a trailers-only reply with ``grpcStatus``, or the gRPC status of
+  ``httpStatus``; a client that is not gRPC ``httpStatus``, or the HTTP status of
+  ``grpcStatus``. Delay then abort when both fire.
+* rate limit: 429 ``RL`` (gRPC RESOURCE_EXHAUSTED) with ``retry-after``.
+* ``maxRequests``: 503 ``UO`` (UNAVAILABLE); an admitted request is counted until its
+  stream finishes, however it finishes.
+* outlier detection: ended ejections are reviewed before each pick; each try's outcome (its
+  status — a gRPC trailers-only UNAVAILABLE counts as 503 — or 0 for a connect failure,
+  reset or timeout) is observed, and an ejected endpoint is marked unhealthy in the
+  balancer.
+* retries (``retries``): a try answered with a retriable status (or a trailers-only
+  retriable grpc-status), or ended before any response byte by a connect failure, a reset,
+  a refused stream or the per-try timeout (``perTryTimeout``, from dispatch to the response
+  head), is dropped (upstream stream reset, or HTTP/1.1 connection closed) and sent again
+  after the backoff, on an endpoint not tried yet when the balancer has one — when the
+  method may be retried (``retryNonIdempotent`` for POST, so for every gRPC call), the
+  whole request was read within ``RETRY_BUFFER``, nothing was answered, retries are left
+  and the budget allows. Otherwise the last answer goes to the client as it is (``URX`` in
+  the metrics when a retry was made and that answer still failed). The route timeout and
+  the gRPC deadline keep running across tries; the backend-request timeout is per try.
+  Counted in ``hostmesh_agent_upstream_retries_total`` by reason (``5xx``, ``status``,
+  ``grpc``, ``connect_failure``, ``reset``, ``per_try_timeout``, ``refused_stream``) and on
+  the destination. The transparent retries above (refused stream, stale keep-alive) come
+  first and stay as they are.
+
 Timers: one periodic tick per connection checks the header timeout (no request within
 ``header_timeout`` of the connection start: a client that sends the preface and nothing
 else), the idle timeout (no stream for ``idle_timeout``) and, per stream, the stream idle
@@ -73,23 +106,27 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random as _random
 import time
 from time import perf_counter as _clock
 
 from nodeagent.proxy.l7 import http1, translate
 from nodeagent.proxy.l7.context import ConnContext, L7Inputs
-from nodeagent.proxy.l7.errors import FLAGS, GRPC_DEADLINE_EXCEEDED, grpc_error, grpc_message_encode
+from nodeagent.proxy.l7.errors import (FLAGS, GRPC_DEADLINE_EXCEEDED, GRPC_UNAVAILABLE, grpc_error,
+                                       grpc_message_encode, grpc_status_for_http, http_status_for_grpc)
 from nodeagent.proxy.l7.grpc import non_grpc_reply, request_timeout, with_timeout
 from nodeagent.proxy.l7.headers import prepare_request, prepare_response
 from nodeagent.proxy.l7.http1 import LocalProtocolError
 from nodeagent.proxy.l7.http2 import (CANCEL, DEFAULT_LIMITS, NO_ERROR, ConnectionTerminated, Data, EndOfMessage,
                                       Http2Limits, ProtocolError, RequestHead, ResponseHead, ServerConnection,
                                       StreamReset, Writable)
-from nodeagent.proxy.l7.lb import LEAST_REQUEST
+from nodeagent.proxy.l7.lb import LEAST_REQUEST, endpoint_key
 from nodeagent.proxy.l7.metrics import NO_FLAGS
 from nodeagent.proxy.l7.pool import (IDEMPOTENT, ConnectFailed, PoolOverflow, UpstreamConn, closed_before_sending,
                                      died_stale)
 from nodeagent.proxy.l7.pool_h2 import H2Pool, H2Upstream, flush, speaks_h2
+from nodeagent.proxy.l7.resilience import (CONNECT_FAILURE, REFUSED_STREAM, RESET, TIMEOUT, retry_after_seconds,
+                                           reinstate, retry_after_value, source_key)
 from nodeagent.proxy.l7.routing import UNKNOWN_SERVICE, RequestInfo, RouteDecision
 from nodeagent.proxy.l7.shared import DriverLifecycle, labels_for, listen
 
@@ -144,6 +181,7 @@ class Http2Proxy(DriverLifecycle, asyncio.Protocol):
         self.tick_every = 1.0
         self.requests = 0
         self._labels: dict = {}
+        self._draw = None  # see draw()
         self._out: list[bytes] = []
         self._dirty = False
         self.rx = 0  # bytes read from the client (the connection's TCP metrics)
@@ -357,9 +395,20 @@ class Http2Proxy(DriverLifecycle, asyncio.Protocol):
             st.direct(d)
             return
         st.decision = d
+        table = ctx.table
+        dest = self.inputs.routes.destination(table, d.backend)
+        if dest is not None or table.faults:
+            self._resilient(st, head, d, dest, proto)
+            return
+        self._forward(st, head, d, proto)
+
+    def _forward(self, st: "_Stream", head: RequestHead, d: RouteDecision, proto: str) -> None:
+        """Pick the endpoint of a routed request and send it (after the resilience checks)."""
+        ctx = self.ctx
         backend = d.backend
         bal = self.inputs.lb.get(backend)
-        ep = bal.pick(head.headers, ctx.src_ip)
+        res = st.res
+        ep = bal.pick(head.headers, ctx.src_ip) if res is None else res.pick(bal, head.headers, ctx.src_ip, _clock())
         if ep is None:
             st.labels = labels_for(self._labels, ctx, backend, None, proto)
             st.local("UH")
@@ -368,10 +417,14 @@ class Http2Proxy(DriverLifecycle, asyncio.Protocol):
             st.balancer = bal
         st.labels = labels_for(self._labels, ctx, backend, ep, proto)
         target, new_auth, headers = d.rewrite_request(head.path, head.authority, head.headers)
+        if res is not None:
+            res.pre = (target, new_auth, headers)
         if ctx.gate_for is not None:  # a same-node destination with request checks: as it will see it
             gated = self._gate(st, ep, head.method, target, new_auth, headers)
             if gated is None:
                 return
+            if res is not None:
+                res.gated = gated
             target, headers = gated
         st.arm_deadline(d.timeouts)
         if st.finished:
@@ -380,8 +433,87 @@ class Http2Proxy(DriverLifecycle, asyncio.Protocol):
                                       head.authority if new_auth != head.authority else None)
         if d.mirrors:
             st.start_mirrors(d.mirrors, up_head)
+            if st.pending:  # the body that arrived during a fault delay
+                st.feed_mirrors(st.pending)
         st.dispatch(ep, up_head, self.inputs.routes.pool_limits(ctx.table, backend), backend.hostname,
                     head.grpc or speaks_h2(backend.port.app_protocol))
+
+    # ---------------------------------------------------------------- resilience (TrafficPolicy, FaultInjection)
+    def draw(self) -> float:
+        """A uniform draw in [0, 1) (fault percentages, retry backoff jitter): the proxy's
+        ``inputs.random`` when it has one, else the route tables' ``rand``, else a Random of
+        this connection (made on first use)."""
+        fn = self._draw
+        if fn is None:
+            fn = getattr(self.inputs, "random", None)
+            if fn is None:
+                r = self.inputs.routes.rand
+                fn = (r.random if hasattr(r, "random") else r) if r is not None else _random.Random().random
+            self._draw = fn
+        return fn()
+
+    def _resilient(self, st: "_Stream", head: RequestHead, d: RouteDecision, dest, proto: str) -> None:
+        """The slow path of a routed request whose destination has a resilience policy
+        (``dest``) or whose route/Service may have a FaultInjection: fault (delay, abort),
+        rate limit, circuit breaker, then ``_forward``."""
+        table = self.ctx.table
+        fault = table.fault_for(d) if table.faults else None
+        if dest is None and fault is None:
+            self._forward(st, head, d, proto)
+            return
+        st.res = _Resilience(dest, d.backend)
+        st.labels = labels_for(self._labels, self.ctx, d.backend, None, proto)  # until an endpoint is picked
+        if fault is not None:
+            fd = fault.decide(head.headers, self.draw(), self.draw())
+            if fd.delay:
+                if dest is not None:
+                    dest.faults_delayed_total += 1
+                st.flag = "DI"  # the flag of the response if nothing else goes wrong
+                st.pending = []  # the body waits (unacknowledged: flow-controlled) for the delay
+                st.res.timer = self.loop.call_later(fd.delay, self._delayed, st, head, d, fd, proto)
+                return
+            if fd.aborts:
+                self._fault_abort(st, fd)
+                return
+        self._admit(st, head, d, proto)
+
+    def _delayed(self, st: "_Stream", head: RequestHead, d: RouteDecision, fd, proto: str) -> None:
+        st.res.timer = None
+        if st.finished:
+            return
+        if fd.aborts:  # delay, then abort (Envoy: both may fire)
+            self._fault_abort(st, fd)
+            return
+        self._admit(st, head, d, proto)
+
+    def _fault_abort(self, st: "_Stream", fd) -> None:
+        dest = st.res.dest
+        if dest is not None:
+            dest.faults_aborted_total += 1
+        if st.grpc:
+            code = fd.abort_grpc if fd.abort_grpc >= 0 else grpc_status_for_http(fd.abort_status)
+            st.local("FI", None, "fault filter abort", grpc_status=code)
+            return
+        status = fd.abort_status
+        if not status:  # only a grpcStatus configured, asked by a client that is not gRPC
+            status = http_status_for_grpc(fd.abort_grpc)
+        if not 200 <= status <= 599 or status in (204, 304):
+            status = 503  # a local reply needs a status with a body (the control plane checks it too)
+        st.local("FI", status, "fault filter abort")
+
+    def _admit(self, st: "_Stream", head: RequestHead, d: RouteDecision, proto: str) -> None:
+        """The destination's local rate limit (429 RL) and ``maxRequests`` (503 UO)."""
+        dest = st.res.dest
+        if dest is not None:
+            wait = dest.rate_limit(source_key(self.ctx.labels), _clock())
+            if wait > 0:
+                st.local("RL", 429, "local rate limit", ((b"retry-after", retry_after_value(wait)),))
+                return
+            if not dest.admit():
+                st.local("UO", 503, f"too many requests to {d.backend.hostname} (connectionPool.maxRequests)")
+                return
+            st.res.admitted = True  # request_done() when the stream finishes, however
+        self._forward(st, head, d, proto)
 
     def _upstream_head(self, head: RequestHead, path: bytes, authority: bytes, headers: list,
                        forwarded_host: bytes | None) -> RequestHead:
@@ -392,6 +524,85 @@ class Http2Proxy(DriverLifecycle, asyncio.Protocol):
                            head.content_length, head.grpc)
 
 
+_RETRY_REASONS = {CONNECT_FAILURE: "connect_failure", RESET: "reset", TIMEOUT: "per_try_timeout",
+                  REFUSED_STREAM: "refused_stream"}
+
+
+class _Resilience:
+    """The resilience state of one stream whose destination has a policy (``dest``, a
+    ``resilience.DestinationState``; None when only a FaultInjection applies): its timers,
+    its breaker admission, the endpoints tried and the retries made."""
+
+    __slots__ = ("dest", "backend", "bal", "retry", "tried", "retries", "timer", "ptimer", "admitted",
+                 "retry_active", "failed", "pre", "gated")
+
+    def __init__(self, dest, backend) -> None:
+        self.dest = dest
+        self.backend = backend
+        self.bal = None  # the balancer of the last pick (marks ejected endpoints unhealthy)
+        self.retry = dest.policy.retry if dest is not None else None
+        self.tried: set = set()  # endpoint keys
+        self.retries = 0
+        self.timer: asyncio.TimerHandle | None = None  # the fault delay, then a retry's backoff
+        self.ptimer: asyncio.TimerHandle | None = None  # the per-try timeout
+        self.admitted = False  # counted by dest.admit(): request_done() at the end
+        self.retry_active = False  # counted by dest.may_retry(): retry_done() when that try ends
+        self.failed = False  # the last try failed in a retriable way and got no retry (URX)
+        self.pre = None  # (target, authority, headers) before the gate: a retry's endpoint is gated too
+        self.gated = None  # what the first endpoint's gate made of them
+
+    def pick(self, bal, headers, source_ip: str, now: float):
+        """An endpoint: ejections that ended are reviewed first; one not tried yet when the
+        balancer has one."""
+        self.bal = bal
+        dest = self.dest
+        if dest is not None:
+            o = dest.outlier
+            if o is not None and o.next_review and now >= o.next_review:
+                reinstate(bal, o.review(now))
+        ep = bal.pick(headers, source_ip)
+        if ep is not None:
+            tried = self.tried
+            k = endpoint_key(ep)
+            if k in tried:
+                for c in bal.candidates():
+                    ck = endpoint_key(c)
+                    if ck not in tried:
+                        ep, k = c, ck
+                        break
+            tried.add(k)
+        return ep
+
+    def observe(self, ep, status: int, now: float) -> None:
+        """Outlier detection: the outcome of a try at ``ep`` (an HTTP status, 0: no answer)."""
+        dest = self.dest
+        if dest is None or dest.outlier is None or ep is None:
+            return
+        if dest.observe(endpoint_key(ep), status, len(self.backend.endpoints), now) and self.bal is not None:
+            self.bal.set_healthy(ep, False)
+
+    def try_ended(self) -> None:
+        if self.ptimer is not None:
+            self.ptimer.cancel()
+            self.ptimer = None
+        if self.retry_active:
+            self.retry_active = False
+            self.dest.retry_done()
+
+    def close(self, flag: str) -> str:
+        """The stream finished: timers and counts released; the flag for the metrics."""
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        self.try_ended()
+        if self.admitted:
+            self.admitted = False
+            self.dest.request_done()
+        if self.retries and self.failed and flag != "DC":
+            return "URX"
+        return flag
+
+
 class _Stream:
     """One request stream through the proxy: the owner of its upstream stream or connection."""
 
@@ -399,7 +610,7 @@ class _Stream:
                  "usid", "fut", "pending", "held_req", "held_resp", "up_paused", "resp_started", "resp_ended",
                  "status", "flag", "req_bytes", "resp_bytes", "req_done", "finished", "timer", "btimer",
                  "backend_timeout", "deadline", "retry_body", "retried", "started", "activity", "mark", "since",
-                 "up_head", "limits", "service", "mirrors", "up_ended")
+                 "up_head", "limits", "service", "mirrors", "up_ended", "res", "replay")
 
     def __init__(self, down: Http2Proxy, head: RequestHead) -> None:
         self.down = down
@@ -441,6 +652,8 @@ class _Stream:
         self.service = ""
         self.mirrors: list | None = None
         self.up_ended = False  # the request's END_STREAM went upstream with its last DATA frame
+        self.res: _Resilience | None = None  # a destination with a resilience policy or a fault
+        self.replay: list | None = None  # request pieces to send again on the next upstream (a retry)
 
     # ---------------------------------------------------------------- setup
     def arm_deadline(self, timeouts) -> None:
@@ -464,12 +677,16 @@ class _Stream:
         self.limits = limits
         self.service = service
         self.kind = _K_H2 if h2 else _K_H1
-        if not h2 and up_head.method not in IDEMPOTENT:
-            self.retry_body = None  # RFC 9112 9.3.1: never replayed over HTTP/1.1
+        res = self.res
+        if not h2 and up_head.method not in IDEMPOTENT and (res is None or res.retry is None
+                                                             or not res.retry.non_idempotent):
+            self.retry_body = None  # RFC 9112 9.3.1: never replayed over HTTP/1.1 (unless retryNonIdempotent)
         if self.balancer is not None:
             self.balancer.on_request_start(ep)  # in flight from now until _finish
         if self.backend_timeout:
             self.btimer = self.down.loop.call_later(self.backend_timeout, self.on_timeout)
+        if res is not None and res.retry is not None and res.retry.per_try_timeout:
+            res.ptimer = self.down.loop.call_later(res.retry.per_try_timeout, self._per_try_timeout)
         self._acquire(None)
 
     def _acquire(self, avoid) -> None:
@@ -507,14 +724,19 @@ class _Stream:
             return
         self.fut = None
         if exc is not None:
-            self.local(getattr(exc, "flag", "UF"), None,
-                       str(exc) if isinstance(exc, (ConnectFailed, PoolOverflow)) else None)
+            flag = getattr(exc, "flag", "UF")
+            if flag == "UF" and self.res is not None and self._try_failed(CONNECT_FAILURE):
+                return
+            self.local(flag, None, str(exc) if isinstance(exc, (ConnectFailed, PoolOverflow)) else None)
             return
         conn = fut.result()
         if conn.closed:
             if self.kind == _K_H2:
                 conn.unreserve()
-            self.local(*closed_before_sending(conn))
+            reply = closed_before_sending(conn)
+            if reply[0] == "UC" and self.res is not None and self._try_failed(CONNECT_FAILURE):
+                return
+            self.local(*reply)
             return
         self._attach(conn, True)
 
@@ -558,8 +780,9 @@ class _Stream:
         if self.kind == _K_H1:
             conn.transport.write(out)
         pending, self.pending = self.pending, None
-        if self.retried and self.retry_body:
-            pending = list(self.retry_body) + (pending or [])
+        replay, self.replay = self.replay, None
+        if replay:  # a retry: the request kept so far, then what arrived since
+            pending = replay + (pending or [])
         if pending:
             last = len(pending) - 1
             if self.kind == _K_H2 and last > 0 and pending[last] == [] and type(pending[last - 1]) is bytes:
@@ -613,7 +836,7 @@ class _Stream:
             down.write(down.codec.consumed(self.sid, n))
             return
         body = self.retry_body
-        if body is not None and not self.retried:
+        if body is not None:  # kept for a retry (each takes a snapshot: ``replay``)
             if self.req_bytes <= RETRY_BUFFER:
                 body.append(data)
             else:
@@ -638,7 +861,7 @@ class _Stream:
         if self.finished or self.head.end_stream:  # a head with END_STREAM went upstream as such
             return
         trailers = list(trailers)
-        if self.retry_body is not None and not self.retried:
+        if self.retry_body is not None:
             self.retry_body.append(trailers)
         if self.up_ended:  # went with the last DATA frame
             return
@@ -696,6 +919,9 @@ class _Stream:
             up.resume_reading()
 
     def _resp_head(self, status: int, headers: list, end_stream: bool) -> None:
+        res = self.res
+        if res is not None and res.dest is not None and self._check_head(status, headers, end_stream):
+            return  # retried: this answer is dropped
         self.retry_body = None  # answered: never retried, the replay copy can go
         down = self.down
         headers = prepare_response(headers)
@@ -767,6 +993,8 @@ class _Stream:
             if ev.retryable and self._retry(up):
                 return
             if not self.resp_started:
+                if self.res is not None and self._try_failed(REFUSED_STREAM if ev.retryable else RESET):
+                    return
                 self.local("UC", 503, f"upstream reset the stream (error code {ev.error_code})")
             elif ev.error_code == NO_ERROR and self.resp_ended:
                 self._done_ok()
@@ -787,6 +1015,8 @@ class _Stream:
         if retryable and self._retry(up):
             return
         if not self.resp_started:
+            if self.res is not None and self._try_failed(REFUSED_STREAM if retryable else RESET):
+                return
             self.local("UC", 503, "upstream connection closed before the response")
         else:
             self._reset_client()
@@ -800,6 +1030,7 @@ class _Stream:
         if self.retried or self.resp_started or self.retry_body is None or self.finished:
             return False
         self.retried = True
+        self.replay = list(self.retry_body)
         log.debug("http2: retrying stream %d on another connection", self.sid)
         self._acquire(up)
         return True
@@ -822,11 +1053,15 @@ class _Stream:
                     self.local("UPE", 502, "upstream switched protocols")
                     return
                 self._resp_head(status, headers, False)
+                if conn is not self.up:  # retried (or answered locally): the rest is not ours
+                    return
             elif t is http1.EndOfMessage:
                 self._resp_end(ev.trailers)
                 return
             elif t is http1.ProtocolError or t is http1.Upgrade:
-                if t is http1.ProtocolError and ev.flag == "UC" and self._retry_stale(conn):
+                if t is http1.ProtocolError and ev.flag == "UC" and (
+                        self._retry_stale(conn)
+                        or (self.res is not None and not self.resp_started and self._try_failed(RESET))):
                     return
                 self.local(getattr(ev, "flag", "UPE"), getattr(ev, "status", 502), getattr(ev, "reason", None))
                 return
@@ -851,6 +1086,8 @@ class _Stream:
             return
         self.up = None
         if not self.resp_started:
+            if self.res is not None and self._try_failed(RESET):
+                return
             self.local("UC", 503, "upstream connection reset before the response" if exc is not None
                        else "upstream closed the connection before responding")
         else:
@@ -870,6 +1107,7 @@ class _Stream:
         down = self.down
         down.inputs.pool.discard(conn)
         down.inputs.metrics.retry("stale_keepalive")
+        self.replay = list(self.retry_body)
         log.debug("http2: reused HTTP/1.1 upstream connection of stream %d closed first: retrying", self.sid)
         self._acquire(conn)  # a new connection (pool: fresh), the body replayed by _attach
         return True
@@ -880,6 +1118,125 @@ class _Stream:
     def up_resume_writing(self, conn) -> None:
         self.up_paused = False
         self.release_req()
+
+    # ---------------------------------------------------------------- resilience: tries and retries
+    def feed_mirrors(self, pieces: list) -> None:
+        """Request pieces that arrived before the mirrors started (a fault delay)."""
+        for m in self.mirrors:
+            for piece in pieces:
+                if type(piece) is bytes:
+                    m.data(piece)
+                else:
+                    m.end(piece)
+
+    def _per_try_timeout(self) -> None:
+        self.res.ptimer = None
+        if self.finished or self.resp_started:
+            return
+        if self._try_failed(TIMEOUT):
+            return
+        self.local("UT")
+
+    def _try_failed(self, reason: str) -> bool:
+        """A try ended without an answer (``reason``: resilience.CONNECT_FAILURE, RESET,
+        TIMEOUT, REFUSED_STREAM): outlier detection counts it, and it is retried when the
+        policy allows (True: the retry is under way; False: the caller answers the client)."""
+        res = self.res
+        if self.finished:
+            return False
+        res.try_ended()
+        res.observe(self.endpoint, 0, _clock())
+        r = res.retry
+        if r is None or not r.retriable_failure(reason):
+            res.failed = False
+            return False
+        return self._retry_policy(_RETRY_REASONS[reason], None)
+
+    def _check_head(self, status: int, headers: list, end_stream: bool) -> bool:
+        """The response head of a try: outlier detection counts it (a gRPC trailers-only
+        UNAVAILABLE as a 503), and a retriable one is retried when the policy allows (True)."""
+        res = self.res
+        res.try_ended()
+        grpc_code = -1
+        if self.grpc and end_stream and status == 200:  # trailers-only: its grpc-status is the answer
+            for n, v in headers:
+                if n == b"grpc-status":
+                    grpc_code = int(v) if v.isdigit() and len(v) < 4 else -1
+                    break
+        res.observe(self.endpoint, 503 if grpc_code == GRPC_UNAVAILABLE else status, _clock())
+        r = res.retry
+        if r is None:
+            return False
+        if r.retriable_status(status):
+            reason = "5xx" if status >= 500 else "status"
+        elif grpc_code >= 0 and r.retriable_grpc(grpc_code):
+            reason = "grpc"
+        else:
+            res.failed = False
+            return False
+        return self._retry_policy(reason, retry_after_seconds(headers))
+
+    def _retry_policy(self, reason: str, retry_after: float | None) -> bool:
+        """Retry a failed try (the TrafficPolicy's ``retries``) when: the method may be retried,
+        the whole request was read and kept (``RETRY_BUFFER``), nothing was answered, retries
+        are left, the backoff allows it (a long Retry-After does not) and so does the budget.
+        The try is dropped (its upstream stream reset, or its HTTP/1.1 connection closed) and
+        the next one goes, after the backoff, to an endpoint not tried yet when there is one."""
+        res = self.res
+        r = res.retry
+        res.failed = True
+        if (self.resp_started or not self.req_done or self.retry_body is None or res.retries >= r.attempts
+                or not r.method_ok(self.head.method, self.grpc)):
+            return False
+        down = self.down
+        delay = r.backoff(res.retries + 1, down.draw(), retry_after)
+        if delay is None or not res.dest.may_retry():
+            return False
+        res.failed = False
+        res.retries += 1
+        res.retry_active = True  # until that try ends (try_ended)
+        res.dest.count_retry(reason)
+        down.inputs.metrics.retry(reason)
+        self._abandon_upstream(CANCEL)
+        if self.btimer is not None:  # the backend timeout is per try
+            self.btimer.cancel()
+            self.btimer = None
+        self.pending = None  # all of it is in retry_body (the request was read to its end)
+        self.up_paused = False
+        self.held_resp = 0
+        self.up_ended = False
+        self.status = 0
+        log.debug("http2: stream %d: retry %d (%s) in %.3fs", self.sid, res.retries, reason, delay)
+        res.timer = down.loop.call_later(delay, self._retry_now)
+        return True
+
+    def _retry_now(self) -> None:
+        res = self.res
+        res.timer = None
+        if self.finished:
+            return
+        down = self.down
+        ctx = down.ctx
+        d = self.decision
+        ep = res.pick(down.inputs.lb.get(d.backend), self.head.headers, ctx.src_ip, _clock())
+        if ep is None:
+            self.local("UH")
+            return
+        up_head = self.up_head
+        if ctx.gate_for is not None and res.pre is not None:  # the new endpoint's request checks too
+            target, authority, headers = res.pre
+            gated = down._gate(self, ep, self.head.method, target, authority, headers)
+            if gated is None:
+                return  # answered
+            if gated != res.gated:
+                head = self.head
+                up_head = down._upstream_head(head, gated[0], authority, gated[1],
+                                              head.authority if authority != head.authority else None)
+        if self.balancer is not None:
+            self.balancer.on_request_end(self.endpoint)  # dispatch counts the new one
+        self.replay = list(self.retry_body)
+        self.labels = labels_for(down._labels, ctx, d.backend, ep, "grpc" if self.grpc else "http2")
+        self.dispatch(ep, up_head, self.limits, self.service, self.kind == _K_H2)
 
     # ---------------------------------------------------------------- outcomes
     def direct(self, d) -> None:
@@ -903,8 +1260,9 @@ class _Stream:
         self._finish(200 if self.grpc else d.status, flag)
 
     def local(self, flag: str, status: int | None = None, message: str | None = None,
-              extra: tuple[tuple[bytes, bytes], ...] = ()) -> None:
-        """A proxy-made reply (trailers-only for gRPC), or an end/reset once the response started."""
+              extra: tuple[tuple[bytes, bytes], ...] = (), grpc_status: int | None = None) -> None:
+        """A proxy-made reply (trailers-only for gRPC, with ``grpc_status`` or the flag's), or an
+        end/reset once the response started."""
         if self.finished:
             return
         self._abandon_upstream(CANCEL)
@@ -924,7 +1282,7 @@ class _Stream:
                 return
             self._reset_client(flag)
             return
-        down.write(codec.send_local_reply(self.sid, flag, status, message, extra))
+        down.write(codec.send_local_reply(self.sid, flag, status, message, extra, grpc_status))
         self.resp_started = True
         self._finish(200 if self.grpc else (status if status is not None else FLAGS[flag].status), flag)
 
@@ -936,6 +1294,9 @@ class _Stream:
 
     def on_timeout(self) -> None:
         self.timer = self.btimer = None
+        res = self.res
+        if res is not None and not self.resp_started and (self.up is not None or self.fut is not None):
+            res.observe(self.endpoint, 0, _clock())  # the endpoint did not answer in time
         self.local("UT")
 
     def client_reset(self, flag: str = "DC") -> None:
@@ -992,6 +1353,9 @@ class _Stream:
         if self.balancer is not None and self.kind:
             self.balancer.on_request_end(self.endpoint)
             self.balancer = None
+        res = self.res
+        if res is not None:
+            flag = res.close(flag)
         down = self.down
         down.inputs.metrics.observe(self.labels, status, flag, _clock() - self.started, self.req_bytes,
                                     self.resp_bytes)

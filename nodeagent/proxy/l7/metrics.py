@@ -30,7 +30,7 @@ from __future__ import annotations
 from bisect import bisect_left
 
 from prometheus_client import CollectorRegistry
-from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.utils import floatToGoString
 
 from nodeagent.telemetry import NO_FLAGS, UNKNOWN, TcpLabels
@@ -95,6 +95,8 @@ class HttpMetrics:
         self.registry = registry
         self._series: dict[tuple[HttpLabels, int, str], RequestSeries] = {}
         self.retries: dict[str, int] = {}  # reason -> upstream retries
+        # resilience.ResilienceState objects (one per L7 side) whose destinations are exported
+        self.destinations: list = []
         registry.register(self)
 
     def retry(self, reason: str) -> None:
@@ -133,10 +135,11 @@ class HttpMetrics:
                 HistogramMetricFamily("hostmesh_request_duration_seconds", _HELP_DURATION, labels=HTTP_LABEL_NAMES),
                 HistogramMetricFamily("hostmesh_request_bytes", _HELP_REQ_BYTES, labels=HTTP_LABEL_NAMES),
                 HistogramMetricFamily("hostmesh_response_bytes", _HELP_RESP_BYTES, labels=HTTP_LABEL_NAMES),
-                CounterMetricFamily("hostmesh_agent_upstream_retries", _HELP_RETRIES, labels=("reason",))]
+                CounterMetricFamily("hostmesh_agent_upstream_retries", _HELP_RETRIES, labels=("reason",)),
+                *_destination_families()]
 
     def collect(self):
-        requests, duration, req_bytes, resp_bytes, retries = self.describe()
+        requests, duration, req_bytes, resp_bytes, retries, *dest = self.describe()
         for s in list(self._series.values()):
             v = list(s.values)
             requests.add_metric(v, s.count)
@@ -145,7 +148,47 @@ class HttpMetrics:
             resp_bytes.add_metric(v, _cumulative(BYTE_BUCKETS, s.resp_buckets), s.resp_sum)
         for reason, n in list(self.retries.items()):
             retries.add_metric([reason], n)
-        return [requests, duration, req_bytes, resp_bytes, retries]
+        d_retries, d_overflow, d_limited, d_breaker, d_faults, d_eject, d_ejected, d_active = dest
+        for state in self.destinations:
+            for (ns, name, port), st in list(state.items()):
+                v = [name, ns, str(port)]
+                for reason, n in list(st.retries_total.items()):
+                    d_retries.add_metric(v + [reason], n)
+                d_overflow.add_metric(v, st.retry_overflow_total)
+                d_limited.add_metric(v, st.rate_limited_total)
+                d_breaker.add_metric(v, st.overflow_total)
+                d_faults.add_metric(v + ["abort"], st.faults_aborted_total)
+                d_faults.add_metric(v + ["delay"], st.faults_delayed_total)
+                d_active.add_metric(v, st.active)
+                if st.outlier is not None:
+                    d_eject.add_metric(v, st.outlier.ejections_total)
+                    d_ejected.add_metric(v, len(st.outlier.ejected))
+        return [requests, duration, req_bytes, resp_bytes, retries, *dest]
+
+
+_DEST_LABELS = ("destination_service_name", "destination_service_namespace", "destination_port")
+
+
+def _destination_families():
+    """Per destination Service port with a resilience policy (resilience.DestinationState)."""
+    return [
+        CounterMetricFamily("hostmesh_destination_retries", "Retries sent to the destination, by reason.",
+                            labels=_DEST_LABELS + ("reason",)),
+        CounterMetricFamily("hostmesh_destination_retry_overflow",
+                            "Retries refused by the retry budget or connectionPool.maxRetries.", labels=_DEST_LABELS),
+        CounterMetricFamily("hostmesh_destination_rate_limited", "Requests answered 429 by the local rate limit.",
+                            labels=_DEST_LABELS),
+        CounterMetricFamily("hostmesh_destination_overflow",
+                            "Requests answered 503 UO by connectionPool.maxRequests.", labels=_DEST_LABELS),
+        CounterMetricFamily("hostmesh_destination_faults", "Requests a FaultInjection aborted or delayed.",
+                            labels=_DEST_LABELS + ("fault",)),
+        CounterMetricFamily("hostmesh_destination_ejections", "Endpoints ejected by outlier detection.",
+                            labels=_DEST_LABELS),
+        GaugeMetricFamily("hostmesh_destination_ejected_endpoints",
+                          "Endpoints ejected now (summed over worker processes).", labels=_DEST_LABELS),
+        GaugeMetricFamily("hostmesh_destination_requests_active", "Requests in flight to the destination.",
+                          labels=_DEST_LABELS),
+    ]
 
 
 _HELP_REQUESTS = "HTTP requests proxied."

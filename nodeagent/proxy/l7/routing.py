@@ -99,11 +99,13 @@ from nodeagent.proxy.l7.filters import (EMPTY_CHAIN, REPLACE_PREFIX_MATCH, WELL_
                                         FilterChain, MirrorSpec, RequestRedirect, split_authority,
                                         split_target)
 from nodeagent.proxy.l7.lb import DEFAULT_LB, LbConfig
+from nodeagent.proxy.l7.resilience import FaultPolicy
 from nodeagent.state import ConfigObject, Endpoint, NodeSnapshot, Service, ServicePort
 
 HTTP_ROUTE = "HTTPRoute"
 GRPC_ROUTE = "GRPCRoute"
 TRAFFIC_POLICY = "TrafficPolicy"
+FAULT_INJECTION = "FaultInjection"
 
 GRPC_UNIMPLEMENTED = 12
 GRPC_UNAVAILABLE = 14
@@ -685,31 +687,55 @@ class _Compiler:
         self.policies: dict[tuple[str, str], Mapping[str, Any]] = {}
         self.lb: dict[tuple[str, str], LbConfig] = {}
         self.backends: dict[tuple[str, str, int], Backend] = {}
+        self.faults: dict[tuple[str, str, str], FaultPolicy] = {}
         self._load_policies()
+        self._load_faults()
 
-    # -- traffic policies
-    def _load_policies(self) -> None:
-        objs = sorted((o for o in self.snapshot.config if o.kind == TRAFFIC_POLICY),
+    # -- policies: TrafficPolicy and FaultInjection, the oldest of each per target
+    def _targeted(self, kind: str, key_of: Callable[[ConfigObject, Mapping[str, Any]], tuple | None],
+                  what: Callable[[tuple], str]) -> Iterable[tuple[tuple, Mapping[str, Any], ConfigObject]]:
+        """(target key, spec, object) of every ``kind`` object, oldest first; a later object
+        for a target already taken is reported and skipped (``key_of`` None: not ours)."""
+        seen: set[tuple] = set()
+        objs = sorted((o for o in self.snapshot.config if o.kind == kind),
                       key=lambda o: (_age_key(o), o.namespace, o.name))
         for o in objs:
             try:
                 spec = json.loads(o.spec)
-                ref = spec.get("targetRef") or {}
-                if ref.get("kind", "Service") != "Service":
-                    continue
-                key = (ref.get("namespace") or o.namespace, ref["name"])
+                key = key_of(o, spec)
             except (ValueError, KeyError, TypeError, AttributeError) as exc:
-                self.errors.append(f"{TRAFFIC_POLICY} {o.namespace}/{o.name}: {exc}")
+                self.errors.append(f"{kind} {o.namespace}/{o.name}: {exc}")
                 continue
-            if key in self.policies:
-                self.errors.append(f"{TRAFFIC_POLICY} {o.namespace}/{o.name}: Service {key[0]}/{key[1]} "
-                                   f"already has a TrafficPolicy; ignored")
+            if key is None:
                 continue
+            if key in seen:
+                self.errors.append(f"{kind} {o.namespace}/{o.name}: {what(key)} already has a {kind}; ignored")
+                continue
+            seen.add(key)
+            yield key, spec, o
+
+    def _load_policies(self) -> None:
+        def key_of(o, spec):
+            ref = spec.get("targetRef") or {}
+            return None if ref.get("kind", "Service") != "Service" else (ref.get("namespace") or o.namespace,
+                                                                         ref["name"])
+        for key, spec, o in self._targeted(TRAFFIC_POLICY, key_of, lambda k: f"Service {k[0]}/{k[1]}"):
             self.policies[key] = spec
             try:
                 self.lb[key] = LbConfig.from_policy(spec)
             except (AttributeError, TypeError, ValueError) as exc:
                 self.errors.append(f"{TRAFFIC_POLICY} {o.namespace}/{o.name}: loadBalancer: {exc}")
+
+    def _load_faults(self) -> None:
+        """FaultInjections by target: ("Service"|"HTTPRoute"|"GRPCRoute", namespace, name)."""
+        def key_of(o, spec):
+            ref = spec["targetRef"]
+            return (ref.get("kind", "Service"), o.namespace, ref["name"])
+        for key, spec, o in self._targeted(FAULT_INJECTION, key_of, lambda k: f"{k[0]} {k[1]}/{k[2]}"):
+            try:
+                self.faults[key] = FaultPolicy.from_spec(spec, f"{o.namespace}/{o.name}")
+            except (ValueError, KeyError, TypeError, AttributeError) as exc:
+                self.errors.append(f"{FAULT_INJECTION} {o.namespace}/{o.name}: {exc}")
 
     def policy_timeout(self, service: Service) -> float | None:
         spec = self.policies.get((service.namespace, service.name))
@@ -878,7 +904,7 @@ class RouteTable:
     """
 
     __slots__ = ("node", "version", "routers", "errors", "_by_vip", "_by_host", "_short", "_policies",
-                 "_lb", "_backend_keys")
+                 "_lb", "_backend_keys", "faults")
 
     def __init__(self) -> None:
         self.node = ""
@@ -891,6 +917,9 @@ class RouteTable:
         self._policies: dict[tuple[str, str], Mapping[str, Any]] = {}
         self._lb: dict[tuple[str, str], LbConfig] = {}
         self._backend_keys: frozenset = frozenset()
+        # FaultInjections by target ("Service"|"HTTPRoute"|"GRPCRoute", namespace, name); empty
+        # when there are none, so the drivers skip ``fault_for`` with one truth test
+        self.faults: dict[tuple[str, str, str], FaultPolicy] = {}
 
     @classmethod
     def from_snapshot(cls, snapshot: NodeSnapshot, *, rand: Any = None) -> "RouteTable":
@@ -955,6 +984,7 @@ class RouteTable:
         t._policies = c.policies
         t._lb = c.lb
         t._backend_keys = frozenset(keys)
+        t.faults = c.faults
         return t
 
     # ------------------------------------------------------------------ lookups
@@ -997,6 +1027,16 @@ class RouteTable:
     def traffic_policy(self, service: Service) -> Mapping[str, Any] | None:
         """The TrafficPolicy spec targeting ``service`` (the oldest / first by name), or None."""
         return self._policies.get((service.namespace, service.name))
+
+    def fault_for(self, d: "RouteDecision") -> FaultPolicy | None:
+        """The FaultInjection of the route rule that matched, else of the Service called."""
+        faults = self.faults
+        r = d.route
+        if r is not None:
+            f = faults.get((r.kind, r.namespace, r.name))
+            if f is not None:
+                return f
+        return faults.get(("Service", d.service.namespace, d.service.name))
 
     def lb_config(self, service: Service) -> LbConfig:
         return self._lb.get((service.namespace, service.name), DEFAULT_LB)
