@@ -93,9 +93,10 @@ def nginx_h2_config(run_dir: str, port: int) -> str:
 
 
 # ------------------------------------------------------------------ the hostmesh proxy process
-def serve_proxy(port: int, backend_port: int, mode: str = "h1") -> None:
+def serve_proxy(port: int, backend_port: int, mode: str = "h1", config: tuple = ()) -> None:
     """Run the HTTP/1.1 driver (``mode`` h1) or the HTTP/2 driver (h2: an ``appProtocol: http2``
-    backend; grpc: the gRPC backend) on ``port`` in front of ``backend_port`` (``--serve-proxy``)."""
+    backend; grpc: the gRPC backend) on ``port`` in front of ``backend_port`` (``--serve-proxy``).
+    ``config``: ``ConfigObject``s of the snapshot (e.g. a TrafficPolicy on Service default/web)."""
     import uvloop
     from prometheus_client import CollectorRegistry
 
@@ -109,7 +110,7 @@ def serve_proxy(port: int, backend_port: int, mode: str = "h1") -> None:
         app_protocol = {"h1": "", "h2": "http2", "grpc": "grpc"}[mode]
         svc = Service("web", "default", VIP, (ServicePort(80, backend_port, app_protocol=app_protocol),),
                       (Endpoint(LO, backend_port, "node1", "backend", "default"),))
-        snap = NodeSnapshot("node1", (svc,))
+        snap = NodeSnapshot("node1", (svc,), config=tuple(config))
         inputs = L7Inputs.create("node1", HttpMetrics(CollectorRegistry()))
         listen = listen_http1 if mode == "h1" else listen_http2
         server = await listen(inputs, lambda: snap, LO, port, dst=(VIP, 80), backlog=4096)
@@ -183,14 +184,28 @@ def fixed_rate_latency(port: int, rate: int, seconds: float) -> tuple[float, flo
             f"print(json.dumps(sorted(lat)))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=seconds + 60, check=True)
     lat = json.loads(out.stdout)
-    pick = lambda q: lat[min(len(lat) - 1, int(q * len(lat)))] * 1000.0  # noqa: E731
-    return pick(0.50), pick(0.99)
+    return percentile_ms(lat, 0.50), percentile_ms(lat, 0.99)
 
 
-def h2load_rps(url: str, seconds: int, pids: list[int]) -> tuple[float, float]:
-    """(requests/s, CPU microseconds per request of ``pids``) of ``h2load -c4 -m100`` for ``seconds``."""
+def percentile_ms(lat: list[float], q: float) -> float:
+    """The ``q`` quantile of sorted latencies in seconds, in ms."""
+    return lat[min(len(lat) - 1, int(q * len(lat)))] * 1000.0
+
+
+def h2_fixed_rate(url: str, rate: int, seconds: int, clients: int = 10) -> list[float]:
+    """Sorted latencies (s) of ``h2load --rps``: ``rate`` requests/s over ``clients`` h2c
+    connections, one stream in flight each, for ``seconds`` (from h2load's ``--log-file``)."""
+    with tempfile.NamedTemporaryFile(prefix="hostmesh-h2load-", suffix=".log") as log:
+        h2load_rps(url, seconds, [], (f"-c{clients}", "-m1", f"--rps={max(1, rate // clients)}",
+                                      f"--log-file={log.name}"))
+        rows = [line.split("\t") for line in Path(log.name).read_text().splitlines() if line.strip()]
+    return sorted(int(r[2]) / 1e6 for r in rows if r[1] == "200")
+
+
+def h2load_rps(url: str, seconds: int, pids: list[int], args: tuple[str, ...] = ("-c4", "-m100")) -> tuple[float, float]:
+    """(requests/s, CPU microseconds per request of ``pids``) of ``h2load -c4 -m100`` (``args``) for ``seconds``."""
     before = cpu_seconds(pids)
-    r = subprocess.run(["h2load", "-c4", "-m100", "-t1", f"-D{seconds}", url], capture_output=True, text=True,
+    r = subprocess.run(["h2load", *args, "-t1", f"-D{seconds}", url], capture_output=True, text=True,
                        timeout=seconds + 30)
     used = cpu_seconds(pids) - before
     m = re.search(r"finished in [\d.]+\w+, ([\d.]+) req/s", r.stdout)

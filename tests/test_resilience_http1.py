@@ -7,6 +7,7 @@ import asyncio
 import http.client
 import json
 import time
+from dataclasses import replace
 
 import pytest
 
@@ -27,8 +28,10 @@ def fault(spec: dict, target: dict | None = None) -> ConfigObject:
         {"targetRef": target or {"kind": "Service", "name": "web"}, **spec}))
 
 
-def snapshot(ups, *config, extra_endpoints=()) -> NodeSnapshot:
+def snapshot(ups, *config, extra_endpoints=(), app_protocol: str = "") -> NodeSnapshot:
     svc = service("web", VIP, [u.endpoint() for u in ups] + list(extra_endpoints))
+    if app_protocol:  # the upstream leg is an HTTP/2 stream (the test app speaks h2c too)
+        svc = replace(svc, ports=tuple(replace(p, app_protocol=app_protocol) for p in svc.ports))
     return NodeSnapshot(NODE, (svc,), config=tuple(config))
 
 
@@ -56,6 +59,7 @@ def stat(px: Proxy, name: str, **labels) -> float:
 
 
 async def rig(pods, *config, **kw):
+    """Upstreams named after ``pods`` behind the HTTP/1.1 driver (``kw``: see ``snapshot``)."""
     ups = [await Upstream(p).start() for p in pods]
     px = await Proxy(snapshot(ups, *config, **kw)).start()
     return ups, px
@@ -68,9 +72,13 @@ def close(ups, px):
 
 
 # ------------------------------------------------------------------ retries
-def test_a_failing_endpoint_is_retried_on_the_other_one():
+UPSTREAM_LEGS = pytest.mark.parametrize("leg", ["", "http2"], ids=["h1-upstream", "h2-upstream"])
+
+
+@UPSTREAM_LEGS
+def test_a_failing_endpoint_is_retried_on_the_other_one(leg):
     async def main():
-        ups, px = await rig("ab", policy({"retries": {"attempts": 2, "retryOn": ["5xx"]}}))
+        ups, px = await rig("ab", policy({"retries": {"attempts": 2, "retryOn": ["5xx"]}}), app_protocol=leg)
         got = await asyncio.to_thread(session, px.port, 20, "/?pod=a&status=503")
         assert {g[:2] for g in got} == {(200, "")} and {g[2] for g in got} == {"b"}
         # round robin: every first try lands on a, every retry on b
@@ -96,9 +104,11 @@ def test_half_failing_upstream_becomes_over_99_percent_success_and_post_is_not_r
     run(main())
 
 
-def test_retry_non_idempotent_replays_the_body():
+@UPSTREAM_LEGS
+def test_retry_non_idempotent_replays_the_body(leg):
     async def main():
-        ups, px = await rig("ab", policy({"retries": {"attempts": 1, "retryOn": ["5xx"], "retryNonIdempotent": True}}))
+        ups, px = await rig("ab", policy({"retries": {"attempts": 1, "retryOn": ["5xx"], "retryNonIdempotent": True}}),
+                            app_protocol=leg)
 
         def posts():
             c = http.client.HTTPConnection(LO, px.port, timeout=30)
@@ -135,11 +145,12 @@ def test_budget_caps_retries_under_a_fully_failing_upstream():
     run(main())
 
 
-def test_connect_failure_is_retried_elsewhere():
+@UPSTREAM_LEGS
+def test_connect_failure_is_retried_elsewhere(leg):
     async def main():
         dead = Endpoint(LO, 1, NODE, "dead", NS)
         ups, px = await rig("a", policy({"retries": {"attempts": 1, "retryOn": ["connect-failure"]}}),
-                            extra_endpoints=[dead])
+                            extra_endpoints=[dead], app_protocol=leg)
         got = await asyncio.to_thread(session, px.port, 6)
         assert {g[:2] for g in got} == {(200, "")}
         assert stat(px, "hostmesh_agent_upstream_retries_total", reason="connect_failure") >= 1
@@ -147,10 +158,11 @@ def test_connect_failure_is_retried_elsewhere():
     run(main())
 
 
-def test_per_try_timeout_and_retry_recover_a_hanging_first_try():
+@UPSTREAM_LEGS
+def test_per_try_timeout_and_retry_recover_a_hanging_first_try(leg):
     async def main():
         spec = {"timeout": "5s", "retries": {"attempts": 1, "perTryTimeout": "200ms", "retryOn": ["5xx"]}}
-        ups, px = await rig("ab", policy(spec))
+        ups, px = await rig("ab", policy(spec), app_protocol=leg)
         t0 = time.monotonic()
         got = await asyncio.to_thread(session, px.port, 2, "/?pod=a&delay=10")
         took = time.monotonic() - t0
@@ -191,11 +203,12 @@ def test_long_retry_after_is_not_waited_for():
 
 
 # ------------------------------------------------------------------ outlier detection
-def test_a_5xx_endpoint_is_ejected_then_returns():
+@UPSTREAM_LEGS
+def test_a_5xx_endpoint_is_ejected_then_returns(leg):
     async def main():
         spec = {"outlierDetection": {"consecutive5xxErrors": 3, "baseEjectionTime": "1s", "interval": "1s",
                                      "maxEjectionPercent": 50}}
-        ups, px = await rig("ab", policy(spec))
+        ups, px = await rig("ab", policy(spec), app_protocol=leg)
         got = await asyncio.to_thread(session, px.port, 30, "/?pod=a&status=503")
         assert ups[0].requests == 3 and sum(1 for g in got if g[0] == 503) == 3
         clusters = px.inputs.routes.resilience.peek(("shop", "web", 80)).describe()

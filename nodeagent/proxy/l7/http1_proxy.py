@@ -793,7 +793,7 @@ class _Exchange:
     __slots__ = ("down", "head", "decision", "balancer", "endpoint", "conn", "fut", "pending", "started",
                  "req_bytes", "resp_bytes", "status", "flag", "timer", "btimer", "backend_timeout",
                  "finished", "req_done", "mirrors", "labels", "up_head", "h2", "limits", "service", "replay",
-                 "dest", "retry", "tries", "tried", "retrying", "dtimer", "rtimer", "ttimer")
+                 "dest", "retry", "tries", "tried", "retrying", "dtimer", "rtimer", "ttimer", "retry_h2")
 
     def __init__(self, down: Http1Proxy, head: RequestHead) -> None:
         self.down = down
@@ -829,6 +829,7 @@ class _Exchange:
         self.dtimer: asyncio.TimerHandle | None = None  # an injected delay
         self.rtimer: asyncio.TimerHandle | None = None  # the backoff before a retry
         self.ttimer: asyncio.TimerHandle | None = None  # the per-try timeout
+        self.retry_h2 = False  # the retry waiting for its backoff goes over an HTTP/2 stream
 
     # ---------------------------------------------------------------- setup
     def arm_timeouts(self, timeouts) -> None:
@@ -887,6 +888,8 @@ class _Exchange:
             return
         self.endpoint = ep
         self.up_head = up_head
+        self.limits = limits
+        self.service = service
         leg = self.h2 = _H2Leg(self, head, limits, service)
         pending, self.pending = self.pending, None
         if pending:  # a delayed request's body so far: (True, bytes) / (False, trailers)
@@ -1048,7 +1051,7 @@ class _Exchange:
                 self.resp_bytes += len(ev.data)
                 out.append(codec.send_data(ev.data))
             elif t is ResponseHead:
-                if self.dest is not None and ev.status >= 200 and self._answered(conn, ev):
+                if self.dest is not None and ev.status >= 200 and self._answered(conn, ev.status, ev.headers):
                     down.send_all(out)
                     return  # retried: the rest of this answer is dropped with its connection
                 out.append(self._response_head(ev))
@@ -1099,10 +1102,10 @@ class _Exchange:
         return True
 
     # ---------------------------------------------------------------- retries and outlier detection
-    def _answered(self, conn: UpstreamConn, ev: ResponseHead) -> bool:
-        """A final response head from the upstream: outlier bookkeeping, then True when the
-        retry policy sends the request again instead (this answer is dropped)."""
-        status = ev.status
+    def _answered(self, conn: UpstreamConn | None, status: int, headers) -> bool:
+        """A final response head from the upstream (``conn`` None: over the HTTP/2 leg):
+        outlier bookkeeping, then True when the retry policy sends the request again instead
+        (this answer is dropped)."""
         self._observe(status)
         if self.ttimer is not None:
             self.ttimer.cancel()
@@ -1110,7 +1113,7 @@ class _Exchange:
         r = self.retry
         if r is None or not r.retriable_status(status):
             return False
-        if self._try_again(conn, status, "5xx" if status >= 500 else "status", retry_after_seconds(ev.headers)):
+        if self._try_again(conn, status, "5xx" if status >= 500 else "status", retry_after_seconds(headers)):
             return True
         if self.tries:
             self.flag = "URX"
@@ -1136,8 +1139,13 @@ class _Exchange:
         another endpoint, after the backoff. ``why``: the status, or a failure reason."""
         r = self.retry
         down = self.down
-        if (self.finished or not self.req_done or self.replay is False or self.tries >= r.attempts or down.lost
-                or down.codec.response_started or self.up_head.upgrade is not None or self.h2 is not None
+        leg = self.h2
+        # the HTTP/2 leg keeps the body (None: too big); after its own refused-stream retry
+        # what it kept may miss later pieces, so that request is not retried again
+        body = self.replay if leg is None else (None if leg.retried else leg.retry_body)
+        if (self.finished or not self.req_done or body is False or (leg is not None and body is None)
+                or self.tries >= r.attempts or down.lost
+                or down.codec.response_started or self.up_head.upgrade is not None
                 or not r.method_ok(self.up_head.method)
                 or (type(why) is str and not r.retriable_failure(why))):
             return False
@@ -1163,9 +1171,18 @@ class _Exchange:
             if self.balancer is not None:
                 self.balancer.on_request_end(self.endpoint)
             down.inputs.pool.discard(conn)
+        self.retry_h2 = leg is not None
+        if leg is not None:
+            body = list(body)
+            bal = self.balancer
+            leg.abandon()  # the stream is reset; the next leg counts in flight anew
+            self.balancer = bal
+            self.h2 = None
+            if leg.blocked:
+                leg.blocked = False
+                down._unpause(_R_UPWRITE)
         if self.endpoint not in self.tried:
             self.tried += (self.endpoint,)
-        body = self.replay
         pending = [(True, p) for p in body if type(p) is bytes] if body else []
         pending.append((False, body[-1] if body and type(body[-1]) is list else ()))
         self.pending = pending
@@ -1191,6 +1208,9 @@ class _Exchange:
         if ep is not self.endpoint:
             self.endpoint = ep
             self.labels = down._labels_for(backend, ep)
+        if self.retry_h2:  # the pending pieces go to the new leg
+            self.dispatch_h2(ep, self.up_head, self.limits, self.service)
+            return
         pending, self.pending = self.pending, None
         self._acquire(pending, False)
         if self.conn is not None and not self.finished and not down.closing:
@@ -1468,8 +1488,10 @@ class _H2Leg:
             return
         self.fut = None
         if exc is not None:
-            ex.local(getattr(exc, "flag", "UF"), None, str(exc) if isinstance(exc, (ConnectFailed, PoolOverflow))
-                     else None)
+            flag = getattr(exc, "flag", "UF")
+            if flag == "UF" and ex.dest is not None and ex._failed(None, CONNECT_FAILURE, "connect_failure"):
+                return
+            ex.local(flag, None, str(exc) if isinstance(exc, (ConnectFailed, PoolOverflow)) else None)
             return
         conn = fut.result()
         if conn.closed:
@@ -1498,8 +1520,13 @@ class _H2Leg:
             self.counted = True
             if ex.balancer is not None:
                 ex.balancer.on_request_start(ex.endpoint)
-            if ex.backend_timeout:
+            if ex.backend_timeout and ex.btimer is None:  # a retry stays within the first try's
                 ex.btimer = self.down.loop.call_later(ex.backend_timeout, ex.on_timeout)
+            r = ex.retry
+            if r is not None and r.per_try_timeout:
+                if ex.ttimer is not None:
+                    ex.ttimer.cancel()
+                ex.ttimer = self.down.loop.call_later(r.per_try_timeout, ex.per_try_timeout)
         pending, self.pending = self.pending, None
         if self.retried and self.retry_body:
             pending = self.retry_body + (pending or [])
@@ -1644,6 +1671,8 @@ class _H2Leg:
             self.up = None  # the pool forgot the stream
             if ev.retryable and self._retry(up):
                 return
+            if not self.answered and ex.dest is not None and ex._failed(None, RESET, "reset"):
+                return
             ex.local("UC", 503, f"upstream reset the stream (error code {ev.error_code})")
         elif t is _H2_ERROR:
             up.done(self.usid)
@@ -1659,6 +1688,8 @@ class _H2Leg:
             if out:
                 self._send(out)
             return
+        if ex.dest is not None and ex._answered(None, status, ev.headers):
+            return  # retried on another stream (this one was reset)
         self.answered = True
         self.retry_body = None  # answered: never retried
         ex.status = status
@@ -1702,6 +1733,8 @@ class _H2Leg:
             ex.local("RBAC")
             return
         if retryable and self._retry(up):
+            return
+        if not self.answered and ex.dest is not None and ex._failed(None, RESET, "reset"):
             return
         ex.local("UC", 503, "upstream connection closed before the response")
 
