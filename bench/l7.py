@@ -88,6 +88,10 @@ backend web
 """
 
 
+def nginx_h1_config(run_dir: str, port: int) -> str:
+    return nginx_config(run_dir, port).replace(f"listen {port}", f"listen {LO}:{port}")
+
+
 def nginx_h2_config(run_dir: str, port: int) -> str:
     return nginx_config(run_dir, port).replace(f"listen {port} reuseport", f"listen {LO}:{port} http2 reuseport")
 
@@ -140,6 +144,9 @@ def wrk_rps(url: str, seconds: int, connections: int, pids: list[int]) -> tuple[
     n = re.search(r"(\d+) requests in", out)
     if m is None or n is None:
         raise RuntimeError(f"wrk printed no rate:\n{out}")
+    errors = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+)", out)
+    if "Non-2xx" in out or (errors and any(int(x) for x in errors.groups())):
+        raise RuntimeError(f"wrk saw failed requests:\n{out}")
     return float(m.group(1)), used * 1e6 / max(1, int(n.group(1)))
 
 
@@ -177,13 +184,18 @@ async def _fixed_rate(port: int, rate: int, seconds: float, conns: int = 10) -> 
     return lat
 
 
-def fixed_rate_latency(port: int, rate: int, seconds: float) -> tuple[float, float]:
-    """(p50, p99) in ms. Run in a child process so the client has its own core share."""
+def fixed_rate(port: int, rate: int, seconds: float) -> list[float]:
+    """Sorted latencies (s) of ``_fixed_rate``, run in a child process so the client has its own core share."""
     code = (f"import asyncio, json, sys; sys.path.insert(0, {str(Path(__file__).resolve().parent)!r}); "
             f"import l7, uvloop; lat = uvloop.run(l7._fixed_rate({port}, {rate}, {seconds})); "
             f"print(json.dumps(sorted(lat)))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=seconds + 60, check=True)
-    lat = json.loads(out.stdout)
+    return json.loads(out.stdout)
+
+
+def fixed_rate_latency(port: int, rate: int, seconds: float) -> tuple[float, float]:
+    """(p50, p99) in ms of ``fixed_rate``."""
+    lat = fixed_rate(port, rate, seconds)
     return percentile_ms(lat, 0.50), percentile_ms(lat, 0.99)
 
 
@@ -202,7 +214,8 @@ def h2_fixed_rate(url: str, rate: int, seconds: int, clients: int = 10) -> list[
     return sorted(int(r[2]) / 1e6 for r in rows if r[1] == "200")
 
 
-def h2load_rps(url: str, seconds: int, pids: list[int], args: tuple[str, ...] = ("-c4", "-m100")) -> tuple[float, float]:
+def h2load_rps(url: str, seconds: int, pids: list[int],
+               args: tuple[str, ...] = ("-c4", "-m100")) -> tuple[float, float]:
     """(requests/s, CPU microseconds per request of ``pids``) of ``h2load -c4 -m100`` (``args``) for ``seconds``."""
     before = cpu_seconds(pids)
     r = subprocess.run(["h2load", *args, "-t1", f"-D{seconds}", url], capture_output=True, text=True,
@@ -371,8 +384,7 @@ def run(seconds: int, connections: int, rate: int) -> list[dict]:
     with tempfile.TemporaryDirectory(prefix="hostmesh-l7-bench-") as run_dir:
         os.makedirs(f"{run_dir}/logs")
         nginx_port, hm_port, ha_port = free_port(), free_port(), free_port()
-        Path(run_dir, "nginx.conf").write_text(nginx_config(run_dir, nginx_port).replace(
-            f"listen {nginx_port}", f"listen {LO}:{nginx_port}"))
+        Path(run_dir, "nginx.conf").write_text(nginx_h1_config(run_dir, nginx_port))
         Path(run_dir, "haproxy.cfg").write_text(haproxy_config(run_dir, ha_port, nginx_port))
         try:
             procs.append(subprocess.Popen(["nginx", "-c", f"{run_dir}/nginx.conf", "-p", run_dir],

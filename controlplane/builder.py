@@ -42,23 +42,29 @@ from nodeagent.state import (
 )
 
 
-def build_snapshots(model: MeshModel, nodes: Iterable[str] = ()) -> dict[str, NodeSnapshot]:
+def build_snapshots(model: MeshModel, nodes: Iterable[str] = (),
+                    extra: tuple[ConfigObject, ...] = ()) -> dict[str, NodeSnapshot]:
     """{node: snapshot} for the given nodes (agents connected) and every node a Workload is on,
-    in sorted node order. Identical models and nodes give identical snapshots and versions."""
-    return snapshot_set(model).build(nodes)
+    in sorted node order. Identical models and nodes give identical snapshots and versions.
+    ``extra``: config objects that do not come from the model (``controlplane.health``)."""
+    return snapshot_set(model, extra).build(nodes)
 
 
-def build_snapshot(model: MeshModel, node: str) -> NodeSnapshot:
+def build_snapshot(model: MeshModel, node: str, extra: tuple[ConfigObject, ...] = ()) -> NodeSnapshot:
     """One node's snapshot (e.g. for an agent that just connected); cheap after a build of the same model."""
-    return snapshot_set(model).get(node)
+    return snapshot_set(model, extra).get(node)
 
 
 class SnapshotSet:
     """The snapshots of one model: content built once, per-node snapshots made on demand and kept."""
 
-    def __init__(self, model: MeshModel, previous: SnapshotSet | None = None) -> None:
+    def __init__(self, model: MeshModel, previous: SnapshotSet | None = None,
+                 extra: tuple[ConfigObject, ...] = ()) -> None:
         self.model = model
+        self.extra = extra
         services, workloads, config = build_content(model)
+        if extra:
+            config = tuple(sorted(config + extra, key=lambda c: (c.kind, c.namespace, c.name)))
         if previous is not None:   # keep unchanged objects (and whole tuples) identical across builds
             services = _reuse(services, previous.services)
             workloads = _reuse(workloads, previous.workloads)
@@ -85,13 +91,13 @@ class SnapshotSet:
 _last_set: SnapshotSet | None = None
 
 
-def snapshot_set(model: MeshModel) -> SnapshotSet:
-    """The SnapshotSet of `model`, reused while the same (equal) model is asked for again."""
+def snapshot_set(model: MeshModel, extra: tuple[ConfigObject, ...] = ()) -> SnapshotSet:
+    """The SnapshotSet of `model` (plus `extra`), reused while the same (equal) ones are asked for again."""
     global _last_set
     current = _last_set
-    if current is not None and (current.model is model or current.model == model):
+    if current is not None and (current.model is model or current.model == model) and current.extra == extra:
         return current
-    current = _last_set = SnapshotSet(model, previous=current)
+    current = _last_set = SnapshotSet(model, previous=current, extra=extra)
     return current
 
 

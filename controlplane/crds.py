@@ -92,6 +92,7 @@ CHECK_FN_SCHEMAS: dict[Callable, dict] = {
     k._wildcard_problem: {"pattern": r"^\*?[^*]*\*?$"},
     k._path_pattern_problem: {"pattern": r"^([/*]|.*\*$)"},
     k._https_url_problem: {"pattern": r"^https://[^/?#]"},
+    k._hc_path_problem: {"pattern": r"^/[^ \r\n\t#]*$"},
 }
 # check_fns whose rule has no OpenAPI form (see the docstring's gaps)
 UNEXPRESSED_CHECK_FNS: dict[Callable, str] = {
@@ -127,6 +128,7 @@ UNEXPRESSED_CHECKS: dict[Callable, str] = {
     k._backoff_checks: "retries.backoff maxInterval >= baseInterval (durations compared)",
     k._policy_timeouts_check: "retries.perTryTimeout <= timeout (durations compared)",
     k._rate_limit_defaults: "rateLimit.burst defaults to requestsPerUnit (a default that depends on the object)",
+    k._hc_checks: "healthCheck.timeout <= interval (durations compared)",
 }
 
 

@@ -203,8 +203,10 @@ class DiscoveryServer:
                  large_push_hold: float = 30.0,
                  authenticate: Callable[[Any], str] | None = None,
                  extra_handlers: Sequence[grpc.GenericRpcHandler] = (),
+                 on_health: Callable[[str, list[tuple[str, int]]], None] | None = None,
                  clock: Callable[[], float] = time.time) -> None:
         self.cache = cache
+        self.on_health = on_health  # (node, unhealthy endpoints) from an agent's HealthReport
         self.authenticate = authenticate
         self.extra_handlers = tuple(extra_handlers)
         self.metrics = metrics if metrics is not None else cache.metrics
@@ -389,6 +391,10 @@ class DiscoveryServer:
                     self._on_nack(st, msg.nack)
                 elif kind == "hello" and st.awaiting_versions:
                     self._on_versions(st, msg.hello)
+                elif kind == "health":
+                    if self.on_health is not None:  # on the stream's own (authenticated) node only
+                        self.on_health(st.node, [(e.address, e.port, e.service) for e in msg.health.unhealthy])
+                    continue  # nothing to push because of it here: the cache's watch does that
                 else:
                     raise _ProtocolError(f"unexpected {kind or 'empty'} message after the Hello")
                 watch.event.set()

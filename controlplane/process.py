@@ -32,6 +32,7 @@ from urllib.parse import parse_qs
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from controlplane.auth import NodeIdentities, NodeTokens, TokenFileError
+from controlplane.health import HealthStore
 from controlplane.builder import build_snapshot, build_snapshots, check_consistency
 from controlplane.ca import CAError, CertificateAuthority
 from controlplane.cache import SnapshotCache, SnapshotRejected
@@ -96,6 +97,7 @@ class ControlPlane:
         self.model_loaded_at: float | None = None
         self.errors: list[ConfigIssue] = []
         self.started = time.time()
+        self.health = HealthStore()
         self.cache = SnapshotCache(consistency_check=check_consistency, snapshot_for_new_node=self._new_node,
                                    metrics=self.metrics)
         self.election: LeaderElection | None = None
@@ -109,7 +111,7 @@ class ControlPlane:
         self.tokens: NodeTokens | None = None
         self.serving: ServingCertificate | None = None
         if security is None:
-            self.grpc = DiscoveryServer(self.cache, self.metrics)
+            self.grpc = DiscoveryServer(self.cache, self.metrics, on_health=self._on_health)
         else:
             # CA and token problems stop the start here, before any port is bound
             self.ca = CertificateAuthority(security.ca_dir)
@@ -118,7 +120,8 @@ class ControlPlane:
             self.auth = Authenticator(self.tokens, self._token_reviewer(security, kubernetes))
             certs = CertificateService(self.ca, self.auth, lambda: self.identities, self.metrics)
             self.grpc = DiscoveryServer(self.cache, self.metrics, server_credentials=self.serving.credentials(),
-                                        authenticate=self.auth.authenticate, extra_handlers=[certs.handler()])
+                                        authenticate=self.auth.authenticate, extra_handlers=[certs.handler()],
+                                        on_health=self._on_health)
         self.http = AdminServer(None, http_host, http_port, dispatcher=self._routes(),
                                 name="control plane http")
         self._stop = asyncio.Event()
@@ -130,16 +133,23 @@ class ControlPlane:
         self.errors = []
         self.config_valid.set(1)
         self.identities = NodeIdentities.from_model(model)
-        snaps = build_snapshots(model, self.cache.nodes())
-        try:
-            self.cache.set_snapshots(snaps)
-        except SnapshotRejected as exc:  # counted by the cache; the previous snapshots stay
-            log.error("snapshots refused by the consistency check", extra={"error": str(exc)})
+        snaps = self._publish(model)
+        if snaps is None:
             return
         if self.election is not None:
             self._status_dirty.set()
         log.info("config applied", extra={"model_version": model.version, "nodes": len(snaps),
                                           "objects": model.counts()})
+
+    def _publish(self, model: MeshModel) -> dict | None:
+        """Snapshots of ``model`` plus the reported endpoint health, into the cache (None: refused)."""
+        snaps = build_snapshots(model, self.cache.nodes(), self.health.config_objects())
+        try:
+            self.cache.set_snapshots(snaps)
+        except SnapshotRejected as exc:  # counted by the cache; the previous snapshots stay
+            log.error("snapshots refused by the consistency check", extra={"error": str(exc)})
+            return None
+        return snaps
 
     def _on_errors(self, errors: list[ConfigIssue]) -> None:
         self.errors = list(errors)
@@ -225,7 +235,17 @@ class ControlPlane:
                 self._status_dirty.set()
 
     def _new_node(self, node: str) -> NodeSnapshot | None:
-        return build_snapshot(self.model, node) if self.model is not None else None
+        return build_snapshot(self.model, node, self.health.config_objects()) if self.model is not None else None
+
+    def _on_health(self, node: str, unhealthy: list[tuple[str, int, str]]) -> None:
+        """An agent's HealthReport: a changed set is pushed to every agent at once."""
+        if not self.health.report(node, unhealthy, self.model):
+            return
+        log.info("endpoint health changed", extra={"node": node,
+                                                   "unhealthy": sorted(f"{s} {a}:{p}"
+                                                                       for a, p, s in self.health.unhealthy(node))})
+        if self.model is not None:
+            self._publish(self.model)
 
     # ------------------------------------------------------------------ lifecycle
     async def run(self) -> int:
@@ -279,6 +299,8 @@ class ControlPlane:
             "/debug/config": Route("GET", lambda q: json_response(200, self.config_view()), "config state and errors"),
             "/debug/agents": Route("GET", lambda q: json_response(200, self.agents_view()), "connected agents"),
             "/debug/snapshot": Route("GET", self._snapshot_view, "a node's snapshot: ?node=NAME"),
+            "/debug/health": Route("GET", lambda q: json_response(200, self.health.describe()),
+                                   "endpoints the agents' health checks report unhealthy, by node"),
         }, name="control plane http")
 
     def _ready(self, query: str):

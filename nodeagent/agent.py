@@ -35,6 +35,7 @@ from nodeagent.capture import Capture, CaptureSpec, make_capture, remove_other_b
 from nodeagent.capture.base import so_original_dst
 from nodeagent.configsource import SnapshotFile
 from nodeagent.cpclient import ControlPlaneClient
+from nodeagent.healthcheck import HealthChecker
 from nodeagent.endpoints import EndpointRotation
 from nodeagent.persist import SnapshotStore
 from nodeagent.errors import AgentError
@@ -49,6 +50,7 @@ from nodeagent.proxy.jwks import HttpsJwksFetcher, JwksCache, JwksRefresher
 from nodeagent.proxy.jwtauth import RequestAuthn
 from nodeagent.proxy.l7.metrics import HttpMetrics
 from nodeagent.proxy.l7.resilience import NOT_EJECTED, merge_state_views, state_view
+from nodeagent.state import unhealthy_endpoints
 from nodeagent.proxy.destinations import service_endpoints
 from nodeagent.state import AgentState, NodeSnapshot
 from nodeagent.telemetry import ProxyMetrics
@@ -143,6 +145,10 @@ class Agent:
             SnapshotStore(os.path.join(boot.state_dir, "snapshot.json")), self.registry,
             validate=self.validate_snapshot, auth=self.auth, extra_roots=self._ca_bundle,
         ) if use_cp else None
+        # active health checks of this node's endpoints, reported to the control plane
+        self.health_checks = HealthChecker(boot.node, lambda: self.state.snapshot, self.cp.report_health,
+                                           mark=boot.socket_mark if self.capture else 0,
+                                           registry=self.registry) if self.cp else None
         # keys of RequestAuthentication jwksUri rules: fetched here, read by the proxies
         self.jwks = JwksCache()
         self.jwks_refresher = JwksRefresher(self.jwks, HttpsJwksFetcher(jwks_ssl_context(boot)), self.registry,
@@ -238,6 +244,9 @@ class Agent:
         self.state.subscribe(self._watch_jwks)
         if self.state.snapshot is not None:
             self._watch_jwks(self.state.snapshot)
+        if self.health_checks is not None:
+            self.state.subscribe(self.health_checks.refresh)
+            self.health_checks.start()
         self._serve_handoffs(loop)
         await self._stop.wait()
         await self.shutdown()
@@ -508,6 +517,8 @@ class Agent:
                               else f"stopping: draining {self.serving.active_connections} connections "
                                    f"(up to {self.boot.drain_grace:g}s); capture stays installed")
         self._cancel_tasks()
+        if self.health_checks is not None:
+            await self.health_checks.stop()
         await self.jwks_refresher.close()
         aborted = await self.serving.drain(self.boot.drain_grace)
         if self.signer:
@@ -655,6 +666,7 @@ class Agent:
                 "snapshot_error": self.source.last_error if self.source else "",
                 "control_plane": self.cp.status() if self.cp else None,
                 "authorization": self.policies(), "jwks": self.jwks_view(),
+                "health_checks": self.health_checks.describe() if self.health_checks is not None else [],
                 **({"workers": self.pool.describe()} if self.pool is not None else {})}
 
     def policies(self) -> list[dict]:
@@ -705,6 +717,7 @@ class Agent:
         if snap is None:
             return []
         views = self._resilience_views()
+        failing = unhealthy_endpoints(snap.config)
         out = []
         for s in snap.services:
             for p in s.ports:
@@ -714,6 +727,9 @@ class Agent:
                     ep = {"address": f"{e.address}:{e.port}", "node": e.node, "workload": e.workload}
                     if v is not None and "outlier" in v["summary"]:
                         ep["outlier"] = v["endpoints"].get(ep["address"], NOT_EJECTED)
+                    if failing:  # active health checks of the endpoint's own node
+                        ep["healthCheck"] = "failing" if (e.address, e.port, f"{s.namespace}/{s.name}") in failing \
+                            else "passing"
                     eps.append(ep)
                 c = {"name": f"{s.hostname}:{p.port}", "service": s.hostname, "vip": f"{s.cluster_ip}:{p.port}",
                      "endpoints": eps}

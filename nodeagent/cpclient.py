@@ -179,6 +179,11 @@ class ControlPlaneClient:
         self._next_retry: float | None = None
         self._applies = 0
         self._nacks = 0
+        # the endpoints of this node the health checks find unhealthy (nodeagent/healthcheck.py),
+        # sent on every stream after its first update and whenever they change
+        self._health: frozenset[tuple[str, int, str]] = frozenset()
+        self._health_changed: asyncio.Event | None = None
+        self._write_lock = asyncio.Lock()
 
     @property
     def address(self) -> str:
@@ -307,6 +312,32 @@ class ControlPlaneClient:
             res = {n: (known_versions.get(n, v), o) for n, (v, o) in res.items()}
         self._resources, self._resources_of = res, snap
 
+    def report_health(self, unhealthy: frozenset[tuple[str, int, str]]) -> None:
+        """The health checker's latest set; sent on the stream (now, or once one is up)."""
+        if unhealthy == self._health:
+            return
+        self._health = frozenset(unhealthy)
+        if self._health_changed is not None:
+            self._health_changed.set()
+
+    def _health_message(self) -> pb.AgentMessage:
+        return pb.AgentMessage(health=pb.HealthReport(unhealthy=[
+            pb.EndpointKey(address=a, port=p, service=s) for a, p, s in sorted(self._health)]))
+
+    async def _send_health(self, call, lock: asyncio.Lock) -> None:
+        """While the stream lives: the current set once, then each change (never two writes at once)."""
+        changed = self._health_changed = asyncio.Event()
+        if self._health:  # a new stream's control plane knows nothing of this node yet
+            changed.set()
+        try:
+            while True:
+                await changed.wait()
+                changed.clear()
+                async with lock:
+                    await call.write(self._health_message())
+        except (grpc.RpcError, grpc.aio.UsageError, RuntimeError) as exc:  # the stream ended: the next one resends
+            log.debug("health report not sent: %s", exc)
+
     async def _session(self) -> bool:
         if self.state.snapshot is not self._resources_of:
             self._index_current()
@@ -321,6 +352,8 @@ class ControlPlaneClient:
         else:
             channel = grpc.aio.secure_channel(self.address, self.credentials, options=self.options)
         synced = False
+        lock = self._write_lock = asyncio.Lock()  # the health sender writes on the same stream as acks/nacks
+        health_task: asyncio.Task | None = None
         try:
             call = channel.stream_stream(STREAM_METHOD, request_serializer=pb.AgentMessage.SerializeToString,
                                          response_deserializer=pb.SnapshotUpdate.FromString)(metadata=metadata)
@@ -341,13 +374,18 @@ class ControlPlaneClient:
                     await self._nack(call, update, str(exc))
                 else:
                     self._acked_version = update.snapshot_version
-                    await call.write(pb.AgentMessage(ack=pb.Ack(nonce=update.nonce,
-                                                                snapshot_version=update.snapshot_version)))
+                    async with lock:
+                        await call.write(pb.AgentMessage(ack=pb.Ack(nonce=update.nonce,
+                                                                    snapshot_version=update.snapshot_version)))
                 if not synced:
                     synced = True
                     self.endpoints.succeeded()
                     self._set_connected(True)
+                    health_task = asyncio.get_running_loop().create_task(self._send_health(call, lock))
         finally:
+            if health_task is not None:
+                health_task.cancel()
+                self._health_changed = None
             await channel.close()
 
     def _hello(self, *, with_versions: bool, buckets=()) -> pb.AgentMessage:
@@ -374,9 +412,10 @@ class ControlPlaneClient:
         log.error("snapshot rejected; keeping the previous one",
                   extra={"version": update.snapshot_version, "error": error})
         snap = self.state.snapshot
-        await call.write(pb.AgentMessage(nack=pb.Nack(nonce=update.nonce,
-                                                      snapshot_version=snap.version if snap else "",
-                                                      error_detail=error)))
+        async with self._write_lock:
+            await call.write(pb.AgentMessage(nack=pb.Nack(nonce=update.nonce,
+                                                          snapshot_version=snap.version if snap else "",
+                                                          error_detail=error)))
 
     # ------------------------------------------------------------------ one update
     async def _apply(self, update: pb.SnapshotUpdate) -> None:

@@ -12,7 +12,7 @@ import hashlib
 import ipaddress
 import json
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Iterable
 
 from nodeagent.errors import ConfigError
 
@@ -304,3 +304,23 @@ def _parse_config(d: Any, where: str) -> ConfigObject:
         name=_str(d["name"], f"{where}.name"),
         spec=spec,
     )
+
+
+# ---------------------------------------------------------------- endpoint health
+# The control plane carries the endpoints the agents' health checks found unhealthy as
+# config objects (controlplane/health.py writes them, the balancers read them here).
+ENDPOINT_HEALTH = "EndpointHealth"
+HEALTH_NAMESPACE = "hostmesh-system"
+
+
+def unhealthy_endpoints(config: Iterable[ConfigObject]) -> frozenset[tuple[str, int, str]]:
+    """Every (address, port, "ns/service") the snapshot's EndpointHealth objects name."""
+    out: set[tuple[str, int, str]] = set()
+    for c in config:
+        if c.kind != ENDPOINT_HEALTH:
+            continue
+        try:
+            out.update((str(a), int(p), str(s)) for a, p, s in json.loads(c.spec).get("unhealthy", ()))
+        except (ValueError, TypeError, AttributeError):
+            continue
+    return frozenset(out)

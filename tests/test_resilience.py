@@ -221,3 +221,21 @@ def test_worker_processes_split_limits_rounding_down_but_never_to_zero():
     p = DestinationPolicy.from_traffic_policy({"connectionPool": {"maxRequests": 5, "maxRetries": 1},
                                                "rateLimit": {"requestsPerUnit": 10, "unit": "second"}}, share=0.5)
     assert p.max_requests == 2 and p.max_retries == 1 and p.rate.rate == 5.0 and p.rate.burst == 5.0
+
+
+def test_merged_views_sum_counts_and_shares_but_not_settings():
+    from nodeagent.proxy.l7.resilience import merge_state_views, state_view
+    views = []
+    for _ in range(2):
+        rs = ResilienceState()
+        st = rs.get(("ns", "svc", 80), DestinationPolicy.from_traffic_policy(
+            {"retries": {"attempts": 2}, "connectionPool": {"maxRequests": 4},
+             "outlierDetection": {"consecutive5xxErrors": 1, "maxEjectionPercent": 100}}, share=0.5))
+        st.count_retry("5xx")
+        st.observe(("10.0.0.1", 80), 500, 2, 0.0)
+        views.append(state_view(rs, 1.0))
+    m = merge_state_views(views)["ns/svc/80"]
+    s = m["summary"]
+    assert s["retry"]["attempts"] == 2 and s["retry"]["minRetryConcurrency"] == 3
+    assert s["retries"] == {"5xx": 2} and s["maxRequests"] == 4
+    assert m["endpoints"]["10.0.0.1:80"]["ejected"] and m["endpoints"]["10.0.0.1:80"]["ejections"] == 2

@@ -28,6 +28,7 @@ pytestmark = [pytest.mark.lab, pytest.mark.timeout(600)]
 CLIENT_POD = "node1/pod-1"
 RETRY, OUTLIER, BREAKER, LIMITED, FAULTY, DELAYED, PERTRY = (f"198.19.1.{i}" for i in range(10, 17))
 GRPC_FAULTY, GRPC_LIMITED = "198.19.1.20", "198.19.1.21"
+CHECKED = "198.19.1.22"
 
 # requests in threads from one pod: spec JSON in argv[1]; prints [[status, flags, seconds], ...]
 CLIENT = textwrap.dedent("""
@@ -111,6 +112,9 @@ def documents() -> list[dict]:
         fault("grpc-faulty", {"abort": {"percentage": 100, "grpcStatus": 14}}),
         svc("grpc-limited", GRPC_LIMITED, grpc=True),
         policy("grpc-limited", {"rateLimit": {"requestsPerUnit": 5, "unit": "minute"}}),
+        svc("checked", CHECKED), policy("checked", {"healthCheck": {
+            "http": {"path": "/?pod=pod-2&status=503"}, "interval": "500ms", "timeout": "300ms", "jitter": "0s",
+            "unhealthyThreshold": 2, "healthyThreshold": 1}}),
     ]
 
 
@@ -126,7 +130,7 @@ def rlab():
 
         def in_force(node: str) -> bool:
             clusters = json.loads(mesh.admin_get(lab, node, "/clusters").stdout or "[]")
-            return sum(1 for c in clusters if c["vip"].startswith("198.19.1.")) == 9
+            return sum(1 for c in clusters if c["vip"].startswith("198.19.1.")) == 10
         wait_for(lambda: all(in_force(n) for n in ("node1", "node2")), timeout=30, what="the resilience config")
         yield lab
     finally:
@@ -232,3 +236,21 @@ def test_grpc_gets_the_right_status_codes(rlab):
     codes = grpc_codes(rlab, GRPC_LIMITED, 8)
     ok = codes.count("OK")  # one connection: its worker's share of the 5 per minute
     assert 1 <= ok <= 5 and codes[:ok] == ["OK"] * ok and set(codes[ok:]) == {"RESOURCE_EXHAUSTED"}, codes
+
+
+# ------------------------------------------------------------------ active health checks
+def test_endpoints_failing_their_health_check_get_no_traffic_on_any_node(rlab):
+    """Each node probes its own pods (interval 500 ms, 2 failures): both pod-2s fail and every
+    agent learns it through the control plane within interval x threshold plus a push."""
+    def failing(node: str) -> set:
+        c = clusters(rlab, node, "checked")
+        return {e["workload"] for e in c["endpoints"] if e.get("healthCheck") == "failing"}
+    wait_for(lambda: all(len(failing(n)) == 2 for n in ("node1", "node2")), timeout=10,
+             what="both pod-2 endpoints failing on both agents")
+    assert all(w.endswith("pod-2") for w in failing("node1"))
+    reported = json.loads(mesh.cp_get(rlab, "/debug/health").stdout)
+    assert sorted(reported) == ["node1", "node2"] and all(len(v) == 1 for v in reported.values())
+    rows = http(rlab, CHECKED, 40, path="/?pod=pod-2&status=503")["rows"]
+    assert {r[0] for r in rows} == {200}  # pod-2s get nothing
+    text = mesh.admin_get(rlab, "node2", "/stats/prometheus").stdout
+    assert "\nhostmesh_agent_health_unhealthy_endpoints 1.0" in text

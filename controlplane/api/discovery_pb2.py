@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n controlplane/api/discovery.proto\x12\x0fhostmesh.api.v1\"\x8b\x01\n\x0c\x41gentMessage\x12\'\n\x05hello\x18\x01 \x01(\x0b\x32\x16.hostmesh.api.v1.HelloH\x00\x12#\n\x03\x61\x63k\x18\x02 \x01(\x0b\x32\x14.hostmesh.api.v1.AckH\x00\x12%\n\x04nack\x18\x03 \x01(\x0b\x32\x15.hostmesh.api.v1.NackH\x00\x42\x06\n\x04kind\"\xf9\x01\n\x05Hello\x12\x0c\n\x04node\x18\x01 \x01(\t\x12\x15\n\ragent_version\x18\x02 \x01(\t\x12\x18\n\x10snapshot_version\x18\x03 \x01(\t\x12G\n\x11resource_versions\x18\x04 \x03(\x0b\x32,.hostmesh.api.v1.Hello.ResourceVersionsEntry\x12\x17\n\x0fresource_digest\x18\x05 \x01(\t\x12\x16\n\x0e\x62ucket_digests\x18\x06 \x01(\x0c\x1a\x37\n\x15ResourceVersionsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\".\n\x03\x41\x63k\x12\r\n\x05nonce\x18\x01 \x01(\t\x12\x18\n\x10snapshot_version\x18\x02 \x01(\t\"E\n\x04Nack\x12\r\n\x05nonce\x18\x01 \x01(\t\x12\x18\n\x10snapshot_version\x18\x02 \x01(\t\x12\x14\n\x0c\x65rror_detail\x18\x03 \x01(\t\"\xd3\x01\n\x0eSnapshotUpdate\x12\r\n\x05nonce\x18\x01 \x01(\t\x12\x18\n\x10snapshot_version\x18\x02 \x01(\t\x12*\n\x07\x63hanged\x18\x03 \x03(\x0b\x32\x19.hostmesh.api.v1.Resource\x12\x0f\n\x07removed\x18\x04 \x03(\t\x12\x12\n\nfull_state\x18\x05 \x01(\x08\x12\x17\n\x0fresource_digest\x18\x06 \x01(\t\x12\x15\n\rsend_versions\x18\x07 \x01(\x08\x12\x17\n\x0fversion_buckets\x18\x08 \x03(\r\"\xbe\x01\n\x08Resource\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12+\n\x07service\x18\x03 \x01(\x0b\x32\x18.hostmesh.api.v1.ServiceH\x00\x12-\n\x08workload\x18\x04 \x01(\x0b\x32\x19.hostmesh.api.v1.WorkloadH\x00\x12/\n\x06\x63onfig\x18\x05 \x01(\x0b\x32\x1d.hostmesh.api.v1.ConfigObjectH\x00\x42\x06\n\x04\x62ody\"\x99\x01\n\x07Service\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x11\n\tnamespace\x18\x02 \x01(\t\x12\x12\n\ncluster_ip\x18\x03 \x01(\t\x12+\n\x05ports\x18\x04 \x03(\x0b\x32\x1c.hostmesh.api.v1.ServicePort\x12,\n\tendpoints\x18\x05 \x03(\x0b\x32\x19.hostmesh.api.v1.Endpoint\"f\n\x0bServicePort\x12\x0c\n\x04port\x18\x01 \x01(\r\x12\x13\n\x0btarget_port\x18\x02 \x01(\r\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x10\n\x08protocol\x18\x04 \x01(\t\x12\x14\n\x0c\x61pp_protocol\x18\x05 \x01(\t\"\\\n\x08\x45ndpoint\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\x12\x0c\n\x04port\x18\x02 \x01(\r\x12\x0c\n\x04node\x18\x03 \x01(\t\x12\x10\n\x08workload\x18\x04 \x01(\t\x12\x11\n\tnamespace\x18\x05 \x01(\t\"\x8b\x01\n\x08Workload\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x11\n\tnamespace\x18\x02 \x01(\t\x12\x0c\n\x04node\x18\x03 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x04 \x01(\t\x12\x17\n\x0fservice_account\x18\x05 \x01(\t\x12&\n\x06labels\x18\x06 \x03(\x0b\x32\x16.hostmesh.api.v1.Label\"#\n\x05Label\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t\"P\n\x0c\x43onfigObject\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\x11\n\tnamespace\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x11\n\tspec_json\x18\x04 \x01(\t2b\n\tDiscovery\x12U\n\x0fStreamSnapshots\x12\x1d.hostmesh.api.v1.AgentMessage\x1a\x1f.hostmesh.api.v1.SnapshotUpdate(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n controlplane/api/discovery.proto\x12\x0fhostmesh.api.v1\"\xbc\x01\n\x0c\x41gentMessage\x12\'\n\x05hello\x18\x01 \x01(\x0b\x32\x16.hostmesh.api.v1.HelloH\x00\x12#\n\x03\x61\x63k\x18\x02 \x01(\x0b\x32\x14.hostmesh.api.v1.AckH\x00\x12%\n\x04nack\x18\x03 \x01(\x0b\x32\x15.hostmesh.api.v1.NackH\x00\x12/\n\x06health\x18\x04 \x01(\x0b\x32\x1d.hostmesh.api.v1.HealthReportH\x00\x42\x06\n\x04kind\"?\n\x0cHealthReport\x12/\n\tunhealthy\x18\x01 \x03(\x0b\x32\x1c.hostmesh.api.v1.EndpointKey\"=\n\x0b\x45ndpointKey\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\x12\x0c\n\x04port\x18\x02 \x01(\r\x12\x0f\n\x07service\x18\x03 \x01(\t\"\xf9\x01\n\x05Hello\x12\x0c\n\x04node\x18\x01 \x01(\t\x12\x15\n\ragent_version\x18\x02 \x01(\t\x12\x18\n\x10snapshot_version\x18\x03 \x01(\t\x12G\n\x11resource_versions\x18\x04 \x03(\x0b\x32,.hostmesh.api.v1.Hello.ResourceVersionsEntry\x12\x17\n\x0fresource_digest\x18\x05 \x01(\t\x12\x16\n\x0e\x62ucket_digests\x18\x06 \x01(\x0c\x1a\x37\n\x15ResourceVersionsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\".\n\x03\x41\x63k\x12\r\n\x05nonce\x18\x01 \x01(\t\x12\x18\n\x10snapshot_version\x18\x02 \x01(\t\"E\n\x04Nack\x12\r\n\x05nonce\x18\x01 \x01(\t\x12\x18\n\x10snapshot_version\x18\x02 \x01(\t\x12\x14\n\x0c\x65rror_detail\x18\x03 \x01(\t\"\xd3\x01\n\x0eSnapshotUpdate\x12\r\n\x05nonce\x18\x01 \x01(\t\x12\x18\n\x10snapshot_version\x18\x02 \x01(\t\x12*\n\x07\x63hanged\x18\x03 \x03(\x0b\x32\x19.hostmesh.api.v1.Resource\x12\x0f\n\x07removed\x18\x04 \x03(\t\x12\x12\n\nfull_state\x18\x05 \x01(\x08\x12\x17\n\x0fresource_digest\x18\x06 \x01(\t\x12\x15\n\rsend_versions\x18\x07 \x01(\x08\x12\x17\n\x0fversion_buckets\x18\x08 \x03(\r\"\xbe\x01\n\x08Resource\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12+\n\x07service\x18\x03 \x01(\x0b\x32\x18.hostmesh.api.v1.ServiceH\x00\x12-\n\x08workload\x18\x04 \x01(\x0b\x32\x19.hostmesh.api.v1.WorkloadH\x00\x12/\n\x06\x63onfig\x18\x05 \x01(\x0b\x32\x1d.hostmesh.api.v1.ConfigObjectH\x00\x42\x06\n\x04\x62ody\"\x99\x01\n\x07Service\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x11\n\tnamespace\x18\x02 \x01(\t\x12\x12\n\ncluster_ip\x18\x03 \x01(\t\x12+\n\x05ports\x18\x04 \x03(\x0b\x32\x1c.hostmesh.api.v1.ServicePort\x12,\n\tendpoints\x18\x05 \x03(\x0b\x32\x19.hostmesh.api.v1.Endpoint\"f\n\x0bServicePort\x12\x0c\n\x04port\x18\x01 \x01(\r\x12\x13\n\x0btarget_port\x18\x02 \x01(\r\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x10\n\x08protocol\x18\x04 \x01(\t\x12\x14\n\x0c\x61pp_protocol\x18\x05 \x01(\t\"\\\n\x08\x45ndpoint\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\x12\x0c\n\x04port\x18\x02 \x01(\r\x12\x0c\n\x04node\x18\x03 \x01(\t\x12\x10\n\x08workload\x18\x04 \x01(\t\x12\x11\n\tnamespace\x18\x05 \x01(\t\"\x8b\x01\n\x08Workload\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x11\n\tnamespace\x18\x02 \x01(\t\x12\x0c\n\x04node\x18\x03 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x04 \x01(\t\x12\x17\n\x0fservice_account\x18\x05 \x01(\t\x12&\n\x06labels\x18\x06 \x03(\x0b\x32\x16.hostmesh.api.v1.Label\"#\n\x05Label\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t\"P\n\x0c\x43onfigObject\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\x11\n\tnamespace\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x11\n\tspec_json\x18\x04 \x01(\t2b\n\tDiscovery\x12U\n\x0fStreamSnapshots\x12\x1d.hostmesh.api.v1.AgentMessage\x1a\x1f.hostmesh.api.v1.SnapshotUpdate(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,31 +34,35 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_HELLO_RESOURCEVERSIONSENTRY']._loaded_options = None
   _globals['_HELLO_RESOURCEVERSIONSENTRY']._serialized_options = b'8\001'
   _globals['_AGENTMESSAGE']._serialized_start=54
-  _globals['_AGENTMESSAGE']._serialized_end=193
-  _globals['_HELLO']._serialized_start=196
-  _globals['_HELLO']._serialized_end=445
-  _globals['_HELLO_RESOURCEVERSIONSENTRY']._serialized_start=390
-  _globals['_HELLO_RESOURCEVERSIONSENTRY']._serialized_end=445
-  _globals['_ACK']._serialized_start=447
-  _globals['_ACK']._serialized_end=493
-  _globals['_NACK']._serialized_start=495
-  _globals['_NACK']._serialized_end=564
-  _globals['_SNAPSHOTUPDATE']._serialized_start=567
-  _globals['_SNAPSHOTUPDATE']._serialized_end=778
-  _globals['_RESOURCE']._serialized_start=781
-  _globals['_RESOURCE']._serialized_end=971
-  _globals['_SERVICE']._serialized_start=974
-  _globals['_SERVICE']._serialized_end=1127
-  _globals['_SERVICEPORT']._serialized_start=1129
-  _globals['_SERVICEPORT']._serialized_end=1231
-  _globals['_ENDPOINT']._serialized_start=1233
-  _globals['_ENDPOINT']._serialized_end=1325
-  _globals['_WORKLOAD']._serialized_start=1328
-  _globals['_WORKLOAD']._serialized_end=1467
-  _globals['_LABEL']._serialized_start=1469
-  _globals['_LABEL']._serialized_end=1504
-  _globals['_CONFIGOBJECT']._serialized_start=1506
-  _globals['_CONFIGOBJECT']._serialized_end=1586
-  _globals['_DISCOVERY']._serialized_start=1588
-  _globals['_DISCOVERY']._serialized_end=1686
+  _globals['_AGENTMESSAGE']._serialized_end=242
+  _globals['_HEALTHREPORT']._serialized_start=244
+  _globals['_HEALTHREPORT']._serialized_end=307
+  _globals['_ENDPOINTKEY']._serialized_start=309
+  _globals['_ENDPOINTKEY']._serialized_end=370
+  _globals['_HELLO']._serialized_start=373
+  _globals['_HELLO']._serialized_end=622
+  _globals['_HELLO_RESOURCEVERSIONSENTRY']._serialized_start=567
+  _globals['_HELLO_RESOURCEVERSIONSENTRY']._serialized_end=622
+  _globals['_ACK']._serialized_start=624
+  _globals['_ACK']._serialized_end=670
+  _globals['_NACK']._serialized_start=672
+  _globals['_NACK']._serialized_end=741
+  _globals['_SNAPSHOTUPDATE']._serialized_start=744
+  _globals['_SNAPSHOTUPDATE']._serialized_end=955
+  _globals['_RESOURCE']._serialized_start=958
+  _globals['_RESOURCE']._serialized_end=1148
+  _globals['_SERVICE']._serialized_start=1151
+  _globals['_SERVICE']._serialized_end=1304
+  _globals['_SERVICEPORT']._serialized_start=1306
+  _globals['_SERVICEPORT']._serialized_end=1408
+  _globals['_ENDPOINT']._serialized_start=1410
+  _globals['_ENDPOINT']._serialized_end=1502
+  _globals['_WORKLOAD']._serialized_start=1505
+  _globals['_WORKLOAD']._serialized_end=1644
+  _globals['_LABEL']._serialized_start=1646
+  _globals['_LABEL']._serialized_end=1681
+  _globals['_CONFIGOBJECT']._serialized_start=1683
+  _globals['_CONFIGOBJECT']._serialized_end=1763
+  _globals['_DISCOVERY']._serialized_start=1765
+  _globals['_DISCOVERY']._serialized_end=1863
 # @@protoc_insertion_point(module_scope)

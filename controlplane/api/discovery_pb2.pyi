@@ -7,14 +7,32 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class AgentMessage(_message.Message):
-    __slots__ = ("hello", "ack", "nack")
+    __slots__ = ("hello", "ack", "nack", "health")
     HELLO_FIELD_NUMBER: _ClassVar[int]
     ACK_FIELD_NUMBER: _ClassVar[int]
     NACK_FIELD_NUMBER: _ClassVar[int]
+    HEALTH_FIELD_NUMBER: _ClassVar[int]
     hello: Hello
     ack: Ack
     nack: Nack
-    def __init__(self, hello: _Optional[_Union[Hello, _Mapping]] = ..., ack: _Optional[_Union[Ack, _Mapping]] = ..., nack: _Optional[_Union[Nack, _Mapping]] = ...) -> None: ...
+    health: HealthReport
+    def __init__(self, hello: _Optional[_Union[Hello, _Mapping]] = ..., ack: _Optional[_Union[Ack, _Mapping]] = ..., nack: _Optional[_Union[Nack, _Mapping]] = ..., health: _Optional[_Union[HealthReport, _Mapping]] = ...) -> None: ...
+
+class HealthReport(_message.Message):
+    __slots__ = ("unhealthy",)
+    UNHEALTHY_FIELD_NUMBER: _ClassVar[int]
+    unhealthy: _containers.RepeatedCompositeFieldContainer[EndpointKey]
+    def __init__(self, unhealthy: _Optional[_Iterable[_Union[EndpointKey, _Mapping]]] = ...) -> None: ...
+
+class EndpointKey(_message.Message):
+    __slots__ = ("address", "port", "service")
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    PORT_FIELD_NUMBER: _ClassVar[int]
+    SERVICE_FIELD_NUMBER: _ClassVar[int]
+    address: str
+    port: int
+    service: str
+    def __init__(self, address: _Optional[str] = ..., port: _Optional[int] = ..., service: _Optional[str] = ...) -> None: ...
 
 class Hello(_message.Message):
     __slots__ = ("node", "agent_version", "snapshot_version", "resource_versions", "resource_digest", "bucket_digests")

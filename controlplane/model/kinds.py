@@ -309,7 +309,38 @@ RATE_LIMIT = Obj({
     "perSourceWorkload": optional(Bool(), default=False),
 }, checks=[_rate_limit_defaults])
 
-_POLICY_SECTIONS = ("loadBalancer", "connectionPool", "outlierDetection", "timeout", "retries", "rateLimit")
+def _hc_checks(out, raw, path, problems):
+    interval, timeout = out.get("interval"), out.get("timeout")
+    if interval is not None and timeout is not None and parse_duration(timeout) > parse_duration(interval):
+        problems.add(path + ("timeout",), f"{show(timeout)} is longer than the interval {show(interval)}")
+
+
+def _hc_path_problem(v: str) -> str | None:
+    if not v.startswith("/") or any(c in v for c in " \r\n\t#"):
+        return f"{show(v)} is not a request path: it starts with '/' and has no spaces, '#' or control characters"
+    return None
+
+
+# Active health checks (nodeagent/healthcheck.py): each agent probes its own node's
+# endpoints; agent defaults: interval 10s, timeout 1s, unhealthyThreshold 3,
+# healthyThreshold 2, jitter 1s, panicThreshold 50 (percent healthy below which the
+# balancer uses every endpoint, as Envoy's healthy panic threshold)
+HEALTH_CHECK = Obj({
+    "interval": Duration(positive=True),
+    "timeout": Duration(positive=True),
+    "unhealthyThreshold": Int(1, 1000),
+    "healthyThreshold": Int(1, 1000),
+    "jitter": Duration(),
+    "port": port_field(),
+    "panicThreshold": Int(0, 100),
+    "http": Obj({"path": required(Str(max_len=1024, check_fn=_hc_path_problem)),
+                 "expectedStatuses": List(Int(100, 599), min_items=1, max_items=32, unique=(None, _same, "status"))}),
+    "tcp": Obj({}),
+    "grpc": Obj({"service": Str(min_len=0, max_len=256)}),
+}, checks=[exactly_one("http", "tcp", "grpc"), _hc_checks])
+
+_POLICY_SECTIONS = ("loadBalancer", "connectionPool", "outlierDetection", "timeout", "retries", "rateLimit",
+                    "healthCheck")
 
 
 def _policy_timeouts_check(out, raw, path, problems):
@@ -332,6 +363,7 @@ TRAFFIC_POLICY_SPEC = Obj({
     "timeout": Duration(),
     "retries": RETRIES,
     "rateLimit": RATE_LIMIT,
+    "healthCheck": HEALTH_CHECK,
 }, checks=[at_least_one(*_POLICY_SECTIONS), _policy_timeouts_check])
 
 

@@ -284,6 +284,7 @@ class _Refs:
                 if target is None:
                     continue
                 self._check_policy_reaches_http(it, target, path)
+                self._check_health_check_port(it, target)
             else:
                 target = self.route(it, path, kind, it.obj.namespace, ref["name"])
                 if target is None:
@@ -301,6 +302,14 @@ class _Refs:
         "TrafficPolicy": "TCP traffic is balanced round robin with the agent's connect timeout",
         "FaultInjection": "faults are injected into HTTP requests only",
     }
+
+    def _check_health_check_port(self, it: Checked, svc: MeshObject) -> None:
+        port = (it.obj.spec_view.get("healthCheck") or {}).get("port")
+        ports = [p["port"] for p in svc.spec_view["ports"]]
+        if port is not None and port not in ports:
+            self.report.error(it, ("spec", "healthCheck", "port"),
+                              f"Service {svc.namespace}/{svc.name} has no port {port} "
+                              f"(its ports: {', '.join(str(p) for p in ports)})")
 
     def _check_policy_reaches_http(self, it: Checked, svc: MeshObject, path: tuple) -> None:
         """TrafficPolicy and FaultInjection act in the L7 drivers only: on a Service whose every

@@ -637,12 +637,13 @@ class Http1Proxy(DriverLifecycle, asyncio.Protocol):
     def _admit(self, ex: "_Exchange", dest, bal, backend) -> bool:
         """Outlier reinstatements due, the rate limit (429 RL) and ``maxRequests`` (503 UO);
         True when the request may go on (it then counts in flight at ``dest``)."""
-        now = _clock()
         o = dest.outlier
-        if o is not None and o.next_review and now >= o.next_review:
-            reinstate(bal, o.review(now))
+        if o is not None and o.next_review:
+            now = _clock()
+            if now >= o.next_review:
+                reinstate(bal, o.review(now))
         if dest.policy.rate is not None:
-            wait = dest.rate_limit(source_key(self.ctx.labels), now)
+            wait = dest.rate_limit(source_key(self.ctx.labels), _clock())
             if wait:
                 ex.labels = self._labels_for(backend, None)
                 ex.local("RL", 429, "local rate limit", extra=((b"retry-after", retry_after_value(wait)),))
@@ -1106,12 +1107,14 @@ class _Exchange:
         """A final response head from the upstream (``conn`` None: over the HTTP/2 leg):
         outlier bookkeeping, then True when the retry policy sends the request again instead
         (this answer is dropped)."""
-        self._observe(status)
+        o = self.dest.outlier
+        if o is not None and (status >= 500 or o.records):  # a success with no errors on record: nothing to do
+            self._observe(status)
         if self.ttimer is not None:
             self.ttimer.cancel()
             self.ttimer = None
         r = self.retry
-        if r is None or not r.retriable_status(status):
+        if r is None or (status < 500 and not r.codes) or not r.retriable_status(status):
             return False
         if self._try_again(conn, status, "5xx" if status >= 500 else "status", retry_after_seconds(headers)):
             return True
@@ -1161,6 +1164,9 @@ class _Exchange:
             return False
         self.retrying = True
         self.tries += 1
+        if self.btimer is not None:  # timeouts.backendRequest is per try (Gateway API GEP-1742)
+            self.btimer.cancel()
+            self.btimer = None
         dest.count_retry(metric)
         down.inputs.metrics.retry(metric)
         if self.ttimer is not None:

@@ -42,12 +42,15 @@ from __future__ import annotations
 
 import bisect
 import hashlib
+import logging
 import random as _random
 from dataclasses import dataclass
 from typing import Any, Iterable, Mapping, Sequence
 
 from nodeagent.proxy.destinations import service_endpoints
 from nodeagent.state import Endpoint, Service, ServicePort
+
+log = logging.getLogger(__name__)
 
 ROUND_ROBIN = "ROUND_ROBIN"
 LEAST_REQUEST = "LEAST_REQUEST"
@@ -74,6 +77,9 @@ class LbConfig:
     hash_cookie: bytes = b""
     hash_source_ip: bool = False
     prefer_same_node: bool = False
+    # below this share of healthy endpoints (percent) all are used (Envoy's healthy panic
+    # threshold): unhealthy = ejected by outlier detection or failing active health checks
+    panic_threshold: int = 50
 
     @classmethod
     def from_policy(cls, spec: Mapping[str, Any] | None) -> "LbConfig":
@@ -82,9 +88,11 @@ class LbConfig:
         ``loadBalancer`` may also be a bare policy name (``"RANDOM"``). Unknown policy names
         fall back to round robin (the control plane rejects them first).
         """
+        hc = (spec or {}).get("healthCheck") or {}
+        panic = int(hc.get("panicThreshold", 50))
         lb = (spec or {}).get("loadBalancer")
         if lb is None:
-            return DEFAULT_LB
+            return DEFAULT_LB if panic == 50 else cls(panic_threshold=panic)
         if isinstance(lb, str):
             lb = {"type": lb}
         policy = str(lb.get("type", ROUND_ROBIN)).upper()
@@ -101,7 +109,7 @@ class LbConfig:
                 cookie = str(rh["cookie"]).encode()
             else:
                 source_ip = True
-        return cls(policy, header, cookie, source_ip, same_node)
+        return cls(policy, header, cookie, source_ip, same_node, panic)
 
 
 DEFAULT_LB = LbConfig()
@@ -117,7 +125,7 @@ class Balancer:
     """Base class: candidates, health, in-flight counts. Subclasses implement ``_choose``."""
 
     policy = ""
-    __slots__ = ("config", "node", "_rand", "_endpoints", "_inflight", "_unhealthy", "_cands")
+    __slots__ = ("config", "node", "_rand", "_endpoints", "_inflight", "_unhealthy", "_failing", "_cands", "panic")
 
     def __init__(self, endpoints: Sequence[Endpoint] = (), config: LbConfig = DEFAULT_LB, *,
                  node: str = "", rng: Any = None) -> None:
@@ -126,8 +134,10 @@ class Balancer:
         self._rand = _rand_fn(rng)
         self._endpoints: tuple[Endpoint, ...] = ()
         self._inflight: dict[EndpointKey, int] = {}
-        self._unhealthy: set[EndpointKey] = set()
+        self._unhealthy: set[EndpointKey] = set()  # ejected (outlier detection)
+        self._failing: frozenset[EndpointKey] = frozenset()  # failing active health checks (the snapshot's)
         self._cands: tuple[Endpoint, ...] | None = None
+        self.panic = False  # too few healthy endpoints: all are candidates
         self.update(endpoints)
 
     # ------------------------------------------------------------------ state
@@ -164,16 +174,35 @@ class Balancer:
             self._unhealthy.add(k)
             self._cands = None
 
+    def set_failing(self, keys: frozenset[EndpointKey]) -> None:
+        """The endpoints failing active health checks (from the snapshot)."""
+        if keys != self._failing:
+            self._failing = keys
+            self._cands = None
+
     def is_healthy(self, ep: Endpoint) -> bool:
-        return endpoint_key(ep) not in self._unhealthy
+        k = endpoint_key(ep)
+        return k not in self._unhealthy and k not in self._failing
 
     def candidates(self) -> tuple[Endpoint, ...]:
-        """Healthy endpoints (all when none is), same-node ones first if so configured. Cached."""
+        """Healthy endpoints (all of them below the panic threshold), same-node ones first if
+        so configured. Cached."""
         c = self._cands
         if c is None:
             eps = self._endpoints
-            if self._unhealthy:
-                eps = tuple(e for e in eps if endpoint_key(e) not in self._unhealthy) or eps
+            down = self._unhealthy | self._failing if self._failing else self._unhealthy
+            panic = False
+            if down:
+                healthy = tuple(e for e in eps if endpoint_key(e) not in down)
+                if not healthy or len(healthy) * 100 < self.config.panic_threshold * len(eps):
+                    panic = True
+                else:
+                    eps = healthy
+            if panic != self.panic:
+                self.panic = panic
+                log.warning("load balancer %s panic mode: %d of %d endpoints unhealthy, sending to all"
+                            if panic else "load balancer %s left panic mode (%d of %d endpoints unhealthy)",
+                            self.policy or "?", len(down), len(self._endpoints))
             if self.config.prefer_same_node and self.node:
                 local = tuple(e for e in eps if e.node == self.node)
                 if local:
@@ -198,6 +227,7 @@ class Balancer:
         return self._inflight.get((ep.address, ep.port), 0)
 
     def _inherit(self, other: "Balancer") -> None:
+        self._failing = other._failing
         self._inflight = dict(other._inflight)
         self._unhealthy = set(other._unhealthy) & {endpoint_key(e) for e in self._endpoints}
         self._cands = None
@@ -403,6 +433,7 @@ class LbState:
         if hit is not None and hit[0] is backend and hit[1]._endpoints is backend.endpoints:
             return hit[1]
         b = self._balancer(backend.key, backend.endpoints, backend.lb)
+        b.set_failing(backend.failing)
         if len(self._by_backend) < 4096:  # backends come from config; bounded anyway
             self._by_backend[id(backend)] = (backend, b)
         return b

@@ -108,7 +108,9 @@ class RetryPolicy:
             attempts=int(spec["attempts"]),
             per_try_timeout=_duration(spec.get("perTryTimeout"), 0.0),
             retry_on=retry_on,
-            codes=frozenset(int(c) for c in codes) if "retriable-status-codes" in retry_on else frozenset(),
+            # every status below 500 worth a retry is in codes (the drivers skip the check without)
+            codes=(frozenset(int(c) for c in codes) if "retriable-status-codes" in retry_on else frozenset())
+            | (frozenset({409}) if "retriable-4xx" in retry_on else frozenset()),
             base_interval=base,
             max_interval=max(base, _duration(backoff.get("maxInterval"), base * 10)),
             non_idempotent=bool(spec.get("retryNonIdempotent", False)),
@@ -620,14 +622,25 @@ def state_view(state: ResilienceState, now: float) -> dict[str, dict]:
     return out
 
 
-def _add(a: Any, b: Any) -> Any:
+# summary fields that are counts (summed over processes) and per-process shares of a
+# node-wide limit (summed back); every other field is a setting, the same in each process
+_SUMMED = frozenset({"requestsActive", "retriesActive", "retryOverflow", "rateLimited", "overflow",
+                     "faultsAborted", "faultsDelayed", "maxRequests", "ejected", "ejectionsTotal",
+                     "tokensPerSecond", "burst", "ejections"})
+
+
+def _add(a: Any, b: Any, key: str = "") -> Any:
     if isinstance(a, dict) and isinstance(b, dict):
-        return {k: _add(a[k], b[k]) if k in a and k in b else a.get(k, b.get(k)) for k in {**a, **b}}
+        counts = key == "retries"  # reason -> retries
+        return {k: (_add(a[k], b[k], "" if counts else k) if not counts else a[k] + b[k]) if k in a and k in b
+                else a.get(k, b.get(k)) for k in {**a, **b}}
     if isinstance(a, bool) or isinstance(b, bool):
         return a or b
-    if isinstance(a, int) and isinstance(b, int):
+    if key in _SUMMED and isinstance(a, (int, float)) and isinstance(b, (int, float)):
         return a + b
-    return a  # settings (floats, strings, lists) are the same in every process
+    if key in ("consecutive5xx", "consecutiveGatewayErrors") and isinstance(a, int) and isinstance(b, int):
+        return max(a, b)
+    return a
 
 
 def merge_state_views(views: Iterable[dict[str, dict]]) -> dict[str, dict]:

@@ -99,6 +99,7 @@ from nodeagent.proxy.l7.filters import (EMPTY_CHAIN, REPLACE_PREFIX_MATCH, WELL_
                                         FilterChain, MirrorSpec, RequestRedirect, split_authority,
                                         split_target)
 from nodeagent.proxy.l7.lb import DEFAULT_LB, LbConfig
+from nodeagent.state import unhealthy_endpoints
 from nodeagent.proxy.l7.resilience import FaultPolicy
 from nodeagent.state import ConfigObject, Endpoint, NodeSnapshot, Service, ServicePort
 
@@ -169,6 +170,8 @@ class Backend:
     port: ServicePort
     endpoints: tuple[Endpoint, ...]
     lb: LbConfig = DEFAULT_LB
+    # endpoint keys failing active health checks (the snapshot's EndpointHealth objects)
+    failing: frozenset = frozenset()
 
     @property
     def key(self) -> tuple[str, str, int]:
@@ -688,6 +691,7 @@ class _Compiler:
         self.lb: dict[tuple[str, str], LbConfig] = {}
         self.backends: dict[tuple[str, str, int], Backend] = {}
         self.faults: dict[tuple[str, str, str], FaultPolicy] = {}
+        self.unhealthy = unhealthy_endpoints(snapshot.config)
         self._load_policies()
         self._load_faults()
 
@@ -751,8 +755,12 @@ class _Compiler:
         key = (service.namespace, service.name, port.port)
         b = self.backends.get(key)
         if b is None:
-            b = self.backends[key] = Backend(service, port, service_endpoints(service, port),
-                                             self.lb.get((service.namespace, service.name), DEFAULT_LB))
+            eps = service_endpoints(service, port)
+            ref = f"{service.namespace}/{service.name}"
+            failing = frozenset(k for k in ((e.address, e.port) for e in eps) if (*k, ref) in self.unhealthy) \
+                if self.unhealthy else frozenset()
+            b = self.backends[key] = Backend(service, port, eps,
+                                             self.lb.get((service.namespace, service.name), DEFAULT_LB), failing)
         return b
 
     def resolve_ref(self, ref: Mapping[str, Any], route_ns: str, default_port: int) -> Backend | str:
