@@ -794,7 +794,7 @@ class _Exchange:
     __slots__ = ("down", "head", "decision", "balancer", "endpoint", "conn", "fut", "pending", "started",
                  "req_bytes", "resp_bytes", "status", "flag", "timer", "btimer", "backend_timeout",
                  "finished", "req_done", "mirrors", "labels", "up_head", "h2", "limits", "service", "replay",
-                 "dest", "retry", "tries", "tried", "retrying", "dtimer", "rtimer", "ttimer", "retry_h2")
+                 "dest", "retry", "tries", "tried", "retrying", "dtimer", "rtimer", "ttimer", "retry_h2", "reopened")
 
     def __init__(self, down: Http1Proxy, head: RequestHead) -> None:
         self.down = down
@@ -831,6 +831,7 @@ class _Exchange:
         self.rtimer: asyncio.TimerHandle | None = None  # the backoff before a retry
         self.ttimer: asyncio.TimerHandle | None = None  # the per-try timeout
         self.retry_h2 = False  # the retry waiting for its backoff goes over an HTTP/2 stream
+        self.reopened = False  # a connection handed over already closed was replaced once
 
     # ---------------------------------------------------------------- setup
     def arm_timeouts(self, timeouts) -> None:
@@ -916,7 +917,11 @@ class _Exchange:
             self.local(flag, None, str(exc) if isinstance(exc, (ConnectFailed, PoolOverflow)) else None)
             return
         conn = fut.result()
-        if conn.closed:  # closed between being handed over and this callback
+        if conn.closed:  # closed between being handed over and this callback: nothing was sent
+            if not self.reopened:  # once, on a new connection (any method: the upstream saw nothing)
+                self.reopened = True
+                self._acquire(self.pending, True)
+                return
             self.local(*closed_before_sending(conn))
             return
         self._attach(conn)
@@ -1502,6 +1507,10 @@ class _H2Leg:
         conn = fut.result()
         if conn.closed:
             conn.unreserve()
+            if not ex.reopened:  # nothing was sent: once more, on another connection
+                ex.reopened = True
+                self.acquire(conn)
+                return
             ex.local(*closed_before_sending(conn))
             return
         self._attach(conn, True)
