@@ -127,7 +127,8 @@ UNEXPRESSED_CHECKS: dict[Callable, str] = {
     k._retries_checks: "retriableStatusCodes goes with retryOn retriable-status-codes (needs a list 'contains')",
     k._backoff_checks: "retries.backoff maxInterval >= baseInterval (durations compared)",
     k._policy_timeouts_check: "retries.perTryTimeout <= timeout (durations compared)",
-    k._rate_limit_defaults: "rateLimit.burst defaults to requestsPerUnit (a default that depends on the object)",
+    k._bucket_defaults: "rateLimit / connectionRateLimit burst defaults to requestsPerUnit / connectionsPerUnit "
+                        "(a default that depends on the object)",
     k._hc_checks: "healthCheck.timeout <= interval (durations compared)",
 }
 

@@ -218,6 +218,8 @@ class Lab:
                 ready.unlink(missing_ok=True)
                 argv = [sys.executable, "-m", "meshlab.testapp", "--pod", pod, "--node", node,
                         "--ready-file", str(ready)]
+                if getattr(self, "log_requests", False):  # a line per request in its log (tests count them)
+                    argv.append("--log-requests")
                 waiting[ready] = (t, self.spawn(t, argv, f"app-{node}-{pod}"))
         deadline = time.monotonic() + APP_READY_TIMEOUT
         while waiting:

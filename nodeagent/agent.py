@@ -49,7 +49,7 @@ from nodeagent.proxy import NodeProxy, ProxyInputs, ProxyLimits
 from nodeagent.proxy.jwks import HttpsJwksFetcher, JwksCache, JwksRefresher
 from nodeagent.proxy.jwtauth import RequestAuthn
 from nodeagent.proxy.l7.metrics import HttpMetrics
-from nodeagent.proxy.l7.resilience import NOT_EJECTED, merge_state_views, state_view
+from nodeagent.proxy.l7.resilience import NOT_EJECTED, merge_state_views
 from nodeagent.state import unhealthy_endpoints
 from nodeagent.proxy.destinations import service_endpoints
 from nodeagent.state import AgentState, NodeSnapshot
@@ -711,8 +711,8 @@ class Agent:
 
     def clusters(self) -> list[dict]:
         """Per Service port: VIP, endpoints and, where a TrafficPolicy sets retries, outlier
-        detection, rate limits or maxRequests, their live state (``resilience``; with worker
-        processes each keeps its own: the ``hostmesh_destination_*`` metrics sum them)."""
+        detection, rate limits (of requests or connections) or maxRequests, their live state
+        (``resilience``; with worker processes each keeps its own: the metrics sum them)."""
         snap = self.state.snapshot
         if snap is None:
             return []
@@ -741,8 +741,7 @@ class Agent:
     def _resilience_views(self) -> dict[str, dict]:
         if self.pool is not None:
             return merge_state_views(self.pool.resilience())
-        l7 = self.proxy.outbound.l7
-        return state_view(l7.inputs.routes.resilience, time.perf_counter()) if l7 is not None else {}
+        return self.proxy.outbound.resilience_view()
 
     def capture_view(self) -> dict:
         if not self.capture:

@@ -22,7 +22,6 @@ node's namespace, which no capture rule redirects.)
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import random
 import socket
@@ -32,7 +31,7 @@ from typing import Any, Callable
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from nodeagent.proxy.destinations import service_endpoints
-from nodeagent.proxy.l7.routing import TRAFFIC_POLICY, _age_key, parse_duration
+from nodeagent.proxy.l7.routing import parse_duration, traffic_policy_specs
 from nodeagent.state import NodeSnapshot
 
 log = logging.getLogger(__name__)
@@ -132,19 +131,9 @@ def probe_targets(snapshot: NodeSnapshot | None, node: str) -> dict[Target, Heal
     """The endpoints on ``node`` of every Service whose TrafficPolicy has a healthCheck."""
     if snapshot is None:
         return {}
-    policies: dict[tuple[str, str], HealthCheckPolicy] = {}
-    # the TrafficPolicy the proxies use for the Service: the oldest, then by namespace/name
-    # (routing._Compiler._load_policies)
-    for c in sorted((c for c in snapshot.config if c.kind == TRAFFIC_POLICY),
-                    key=lambda o: (_age_key(o), o.namespace, o.name)):
+    policies: dict[tuple[str, str], HealthCheckPolicy | None] = {}
+    for key, spec in traffic_policy_specs(snapshot).items():
         try:
-            spec = json.loads(c.spec)
-            ref = spec["targetRef"]
-            if ref.get("kind", "Service") != "Service":
-                continue
-            key = (ref.get("namespace") or c.namespace, ref["name"])
-            if key in policies:
-                continue
             policies[key] = HealthCheckPolicy.from_spec(spec.get("healthCheck"))
         except (ValueError, KeyError, TypeError, AttributeError):
             continue

@@ -25,7 +25,6 @@ import os
 import signal
 import socket
 import sys
-import time
 from dataclasses import fields
 
 from prometheus_client import CollectorRegistry
@@ -116,9 +115,7 @@ class Worker:
 
     def resilience(self) -> dict:
         """The live retry/outlier/rate-limit state of this worker's destinations (/clusters)."""
-        from nodeagent.proxy.l7.resilience import state_view
-        l7 = self.proxy.outbound.l7 if self.proxy is not None else None
-        return state_view(l7.inputs.routes.resilience, time.perf_counter()) if l7 is not None else {}
+        return self.proxy.outbound.resilience_view() if self.proxy is not None else {}
 
     def stats(self) -> dict:
         p = self.proxy

@@ -507,5 +507,35 @@ def test_traffic_policy_on_a_service_with_no_http_port_is_refused(protocols, ref
     if not refused:
         assert messages == []
         return
-    assert len(messages) == 1 and "spec.targetRef: not supported yet: a TrafficPolicy acts on HTTP traffic" \
-        in messages[0], messages
+    assert len(messages) == 1 and "spec.loadBalancer: not supported yet: loadBalancer acts on HTTP traffic" \
+        in messages[0] and "on TCP ports a TrafficPolicy applies connectionRateLimit" in messages[0], messages
+
+
+TCP_POLICY = ("apiVersion: hostmesh.io/v1alpha1\nkind: TrafficPolicy\nmetadata: {name: p, namespace: shop}\nspec:\n"
+              "  targetRef: {kind: Service, name: db}\n  connectionRateLimit: {connectionsPerUnit: 20, unit: minute}\n")
+
+
+def test_a_connection_rate_limit_is_accepted_on_a_tcp_only_service_with_its_defaults():
+    model = load_ok({"p.yaml": svc("db", ns="shop", ports="[{port: 5432, appProtocol: tcp}]") + "---\n" + TCP_POLICY})
+    spec = json.loads(next(c.spec for c in model.config_objects() if c.kind == "TrafficPolicy"))
+    assert spec["connectionRateLimit"] == {"connectionsPerUnit": 20, "unit": "minute", "burst": 20,
+                                           "perSourceWorkload": False}
+
+
+def test_http_sections_next_to_a_connection_rate_limit_on_a_tcp_only_service_are_each_refused():
+    doc = TCP_POLICY + "  timeout: 5s\n  retries: {attempts: 2}\n"
+    assert [e.split(": not supported yet")[0] for e in
+            _errors(svc("db", ns="shop", ports="[{port: 5432, appProtocol: tcp}]"), doc)] == [
+        "p.yaml:14: TrafficPolicy shop/p: spec.timeout", "p.yaml:15: TrafficPolicy shop/p: spec.retries"]
+
+
+@pytest.mark.parametrize("body, message", [
+    ("{connectionsPerUnit: 0, unit: second}", "spec.connectionRateLimit.connectionsPerUnit: 0 is not between 1 and"),
+    ("{connectionsPerUnit: 5, unit: day}", "spec.connectionRateLimit.unit:"),
+    ("{connectionsPerUnit: 5, unit: second, burst: 0}", "spec.connectionRateLimit.burst: 0 is not between 1 and"),
+    ("{unit: second}", "spec.connectionRateLimit.connectionsPerUnit:"),
+])
+def test_bad_connection_rate_limits_are_refused_with_their_path(body, message):
+    doc = TCP_POLICY.replace("{connectionsPerUnit: 20, unit: minute}", body)
+    errors = _errors(svc("db", ns="shop", ports="[{port: 5432, appProtocol: tcp}]"), doc)
+    assert len(errors) == 1 and message in errors[0], errors

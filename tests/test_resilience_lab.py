@@ -29,6 +29,7 @@ CLIENT_POD = "node1/pod-1"
 RETRY, OUTLIER, BREAKER, LIMITED, FAULTY, DELAYED, PERTRY = (f"198.19.1.{i}" for i in range(10, 17))
 GRPC_FAULTY, GRPC_LIMITED = "198.19.1.20", "198.19.1.21"
 CHECKED = "198.19.1.22"
+BUDGET, CONN_LIMITED = "198.19.1.23", "198.19.1.24"
 
 # requests in threads from one pod: spec JSON in argv[1]; prints [[status, flags, seconds], ...]
 CLIENT = textwrap.dedent("""
@@ -50,6 +51,9 @@ CLIENT = textwrap.dedent("""
                 row = [r.status, r.getheader("x-hostmesh-flags") or "", time.monotonic() - t]
             except (ConnectionError, http.client.HTTPException, OSError) as exc:
                 row = [0, type(exc).__name__, time.monotonic() - t]
+                conn.close()
+                conn = None
+            if spec.get("fresh") and conn is not None:  # a new connection per request
                 conn.close()
                 conn = None
             with lock:
@@ -79,9 +83,9 @@ GRPC_CLIENT = textwrap.dedent("""
 """)
 
 
-def svc(name: str, vip: str, grpc: bool = False) -> dict:
+def svc(name: str, vip: str, grpc: bool = False, tcp: bool = False) -> dict:
     port = ({"name": "grpc", "port": 9090, "targetPort": 9090, "appProtocol": "grpc"} if grpc
-            else {"name": "http", "port": 80, "targetPort": 8080, "appProtocol": "http"})
+            else {"name": "http", "port": 80, "targetPort": 8080, "appProtocol": "tcp" if tcp else "http"})
     return mesh.service_document(name, vip, {"app": "testapp"}, [port])
 
 
@@ -115,6 +119,11 @@ def documents() -> list[dict]:
         svc("checked", CHECKED), policy("checked", {"healthCheck": {
             "http": {"path": "/?pod=pod-2&status=503"}, "interval": "500ms", "timeout": "300ms", "jitter": "0s",
             "unhealthyThreshold": 2, "healthyThreshold": 1}}),
+        svc("budget", BUDGET), policy("budget", {"retries": {
+            "attempts": 10, "retryOn": ["5xx"], "backoff": {"baseInterval": "1ms", "maxInterval": "2ms"},
+            "budget": {"percent": 20, "minRetryConcurrency": 0}}}),
+        svc("conn-limited", CONN_LIMITED, tcp=True),
+        policy("conn-limited", {"connectionRateLimit": {"connectionsPerUnit": 4, "unit": "minute"}}),
     ]
 
 
@@ -124,13 +133,14 @@ def rlab():
     from meshlab.lab import Lab
     lab = Lab(unique_lab_name())
     lab.capture = "iptables"
+    lab.log_requests = True  # the upstream's own count of requests (upstream_requests)
     try:
         lab.up(2, 2, capture="iptables")
         mesh.write_config(lab, "resilience.yaml", documents())
 
         def in_force(node: str) -> bool:
             clusters = json.loads(mesh.admin_get(lab, node, "/clusters").stdout or "[]")
-            return sum(1 for c in clusters if c["vip"].startswith("198.19.1.")) == 10
+            return sum(1 for c in clusters if c["vip"].startswith("198.19.1.")) == 12
         wait_for(lambda: all(in_force(n) for n in ("node1", "node2")), timeout=30, what="the resilience config")
         yield lab
     finally:
@@ -162,6 +172,12 @@ def metric(lab, node: str, name: str, **labels) -> float:
     return metric_sum(lab, node, name, **labels)
 
 
+def upstream_requests(lab, tag: str) -> int:
+    """Requests whose target carries ``tag``, as the test-app pods logged them (every pod)."""
+    logs = Path(lab.names.run_dir, "logs").glob("app-*.log")
+    return sum(line.count(tag) for f in logs for line in f.read_text(errors="replace").splitlines())
+
+
 # ------------------------------------------------------------------ retries
 def test_retries_turn_a_half_failing_upstream_into_over_99_percent_success(rlab):
     rows = http(rlab, RETRY, 300, path="/?fail=0.5&status=503")["rows"]
@@ -174,6 +190,21 @@ def test_a_post_is_not_retried_by_default(rlab):
     rows = http(rlab, RETRY, 100, path="/?fail=0.5&status=503", method="POST", body="x")["rows"]
     failed = sum(1 for r in rows if r[0] == 503)
     assert 25 <= failed <= 75, failed
+
+
+def test_the_retry_budget_caps_retries_under_a_fully_failing_upstream_counted_at_the_upstream(rlab):
+    """20 clients against an upstream that always fails (each try 100 ms), 10 attempts each:
+    unbudgeted that is 11 tries per request; the budget (20 % of the requests in flight, no
+    minimum) keeps retries to about a fifth of what the pods receive."""
+    tag = f"budget-{time.monotonic_ns()}"
+    rows = http(rlab, BUDGET, 4, threads=20, path=f"/?{tag}&status=503&delay=0.1")["rows"]
+    assert len(rows) == 80 and {r[0] for r in rows} == {503}
+    wait_for(lambda: upstream_requests(rlab, tag) >= 80, timeout=5, what="the pods' request logs")
+    time.sleep(0.3)
+    received = upstream_requests(rlab, tag)
+    retries = received - 80
+    assert 0 < retries <= 0.3 * received, (received, retries)
+    assert metric(rlab, "node1", "hostmesh_destination_retry_overflow_total", destination_service_name="budget") > 0
 
 
 def test_per_try_timeout_and_retry_recover_a_hanging_endpoint(rlab):
@@ -217,6 +248,20 @@ def test_a_10_rps_limit_answers_429_for_the_excess_within_10_percent(rlab):
     allowed = 10 + 10 * elapsed  # the burst, then the rate
     assert 0.9 * allowed <= ok <= 1.1 * allowed, (ok, allowed, len(rows))
     assert all(r[1] == "RL" for r in rows if r[0] == 429) and len(rows) - ok > 50
+
+
+def test_a_connection_rate_limit_resets_tcp_connections_past_it(rlab):
+    """A TCP-only Service (appProtocol tcp: relayed, never parsed) limited to 4 connections a
+    minute: each worker process holds its share (2 of them: 2 each), so 2 to 4 get through."""
+    rows = http(rlab, CONN_LIMITED, 12, fresh=True)["rows"]
+    ok = sum(1 for r in rows if r[0] == 200)
+    assert 2 <= ok <= 4 and all(r[0] == 0 for r in rows if r[0] != 200), rows
+    refused = metric(rlab, "node1", "hostmesh_agent_connections_rejected_total", reason="rate_limited")
+    assert refused >= 12 - ok
+    assert metric(rlab, "node1", "hostmesh_tcp_connections_opened_total", response_flags="RL",
+                  destination_service="conn-limited.default.svc.cluster.local") == refused
+    summary = clusters(rlab, "node1", "conn-limited")["resilience"]["connectionRateLimit"]
+    assert summary["rateLimited"] == refused and summary["burst"] == 4
 
 
 # ------------------------------------------------------------------ faults

@@ -6,7 +6,7 @@ the whole mesh, in any namespace). Gateway API route schemas live in `routes.py`
 
 Schemas fill in the defaults the APIs define (Service type/protocol/targetPort/selector,
 Workload serviceAccount/ports, MeshConfig values, loadBalancer.type and preferSameNode,
-retries.retryNonIdempotent, rateLimit.burst and perSourceWorkload, FaultInjection and
+retries.retryNonIdempotent, rateLimit and connectionRateLimit burst and perSourceWorkload, FaultInjection and
 TrafficPolicy targetRef.group, AuthorizationPolicy action, forwardOriginalToken), so the
 canonical spec an agent receives is complete where a default exists. Fields whose
 behaviour has no default (timeouts, retries, limits) stay absent when not written, and so
@@ -296,18 +296,28 @@ RETRIES = Obj({
 }, checks=[_retries_checks])
 
 
-def _rate_limit_defaults(out, raw, path, problems):
-    """burst (the bucket size) defaults to requestsPerUnit."""
-    if "burst" not in raw and "requestsPerUnit" in out:
-        out["burst"] = out["requestsPerUnit"]
+def _bucket_defaults(out, raw, path, problems):
+    """burst (the bucket size) defaults to the count per unit."""
+    for count in ("requestsPerUnit", "connectionsPerUnit"):
+        if "burst" not in raw and count in out:
+            out["burst"] = out[count]
 
 
-RATE_LIMIT = Obj({
-    "requestsPerUnit": required(Int(1, MAX_INT32)),
-    "unit": required(Enum("second", "minute", "hour")),
-    "burst": Int(1, MAX_INT32),
-    "perSourceWorkload": optional(Bool(), default=False),
-}, checks=[_rate_limit_defaults])
+def token_bucket(count: str) -> Obj:
+    """A local rate limit: ``count`` tokens per ``unit``, a bucket of ``burst``, optionally one
+    bucket per source workload."""
+    return Obj({
+        count: required(Int(1, MAX_INT32)),
+        "unit": required(Enum("second", "minute", "hour")),
+        "burst": Int(1, MAX_INT32),
+        "perSourceWorkload": optional(Bool(), default=False),
+    }, checks=[_bucket_defaults])
+
+
+RATE_LIMIT = token_bucket("requestsPerUnit")
+# New connections to the Service's ports (any protocol), taken at the client's node before
+# protocol detection; over the limit the connection is reset (nodeagent/proxy/connlimit.py).
+CONNECTION_RATE_LIMIT = token_bucket("connectionsPerUnit")
 
 def _hc_checks(out, raw, path, problems):
     interval, timeout = out.get("interval"), out.get("timeout")
@@ -340,7 +350,9 @@ HEALTH_CHECK = Obj({
 }, checks=[exactly_one("http", "tcp", "grpc"), _hc_checks])
 
 _POLICY_SECTIONS = ("loadBalancer", "connectionPool", "outlierDetection", "timeout", "retries", "rateLimit",
-                    "healthCheck")
+                    "healthCheck", "connectionRateLimit")
+# the sections the agents also apply to connections relayed as TCP (the others act on HTTP)
+TCP_POLICY_SECTIONS = ("connectionRateLimit",)
 
 
 def _policy_timeouts_check(out, raw, path, problems):
@@ -364,6 +376,7 @@ TRAFFIC_POLICY_SPEC = Obj({
     "retries": RETRIES,
     "rateLimit": RATE_LIMIT,
     "healthCheck": HEALTH_CHECK,
+    "connectionRateLimit": CONNECTION_RATE_LIMIT,
 }, checks=[at_least_one(*_POLICY_SECTIONS), _policy_timeouts_check])
 
 

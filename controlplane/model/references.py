@@ -19,7 +19,7 @@ from dataclasses import replace
 from typing import Any
 
 from controlplane.model.fields import not_supported_yet_message, show, suggest
-from controlplane.model.kinds import L7_APP_PROTOCOLS
+from controlplane.model.kinds import L7_APP_PROTOCOLS, TCP_POLICY_SECTIONS
 from controlplane.model.objects import (
     ConfigIssue,
     MeshObject,
@@ -312,15 +312,25 @@ class _Refs:
                               f"(its ports: {', '.join(str(p) for p in ports)})")
 
     def _check_policy_reaches_http(self, it: Checked, svc: MeshObject, path: tuple) -> None:
-        """TrafficPolicy and FaultInjection act in the L7 drivers only: on a Service whose every
-        port is declared non-HTTP they would be accepted and never applied."""
+        """TrafficPolicy (but for its TCP sections) and FaultInjection act in the L7 drivers
+        only: on a Service whose every port is declared non-HTTP they would be accepted and
+        never applied."""
         protocols = [p.get("appProtocol") for p in svc.spec_view["ports"]]
         if any(ap is None or ap in L7_APP_PROTOCOLS for ap in protocols):
             return
         kind = it.obj.kind
-        self.report.error(it, path, not_supported_yet_message(
-            f"{_article(kind)} {kind} acts on HTTP traffic, and every port of Service {svc.namespace}/{svc.name} "
-            f"is relayed as TCP (appProtocol {', '.join(sorted(set(protocols)))}); {self._TCP_FALLBACK[kind]}"))
+        relayed = (f"every port of Service {svc.namespace}/{svc.name} is relayed as TCP "
+                   f"(appProtocol {', '.join(sorted(set(protocols)))})")
+        if kind != "TrafficPolicy":
+            self.report.error(it, path, not_supported_yet_message(
+                f"{_article(kind)} {kind} acts on HTTP traffic, and {relayed}; {self._TCP_FALLBACK[kind]}"))
+            return
+        spec = it.obj.spec_view
+        http_only = [k for k in spec if k != "targetRef" and k not in TCP_POLICY_SECTIONS]
+        for section in http_only:
+            self.report.error(it, ("spec", section), not_supported_yet_message(
+                f"{section} acts on HTTP traffic, and {relayed}; {self._TCP_FALLBACK[kind]} "
+                f"(on TCP ports a TrafficPolicy applies {', '.join(TCP_POLICY_SECTIONS)})"))
 
 
 def _article(word: str) -> str:

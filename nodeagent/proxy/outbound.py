@@ -16,13 +16,18 @@ gives the client pod.
 With ``ProxyInputs.http_metrics`` set, connections to destinations with an L7 need
 (``l7dispatch`` says exactly which) are protocol-detected and HTTP/1.1 is served by the
 L7 driver (routing, LB, filters, request metrics; its upstream dials take the same tunnel
-decision); every other connection takes the TCP path above unchanged.
+decision); every other connection takes the TCP path above unchanged. Before either, a Service's
+``connectionRateLimit`` (``connlimit``) may reset a new connection.
 """
 
 from __future__ import annotations
 
+import time
+
+from nodeagent.proxy import connlimit
 from nodeagent.proxy.authz import AuthzGate
 from nodeagent.proxy.destinations import REPORTER_OUTBOUND, Decision, Refuse
+from nodeagent.proxy.l7.resilience import state_view
 from nodeagent.proxy.l7dispatch import L7Dispatch, admit_local
 from nodeagent.proxy.listener import OUTBOUND_PORT, ProxyInputs, ProxyListener
 from nodeagent.proxy.relay import Relay
@@ -41,12 +46,19 @@ class OutboundProxy(ProxyListener):
         self.tunnel = TunnelClient(self, inputs.identities) if inputs.identities is not None else None
         self.authz = AuthzGate(self.metrics, self.direction)  # same-node destinations (see dispatch_l4)
         self.l7 = L7Dispatch(self, inputs.http_metrics, self.tunnel) if inputs.http_metrics is not None else None
+        self.connection_limits = connlimit.ConnectionRateLimits(inputs.rate_limit_share)
 
     def decide(self, snapshot: NodeSnapshot, dst_ip: str, dst_port: int) -> Decision:
         return self.destinations.outbound(snapshot, dst_ip, dst_port)
 
     def dispatch(self, relay: Relay, snapshot: NodeSnapshot, decision: Decision, labels: TcpLabels,
                  peer_ip: str, dst: tuple[str, int]) -> None:
+        service = getattr(decision, "service", None)
+        if service is not None and not self.connection_limits.admit(snapshot, service, dst[1], labels,
+                                                                    time.monotonic()):
+            self.metrics.rejected(self.direction, connlimit.REJECT_REASON)
+            relay.refuse(labels, connlimit.RESPONSE_FLAG)
+            return
         l7 = self.l7
         if l7 is not None:
             detector = l7.detector(snapshot, decision, dst[0], dst[1])
@@ -54,6 +66,13 @@ class OutboundProxy(ProxyListener):
                 l7.start(relay, detector, snapshot, decision, labels, peer_ip, dst)
                 return
         self.dispatch_l4(relay, snapshot, decision, labels, peer_ip)
+
+    def resilience_view(self) -> dict[str, dict]:
+        """The live retry / outlier / rate-limit state of this process's destinations
+        (``resilience.state_view`` plus the connection rate limits), for /clusters."""
+        l7 = self.l7
+        http = state_view(l7.inputs.routes.resilience, time.perf_counter()) if l7 is not None else {}
+        return connlimit.merge_views(http, self.connection_limits.view())
 
     def answer_refusal(self, relay: Relay, snapshot: NodeSnapshot, decision: Refuse, labels: TcpLabels,
                        peer_ip: str, dst: tuple[str, int]) -> bool:

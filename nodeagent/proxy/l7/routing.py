@@ -680,6 +680,27 @@ def _age_key(obj: ConfigObject) -> tuple:
     return (0, ts) if ts else (1, "")
 
 
+def traffic_policy_specs(snapshot: NodeSnapshot | None) -> dict[tuple[str, str], Mapping[str, Any]]:
+    """(namespace, service) -> the spec of the TrafficPolicy the proxies apply to that Service:
+    the oldest, then by namespace/name, as ``_Compiler._load_policies`` picks (which also
+    reports the objects skipped). For the users outside the route table (health checks, the
+    L4 connection rate limit); an object that does not parse is skipped here."""
+    out: dict[tuple[str, str], Mapping[str, Any]] = {}
+    if snapshot is None:
+        return out
+    for c in sorted((c for c in snapshot.config if c.kind == TRAFFIC_POLICY),
+                    key=lambda o: (_age_key(o), o.namespace, o.name)):
+        try:
+            spec = json.loads(c.spec)
+            ref = spec["targetRef"]
+            if ref.get("kind", "Service") != "Service":
+                continue
+            out.setdefault((ref.get("namespace") or c.namespace, ref["name"]), spec)
+        except (ValueError, KeyError, TypeError, AttributeError):
+            continue
+    return out
+
+
 class _Compiler:
     """Compiles one snapshot; collects per-object problems instead of failing the snapshot."""
 
