@@ -24,6 +24,7 @@ import ssl
 import subprocess
 import time
 from dataclasses import dataclass, field
+from datetime import datetime
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Info
 
@@ -53,7 +54,7 @@ from nodeagent.proxy.l7.resilience import NOT_EJECTED, merge_state_views
 from nodeagent.state import unhealthy_endpoints
 from nodeagent.proxy.destinations import service_endpoints
 from nodeagent.state import AgentState, NodeSnapshot
-from nodeagent.telemetry import ProxyMetrics
+from nodeagent.telemetry import AgentRegistry, LoopLag, ProxyMetrics
 from nodeagent import reload, sdnotify
 from nodeagent.service import ServiceReporter, status_line
 from nodeagent.worker import bootstrap_to
@@ -97,6 +98,20 @@ class AgentMetrics:
                                      "1 when this agent found its capture already installed at start "
                                      "(left by a previous agent's stop or crash) and adopted it",
                                      registry=registry)
+        self.capture_installed = Gauge("hostmesh_agent_capture_installed",
+                                       "1 while this agent's traffic capture is installed", registry=registry)
+        self.snapshot_applied = Gauge("hostmesh_agent_snapshot_applied_timestamp_seconds",
+                                      "When the snapshot in force was applied (Unix time)", registry=registry)
+        self.config_stale_seconds = Gauge("hostmesh_agent_config_stale_seconds",
+                                          "Seconds the config has been stale: not confirmed by a connected "
+                                          "control plane (0 while connected, and with a snapshot file)",
+                                          registry=registry)
+        self.loop_lag = LoopLag(registry)
+
+    def snapshot_in_force(self, snapshot: NodeSnapshot) -> None:
+        """An AgentState subscriber: the config version and when it came (either config source)."""
+        self.snapshot_version.info({"version": snapshot.version})
+        self.snapshot_applied.set(time.time())
 
 
 @dataclass
@@ -115,11 +130,14 @@ class Lifecycle:
 class Agent:
     def __init__(self, boot: Bootstrap) -> None:
         self.boot = boot
-        self.registry = CollectorRegistry()
+        self.registry = AgentRegistry()
         self.metrics = AgentMetrics(self.registry)
         self.metrics.info.info({"version": __version__, "node": boot.node, "capture": boot.capture_mode})
         self.state = AgentState()
+        self.state.subscribe(self.metrics.snapshot_in_force)
         self.life = Lifecycle()
+        self.metrics.capture_installed.set_function(lambda: 1 if self.life.capture_installed else 0)
+        self.metrics.config_stale_seconds.set_function(self._config_stale_seconds)
         self.lock = InstanceLock(boot.state_dir)
         self.capture: Capture | None = capture_for(boot)
         if self.capture is not None:
@@ -241,6 +259,7 @@ class Agent:
         loop.add_signal_handler(signal.SIGHUP, self._reload)
         if self.capture:
             self._tasks.append(asyncio.create_task(self._reconcile_capture()))
+        self._tasks.append(asyncio.create_task(self.metrics.loop_lag.run()))
         self.state.subscribe(self._watch_jwks)
         if self.state.snapshot is not None:
             self._watch_jwks(self.state.snapshot)
@@ -547,8 +566,7 @@ class Agent:
     async def _watch_config(self) -> None:
         while True:
             await asyncio.sleep(self.source.interval)
-            if self.source.poll():
-                self.metrics.snapshot_version.info({"version": self.state.snapshot.version})
+            self.source.poll()  # a new snapshot reaches the metrics through AgentState.subscribe
             self._update_ready()
 
     async def _reconcile_capture(self) -> None:
@@ -580,6 +598,13 @@ class Agent:
                                  f"pod CIDRs {', '.join(self.boot.pod_cidrs)}, so its traffic would not be captured")
 
     # ------------------------------------------------------------------ admin views
+    def _config_stale_seconds(self) -> float:
+        """hostmesh_agent_config_stale_seconds: since when the control-plane client says stale."""
+        if self.cp is None:
+            return 0.0
+        since = self.cp.status().get("stale_since")
+        return max(0.0, time.time() - datetime.fromisoformat(since).timestamp()) if since else 0.0
+
     def readiness(self) -> tuple[bool, str]:
         if self.life.state != "LIVE":
             return False, f"agent is {self.life.state.lower()}"

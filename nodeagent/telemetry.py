@@ -1,17 +1,33 @@
 """Prometheus metrics of the node agent's data plane, on an injected registry.
 
 Nothing here touches the global ``prometheus_client.REGISTRY``: the agent (or a test)
-creates a ``CollectorRegistry`` and passes it in, so several agents or tests can live in
-one process and the admin endpoint exposes exactly what it was given.
+creates a registry (``AgentRegistry``: no ``*_created`` series) and passes it in, so
+several agents or tests can live in one process and the admin endpoint exposes exactly
+what it was given.
 
-TCP metrics (Istio's names with the ``hostmesh_`` prefix, ARCHITECTURE.md labels):
+TCP metrics (Istio's names with the ``hostmesh_`` prefix, Istio's label names):
 
 ``hostmesh_tcp_connections_opened_total``, ``hostmesh_tcp_connections_closed_total``,
 ``hostmesh_tcp_sent_bytes_total``, ``hostmesh_tcp_received_bytes_total`` with labels
-``reporter, source_workload, source_namespace, source_principal, destination_service,
-destination_workload, destination_namespace, destination_principal, request_protocol,
-response_flags, connection_security_policy``.
+``TCP_LABEL_NAMES``: ``reporter``, ``source_workload``, ``source_workload_namespace``,
+``source_principal``, ``source_app``, ``source_version``, ``source_canonical_service``,
+``source_canonical_revision``, ``source_cluster``, ``destination_service``,
+``destination_service_name``, ``destination_service_namespace``, ``destination_workload``,
+``destination_workload_namespace``, ``destination_principal``, ``destination_app``,
+``destination_version``, ``destination_canonical_service``,
+``destination_canonical_revision``, ``destination_cluster``, ``request_protocol``,
+``connection_security_policy``, ``response_flags`` (the HTTP request metrics add
+``response_code`` and ``grpc_response_status``: ``nodeagent.proxy.l7.metrics``).
 
+* ``*_app``, ``*_version``, ``*_canonical_*`` come from the Workload's labels, as Istio
+  derives them (``workload_labels``): app = ``app``, else ``app.kubernetes.io/name``;
+  version = ``version``, else ``app.kubernetes.io/version``; canonical service =
+  ``service.istio.io/canonical-name``, else ``app.kubernetes.io/name``, else ``app``,
+  else the workload name; canonical revision = ``service.istio.io/canonical-revision``,
+  else ``app.kubernetes.io/version``, else ``version``, else ``latest``. ``*_cluster`` is
+  ``CLUSTER`` for a workload the mesh knows.
+* Cardinality is bounded by the config: no label carries an address, a port or a path
+  (an unknown destination is ``unknown``, never its IP).
 * ``reporter`` is Istio's: ``source`` for connections seen by the outbound listener (the
   proxy on the client's node), ``destination`` for the inbound listener (the proxy on
   the server's node). A connection between two nodes is therefore counted twice, once
@@ -37,6 +53,8 @@ the listeners on scrape, no per-connection cost), ``hostmesh_agent_connections_r
 ``hostmesh_agent_connections_terminated_total{direction,reason}`` (connections the
 proxy ended: ``connect_timeout``, ``connect_refused``, ``connect_error``,
 ``idle_timeout``, ``upstream_reset``, ``downstream_reset``, ``drain``).
+``LoopLag`` keeps ``hostmesh_agent_event_loop_lag_seconds`` (how late a periodic timer
+of the event loop ran: the worst over the last 10 s).
 
 mTLS tunnel (``nodeagent.proxy.tunnel``): tunnelled connections carry
 ``source_principal``/``destination_principal`` (SPIFFE IDs) and
@@ -64,34 +82,155 @@ several ALLOW policies none of which matched).
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple
+import asyncio
+from typing import TYPE_CHECKING, Callable, NamedTuple
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
+from prometheus_client.core import Metric
+
+if TYPE_CHECKING:  # pragma: no cover
+    from nodeagent.state import Workload
 
 UNKNOWN = "unknown"
 NO_FLAGS = "-"
+# the ``source_cluster``/``destination_cluster`` of mesh workloads: Istio's default cluster ID
+# (istiod's CLUSTER_ID), so Kiali's single-cluster views find their home cluster
+CLUSTER = "Kubernetes"
+# the canonical revision of a workload without any version label (Istio's default)
+LATEST = "latest"
 
 
 class TcpLabels(NamedTuple):
     """The label values of one connection decision, everything but ``response_flags``.
 
     Computed once per connection (see ``nodeagent.proxy.destinations.connection_labels``);
-    hashable, so it keys the per-series cache below.
+    hashable, so it keys the per-series cache below. The field names are the exposed label
+    names (Istio's).
     """
 
     reporter: str
     source_workload: str = UNKNOWN
-    source_namespace: str = UNKNOWN
+    source_workload_namespace: str = UNKNOWN
     source_principal: str = UNKNOWN
+    source_app: str = UNKNOWN
+    source_version: str = UNKNOWN
+    source_canonical_service: str = UNKNOWN
+    source_canonical_revision: str = UNKNOWN
+    source_cluster: str = UNKNOWN
     destination_service: str = UNKNOWN
+    destination_service_name: str = UNKNOWN
+    destination_service_namespace: str = UNKNOWN
     destination_workload: str = UNKNOWN
-    destination_namespace: str = UNKNOWN
+    destination_workload_namespace: str = UNKNOWN
     destination_principal: str = UNKNOWN
+    destination_app: str = UNKNOWN
+    destination_version: str = UNKNOWN
+    destination_canonical_service: str = UNKNOWN
+    destination_canonical_revision: str = UNKNOWN
+    destination_cluster: str = UNKNOWN
     request_protocol: str = "tcp"
     connection_security_policy: str = "none"
 
 
 TCP_LABEL_NAMES: tuple[str, ...] = TcpLabels._fields + ("response_flags",)
+
+
+class WorkloadLabels(NamedTuple):
+    """What Istio derives from a workload's labels (the ``source_*``/``destination_*`` values)."""
+
+    app: str = UNKNOWN
+    version: str = UNKNOWN
+    canonical_service: str = UNKNOWN
+    canonical_revision: str = UNKNOWN
+
+
+NO_WORKLOAD = WorkloadLabels()
+_CANONICAL_NAME = ("service.istio.io/canonical-name", "app.kubernetes.io/name", "app")
+_CANONICAL_REVISION = ("service.istio.io/canonical-revision", "app.kubernetes.io/version", "version")
+_APP = ("app", "app.kubernetes.io/name")
+_VERSION = ("version", "app.kubernetes.io/version")
+_CACHE_ATTR = "_telemetry_labels"
+
+
+def workload_labels(workload: "Workload | None", name: str = UNKNOWN) -> WorkloadLabels:
+    """The derived labels of ``workload``; without one, of a workload known only by ``name``
+    (an endpoint naming it): canonical service = the name, revision ``latest``.
+
+    Memoized on the (immutable) Workload object, as ``NodeSnapshot`` memoizes its indexes:
+    a new snapshot brings new objects, so the memo never outlives the labels it read.
+    """
+    if workload is None:
+        return NO_WORKLOAD if name == UNKNOWN else WorkloadLabels(canonical_service=name, canonical_revision=LATEST)
+    memo = workload.__dict__.get(_CACHE_ATTR)
+    if memo is None:
+        labels = dict(workload.labels)
+        memo = WorkloadLabels(
+            app=_first(labels, _APP, UNKNOWN),
+            version=_first(labels, _VERSION, UNKNOWN),
+            canonical_service=_first(labels, _CANONICAL_NAME, workload.name),
+            canonical_revision=_first(labels, _CANONICAL_REVISION, LATEST),
+        )
+        object.__setattr__(workload, _CACHE_ATTR, memo)
+    return memo
+
+
+def _first(labels: dict[str, str], keys: tuple[str, ...], default: str) -> str:
+    for key in keys:
+        value = labels.get(key)
+        if value:
+            return value
+    return default
+
+
+def source_fields(workload: "Workload | None", name: str = UNKNOWN, namespace: str = UNKNOWN) -> dict[str, str]:
+    """The ``source_*`` labels (but the principal) of a client ``workload``, for ``_replace``;
+    without one, of a client known by ``name``/``namespace`` only (or not at all)."""
+    if workload is not None:
+        name, namespace = workload.name, workload.namespace
+    w = workload_labels(workload, name)
+    return {"source_workload": name, "source_workload_namespace": namespace, "source_app": w.app,
+            "source_version": w.version, "source_canonical_service": w.canonical_service,
+            "source_canonical_revision": w.canonical_revision,
+            "source_cluster": CLUSTER if name != UNKNOWN else UNKNOWN}
+
+
+def destination_workload_fields(workload: "Workload | None", name: str = UNKNOWN,
+                                namespace: str = UNKNOWN) -> dict[str, str]:
+    """The ``destination_workload*``, app, version, canonical and cluster labels (not the
+    service ones, not the principal) of a server ``workload``, for ``_replace``."""
+    if workload is not None and name == UNKNOWN:
+        name, namespace = workload.name, workload.namespace
+    w = workload_labels(workload, name)
+    return {"destination_workload": name, "destination_workload_namespace": namespace,
+            "destination_app": w.app, "destination_version": w.version,
+            "destination_canonical_service": w.canonical_service,
+            "destination_canonical_revision": w.canonical_revision,
+            "destination_cluster": CLUSTER if name != UNKNOWN else UNKNOWN}
+
+
+class AgentRegistry(CollectorRegistry):
+    """The agent's registry: what it collects, without the ``*_created`` samples.
+
+    prometheus_client adds ``<name>_created`` to every counter and histogram child unless a
+    process-wide switch (``disable_created_metrics()``, ``PROMETHEUS_DISABLE_CREATED_SERIES``)
+    is flipped; a registry of our own drops them instead, so nothing global changes and a
+    test's registries behave as the agent's. (They double the series count for nothing:
+    Prometheus's text-format parser keeps them as gauges, and Istio has none.)
+    """
+
+    def collect(self):
+        for metric in super().collect():
+            yield without_created(metric)
+
+
+def without_created(metric: Metric) -> Metric:
+    """``metric`` itself when it has no ``_created`` sample, else a copy without them."""
+    samples = [s for s in metric.samples if not s.name.endswith("_created")]
+    if len(samples) == len(metric.samples):
+        return metric
+    out = Metric(metric.name, metric.documentation, metric.type, metric.unit)
+    out.samples = samples
+    return out
 
 
 class TcpSeries:
@@ -197,3 +336,41 @@ class ProxyMetrics:
         if child is None:
             child = self._reasons[key] = counter.labels(direction, reason)
         return child
+
+
+class LoopLag:
+    """``hostmesh_agent_event_loop_lag_seconds``: how late a periodic timer of the event loop
+    fires, the worst over the last ``window`` seconds.
+
+    A loop busy with a long callback (a blocking call, a big snapshot parse) delays every
+    connection it serves by as much; this timer is delayed by the same amount, at the cost of
+    one wake-up per ``interval``. The worst of two half-windows is kept, so a spike stays
+    visible for at least half a window whatever the scrape interval.
+    """
+
+    def __init__(self, registry: CollectorRegistry, *, interval: float = 0.25, window: float = 10.0) -> None:
+        self.interval = interval
+        self._ticks = max(1, round(window / interval / 2))  # ticks per half-window
+        self._current = self._previous = 0.0
+        self._count = 0
+        Gauge("hostmesh_agent_event_loop_lag_seconds",
+              f"How late the agent's event loop ran a {interval:g}s timer: the worst over the last {window:g}s.",
+              registry=registry).set_function(self.value)
+
+    def value(self) -> float:
+        return max(self._current, self._previous)
+
+    def observe(self, late: float) -> None:
+        if late > self._current:
+            self._current = late
+        self._count += 1
+        if self._count >= self._ticks:
+            self._previous, self._current, self._count = self._current, 0.0, 0
+
+    async def run(self) -> None:
+        """Until cancelled: sleep ``interval``, record how much later than asked it woke."""
+        loop = asyncio.get_running_loop()
+        while True:
+            due = loop.time() + self.interval
+            await asyncio.sleep(self.interval)
+            self.observe(max(0.0, loop.time() - due))

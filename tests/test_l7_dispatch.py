@@ -397,7 +397,7 @@ def test_request_labels_take_the_principals_of_a_tunnelled_endpoint_once_per_con
         return labels._replace(source_principal="spiffe://td/ns/x/sa/c", destination_principal="spiffe://td/ns/x/sa/s",
                                connection_security_policy="mutual_tls")
 
-    ctx = SimpleNamespace(labels=http_labels("source", "client", NS), secure_labels=secure)
+    ctx = SimpleNamespace(labels=http_labels("source", "client", NS), secure_labels=secure, snapshot=None)
     cache: dict = {}
     remote = labels_for(cache, ctx, None, there)
     assert (remote.connection_security_policy, remote.source_principal, remote.destination_principal,
@@ -406,7 +406,7 @@ def test_request_labels_take_the_principals_of_a_tunnelled_endpoint_once_per_con
     assert (local.connection_security_policy, local.source_principal) == ("none", "unknown")
     assert labels_for(cache, ctx, None, there) is remote and calls == [there, here]  # cached per connection
     assert labels_for({}, ctx, None, None).connection_security_policy == "none"  # no endpoint (proxy-made error)
-    plain = SimpleNamespace(labels=ctx.labels, secure_labels=None)  # no tunnel on this proxy
+    plain = SimpleNamespace(labels=ctx.labels, secure_labels=None, snapshot=None)  # no tunnel on this proxy
     assert labels_for({}, plain, None, there).connection_security_policy == "none"
 
 

@@ -919,11 +919,16 @@ def test_request_metrics_expose_counts_durations_and_body_sizes():
         st, _, _ = await asyncio.to_thread(get, px.port, "/echo", None, "POST", b"x" * 5000)
         assert st == 200
         text = generate_latest(px.registry).decode()
-        want = ('destination_service="web.shop.svc.cluster.local",destination_workload="v1",reporter="source",'
-                'request_protocol="http",response_code="200",response_flags="-"')
-        assert f'hostmesh_requests_total{{connection_security_policy="none",destination_namespace="shop",' \
-               f'destination_principal="unknown",{want},source_namespace="unknown",source_principal="unknown",' \
-               f'source_workload="unknown"}} 1.0' in text
+        want = {"connection_security_policy": "none", "destination_service": "web.shop.svc.cluster.local",
+                "destination_service_name": "web", "destination_service_namespace": "shop",
+                "destination_workload": "v1", "destination_workload_namespace": "shop",
+                "destination_canonical_service": "v1", "destination_canonical_revision": "latest",
+                "destination_principal": "unknown", "reporter": "source", "request_protocol": "http",
+                "response_code": "200", "grpc_response_status": "", "response_flags": "-",
+                "source_workload": "unknown", "source_workload_namespace": "unknown", "source_principal": "unknown"}
+        (sample,) = [s for fam in px.registry.collect() if fam.name == "hostmesh_requests"
+                     for s in fam.samples]
+        assert {k: sample.labels[k] for k in want} == want and sample.value == 1.0
         assert "hostmesh_request_duration_seconds_count{" in text
         assert any(line.startswith("hostmesh_request_bytes_sum{") and line.endswith(" 5000.0") for line in text.splitlines())
         assert any(line.startswith("hostmesh_response_bytes_sum{") and line.endswith(" 5000.0") for line in text.splitlines())

@@ -167,7 +167,9 @@ def test_source_labels_trust_the_address_only_when_its_identity_matches():
     client_id, web_id = spiffe_id(TD, "apps", "client"), spiffe_id(TD, "shop", "web")
     base = TcpLabels("destination")
     good = planner.source_labels(snap, base, client_id, "198.18.1.1", web_id)
-    assert (good.source_workload, good.source_namespace) == ("client", "apps")
+    assert (good.source_workload, good.source_workload_namespace) == ("client", "apps")
+    assert (good.source_canonical_service, good.source_cluster) == ("client", "Kubernetes")
     spoofed = planner.source_labels(snap, base, spiffe_id(TD, "evil", "x"), "198.18.1.1", web_id)
-    assert (spoofed.source_workload, spoofed.source_namespace) == ("unknown", "evil")
+    assert (spoofed.source_workload, spoofed.source_workload_namespace) == ("unknown", "evil")
+    assert spoofed.source_app == spoofed.source_canonical_service == spoofed.source_cluster == "unknown"
     assert spoofed.source_principal == "spiffe://cluster.local/ns/evil/sa/x"

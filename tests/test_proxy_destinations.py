@@ -12,7 +12,7 @@ from nodeagent.proxy.destinations import (NO_HEALTHY_UPSTREAM, NOT_LOCAL_WORKLOA
                                           connection_labels, service_endpoints)
 from nodeagent.capture.origdst import parse_sockaddr
 from nodeagent.state import Endpoint, NodeSnapshot, Service, ServicePort, Workload
-from nodeagent.telemetry import TCP_LABEL_NAMES, TcpLabels
+from nodeagent.telemetry import TCP_LABEL_NAMES, TcpLabels, workload_labels
 
 NODE = "node-1"
 
@@ -176,17 +176,47 @@ def test_labels_of_a_service_connection():
     decision = Destinations(NODE).outbound(snap, "198.19.0.10", 80)
     labels = connection_labels(snap, decision, "198.18.1.5", "source")
     assert labels == TcpLabels(
-        reporter="source", source_workload="client", source_namespace="apps", source_principal="unknown",
-        destination_service="web.shop.svc.cluster.local", destination_workload="web-a",
-        destination_namespace="shop", destination_principal="unknown", request_protocol="tcp",
-        connection_security_policy="none")
+        reporter="source", source_workload="client", source_workload_namespace="apps", source_principal="unknown",
+        source_app="unknown", source_version="unknown", source_canonical_service="client",
+        source_canonical_revision="latest", source_cluster="Kubernetes",
+        destination_service="web.shop.svc.cluster.local", destination_service_name="web",
+        destination_service_namespace="shop", destination_workload="web-a",
+        destination_workload_namespace="shop", destination_principal="unknown", destination_app="unknown",
+        destination_version="unknown", destination_canonical_service="web-a", destination_canonical_revision="latest",
+        destination_cluster="Kubernetes", request_protocol="tcp", connection_security_policy="none")
+
+
+def test_app_version_and_canonical_labels_follow_istio_conventions():
+    client = Workload("client-7f9c", "apps", NODE, "198.18.1.5", labels=(("app", "client"), ("version", "v2")))
+    web = Workload("web-a", "shop", NODE, "198.18.1.10", labels=(
+        ("app.kubernetes.io/name", "web"), ("app.kubernetes.io/version", "1.4"),
+        ("service.istio.io/canonical-name", "storefront"), ("service.istio.io/canonical-revision", "r7")))
+    snap = snapshot(workloads=(client, web, WEB_B))
+    labels = connection_labels(snap, Destinations(NODE).outbound(snap, "198.19.0.10", 80), "198.18.1.5", "source")
+    assert (labels.source_app, labels.source_version) == ("client", "v2")
+    # canonical name: the app label before the workload name; revision: the version label
+    assert (labels.source_canonical_service, labels.source_canonical_revision) == ("client", "v2")
+    assert (labels.destination_app, labels.destination_version) == ("web", "1.4")
+    assert (labels.destination_canonical_service, labels.destination_canonical_revision) == ("storefront", "r7")
+
+
+def test_workload_labels_precedence():
+    def derived(**labels):
+        return workload_labels(Workload("wl", "ns", NODE, "198.18.1.9", labels=tuple(labels.items())))
+    assert derived() == ("unknown", "unknown", "wl", "latest")
+    assert derived(**{"app.kubernetes.io/name": "k", "app": "a", "app.kubernetes.io/version": "kv",
+                      "version": "v"}) == ("a", "v", "k", "kv")
+    assert derived(app="a") == ("a", "unknown", "a", "latest")
+    assert workload_labels(None) == ("unknown",) * 4
+    assert workload_labels(None, "named-only") == ("unknown", "unknown", "named-only", "latest")
 
 
 def test_labels_of_passthrough_and_unknown_source():
     snap = snapshot()
     labels = connection_labels(snap, Passthrough("203.0.113.7", 443), "203.0.113.99", "source")
-    assert labels.source_workload == labels.source_namespace == "unknown"
-    assert labels.destination_service == labels.destination_workload == labels.destination_namespace == "unknown"
+    # an address the mesh does not know is never a label value (bounded cardinality)
+    assert "203.0.113.7" not in labels and "203.0.113.99" not in labels
+    assert set(labels) - {"source", "tcp", "none"} == {"unknown"}
 
 
 def test_labels_of_uh_refusal_name_the_service():
@@ -194,14 +224,24 @@ def test_labels_of_uh_refusal_name_the_service():
     decision = Destinations(NODE).outbound(snap, "198.19.0.11", 80)
     labels = connection_labels(snap, decision, "198.18.1.5", "source")
     assert labels.destination_service == "empty.shop.svc.cluster.local"
-    assert labels.destination_namespace == "shop" and labels.destination_workload == "unknown"
+    assert (labels.destination_service_name, labels.destination_service_namespace) == ("empty", "shop")
+    assert labels.destination_workload_namespace == "shop" and labels.destination_workload == "unknown"
+    assert labels.destination_canonical_service == labels.destination_cluster == "unknown"
 
 
-def test_label_names_match_architecture():
-    assert set(TCP_LABEL_NAMES) == {
-        "reporter", "source_workload", "source_namespace", "source_principal", "destination_service",
-        "destination_workload", "destination_namespace", "destination_principal", "request_protocol",
-        "response_flags", "connection_security_policy"}
+# Istio's standard TCP labels (istio.io/latest/docs/reference/config/metrics); the request
+# metrics add response_code and grpc_response_status (tests/test_metrics_istio.py)
+ISTIO_TCP_LABELS = {
+    "reporter", "source_workload", "source_workload_namespace", "source_principal", "source_app", "source_version",
+    "source_canonical_service", "source_canonical_revision", "source_cluster", "destination_workload",
+    "destination_workload_namespace", "destination_principal", "destination_app", "destination_version",
+    "destination_service", "destination_service_name", "destination_service_namespace",
+    "destination_canonical_service", "destination_canonical_revision", "destination_cluster", "request_protocol",
+    "response_flags", "connection_security_policy"}
+
+
+def test_label_names_are_istios():
+    assert set(TCP_LABEL_NAMES) == ISTIO_TCP_LABELS and len(TCP_LABEL_NAMES) == len(ISTIO_TCP_LABELS)
 
 
 # ------------------------------------------------------------------- origdst

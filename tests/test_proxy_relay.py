@@ -142,9 +142,9 @@ def test_echo_round_trip_and_metrics():
             assert await read_all(r) == b"!" * 1000
             w.close()
             await p.settle(0)
-            labels = dict(reporter="source", source_workload="client", source_namespace="apps",
+            labels = dict(reporter="source", source_workload="client", source_workload_namespace="apps",
                           destination_service="web.shop.svc.cluster.local", destination_workload="backend-0",
-                          destination_namespace="shop", request_protocol="tcp", response_flags="-",
+                          destination_workload_namespace="shop", request_protocol="tcp", response_flags="-",
                           connection_security_policy="none")
             assert p.metric("hostmesh_tcp_connections_opened_total", **labels) == 1
             assert p.metric("hostmesh_tcp_connections_closed_total", **labels) == 1

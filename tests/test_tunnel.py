@@ -70,8 +70,8 @@ def test_cross_node_relay_is_mutual_tls_with_principals_on_both_sides():
         async with app, Mesh() as m:
             assert await ask(m, port, b"hello mesh") == b"hello mesh"
             await m.settle()
-            src = dict(reporter="source", source_workload="client", source_namespace="apps",
-                       source_principal=CLIENT_ID.uri, destination_workload="web", destination_namespace="shop",
+            src = dict(reporter="source", source_workload="client", source_workload_namespace="apps",
+                       source_principal=CLIENT_ID.uri, destination_workload="web", destination_workload_namespace="shop",
                        destination_principal=WEB_ID.uri, connection_security_policy="mutual_tls", response_flags="-")
             dst = dict(src, reporter="destination")
             assert m.m1("hostmesh_tcp_connections_closed_total", **src) == 1

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from typing import Sequence, Union
 
 from nodeagent.state import Endpoint, NodeSnapshot, Service, ServicePort, Workload
-from nodeagent.telemetry import UNKNOWN, TcpLabels
+from nodeagent.telemetry import CLUSTER, UNKNOWN, TcpLabels, workload_labels
 
 PASSTHROUGH = "passthrough"
 REFUSE = "refuse"
@@ -186,23 +186,40 @@ class Destinations:
 # ---------------------------------------------------------------------- labels
 
 def connection_labels(snapshot: NodeSnapshot, decision: Decision, src_ip: str, reporter: str) -> TcpLabels:
-    """The metric labels of one connection (computed once, at accept)."""
+    """The metric labels of one connection (computed once, at accept; one tuple).
+
+    Source: the workload at ``src_ip``. Destination: the Service the decision went to (or
+    was refused for) and the workload of the picked endpoint; the app, version, canonical
+    and cluster labels derive from those Workload objects (``telemetry.workload_labels``,
+    memoized per object). Nothing unknown is named by its address: it is ``unknown``.
+    """
     src = snapshot.workload_by_ip(src_ip)
     service = getattr(decision, "service", None)
+    dst = None
     dst_workload = dst_namespace = UNKNOWN
     if isinstance(decision, Forward):
         ep = decision.endpoint
+        dst = decision.workload
         if ep.workload:  # the endpoint names its workload: authoritative
             dst_workload, dst_namespace = ep.workload, ep.namespace
-        elif decision.workload is not None:
-            dst_workload, dst_namespace = decision.workload.name, decision.workload.namespace
+        elif dst is not None:
+            dst_workload, dst_namespace = dst.name, dst.namespace
     if service is not None and dst_namespace == UNKNOWN:
         dst_namespace = service.namespace
+    s, d = workload_labels(src), workload_labels(dst, dst_workload)
     return TcpLabels(
         reporter=reporter,
         source_workload=src.name if src is not None else UNKNOWN,
-        source_namespace=src.namespace if src is not None else UNKNOWN,
+        source_workload_namespace=src.namespace if src is not None else UNKNOWN,
+        source_app=s.app, source_version=s.version,
+        source_canonical_service=s.canonical_service, source_canonical_revision=s.canonical_revision,
+        source_cluster=CLUSTER if src is not None else UNKNOWN,
         destination_service=service.hostname if service is not None else UNKNOWN,
+        destination_service_name=service.name if service is not None else UNKNOWN,
+        destination_service_namespace=service.namespace if service is not None else UNKNOWN,
         destination_workload=dst_workload,
-        destination_namespace=dst_namespace,
+        destination_workload_namespace=dst_namespace,
+        destination_app=d.app, destination_version=d.version,
+        destination_canonical_service=d.canonical_service, destination_canonical_revision=d.canonical_revision,
+        destination_cluster=CLUSTER if dst_workload != UNKNOWN else UNKNOWN,
     )

@@ -25,7 +25,7 @@ from nodeagent.identity import IdentityError, SpiffeId, spiffe_id
 from nodeagent.proxy.destinations import NOT_LOCAL_WORKLOAD, Destinations, Forward, Refuse
 from nodeagent.proxy.tunnel_wire import sni_for
 from nodeagent.state import NodeSnapshot, Workload
-from nodeagent.telemetry import TcpLabels
+from nodeagent.telemetry import UNKNOWN, TcpLabels, source_fields
 
 TUNNEL_PORT = 15008
 MUTUAL_TLS = "mutual_tls"
@@ -144,11 +144,10 @@ class TunnelPlanner:
         """Inbound tunnel labels: the source workload only when its identity is the client's."""
         src = snapshot.workload_by_ip(src_ip)
         if src is not None and self.ids.of(snapshot, src) == client:
-            workload, namespace = src.name, src.namespace
-        else:
-            workload, namespace = "unknown", client.namespace
-        return labels._replace(source_workload=workload, source_namespace=namespace,
-                               source_principal=client.uri, destination_principal=presented.uri,
+            source = source_fields(src)
+        else:  # the certificate vouches for the namespace only
+            source = source_fields(None, UNKNOWN, client.namespace)
+        return labels._replace(**source, source_principal=client.uri, destination_principal=presented.uri,
                                connection_security_policy=MUTUAL_TLS)
 
 

@@ -222,6 +222,6 @@ class ConnContext:
         table = inputs.routes.get(snapshot)
         router = table.router_for(dst_ip, dst_port)
         src = snapshot.workload_by_ip(src_ip)
-        labels = http_labels(reporter, src.name if src else UNKNOWN, src.namespace if src else UNKNOWN)
+        labels = http_labels(reporter, source=src)
         return cls(table, router, src_ip, dst_ip, dst_port, labels, on_done, endpoint,
                    src.namespace if src else "", snapshot=snapshot, secure_labels=secure_labels)

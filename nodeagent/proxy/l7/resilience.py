@@ -345,7 +345,7 @@ class TokenBucket:
 
 def source_key(labels: Any) -> str:
     """The bucket key of ``perSourceWorkload``: the client workload of a connection's labels."""
-    return f"{labels.source_namespace}/{labels.source_workload}"
+    return f"{labels.source_workload_namespace}/{labels.source_workload}"
 
 
 def retry_after_value(wait: float) -> bytes:

@@ -6,6 +6,7 @@ import asyncio
 import logging
 
 from nodeagent.proxy.l7.metrics import UNKNOWN, HttpLabels
+from nodeagent.telemetry import destination_workload_fields
 
 log = logging.getLogger(__name__)
 
@@ -48,21 +49,30 @@ class DriverLifecycle:
 def labels_for(cache: dict, ctx, backend, ep, protocol: str | None = None) -> HttpLabels:
     """The metric labels of a request of connection ``ctx`` to ``ep`` of ``backend`` (either
     may be None), cached in the connection's ``cache``; ``protocol`` overrides
-    ``request_protocol``. ``ctx.secure_labels`` (set when the proxy has a tunnel) adds the
-    principals and ``mutual_tls`` for an endpoint the request reaches through the tunnel."""
+    ``request_protocol``. The destination workload's app, version and canonical labels come
+    from its Workload in ``ctx.snapshot`` (``telemetry.destination_workload_fields``).
+    ``ctx.secure_labels`` (set when the proxy has a tunnel) adds the principals and
+    ``mutual_tls`` for an endpoint the request reaches through the tunnel."""
     key = (id(backend), id(ep), protocol)
     lab = cache.get(key)
     if lab is not None:
         return lab
     base = ctx.labels
-    service = backend.hostname if backend is not None else base.destination_service
-    if ep is not None and ep.workload:
-        wl, ns = ep.workload, ep.namespace
-    elif backend is not None:
-        wl, ns = UNKNOWN, backend.service.namespace
+    if backend is not None:
+        svc = backend.service
+        service = {"destination_service": backend.hostname, "destination_service_name": svc.name,
+                   "destination_service_namespace": svc.namespace}
     else:
-        wl, ns = base.destination_workload, base.destination_namespace
-    lab = base._replace(destination_service=service, destination_workload=wl, destination_namespace=ns)
+        service = {}
+    if ep is not None and ep.workload:
+        snapshot = ctx.snapshot
+        workload = snapshot.workload_by_ip(ep.address) if snapshot is not None else None
+        dst = destination_workload_fields(workload, ep.workload, ep.namespace)
+    elif backend is not None:
+        dst = destination_workload_fields(None, UNKNOWN, backend.service.namespace)
+    else:
+        dst = {}
+    lab = base._replace(**service, **dst)
     if protocol is not None:
         lab = lab._replace(request_protocol=protocol)
     if ep is not None and ctx.secure_labels is not None:
