@@ -93,6 +93,9 @@ CHECK_FN_SCHEMAS: dict[Callable, dict] = {
     k._path_pattern_problem: {"pattern": r"^([/*]|.*\*$)"},
     k._https_url_problem: {"pattern": r"^https://[^/?#]"},
     k._hc_path_problem: {"pattern": r"^/[^ \r\n\t#]*$"},
+    k._access_log_output_problem: {"pattern": r"^(stdout|/[^\x00-\x1f\x7f]*[^/\x00-\x1f\x7f])$"},
+    # MeshConfig tracing.otlp.endpoint (the agent's parser says the rest: host, port, path)
+    k._otlp_endpoint_problem: {"pattern": r"^http://[^/?#@\[]"},
 }
 # check_fns whose rule has no OpenAPI form (see the docstring's gaps)
 UNEXPRESSED_CHECK_FNS: dict[Callable, str] = {
@@ -109,6 +112,8 @@ CHECK_SCHEMAS: dict[Callable, dict] = {
         {"required": ["type", "ringHash"], "properties": {"type": {"enum": ["RING_HASH"]}}},
         {"not": {"required": ["ringHash"]}, "properties": {"type": {"not": {"enum": ["RING_HASH"]}}}},
     ]},
+    k._access_logging_checks: {"not": {"required": ["disabled", "samplingPercentage"],
+                                       "properties": {"disabled": {"enum": [True]}}}},
     k._outlier_checks: {"not": {"required": ["consecutive5xxErrors", "consecutiveGatewayErrors"],
                                 "properties": {"consecutive5xxErrors": {"enum": [0]},
                                                "consecutiveGatewayErrors": {"enum": [0]}}}},
@@ -130,6 +135,7 @@ UNEXPRESSED_CHECKS: dict[Callable, str] = {
     k._bucket_defaults: "rateLimit / connectionRateLimit burst defaults to requestsPerUnit / connectionsPerUnit "
                         "(a default that depends on the object)",
     k._hc_checks: "healthCheck.timeout <= interval (durations compared)",
+    k._otlp_timeout_check: "MeshConfig tracing.otlp.timeout <= 30s (durations compared)",
 }
 
 

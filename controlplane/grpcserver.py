@@ -203,10 +203,12 @@ class DiscoveryServer:
                  large_push_hold: float = 30.0,
                  authenticate: Callable[[Any], str] | None = None,
                  extra_handlers: Sequence[grpc.GenericRpcHandler] = (),
-                 on_health: Callable[[str, list[tuple[str, int]]], None] | None = None,
+                 on_health: Callable[[str, list[tuple[str, int, str]], int], None] | None = None,
+                 on_stream_end: Callable[[str, int], None] | None = None,
                  clock: Callable[[], float] = time.time) -> None:
         self.cache = cache
-        self.on_health = on_health  # (node, unhealthy endpoints) from an agent's HealthReport
+        self.on_health = on_health  # (node, unhealthy endpoints, stream id) from an agent's HealthReport
+        self.on_stream_end = on_stream_end  # (node, stream id): a report's stream is gone (controlplane/health.py)
         self.authenticate = authenticate
         self.extra_handlers = tuple(extra_handlers)
         self.metrics = metrics if metrics is not None else cache.metrics
@@ -327,6 +329,8 @@ class DiscoveryServer:
             self.cache.agent_disconnected(node)
             self.metrics.agents_connected.dec()
             del self._streams[st.id]
+            if self.on_stream_end is not None:
+                self.on_stream_end(node, st.id)
             log.info("agent disconnected", extra={"node": node, "peer": st.peer})
 
     async def _authenticate(self, context: grpc.aio.ServicerContext) -> str | None:
@@ -393,7 +397,8 @@ class DiscoveryServer:
                     self._on_versions(st, msg.hello)
                 elif kind == "health":
                     if self.on_health is not None:  # on the stream's own (authenticated) node only
-                        self.on_health(st.node, [(e.address, e.port, e.service) for e in msg.health.unhealthy])
+                        self.on_health(st.node, [(e.address, e.port, e.service) for e in msg.health.unhealthy],
+                                       st.id)
                     continue  # nothing to push because of it here: the cache's watch does that
                 else:
                     raise _ProtocolError(f"unexpected {kind or 'empty'} message after the Hello")

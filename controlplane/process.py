@@ -29,10 +29,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from urllib.parse import parse_qs
 
-from prometheus_client import CollectorRegistry, Counter, Gauge
+from prometheus_client import Counter, Gauge
 
 from controlplane.auth import NodeIdentities, NodeTokens, TokenFileError
-from controlplane.health import HealthStore
+from controlplane.health import DEFAULT_DISCONNECT_GRACE, HealthStore
+from controlplane.healthsync import HealthMetrics, HealthSync
 from controlplane.builder import build_snapshot, build_snapshots, check_consistency
 from controlplane.ca import CAError, CertificateAuthority
 from controlplane.cache import SnapshotCache, SnapshotRejected
@@ -51,6 +52,7 @@ from hostmesh import __version__
 from nodeagent.admin import AdminServer, Route, RouteTable, error_response, json_response, metrics_response, \
     text_response
 from nodeagent.state import NodeSnapshot
+from nodeagent.telemetry import MetricsRegistry
 
 log = logging.getLogger("hostmesh.controlplane")
 
@@ -80,12 +82,13 @@ class Etcd:
 class ControlPlane:
     def __init__(self, config_dir: str | None, *, grpc_address: str = "0.0.0.0:15010",
                  http_host: str = "0.0.0.0", http_port: int = 15014, security: Security | None = None,
-                 etcd: Etcd | None = None, kubernetes: KubeSettings | None = None) -> None:
+                 etcd: Etcd | None = None, kubernetes: KubeSettings | None = None,
+                 health_grace: float = DEFAULT_DISCONNECT_GRACE) -> None:
         self.config_dir = config_dir
         self.etcd = etcd
         self.security = security
         self.grpc_address = grpc_address
-        self.registry = CollectorRegistry()
+        self.registry = MetricsRegistry()  # no *_created series, as the agents'
         self.metrics = ControlPlaneMetrics(self.registry)
         self.config_errors = Counter("hostmesh_controlplane_config_errors",
                                      "Config loads rejected as invalid (the last good config stays)",
@@ -97,7 +100,10 @@ class ControlPlane:
         self.model_loaded_at: float | None = None
         self.errors: list[ConfigIssue] = []
         self.started = time.time()
-        self.health = HealthStore()
+        # endpoint health: this replica's agents' reports, and with etcd every replica's
+        self.health = HealthStore(disconnect_grace=health_grace)
+        self.health_metrics = HealthMetrics(self.registry, self.health, etcd=etcd is not None)
+        self.health_sync: HealthSync | None = None
         self.cache = SnapshotCache(consistency_check=check_consistency, snapshot_for_new_node=self._new_node,
                                    metrics=self.metrics)
         self.election: LeaderElection | None = None
@@ -111,7 +117,8 @@ class ControlPlane:
         self.tokens: NodeTokens | None = None
         self.serving: ServingCertificate | None = None
         if security is None:
-            self.grpc = DiscoveryServer(self.cache, self.metrics, on_health=self._on_health)
+            self.grpc = DiscoveryServer(self.cache, self.metrics, on_health=self._on_health,
+                                        on_stream_end=self._on_stream_end)
         else:
             # CA and token problems stop the start here, before any port is bound
             self.ca = CertificateAuthority(security.ca_dir)
@@ -121,7 +128,7 @@ class ControlPlane:
             certs = CertificateService(self.ca, self.auth, lambda: self.identities, self.metrics)
             self.grpc = DiscoveryServer(self.cache, self.metrics, server_credentials=self.serving.credentials(),
                                         authenticate=self.auth.authenticate, extra_handlers=[certs.handler()],
-                                        on_health=self._on_health)
+                                        on_health=self._on_health, on_stream_end=self._on_stream_end)
         self.http = AdminServer(None, http_host, http_port, dispatcher=self._routes(),
                                 name="control plane http")
         self._stop = asyncio.Event()
@@ -143,7 +150,7 @@ class ControlPlane:
 
     def _publish(self, model: MeshModel) -> dict | None:
         """Snapshots of ``model`` plus the reported endpoint health, into the cache (None: refused)."""
-        snaps = build_snapshots(model, self.cache.nodes(), self.health.config_objects())
+        snaps = build_snapshots(model, self.cache.nodes(), self.health.config_objects(model))
         try:
             self.cache.set_snapshots(snaps)
         except SnapshotRejected as exc:  # counted by the cache; the previous snapshots stay
@@ -181,6 +188,9 @@ class ControlPlane:
         replica = etcd.replica or f"{socket.gethostname()}-{os.getpid()}"
         self.election = LeaderElection(EtcdClient(etcd.endpoints, tls=etcd.tls), replica, prefix=etcd.prefix,
                                        ttl=etcd.lease_ttl, on_change=self._leadership)
+        self.health.replica = replica
+        self.health_sync = HealthSync(EtcdClient(etcd.endpoints, tls=etcd.tls), self.health, self.health_metrics,
+                                      prefix=etcd.prefix, ttl=etcd.lease_ttl, on_change=self._on_shared_health)
         self.status_written: str | None = None
         self._status_dirty = asyncio.Event()
         self.etcd_connected = Gauge("hostmesh_controlplane_etcd_connected",
@@ -235,21 +245,56 @@ class ControlPlane:
                 self._status_dirty.set()
 
     def _new_node(self, node: str) -> NodeSnapshot | None:
-        return build_snapshot(self.model, node, self.health.config_objects()) if self.model is not None else None
+        return (build_snapshot(self.model, node, self.health.config_objects(self.model))
+                if self.model is not None else None)
 
-    def _on_health(self, node: str, unhealthy: list[tuple[str, int, str]]) -> None:
-        """An agent's HealthReport: a changed set is pushed to every agent at once."""
-        if not self.health.report(node, unhealthy, self.model):
-            return
-        log.info("endpoint health changed", extra={"node": node,
-                                                   "unhealthy": sorted(f"{s} {a}:{p}"
-                                                                       for a, p, s in self.health.unhealthy(node))})
+    def _on_health(self, node: str, unhealthy: list[tuple[str, int, str]], stream: int = 0) -> None:
+        """An agent's HealthReport: a changed set is pushed to every agent at once, and (etcd)
+        written for the other replicas, even unchanged: the key becomes this replica's."""
+        changed = self.health.report(node, unhealthy, self.model, stream=stream)
+        if self.health_sync is not None:
+            self.health_sync.mark(node)
+        if changed:
+            log.info("endpoint health changed", extra={
+                "node": node, "unhealthy": sorted(f"{s} {a}:{p}" for a, p, s in self.health.unhealthy(node))})
+            self._publish_health()
+
+    def _on_stream_end(self, node: str, stream: int) -> None:
+        """An agent's discovery stream closed: its report's grace starts (controlplane/health.py)."""
+        if self.health.stream_ended(node, stream):
+            self._publish_health()
+
+    def _on_shared_health(self) -> None:
+        """Another replica's report changed in etcd (healthsync.py)."""
+        self._publish_health()
+
+    def _publish_health(self) -> None:
         if self.model is not None:
             self._publish(self.model)
+
+    async def _expire_health(self) -> None:
+        """Reports whose agent stream ended longer than the grace ago are dropped (and deleted from etcd)."""
+        tick = min(1.0, max(0.05, self.health.disconnect_grace / 4))
+        while True:
+            await asyncio.sleep(tick)
+            before = self.health.version
+            gone = self.health.expire()
+            if not gone:
+                continue
+            self.health_metrics.expired.inc(len(gone))
+            log.info("endpoint health reports expired: their agents disconnected", extra={
+                "nodes": gone, "grace": self.health.disconnect_grace})
+            if self.health_sync is not None:
+                for node in gone:
+                    self.health_sync.mark(node)
+            if self.health.version != before:
+                self._publish_health()
 
     # ------------------------------------------------------------------ lifecycle
     async def run(self) -> int:
         await self.source.initial_load()
+        if self.health_sync is not None and self.source.connected:   # etcd down: its run() retries
+            await self.health_sync.initial_load()
         await self.grpc.start(self.grpc_address)
         try:
             await self.http.start()
@@ -259,7 +304,9 @@ class ControlPlane:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stop.set)
-        watchers = [asyncio.create_task(self.source.run())]
+        watchers = [asyncio.create_task(self.source.run()), asyncio.create_task(self._expire_health())]
+        if self.health_sync is not None:
+            watchers.append(asyncio.create_task(self.health_sync.run()))
         if self.security is not None:
             watchers.append(asyncio.create_task(self._watch_security()))
         if self.election is not None:
@@ -274,6 +321,8 @@ class ControlPlane:
             await self.election.resign()
         await self.grpc.stop(2.0)
         await self.http.close()
+        if self.health_sync is not None:   # its lease is not revoked: the entries lapse after the TTL
+            await self.health_sync.close()
         return 0
 
     async def _watch_security(self) -> None:
@@ -299,9 +348,16 @@ class ControlPlane:
             "/debug/config": Route("GET", lambda q: json_response(200, self.config_view()), "config state and errors"),
             "/debug/agents": Route("GET", lambda q: json_response(200, self.agents_view()), "connected agents"),
             "/debug/snapshot": Route("GET", self._snapshot_view, "a node's snapshot: ?node=NAME"),
-            "/debug/health": Route("GET", lambda q: json_response(200, self.health.describe()),
-                                   "endpoints the agents' health checks report unhealthy, by node"),
+            "/debug/health": Route("GET", self._health_view,
+                                   "endpoints the agents' health checks report unhealthy, by node "
+                                   "(?detail=1: where each report came from)"),
         }, name="control plane http")
+
+    def _health_view(self, query: str):
+        if (parse_qs(query).get("detail") or ["0"])[0] in ("", "0", "false"):
+            return json_response(200, self.health.describe())
+        return json_response(200, {"grace": self.health.disconnect_grace, "nodes": self.health.describe_sources(),
+                                   "etcd": self.health_sync.describe() if self.health_sync else None})
 
     def _ready(self, query: str):
         if self.model is None:

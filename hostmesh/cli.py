@@ -118,6 +118,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--admin", default="http://127.0.0.1:15000", help="admin endpoint URL (without --node)")
     _output_flag(p)
 
+    p = sub.add_parser("graph", help="service graph from the agents' metrics: who calls whom, rps, success, p99")
+    p.add_argument("-o", "--output", choices=["table", "json", "dot"], default="table",
+                   help="human table (default), JSON for machines, or Graphviz DOT")
+    p.add_argument("--svg", metavar="FILE", help="also render the graph to FILE with Graphviz's dot")
+    p.add_argument("--interval", type=float, help="seconds between the two scrapes the rates come from (default 5)")
+    p.add_argument("--since-start", action="store_true",
+                   help="one scrape: totals since each agent started, no rates")
+    p.add_argument("--by", choices=["workload", "service"], default="workload",
+                   help="edges to each destination workload (default) or summed per Service")
+    p.add_argument("--namespace", action="append", help="only edges touching this namespace (repeatable)")
+    p.add_argument("--workload", action="append", metavar="[NAMESPACE/]NAME",
+                   help="only edges from or to this workload (repeatable)")
+    p.add_argument("--show-idle", action="store_true", help="also edges without traffic in the window")
+    p.add_argument("--lab", help="scrape every agent of this lab (enters its node namespaces)")
+    p.add_argument("--agent", action="append", metavar="URL|HOST:PORT",
+                   help="scrape this agent's metrics endpoint (repeatable; instead of asking the control plane)")
+    p.add_argument("--controlplane", default="http://127.0.0.1:15014",
+                   help="the control plane's HTTP URL, to list the agents (default http://127.0.0.1:15014)")
+    p.add_argument("--metrics-port", type=int, default=15020,
+                   help="with the control plane's list: the agents' health port serving /stats/prometheus")
+    p.add_argument("--timeout", type=float, default=5.0, help="seconds per scrape (default 5)")
+
     lab = sub.add_parser("lab", help="a local multi-node cluster made of network namespaces")
     lsub = lab.add_subparsers(dest="lab_command", required=True, metavar="ACTION")
     p = lsub.add_parser("up", help="create a lab")
@@ -353,6 +375,14 @@ def render_proxy_config(what: str, data) -> str:
     return to_json(data)
 
 
+def cmd_graph(args) -> int:
+    from hostmesh import graphcmd
+    try:
+        return graphcmd.run(args)
+    except graphcmd.GraphCommandError as exc:
+        raise CliError(str(exc)) from None
+
+
 def cmd_lab(args) -> int:
     from meshlab import lab as labmod
     LabError = _lab_errors()
@@ -439,7 +469,8 @@ def cmd_demo(args) -> int:
 LAB_COMMANDS = {"up": lab_up, "down": lab_down, "status": lab_status, "exec": lab_exec}
 COMMANDS = {"version": cmd_version, "check": cmd_check, "agent": cmd_agent, "controlplane": cmd_controlplane,
             "ca": cmd_ca, "status": cmd_status, "install": cmd_hostinstall, "uninstall": cmd_hostinstall,
-            "proxy-config": cmd_proxy_config, "lab": cmd_lab, "demo": cmd_demo, "config": cmd_config}
+            "proxy-config": cmd_proxy_config, "graph": cmd_graph, "lab": cmd_lab, "demo": cmd_demo,
+            "config": cmd_config}
 
 
 if __name__ == "__main__":

@@ -54,7 +54,8 @@ from nodeagent.proxy.l7.resilience import NOT_EJECTED, merge_state_views
 from nodeagent.state import unhealthy_endpoints
 from nodeagent.proxy.destinations import service_endpoints
 from nodeagent.state import AgentState, NodeSnapshot
-from nodeagent.telemetry import AgentRegistry, LoopLag, ProxyMetrics
+from nodeagent.telemetry import MetricsRegistry, LoopLag, ProxyMetrics
+from nodeagent.accesslog import AccessLog
 from nodeagent import reload, sdnotify
 from nodeagent.service import ServiceReporter, status_line
 from nodeagent.worker import bootstrap_to
@@ -68,7 +69,7 @@ RECONCILE_INTERVAL = 10.0
 class AgentMetrics:
     """hostmesh_agent_* internals, on the agent's registry."""
 
-    def __init__(self, registry: CollectorRegistry) -> None:
+    def __init__(self, registry: CollectorRegistry, *, lag_registry: CollectorRegistry | None = None) -> None:
         self.ready = Gauge("hostmesh_agent_ready", "1 when the agent is ready to serve mesh traffic",
                            registry=registry)
         self.info = Info("hostmesh_agent", "Agent build and node", registry=registry)
@@ -106,7 +107,10 @@ class AgentMetrics:
                                           "Seconds the config has been stale: not confirmed by a connected "
                                           "control plane (0 while connected, and with a snapshot file)",
                                           registry=registry)
-        self.loop_lag = LoopLag(registry)
+        # with worker processes the agent's own lag is merged with theirs (the worst loop
+        # of the node, worker_wire.MAX_MERGED), so it lives on a registry of its own
+        self.lag_registry = lag_registry
+        self.loop_lag = LoopLag(lag_registry if lag_registry is not None else registry)
 
     def snapshot_in_force(self, snapshot: NodeSnapshot) -> None:
         """An AgentState subscriber: the config version and when it came (either config source)."""
@@ -130,8 +134,8 @@ class Lifecycle:
 class Agent:
     def __init__(self, boot: Bootstrap) -> None:
         self.boot = boot
-        self.registry = AgentRegistry()
-        self.metrics = AgentMetrics(self.registry)
+        self.registry = MetricsRegistry()
+        self.metrics = AgentMetrics(self.registry, lag_registry=CollectorRegistry() if boot.workers > 1 else None)
         self.metrics.info.info({"version": __version__, "node": boot.node, "capture": boot.capture_mode})
         self.state = AgentState()
         self.state.subscribe(self.metrics.snapshot_in_force)
@@ -184,7 +188,8 @@ class Agent:
         self.pool: WorkerPool | None = None
         if boot.workers > 1:
             self.pool = WorkerPool(count=boot.workers, bootstrap=bootstrap_to(boot), log_level=boot.log_level,
-                                   state=self.state, certs=self.certs, jwks=self.jwks, registry=self.registry)
+                                   state=self.state, certs=self.certs, jwks=self.jwks, registry=self.registry,
+                                   local=self.metrics.lag_registry)
         # what serves the node's traffic: the workers, or the proxy in this process
         self.serving = self.pool if self.pool is not None else self.proxy
         self._stop = asyncio.Event()
@@ -797,6 +802,7 @@ def proxy_inputs(boot: Bootstrap, state: AgentState, registry: CollectorRegistry
         http_metrics=HttpMetrics(registry),
         jwks_keys=jwks_keys,
         rate_limit_share=1.0 / max(1, boot.workers),
+        access_log=AccessLog(registry, state, node=boot.node),
     )
 
 

@@ -1,7 +1,7 @@
 """Prometheus metrics of the node agent's data plane, on an injected registry.
 
 Nothing here touches the global ``prometheus_client.REGISTRY``: the agent (or a test)
-creates a registry (``AgentRegistry``: no ``*_created`` series) and passes it in, so
+creates a registry (``MetricsRegistry``: no ``*_created`` series) and passes it in, so
 several agents or tests can live in one process and the admin endpoint exposes exactly
 what it was given.
 
@@ -208,8 +208,9 @@ def destination_workload_fields(workload: "Workload | None", name: str = UNKNOWN
             "destination_cluster": CLUSTER if name != UNKNOWN else UNKNOWN}
 
 
-class AgentRegistry(CollectorRegistry):
-    """The agent's registry: what it collects, without the ``*_created`` samples.
+class MetricsRegistry(CollectorRegistry):
+    """hostmesh's registries (the agent's, the workers', the control plane's): what they
+    collect, without the ``*_created`` samples.
 
     prometheus_client adds ``<name>_created`` to every counter and histogram child unless a
     process-wide switch (``disable_created_metrics()``, ``PROMETHEUS_DISABLE_CREATED_SERIES``)
@@ -354,7 +355,8 @@ class LoopLag:
         self._current = self._previous = 0.0
         self._count = 0
         Gauge("hostmesh_agent_event_loop_lag_seconds",
-              f"How late the agent's event loop ran a {interval:g}s timer: the worst over the last {window:g}s.",
+              f"How late the event loop ran a {interval:g}s timer: the worst over the last {window:g}s "
+              "(with worker processes, the worst of the agent's and the workers' loops).",
               registry=registry).set_function(self.value)
 
     def value(self) -> float:

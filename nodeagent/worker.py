@@ -27,8 +27,6 @@ import socket
 import sys
 from dataclasses import fields
 
-from prometheus_client import CollectorRegistry
-
 from nodeagent import logs
 from nodeagent import worker_wire as wire
 from nodeagent.bootstrap import Bootstrap
@@ -37,6 +35,7 @@ from nodeagent.identity.mirror import IdentityMirror
 from nodeagent.proxy import NodeProxy
 from nodeagent.proxy.jwks import JwksCache
 from nodeagent.state import AgentState, NodeSnapshot
+from nodeagent.telemetry import LoopLag, MetricsRegistry
 
 log = logging.getLogger("hostmesh.worker")
 
@@ -62,7 +61,9 @@ class Worker:
 
     def __init__(self, channel: socket.socket) -> None:
         self.channel = channel
-        self.registry = CollectorRegistry()
+        self.registry = MetricsRegistry()
+        self.loop_lag = LoopLag(self.registry)  # merged by max with the agent's (worker_wire.MAX_MERGED)
+        self._lag_task: asyncio.Task | None = None
         self.state = AgentState()
         self.identities = IdentityMirror()
         self.jwks = JwksCache()
@@ -140,6 +141,7 @@ class Worker:
             for s in inherited[name]:
                 s.setblocking(False)
         await self.proxy.start(inherited)
+        self._lag_task = asyncio.get_running_loop().create_task(self.loop_lag.run())
 
     async def drain(self, grace: float) -> None:
         if self._draining:

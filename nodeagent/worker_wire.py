@@ -128,8 +128,14 @@ class Retired:
                 for n, acc in self.samples.items()]
 
 
+# gauges that say how bad the worst process is, not how much all of them hold: the node's
+# event-loop lag is its slowest loop's (the agent's or a worker's), so they merge by max
+MAX_MERGED = frozenset({"hostmesh_agent_event_loop_lag_seconds"})
+
+
 def merge(per_worker: Iterable[list[dict]]) -> list[Metric]:
-    """One family per name; samples with the same name and labels summed."""
+    """One family per name; samples with the same name and labels summed (``MAX_MERGED``: the
+    largest)."""
     order: list[str] = []
     meta: dict[str, tuple[str, str]] = {}
     sums: dict[str, dict[tuple, float]] = {}
@@ -141,10 +147,11 @@ def merge(per_worker: Iterable[list[dict]]) -> list[Metric]:
                 order.append(name)
                 sums[name] = {}
             acc = sums[name]
+            largest = name in MAX_MERGED
             for sname, labels, value in fam["samples"]:
                 k = _key(sname, labels)
                 prev = acc.get(k)
-                acc[k] = value if prev is None else prev + value
+                acc[k] = value if prev is None else max(prev, value) if largest else prev + value
     out = []
     for name in order:
         typ, doc = meta[name]

@@ -72,8 +72,9 @@ class WorkerMetrics:
 
 class WorkerPool:
     def __init__(self, *, count: int, bootstrap: dict, log_level: str, state: AgentState, certs, jwks,
-                 registry: CollectorRegistry) -> None:
+                 registry: CollectorRegistry, local: CollectorRegistry | None = None) -> None:
         self.count = count
+        self.local = local  # the agent's own families merged with the workers' (its loop lag)
         self.bootstrap = bootstrap
         self.log_level = log_level
         self.state = state
@@ -347,6 +348,8 @@ class WorkerPool:
 
     def families(self) -> list[list[dict]]:
         out = [self.retired.as_families()]
+        if self.local is not None:
+            out.append(wire.families(self.local))
         for w in self.workers:
             if w is not None and w.state in ("serving", "draining") and w.proc.poll() is None:
                 out.append(self._query_families(w))

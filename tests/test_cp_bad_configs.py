@@ -514,7 +514,7 @@ CASES = [
          "hostmesh.io/v1alpha1 Workload, gateway.networking.k8s.io/v1 HTTPRoute, gateway.networking.k8s.io/v1 "
          "GRPCRoute, hostmesh.io/v1alpha1 TrafficPolicy, hostmesh.io/v1alpha1 FaultInjection, hostmesh.io/v1alpha1 "
          "AuthorizationPolicy, hostmesh.io/v1alpha1 PeerAuthentication, hostmesh.io/v1alpha1 RequestAuthentication, "
-         "hostmesh.io/v1alpha1 MeshConfig"),
+         "hostmesh.io/v1alpha1 MeshConfig, hostmesh.io/v1alpha1 Telemetry"),
     ]),
     ("unknown-api-version-and-kind", {"x.yaml": "apiVersion: networking.istio.io/v1\nkind: VirtualService\n"
                                                 "metadata: {name: x}\n"}, [
@@ -524,7 +524,7 @@ CASES = [
          "Workload, gateway.networking.k8s.io/v1 HTTPRoute, gateway.networking.k8s.io/v1 GRPCRoute, "
          "hostmesh.io/v1alpha1 TrafficPolicy, hostmesh.io/v1alpha1 FaultInjection, hostmesh.io/v1alpha1 "
          "AuthorizationPolicy, hostmesh.io/v1alpha1 PeerAuthentication, hostmesh.io/v1alpha1 RequestAuthentication, "
-         "hostmesh.io/v1alpha1 MeshConfig"),
+         "hostmesh.io/v1alpha1 MeshConfig, hostmesh.io/v1alpha1 Telemetry"),
     ]),
     ("wrong-api-version-for-kind", {"routes.yaml": ROUTE_HEAD.replace("k8s.io/v1", "k8s.io/v1beta1")}, [
         ('routes.yaml:1: HTTPRoute default/canary: apiVersion: HTTPRoute is served as gateway.networking.k8s.io/v1, '

@@ -114,7 +114,8 @@ def test_snapshot_content_from_the_examples():
     assert [(c.kind, c.name) for c in snap.config] == [
         ("AuthorizationPolicy", "web-api"), ("FaultInjection", "web-chaos"), ("HTTPRoute", "web-canary-split"),
         ("MeshConfig", "default"),
-        ("PeerAuthentication", "default"), ("RequestAuthentication", "web-jwt"), ("TrafficPolicy", "web")]
+        ("PeerAuthentication", "default"), ("RequestAuthentication", "web-jwt"), ("Telemetry", "web"),
+        ("TrafficPolicy", "web")]
     assert snap.workload_by_ip("198.18.2.2").labels == (("app", "web"), ("track", "canary"), ("version", "v2"))
     svc, port = snap.service_by_vip("198.19.0.20", 80)
     assert svc.name == "web" and port.target_port == 8080

@@ -53,7 +53,7 @@ def test_examples_load_and_reload_to_an_equal_model():
     assert again.model.version == first.model.version
     assert first.model.counts() == {"AuthorizationPolicy": 1, "FaultInjection": 1, "HTTPRoute": 1, "MeshConfig": 1,
                                     "PeerAuthentication": 1, "RequestAuthentication": 1, "Service": 2,
-                                    "TrafficPolicy": 1, "Workload": 4}
+                                    "Telemetry": 1, "TrafficPolicy": 1, "Workload": 4}
 
 
 def test_model_round_trips_through_documents():
@@ -80,7 +80,8 @@ def test_config_objects_carry_canonical_spec_json():
         ("AuthorizationPolicy", "default", "web-api"), ("FaultInjection", "default", "web-chaos"),
         ("HTTPRoute", "default", "web-canary-split"),
         ("MeshConfig", "default", "default"), ("PeerAuthentication", "default", "default"),
-        ("RequestAuthentication", "default", "web-jwt"), ("TrafficPolicy", "default", "web")]
+        ("RequestAuthentication", "default", "web-jwt"), ("Telemetry", "default", "web"),
+        ("TrafficPolicy", "default", "web")]
     route = model.get("HTTPRoute", "default", "web-canary-split")
     assert cos[2] == ConfigObject("HTTPRoute", "default", "web-canary-split", route.spec_json)
     spec = json.loads(cos[2].spec)
@@ -508,7 +509,7 @@ def test_traffic_policy_on_a_service_with_no_http_port_is_refused(protocols, ref
         assert messages == []
         return
     assert len(messages) == 1 and "spec.loadBalancer: not supported yet: loadBalancer acts on HTTP traffic" \
-        in messages[0] and "on TCP ports a TrafficPolicy applies connectionRateLimit" in messages[0], messages
+        in messages[0] and "on TCP ports a TrafficPolicy applies connectionRateLimit, healthCheck" in messages[0], messages
 
 
 TCP_POLICY = ("apiVersion: hostmesh.io/v1alpha1\nkind: TrafficPolicy\nmetadata: {name: p, namespace: shop}\nspec:\n"
@@ -520,6 +521,13 @@ def test_a_connection_rate_limit_is_accepted_on_a_tcp_only_service_with_its_defa
     spec = json.loads(next(c.spec for c in model.config_objects() if c.kind == "TrafficPolicy"))
     assert spec["connectionRateLimit"] == {"connectionsPerUnit": 20, "unit": "minute", "burst": 20,
                                            "perSourceWorkload": False}
+
+
+def test_a_health_check_is_accepted_on_a_tcp_only_service():
+    doc = TCP_POLICY + "  healthCheck: {tcp: {}, interval: 2s, panicThreshold: 30}\n"
+    model = load_ok({"p.yaml": svc("db", ns="shop", ports="[{port: 5432, appProtocol: tcp}]") + "---\n" + doc})
+    spec = json.loads(next(c.spec for c in model.config_objects() if c.kind == "TrafficPolicy"))
+    assert spec["healthCheck"]["tcp"] == {} and spec["healthCheck"]["panicThreshold"] == 30
 
 
 def test_http_sections_next_to_a_connection_rate_limit_on_a_tcp_only_service_are_each_refused():

@@ -22,7 +22,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from nodeagent.proxy.destinations import Destinations, connection_labels
 from nodeagent.proxy.l7.metrics import DURATION_BUCKETS, HTTP_LABEL_NAMES, HttpMetrics, http_labels
 from nodeagent.state import Endpoint, NodeSnapshot, Service, ServicePort, Workload
-from nodeagent.telemetry import AgentRegistry, LoopLag, ProxyMetrics
+from nodeagent.telemetry import MetricsRegistry, LoopLag, ProxyMetrics
 from tests.test_proxy_destinations import ISTIO_TCP_LABELS
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -51,9 +51,9 @@ def exposed(registry) -> dict[str, set[str]]:
     return out
 
 
-def busy_registry() -> AgentRegistry:
+def busy_registry() -> MetricsRegistry:
     """An agent-like registry with one TCP connection and one request recorded."""
-    registry = AgentRegistry()
+    registry = MetricsRegistry()
     tcp, http = ProxyMetrics(registry), HttpMetrics(registry)
     labels = connection_labels(SNAP, Destinations(NODE).outbound(SNAP, "198.19.0.10", 80), "198.18.1.5", "source")
     series = tcp.tcp(labels)
@@ -95,7 +95,7 @@ def test_http_connection_labels_from_the_client_workload():
 
 
 def test_grpc_status_is_a_label_of_its_own_series():
-    registry = AgentRegistry()
+    registry = MetricsRegistry()
     http = HttpMetrics(registry)
     labels = http_labels("source")._replace(request_protocol="grpc")
     http.observe(labels, 200, "-", 0.001, 5, 5, grpc_status="14")
@@ -105,7 +105,7 @@ def test_grpc_status_is_a_label_of_its_own_series():
 
 
 def test_no_address_or_path_becomes_a_label_value():
-    registry = AgentRegistry()
+    registry = MetricsRegistry()
     tcp = ProxyMetrics(registry)
     from nodeagent.proxy.destinations import Passthrough
     tcp.tcp(connection_labels(SNAP, Passthrough("203.0.113.7", 443), "203.0.113.99", "source")).opened.inc()
@@ -140,11 +140,22 @@ def test_the_agents_registry_has_no_created_series_and_the_internals(tmp_path):
     assert "\nhostmesh_agent_config_stale_seconds 0.0" in text  # a snapshot file is never stale
 
 
+def test_the_control_planes_registry_has_no_created_series(tmp_path):
+    from controlplane.process import ControlPlane
+
+    cp = ControlPlane(str(tmp_path), grpc_address="127.0.0.1:0", http_host="127.0.0.1", http_port=0)
+    cp.config_errors.inc()
+    cp.metrics.pushes.inc()
+    text = generate_latest(cp.registry).decode()
+    assert "\nhostmesh_controlplane_config_errors_total 1.0" in text
+    assert "_created" not in text
+
+
 def test_duration_buckets_resolve_sub_millisecond_latency():
     below_1ms = [b for b in DURATION_BUCKETS if b < 0.001]
     assert len(below_1ms) >= 3 and min(DURATION_BUCKETS) <= 0.0001
     assert list(DURATION_BUCKETS) == sorted(set(DURATION_BUCKETS))
-    registry = AgentRegistry()
+    registry = MetricsRegistry()
     http = HttpMetrics(registry)
     http.observe(http_labels("source"), 200, "-", 0.0003, 0, 0)  # 300 µs: in the 0.5 ms bucket, not 0.25
     text = generate_latest(registry).decode()
@@ -154,7 +165,7 @@ def test_duration_buckets_resolve_sub_millisecond_latency():
 
 # ------------------------------------------------------------------ event-loop lag
 def test_loop_lag_reports_how_late_its_timer_ran():
-    registry = AgentRegistry()
+    registry = MetricsRegistry()
     lag = LoopLag(registry, interval=0.02, window=10.0)
 
     async def main():
@@ -169,7 +180,7 @@ def test_loop_lag_reports_how_late_its_timer_ran():
 
 
 def test_loop_lag_forgets_a_spike_after_a_window():
-    lag = LoopLag(AgentRegistry(), interval=1.0, window=4.0)  # half-windows of 2 ticks
+    lag = LoopLag(MetricsRegistry(), interval=1.0, window=4.0)  # half-windows of 2 ticks
     lag.observe(0.5)
     assert lag.value() == 0.5
     for _ in range(2):

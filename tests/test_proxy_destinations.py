@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import socket
 import struct
 
@@ -11,7 +12,7 @@ from nodeagent.proxy.destinations import (NO_HEALTHY_UPSTREAM, NOT_LOCAL_WORKLOA
                                           Destinations, Forward, Passthrough, Refuse, RoundRobin,
                                           connection_labels, service_endpoints)
 from nodeagent.capture.origdst import parse_sockaddr
-from nodeagent.state import Endpoint, NodeSnapshot, Service, ServicePort, Workload
+from nodeagent.state import ConfigObject, Endpoint, NodeSnapshot, Service, ServicePort, Workload
 from nodeagent.telemetry import TCP_LABEL_NAMES, TcpLabels, workload_labels
 
 NODE = "node-1"
@@ -262,3 +263,40 @@ def test_parse_sockaddr_rejects_garbage():
         parse_sockaddr(b"\x01\x00")
     with pytest.raises(ValueError):
         parse_sockaddr(struct.pack("=H", 99) + b"\0" * 14)
+
+
+# ------------------------------------------------------------------ health checks on L4 picks
+def health(*unhealthy: tuple[str, int, str]):
+    from nodeagent.state import ENDPOINT_HEALTH, HEALTH_NAMESPACE, ConfigObject
+    return ConfigObject(ENDPOINT_HEALTH, HEALTH_NAMESPACE, NODE, json.dumps({"unhealthy": [list(u) for u in unhealthy]}))
+
+
+FOUR = Service("db", "shop", "198.19.0.20", (ServicePort(5432, 5432, app_protocol="tcp"),),
+               tuple(Endpoint(f"198.18.1.{i}", 5432) for i in range(1, 5)))
+
+
+def test_endpoints_failing_their_health_checks_get_no_connections():
+    d = Destinations(NODE)
+    snap = NodeSnapshot(node=NODE, services=(FOUR,), config=(health(("198.18.1.2", 5432, "shop/db")),))
+    picks = {d.outbound(snap, "198.19.0.20", 5432).address for _ in range(12)}
+    assert picks == {("198.18.1.1", 5432), ("198.18.1.3", 5432), ("198.18.1.4", 5432)}
+
+
+def test_below_the_panic_threshold_every_endpoint_is_used_and_it_is_logged(caplog):
+    d = Destinations(NODE)
+    failing = health(*((f"198.18.1.{i}", 5432, "shop/db") for i in (1, 2, 3)))  # 25 % healthy < 50 %
+    snap = NodeSnapshot(node=NODE, services=(FOUR,), config=(failing,))
+    caplog.set_level("INFO", logger="nodeagent.proxy.destinations")
+    picks = {d.outbound(snap, "198.19.0.20", 5432).address for _ in range(8)}
+    assert len(picks) == 4 and "panic" in caplog.text
+    policy = ConfigObject("TrafficPolicy", "shop", "p", json.dumps(
+        {"targetRef": {"kind": "Service", "name": "db"}, "healthCheck": {"tcp": {}, "panicThreshold": 20}}))
+    snap = NodeSnapshot(node=NODE, services=(FOUR,), config=(failing, policy))
+    assert {d.outbound(snap, "198.19.0.20", 5432).address for _ in range(8)} == {("198.18.1.4", 5432)}
+    assert "left health-check panic mode" in caplog.text
+
+
+def test_health_of_another_service_on_the_same_address_does_not_apply():
+    d = Destinations(NODE)
+    snap = NodeSnapshot(node=NODE, services=(FOUR,), config=(health(("198.18.1.2", 5432, "shop/other")),))
+    assert len({d.outbound(snap, "198.19.0.20", 5432).address for _ in range(8)}) == 4

@@ -329,7 +329,7 @@ def test_rate_limit_burst_and_per_source_workload():
         got = await asyncio.to_thread(session, px.port, 5)
         assert [g[0] for g in got] == [200, 200, 200, 429, 429]
         st = px.inputs.routes.resilience.peek(("shop", "web", 80))
-        assert list(st._source_buckets) == ["unknown/unknown"]  # the client has no Workload in this snapshot
+        assert st._limiter.sources() == ["unknown/unknown"]  # the client has no Workload in this snapshot
         close(ups, px)
     run(main())
 

@@ -29,7 +29,7 @@ CLIENT_POD = "node1/pod-1"
 RETRY, OUTLIER, BREAKER, LIMITED, FAULTY, DELAYED, PERTRY = (f"198.19.1.{i}" for i in range(10, 17))
 GRPC_FAULTY, GRPC_LIMITED = "198.19.1.20", "198.19.1.21"
 CHECKED = "198.19.1.22"
-BUDGET, CONN_LIMITED = "198.19.1.23", "198.19.1.24"
+BUDGET, CONN_LIMITED, TCP_CHECKED = "198.19.1.23", "198.19.1.24", "198.19.1.25"
 
 # requests in threads from one pod: spec JSON in argv[1]; prints [[status, flags, seconds], ...]
 CLIENT = textwrap.dedent("""
@@ -48,7 +48,8 @@ CLIENT = textwrap.dedent("""
                 conn.request(spec.get("method", "GET"), spec.get("path", "/"), body=spec.get("body"))
                 r = conn.getresponse()
                 r.read()
-                row = [r.status, r.getheader("x-hostmesh-flags") or "", time.monotonic() - t]
+                row = [r.status, r.getheader("x-hostmesh-flags") or "", time.monotonic() - t,
+                       r.getheader("x-testapp-pod") or ""]
             except (ConnectionError, http.client.HTTPException, OSError) as exc:
                 row = [0, type(exc).__name__, time.monotonic() - t]
                 conn.close()
@@ -124,6 +125,10 @@ def documents() -> list[dict]:
             "budget": {"percent": 20, "minRetryConcurrency": 0}}}),
         svc("conn-limited", CONN_LIMITED, tcp=True),
         policy("conn-limited", {"connectionRateLimit": {"connectionsPerUnit": 4, "unit": "minute"}}),
+        # relayed as TCP, probed over HTTP (the port speaks it underneath): both pod-2s fail
+        svc("tcp-checked", TCP_CHECKED, tcp=True), policy("tcp-checked", {"healthCheck": {
+            "http": {"path": "/?pod=pod-2&status=503"}, "interval": "500ms", "timeout": "300ms", "jitter": "0s",
+            "unhealthyThreshold": 2, "healthyThreshold": 1}}),
     ]
 
 
@@ -140,7 +145,7 @@ def rlab():
 
         def in_force(node: str) -> bool:
             clusters = json.loads(mesh.admin_get(lab, node, "/clusters").stdout or "[]")
-            return sum(1 for c in clusters if c["vip"].startswith("198.19.1.")) == 12
+            return sum(1 for c in clusters if c["vip"].startswith("198.19.1.")) == 13
         wait_for(lambda: all(in_force(n) for n in ("node1", "node2")), timeout=30, what="the resilience config")
         yield lab
     finally:
@@ -294,8 +299,21 @@ def test_endpoints_failing_their_health_check_get_no_traffic_on_any_node(rlab):
              what="both pod-2 endpoints failing on both agents")
     assert all(w.endswith("pod-2") for w in failing("node1"))
     reported = json.loads(mesh.cp_get(rlab, "/debug/health").stdout)
-    assert sorted(reported) == ["node1", "node2"] and all(len(v) == 1 for v in reported.values())
+    # one pod-2 per node, failing for "checked" and "tcp-checked" (below)
+    assert sorted(reported) == ["node1", "node2"] and all(len(v) == 2 for v in reported.values()), reported
     rows = http(rlab, CHECKED, 40, path="/?pod=pod-2&status=503")["rows"]
     assert {r[0] for r in rows} == {200}  # pod-2s get nothing
     text = mesh.admin_get(rlab, "node2", "/stats/prometheus").stdout
-    assert "\nhostmesh_agent_health_unhealthy_endpoints 1.0" in text
+    assert "\nhostmesh_agent_health_unhealthy_endpoints 2.0" in text
+
+
+def test_tcp_connections_skip_endpoints_failing_their_health_check(rlab):
+    """A TCP-only Service (relayed, never parsed) with a health check: the L4 balancer skips
+    the failing pod-2s as the L7 ones do."""
+    def failing(node: str) -> set:
+        c = clusters(rlab, node, "tcp-checked")
+        return {e["workload"] for e in c["endpoints"] if e.get("healthCheck") == "failing"}
+    wait_for(lambda: len(failing("node1")) == 2, timeout=10, what="both pod-2 endpoints failing")
+    rows = http(rlab, TCP_CHECKED, 24, fresh=True)["rows"]
+    pods = {r[3] for r in rows}
+    assert {r[0] for r in rows} == {200} and pods == {"pod-1"}, rows  # both nodes' pod-1s

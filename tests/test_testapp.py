@@ -760,6 +760,30 @@ def test_grpc_requested_error(stub):
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
 
+def test_grpc_pod_and_fail_knobs_fail_trailers_only_where_they_apply(stub):
+    import grpc
+
+    from meshlab.testapp import echo_pb2
+    failing = echo_pb2.EchoRequest(message="x", status_code=grpc.StatusCode.UNAVAILABLE.value[0])
+    with pytest.raises(grpc.RpcError) as err:
+        stub.Echo(failing, metadata=[("x-testapp-pod", "pod-a")], timeout=10)
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert ("x-testapp-pod", "pod-a") not in tuple(err.value.initial_metadata() or ())  # trailers-only
+    reply = stub.Echo(failing, metadata=[("x-testapp-pod", "pod-b")], timeout=10)  # another pod: plain OK
+    assert reply.pod == "pod-a"
+    codes = []
+    for _ in range(40):
+        try:
+            stub.Echo(failing, metadata=[("x-testapp-fail", "0.5")], timeout=10)
+            codes.append("OK")
+        except grpc.RpcError as exc:
+            codes.append(exc.code().name)
+    assert set(codes) == {"OK", "UNAVAILABLE"}
+    with pytest.raises(grpc.RpcError) as err:
+        stub.Echo(failing, metadata=[("x-testapp-fail", "2")], timeout=10)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
 def test_grpc_delay_and_deadline(stub):
     import grpc
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import signal
 import socket
 import time
@@ -78,6 +79,18 @@ def test_merge_sums_counters_gauges_and_histograms_and_drops_created():
     assert 'hm_latency_bucket{le="0.001"} 1.0' in text and 'hm_latency_bucket{le="0.01"} 2.0' in text
     assert "hm_latency_count 2.0" in text
     assert "_created" not in text
+
+
+def test_the_event_loop_lag_merges_as_the_worst_process_not_the_sum():
+    from nodeagent.telemetry import LoopLag, MetricsRegistry
+    per_process = []
+    for late in (0.002, 0.030, 0.010):  # the agent's loop, two workers'
+        registry = MetricsRegistry()
+        LoopLag(registry).observe(late)
+        per_process.append(wire.families(registry))
+    text = exposition(wire.merge(per_process))
+    assert text.count("\nhostmesh_agent_event_loop_lag_seconds ") == 1
+    assert "\nhostmesh_agent_event_loop_lag_seconds 0.03\n" in text
 
 
 def test_retired_keeps_cumulative_samples_only():
@@ -175,6 +188,9 @@ def test_two_workers_serve_one_node_and_a_dead_worker_comes_back(tmp_path):
             metric(text, "hostmesh_agent_connections_rejected_total")
         assert accepted >= 40, text
         assert metric(text, "hostmesh_agent_workers_serving") == 2
+        # one lag series: the worst of the agent's and the workers' loops (each runs its timer)
+        assert text.count("# TYPE hostmesh_agent_event_loop_lag_seconds gauge") == 1, text
+        assert len(re.findall(r"\nhostmesh_agent_event_loop_lag_seconds ", text)) == 1, text
         os.kill(pids[0], signal.SIGKILL)
         await knock(ports[0], 10)  # the other worker keeps serving meanwhile
         deadline = time.monotonic() + 30

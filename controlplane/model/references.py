@@ -84,6 +84,8 @@ def cross_check(checked: list[Checked]) -> tuple[list[MeshObject], list[ConfigIs
             refs.check_route(it)
     for kind in ("TrafficPolicy", "FaultInjection"):
         refs.check_policy_targets(by_kind.get(kind, []))
+    _check_telemetries(by_kind.get("Telemetry", []), refs, meshconfigs[0] if meshconfigs else None,
+                       any(k[0] == "MeshConfig" for k in invalid), report)
     _check_peer_authentications(by_kind.get("PeerAuthentication", []), report)
 
     objects = [allocated.get(id(it), it.obj) for it in items]
@@ -350,3 +352,40 @@ def _check_peer_authentications(items: list[Checked], report: _Report) -> None:
                                         f"per namespace")
         else:
             wide[ns] = it
+
+
+def _check_telemetries(items: list[Checked], refs: _Refs, meshconfig: Checked | None, meshconfig_invalid: bool,
+                       report: _Report) -> None:
+    """A Telemetry's target exists; one Telemetry per target and per namespace-wide scope; and
+    its accessLogging has somewhere to go (MeshConfig spec.accessLog), or it would be accepted
+    and never applied."""
+    sink = meshconfig is not None and "accessLog" in meshconfig.obj.spec_view
+    targeted: dict[tuple[str, str, str], Checked] = {}
+    for it in items:
+        spec = it.obj.spec_view
+        if "accessLogging" in spec and not sink and not meshconfig_invalid:
+            where = (f"{meshconfig.label} ({meshconfig.doc.file}:{meshconfig.doc.line}) has no spec.accessLog"
+                     if meshconfig is not None else "there is no MeshConfig with spec.accessLog")
+            report.error(it, ("spec", "accessLogging"),
+                         f"access logs are off in this mesh: {where}, which says where the lines go; set its "
+                         f"output (with samplingPercentage: 0 to log only where a Telemetry turns logging on)")
+        ref = spec.get("targetRef")
+        if ref is not None:
+            path = ("spec", "targetRef")
+            kind = ref["kind"]
+            target = (refs.service(it, path, it.obj.namespace, ref["name"]) if kind == "Service"
+                      else refs.route(it, path, kind, it.obj.namespace, ref["name"]))
+            if target is None:
+                continue
+            key = (kind, target.namespace, target.name)
+            what = f"{kind} {target.namespace}/{target.name}"
+        elif "selector" not in spec:
+            key, path, what = ("Namespace", it.obj.namespace, ""), ("spec",), f"the namespace {it.obj.namespace}"
+        else:
+            continue
+        if key in targeted:
+            prev = targeted[key]
+            report.error(it, path, f"{what} is already the scope of {prev.label} ({prev.doc.file}:{prev.doc.line}); "
+                                   f"one Telemetry per {'target' if ref is not None else 'namespace without a selector'}")
+        else:
+            targeted[key] = it

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import functools
+import random
 import sys
 import time
 
@@ -12,6 +13,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from meshlab.testapp import echo_pb2, echo_pb2_grpc
+from meshlab.testapp.behaviour import BehaviourError, parse_fraction
 
 SERVICE_NAME = "hostmesh.testapp.v1.Echo"
 MAX_DELAY_MS = 60_000
@@ -134,9 +136,30 @@ class EchoService(echo_pb2_grpc.EchoServicer):
             await asyncio.sleep(request.delay_ms / 1000.0)
         await self._fail_if_asked(context, request.status_code, request.status_message)
 
+    async def _targeted(self, context) -> bool | None:
+        """The HTTP side's ``pod=``/``fail=`` knobs as metadata (``x-testapp-pod``,
+        ``x-testapp-fail``): None without them; else whether this call applies its delay and
+        status here (a share of the calls, and only on the named pod)."""
+        md = dict(context.invocation_metadata() or ())
+        only, share = md.get("x-testapp-pod"), md.get("x-testapp-fail")
+        if only is None and share is None:
+            return None
+        fail = 1.0
+        if share is not None:
+            try:
+                fail = parse_fraction(share)
+            except BehaviourError as exc:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"x-testapp-fail: {exc}")
+        return (only is None or only == self.pod) and (fail >= 1.0 or random.random() < fail)
+
     # ---- RPCs
     @_handler
     async def Echo(self, request, context):
+        targeted = await self._targeted(context)
+        if targeted is not None:
+            if targeted:  # before any header, as a server failing early: a trailers-only answer
+                await self._process(request, context)
+            request = echo_pb2.EchoRequest(message=request.message, response_size=request.response_size)
         await self._begin(context)
         await self._process(request, context)
         return self._reply(context, request.message, 1, request.response_size)

@@ -18,51 +18,31 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
-from nodeagent.proxy.l7.resilience import RateLimitPolicy, TokenBucket, source_key
+from nodeagent.proxy.l7.resilience import RateLimiter, RateLimitPolicy, source_key
 from nodeagent.proxy.l7.routing import traffic_policy_specs
 from nodeagent.state import NodeSnapshot
 
-UNITS = {"second": 1.0, "minute": 60.0, "hour": 3600.0}
-MAX_SOURCE_BUCKETS = 4096  # per Service port with perSourceWorkload
 REJECT_REASON = "rate_limited"  # hostmesh_agent_connections_rejected_total{reason}
 RESPONSE_FLAG = "RL"
 
 
 def connection_rate_policy(spec: Mapping[str, Any] | None, share: float = 1.0) -> RateLimitPolicy | None:
     """The bucket of a ``connectionRateLimit`` (``share``: this process's part of it)."""
-    if not spec:
-        return None
-    per_unit = float(spec["connectionsPerUnit"])
-    rate = per_unit / UNITS[spec.get("unit", "second")]
-    burst = float(spec.get("burst") or per_unit)
-    return RateLimitPolicy(rate * share, max(1.0, burst * share), bool(spec.get("perSourceWorkload", False)))
+    return RateLimitPolicy.from_spec(spec, share, count="connectionsPerUnit")
 
 
 class _PortLimit:
     """The live buckets of one Service port, kept across snapshots while its policy holds."""
 
-    __slots__ = ("policy", "bucket", "by_source", "rejected")
+    __slots__ = ("policy", "limiter", "rejected")
 
     def __init__(self, policy: RateLimitPolicy) -> None:
         self.policy = policy
-        self.bucket: TokenBucket | None = None
-        self.by_source: dict[str, TokenBucket] = {}
+        self.limiter = RateLimiter(policy)
         self.rejected = 0
 
     def take(self, labels: Any, now: float) -> bool:
-        p = self.policy
-        if p.per_source:
-            key = source_key(labels)
-            b = self.by_source.get(key)
-            if b is None:
-                if len(self.by_source) >= MAX_SOURCE_BUCKETS:
-                    del self.by_source[next(iter(self.by_source))]
-                b = self.by_source[key] = TokenBucket(p.rate, p.burst, now)
-        else:
-            b = self.bucket
-            if b is None:
-                b = self.bucket = TokenBucket(p.rate, p.burst, now)
-        if b.take(now):
+        if self.limiter.take(source_key(labels) if self.policy.per_source else "", now):
             self.rejected += 1
             return False
         return True

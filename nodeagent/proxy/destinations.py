@@ -12,8 +12,11 @@ Outbound rules (the proxy on the client's node):
   1. service VIP:port -> one of the service's endpoints for that port, round robin per
      service port, dialed at ``endpoint.port`` (the resolved target port). A single-port
      service is served by all its endpoints; for a multi-port service the endpoints
-     serving port *p* are those whose ``port`` equals ``p.target_port``. None ->
-     ``Refuse("no healthy upstream", "UH")``.
+     serving port *p* are those whose ``port`` equals ``p.target_port``. Endpoints failing
+     their active health checks (the snapshot's EndpointHealth objects) are skipped, unless
+     fewer than the Service's ``healthCheck.panicThreshold`` (50) percent are healthy:
+     then all are used (Envoy's healthy panic threshold, logged), as the L7 balancers do.
+     None -> ``Refuse("no healthy upstream", "UH")``.
   2. a known workload (pod) address -> that workload at the same port.
   3. anything else -> ``Passthrough`` or ``Refuse("unknown destination", "NR")``.
 
@@ -28,13 +31,17 @@ connection that already decided.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
-from typing import Sequence, Union
+from typing import Mapping, Sequence, Union
 
-from nodeagent.state import Endpoint, NodeSnapshot, Service, ServicePort, Workload
+from nodeagent.state import Endpoint, NodeSnapshot, Service, ServicePort, Workload, unhealthy_endpoints
 from nodeagent.telemetry import CLUSTER, UNKNOWN, TcpLabels, workload_labels
 
+log = logging.getLogger(__name__)
+
 PASSTHROUGH = "passthrough"
+DEFAULT_PANIC_THRESHOLD = 50  # percent, as lb.LbConfig's
 REFUSE = "refuse"
 UNKNOWN_DESTINATION_POLICIES = (PASSTHROUGH, REFUSE)
 
@@ -115,6 +122,28 @@ def service_endpoints(service: Service, port: ServicePort) -> tuple[Endpoint, ..
     return tuple(ep for ep in service.endpoints if ep.port == port.target_port)
 
 
+def healthy_endpoints(service: Service, endpoints: tuple[Endpoint, ...],
+                      unhealthy: frozenset[tuple[str, int, str]], panic_threshold: int
+                      ) -> tuple[tuple[Endpoint, ...], bool]:
+    """(the endpoints to balance over, panic): those not failing their health checks, or all
+    of them when fewer than ``panic_threshold`` percent are healthy."""
+    ref = f"{service.namespace}/{service.name}"
+    healthy = tuple(ep for ep in endpoints if (ep.address, ep.port, ref) not in unhealthy)
+    if len(healthy) == len(endpoints):
+        return endpoints, False
+    if not healthy or len(healthy) * 100 < panic_threshold * len(endpoints):
+        return endpoints, True
+    return healthy, False
+
+
+def _panic_threshold(spec: Mapping | None) -> int:
+    hc = (spec or {}).get("healthCheck") or {}
+    try:
+        return int(hc.get("panicThreshold", DEFAULT_PANIC_THRESHOLD))
+    except (TypeError, ValueError):
+        return DEFAULT_PANIC_THRESHOLD
+
+
 class Destinations:
     """The decision functions plus per-snapshot lookup caches and the LB state.
 
@@ -134,6 +163,7 @@ class Destinations:
         self._snapshot: NodeSnapshot | None = None
         self._endpoints: dict[tuple[str, int], tuple[Endpoint, ...]] = {}
         self._service_of: dict[tuple[str, int], Service] = {}
+        self._panicking: set[tuple] = set()  # service ports in panic mode (logged on change)
 
     # ------------------------------------------------------------------ decisions
     def outbound(self, snapshot: NodeSnapshot, dst_ip: str, dst_port: int) -> Decision:
@@ -172,15 +202,38 @@ class Destinations:
         endpoints: dict[tuple[str, int], tuple[Endpoint, ...]] = {}
         service_of: dict[tuple[str, int], Service] = {}
         keys: set[tuple] = set()
+        unhealthy = unhealthy_endpoints(snapshot.config)
+        policies = _traffic_policy_specs(snapshot) if unhealthy else {}
+        panicking: set[tuple] = set()
         for service in snapshot.services:
             for port in service.ports:
                 eps = service_endpoints(service, port)
-                endpoints[(service.cluster_ip, port.port)] = eps
-                keys.add((service.namespace, service.name, port.port))
+                key = (service.namespace, service.name, port.port)
                 for ep in eps:
                     service_of.setdefault((ep.address, ep.port), service)
+                if unhealthy:
+                    eps, panic = healthy_endpoints(service, eps, unhealthy, _panic_threshold(
+                        policies.get((service.namespace, service.name))))
+                    if panic:
+                        panicking.add(key)
+                endpoints[(service.cluster_ip, port.port)] = eps
+                keys.add(key)
+        self._log_panic_changes(panicking)
         self._snapshot, self._endpoints, self._service_of = snapshot, endpoints, service_of
         self.lb.forget_except(keys)
+
+    def _log_panic_changes(self, panicking: set[tuple]) -> None:
+        for ns, name, port in sorted(panicking - self._panicking):
+            log.warning("service %s/%s port %d: too few endpoints pass their health checks (panic "
+                        "threshold), connections go to all of them", ns, name, port)
+        for ns, name, port in sorted(self._panicking - panicking):
+            log.info("service %s/%s port %d left health-check panic mode", ns, name, port)
+        self._panicking = panicking
+
+
+def _traffic_policy_specs(snapshot: NodeSnapshot) -> dict:
+    from nodeagent.proxy.l7.routing import traffic_policy_specs  # routing imports this module
+    return traffic_policy_specs(snapshot)
 
 
 # ---------------------------------------------------------------------- labels

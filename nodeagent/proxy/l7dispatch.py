@@ -128,6 +128,8 @@ class L7Dispatch:
         self.inputs = L7Inputs.create(pin.node, metrics, limits=limits, connector=self.connect,
                                       partition=self.partition)
         metrics.destinations.append(self.inputs.routes.resilience)
+        if pin.access_log is not None:
+            pin.access_log.attach(self.inputs)
         self._snapshot: NodeSnapshot | None = None
         self._modes: dict[tuple[str, int], str] = {}
         self._served: dict["Relay", Any] = {}  # relay -> its driver, until on_done

@@ -34,6 +34,7 @@ from nodeagent.state import AgentState, NodeSnapshot
 from nodeagent.telemetry import ProxyMetrics, TcpLabels
 
 if TYPE_CHECKING:  # pragma: no cover
+    from nodeagent.accesslog import AccessLog
     from nodeagent.proxy.l7.metrics import HttpMetrics
 
 log = logging.getLogger(__name__)
@@ -113,6 +114,9 @@ class ProxyInputs:
     jwks_keys: Callable[[str], Any] = lambda uri: None
     # this process's share of each local rate limit (1 / the proxy worker processes)
     rate_limit_share: float = 1.0
+    # JSON access log lines (nodeagent/accesslog.py); None: never. It switches the listeners'
+    # and the L7 inputs' own ``access_log`` on and off with the snapshot (AccessLog.attach)
+    access_log: "AccessLog | None" = None
 
     def __post_init__(self) -> None:
         if isinstance(self.tunnel_port, bool) or not isinstance(self.tunnel_port, int) \
@@ -223,6 +227,10 @@ class ProxyListener:
         self._empty: asyncio.Event | None = None
         self._no_snapshot = NodeSnapshot(node=inputs.node)
         self.metrics.track_active(self.direction, self.__len__)
+        # the access log while the snapshot asks for lines, else None (relayed connections' lines)
+        self.access_log: "AccessLog | None" = None
+        if inputs.access_log is not None:
+            inputs.access_log.attach(self)
 
     # --------------------------------------------------------------- lifecycle
     async def start(self, socks: "socket.socket | list[socket.socket] | None" = None) -> asyncio.AbstractServer:

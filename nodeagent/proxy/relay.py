@@ -225,7 +225,7 @@ class Relay(asyncio.Protocol):
     __slots__ = (
         "owner", "loop", "transport", "out", "up", "nbytes", "labels", "flags",
         "tracked", "closing", "d_lost", "u_done", "d_eof", "u_eof", "torn_down", "driver", "authz_key",
-        "_task", "_wrapping", "_timer", "_mark", "_bufmark", "_since", "_flushed_rx", "_flushed_tx",
+        "_task", "_wrapping", "_timer", "_mark", "_bufmark", "_since", "_flushed_rx", "_flushed_tx", "alog",
     )
 
     def __init__(self, owner: "ProxyListener") -> None:
@@ -257,6 +257,7 @@ class Relay(asyncio.Protocol):
         self._since = 0.0
         self._flushed_rx = 0
         self._flushed_tx = 0
+        self.alog: tuple | None = None  # AccessLog.tcp_opened: set only while access logs are on
 
     # ------------------------------------------------------------ downstream events
     def connection_made(self, transport) -> None:
@@ -324,27 +325,31 @@ class Relay(asyncio.Protocol):
         self.flags = flags
         if labels is not None:
             self.owner.metrics.tcp(labels, flags).opened.inc()
+            if self.owner.access_log is not None:
+                self.alog = self.owner.access_log.tcp_opened(self.transport, None)
         self._finish(None, RST, RST)
 
     def forward(self, address: tuple[str, int], labels: TcpLabels) -> None:
         """Dial ``address`` and relay; the client's first bytes wait in ``_Pending``."""
-        self._start(labels)
+        self._start(labels, address)
         self._task = self.loop.create_task(self._connect(address))
 
     def forward_tunnel(self, plan: "TunnelPlan", context: "ssl.SSLContext", labels: TcpLabels,
                        client: "TunnelClient") -> None:
         """Relay through the mTLS tunnel: a pooled connection now, or a new one (a task)."""
-        self._start(labels)
+        self._start(labels, plan.target)
         conn = client.take(plan, context)
         if conn is not None:
             self.up.connection_made(conn.open_stream(plan, self.up))
             return
         self._task = self.loop.create_task(self._connect_tunnel(plan, context, client))
 
-    def _start(self, labels: TcpLabels) -> None:
+    def _start(self, labels: TcpLabels, upstream: tuple[str, int]) -> None:
         owner = self.owner
         self.labels = labels
         owner.metrics.tcp(labels, NO_FLAGS).opened.inc()
+        if owner.access_log is not None:
+            self.alog = owner.access_log.tcp_opened(self.transport, upstream)
         limits = owner.limits
         transport = self.transport
         transport.set_write_buffer_limits(limits.write_buffer_high, limits.write_buffer_low)
@@ -519,6 +524,8 @@ class Relay(asyncio.Protocol):
             series = self.owner.metrics.tcp(self.labels, self.flags)
             self._publish_bytes(series)
             series.closed.inc()
+            if self.alog is not None and self.owner.access_log is not None:
+                self.owner.access_log.tcp(self)
         if self.up is not None:
             self.up.relay = None  # break the cycle: no callbacks can follow both connection_lost
         self.owner.relay_done(self)

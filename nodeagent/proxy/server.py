@@ -4,7 +4,8 @@ Outbound (15001) and inbound (15006) always; with workload certificates
 (``ProxyInputs.identities``) also the node-addressed mTLS tunnel listener (15008), whose
 connections are served by the inbound side's ``TunnelServer``. When a snapshot changes
 what authorization decisions depend on (``authz.authz_epoch``), both listeners re-check
-their relayed connections to local workloads and close those no longer allowed.
+their relayed connections to local workloads and close those no longer allowed. A drain
+ends by flushing the access log (bounded: ``ACCESS_LOG_FLUSH``).
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ from nodeagent.proxy.inbound import InboundProxy
 from nodeagent.proxy.listener import INBOUND_PORT, OUTBOUND_PORT, ProxyInputs
 from nodeagent.proxy.outbound import OutboundProxy
 from nodeagent.proxy.tunnel import TunnelListener
+
+ACCESS_LOG_FLUSH = 2.0  # seconds a drain waits for the access log's queued lines to be written
 
 
 class NodeProxy:
@@ -91,6 +94,8 @@ class NodeProxy:
         if self.tunnel is not None:
             self.tunnel.close()
         out, inb = await asyncio.gather(self.outbound.drain(grace), self.inbound.drain(grace))
+        if self.inputs.access_log is not None and self.inputs.access_log.writing:  # the last lines, off the loop
+            await asyncio.to_thread(self.inputs.access_log.flush, ACCESS_LOG_FLUSH)
         return out + inb
 
     def close(self) -> None:
@@ -98,3 +103,5 @@ class NodeProxy:
             self.tunnel.close()
         self.outbound.close()
         self.inbound.close()
+        if self.inputs.access_log is not None and self.inputs.access_log.writing:  # about to exit: bounded wait
+            self.inputs.access_log.flush(ACCESS_LOG_FLUSH / 4)

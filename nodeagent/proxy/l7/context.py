@@ -166,6 +166,9 @@ class L7Inputs:
     request_ids: Callable[[], bytes] = field(default_factory=RequestIds)  # new x-request-id values
     # uniform draws in [0, 1) for fault percentages and retry jitter (tests pass a seeded one)
     random: Callable[[], float] = field(default_factory=lambda: _random.Random().random)
+    # nodeagent.accesslog.AccessLog while the snapshot asks for access log lines, else None
+    # (set by AccessLog.attach); the drivers call it as each request finishes
+    access_log: Any = None
 
     @classmethod
     def create(cls, node: str, metrics: HttpMetrics, *, limits: L7Limits | None = None, connector=None,

@@ -51,17 +51,25 @@ too many pipelined requests (``ServerConnection.paused``); reading the upstream 
 while the client's write buffer is above its high mark. Memory per connection is bounded
 by the two write buffers plus one read each.
 
-Timers: one periodic tick per connection (every half of the smallest of the three
-timeouts; no timer is created, cancelled or read per request) checks, in turn, the
+Timers: one timer per connection, the tick (every half of the smallest of the three
+timeouts, or sooner for a request's deadline; no timer is created or cancelled per request
+in the common case) checks, in turn, the request's deadlines (below), the
 header-read timeout (``header_timeout``, from the first byte of a head; 408 SI + close
 when part of a head arrived: slowloris), the stream idle timeout while a request is in
 flight or a connection is upgraded (``stream_idle_timeout``: no byte either way and no
 progress draining the client's buffer -> 408 SI while the request is incomplete, 504 UT
 while waiting for the upstream, a reset once the response started) and the keep-alive
 idle timeout between requests (``idle_timeout``, silent close); each fires at most one
-tick late. The route's ``timeouts.request`` (from the head) and
-``timeouts.backendRequest`` (from the upstream request) are per-request timers, only when
-configured: 504 ``UT``, or a reset once the response has started.
+tick late (after a stream-idle 504 a keep-alive connection keeps its tick). The route's
+``timeouts.request`` (from the head, covering retries), ``timeouts.backendRequest`` (from
+each try's upstream request) and the TrafficPolicy's ``perTryTimeout`` (from each try's
+dispatch to its response head) are deadlines on the exchange (``deadline``, ``bdeadline``,
+``tdeadline``), only when configured: a deadline earlier than the tick's next wake moves
+the wake (``wake_for``: one timer re-armed, at most once per wake, however many requests
+go by), any other costs a compare. Each fires no earlier than due and at most about 1 ms
+late (uvloop's timer resolution) plus event-loop lag: 504 ``UT``, or a reset once the
+response has started; an expired per-try timeout is retried like a failed try. Fault
+delays and retry backoffs (rare) are event-loop timers.
 
 Errors made here (``errors.local_reply`` via the codec): UH no endpoint, UF connect
 failure, UO pool queue full, UT timeout, UC upstream closed/reset before the response,
@@ -79,7 +87,7 @@ idle siblings are as old as the dead one) — only when the method is idempotent
 9.2.2; RFC 9112 9.3.1 forbids replaying others), the request was read to its end and its
 body (``_Exchange.replay``, kept only for such a request on a pooled connection) is at
 most ``RETRY_BUFFER`` bytes, it is no upgrade, the client was sent nothing for it (no 1xx
-either) and no route timer fired (they keep running across the retry). Browsers, Go's
+either) and no route deadline passed (they keep running across the retry). Browsers, Go's
 ``http.Transport``, nginx (``proxy_next_upstream error``) and HAProxy (``retry-on
 conn-failure``) do the same. The request is still one observation with its final outcome
 (a second failure: 503 UC; a failed dial: UF); the retry counts in
@@ -91,7 +99,7 @@ uvloop): ~27 us of Python per keep-alive request driven in-process (codec ~10, t
 here: routing, LB, pool, headers, metrics), ~43-56 us of process CPU with uvloop and the
 four syscalls (two reads, a write, a writev); HAProxy (nbthread 1) uses ~8-11 us, and a
 bare uvloop byte forwarder ~12 us. Per request nothing allocates a task, future or
-timer unless the request needs one (a dial, a queue slot, a route timeout), and nothing
+timer unless the request needs one (a dial, a queue slot, a fault delay, a backoff), and nothing
 is hashed that the connection's last request already looked up (backend, endpoint,
 labels, metric series: one-entry memos on the connection).
 
@@ -167,6 +175,7 @@ _R_UPSTREAM = 2  # waiting for the upstream connection
 _R_UPWRITE = 4  # the upstream's write buffer is full
 
 _T_NONE, _T_HEADER, _T_IDLE, _T_STREAM = 0, 1, 2, 3
+_MIN_WAKE = 0.001  # s: the event loop's timer resolution (uvloop counts milliseconds)
 
 
 def serve_http1(transport: asyncio.Transport, first_bytes: bytes, ctx: ConnContext,
@@ -198,7 +207,8 @@ class Http1Proxy(DriverLifecycle, asyncio.Protocol):
     name = "http1"  # DriverLifecycle's log prefix
 
     __slots__ = ("inputs", "ctx", "loop", "transport", "codec", "ex", "paused", "write_paused",
-                 "timer", "tick_every", "since", "mark", "head_since", "activity", "timer_kind", "closing", "lost",
+                 "timer", "wake_at", "tick_every", "since", "mark", "head_since", "activity", "timer_kind", "closing",
+                 "lost",
                  "reported", "raw_up", "raw_eofs", "_labels", "draining", "requests", "rx", "tx",
                  "_memo_backend", "_memo_limits", "_memo_service", "_memo_h2", "_memo_ep", "_memo_labels",
                  "_memo_series", "_memo_dest")
@@ -212,7 +222,10 @@ class Http1Proxy(DriverLifecycle, asyncio.Protocol):
         self.ex: _Exchange | None = None
         self.paused = 0  # _R_* bits
         self.write_paused = False
-        self.timer: asyncio.TimerHandle | None = None
+        self.timer: asyncio.TimerHandle | None = None  # the tick (or, closing, the linger close)
+        # when the tick fires (``_clock``); 0.0 while no deadline may move it (inside the
+        # tick, closing): an exchange's deadline earlier than this re-arms it (``wake_for``)
+        self.wake_at = 0.0
         self.tick_every = 1.0
         self.since = 0.0  # when `mark` last changed
         self.mark: tuple[int, int] = (-1, -1)  # (activity, client write-buffer size) at the last tick
@@ -388,34 +401,66 @@ class Http1Proxy(DriverLifecycle, asyncio.Protocol):
         self.timer_kind = kind
         self.activity += 1  # a new phase: its idle time starts now
         if kind == _T_HEADER:
-            self.head_since = self.loop.time()
+            self.head_since = _clock()
 
     def _start_ticks(self) -> None:
         lim = self.inputs.limits
         limits = [t for t in (lim.header_timeout, lim.idle_timeout, lim.stream_idle_timeout) if t]
         self.tick_every = max(0.05, min(limits) / 2)
-        self.since = self.loop.time()
-        self.timer = self.loop.call_at(self.since + self.tick_every, self._tick)
+        self.since = _clock()
+        self.wake_at = self.since + self.tick_every
+        self.timer = self.loop.call_later(self.tick_every, self._tick)
 
     def _stop_timer(self) -> None:
         self.timer_kind = _T_NONE
+        self.wake_at = 0.0
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
 
-    def _tick(self) -> None:
-        """The connection's one periodic timer (every ``tick_every`` s, half the smallest timeout).
+    def wake_for(self, when: float) -> None:
+        """Move the tick earlier, to ``when`` (an exchange's deadline, ``_clock`` seconds, below
+        ``wake_at``: the caller checks, so a deadline that is not the earliest costs a compare)."""
+        if self.timer is not None:
+            self.timer.cancel()
+        self.wake_at = when
+        self.timer = self.loop.call_later(max(when - _clock(), _MIN_WAKE), self._tick)
 
-        Per request nothing touches a timer or the clock: reads on either side bump
-        ``activity`` and phase changes set ``timer_kind``. A phase expires when ``activity``
-        (and, while streaming, the client's write-buffer size) did not change for its whole
-        timeout, checked here: at most one tick late. The header timeout counts from the
-        first byte of the head (``head_since``), so trickling bytes cannot extend it.
+    def _arm_tick(self, now: float) -> None:
+        """The next tick: ``tick_every`` from now, or the exchange's earliest deadline if sooner."""
+        wake = now + self.tick_every
+        ex = self.ex
+        if ex is not None and not ex.finished:
+            d = ex.next_deadline()
+            if d and d < wake:
+                wake = d
+        self.wake_at = wake
+        self.timer = self.loop.call_later(max(wake - now, _MIN_WAKE), self._tick)
+
+    def _tick(self) -> None:
+        """The connection's one timer: every ``tick_every`` s (half the smallest timeout), or
+        sooner for the in-flight exchange's earliest deadline.
+
+        Per request nothing touches a timer: reads on either side bump ``activity`` and
+        phase changes set ``timer_kind``. A phase expires when ``activity`` (and, while
+        streaming, the client's write-buffer size) did not change for its whole timeout,
+        checked here: at most one tick late. The header timeout counts from the first byte
+        of the head (``head_since``), so trickling bytes cannot extend it. The exchange's
+        deadlines (route, backend-request, per-try: ``_Exchange.expire``) are absolute
+        times; one earlier than the next wake moves the wake (``wake_for``), the rest cost
+        nothing: a deadline fires no earlier than due and at most about a millisecond late
+        (the event loop's timer resolution, plus whatever holds the loop up).
         """
         self.timer = None
+        self.wake_at = 0.0  # deadlines set while the tick runs are in _arm_tick's choice
         if self.closing:
             return
-        now = self.loop.time()
+        now = _clock()
+        ex = self.ex
+        if ex is not None and not ex.finished:
+            ex.expire(now)
+            if self.closing:
+                return
         kind = self.timer_kind
         lim = self.inputs.limits
         if kind == _T_HEADER:
@@ -429,8 +474,12 @@ class Http1Proxy(DriverLifecycle, asyncio.Protocol):
             else:
                 timeout = lim.idle_timeout if kind == _T_IDLE else lim.stream_idle_timeout
                 if timeout and now - self.since >= timeout:
-                    return self._expire_idle() if kind == _T_IDLE else self._stream_idle()
-        self.timer = self.loop.call_at(now + self.tick_every, self._tick)
+                    if kind == _T_IDLE:
+                        return self._expire_idle()
+                    self._stream_idle()  # the connection may live on (keep-alive after a 504)
+                    if self.closing:
+                        return
+        self._arm_tick(now)
 
     def _expire_head(self) -> None:
         """Header-read timeout: 408 + close when part of a head arrived (slowloris)."""
@@ -498,6 +547,8 @@ class Http1Proxy(DriverLifecycle, asyncio.Protocol):
 
     def _observe_protocol_error(self, status: int, flag: str) -> None:
         self.inputs.metrics.observe(self.ctx.labels, status, flag, 0.0, 0, 0)
+        if self.inputs.access_log is not None:
+            self.inputs.access_log.http_error(self.ctx, status, flag, "HTTP/1.1")
 
     # ---------------------------------------------------------------- a request
     def _request(self, head: RequestHead) -> None:
@@ -725,6 +776,7 @@ class Http1Proxy(DriverLifecycle, asyncio.Protocol):
 
     def _close_now(self) -> None:
         self.timer = None
+        self.wake_at = 0.0
         self.closing = True
         self.transport.close()
 
@@ -792,9 +844,10 @@ class _Exchange:
     """One request/response through the proxy; the owner of its upstream connection."""
 
     __slots__ = ("down", "head", "decision", "balancer", "endpoint", "conn", "fut", "pending", "started",
-                 "req_bytes", "resp_bytes", "status", "flag", "timer", "btimer", "backend_timeout",
+                 "req_bytes", "resp_bytes", "status", "flag", "deadline", "bdeadline", "backend_timeout",
                  "finished", "req_done", "mirrors", "labels", "up_head", "h2", "limits", "service", "replay",
-                 "dest", "retry", "tries", "tried", "retrying", "dtimer", "rtimer", "ttimer", "retry_h2", "reopened")
+                 "dest", "retry", "tries", "tried", "retrying", "dtimer", "rtimer", "tdeadline", "retry_h2",
+                 "reopened")
 
     def __init__(self, down: Http1Proxy, head: RequestHead) -> None:
         self.down = down
@@ -810,8 +863,11 @@ class _Exchange:
         self.resp_bytes = 0
         self.status = 0
         self.flag = NO_FLAGS
-        self.timer: asyncio.TimerHandle | None = None
-        self.btimer: asyncio.TimerHandle | None = None
+        # deadlines (``_clock`` seconds, 0.0: none), checked by the connection's tick
+        # (``Http1Proxy._tick`` -> ``expire``): the route timeout (from the head), the
+        # backend-request timeout (from the upstream request) and the per-try timeout
+        self.deadline = 0.0
+        self.bdeadline = 0.0
         self.backend_timeout = 0.0
         self.finished = False
         self.req_done = False
@@ -829,17 +885,53 @@ class _Exchange:
         self.retrying = False  # a retry of this request holds a slot of the destination's budget
         self.dtimer: asyncio.TimerHandle | None = None  # an injected delay
         self.rtimer: asyncio.TimerHandle | None = None  # the backoff before a retry
-        self.ttimer: asyncio.TimerHandle | None = None  # the per-try timeout
+        self.tdeadline = 0.0  # the per-try timeout (see deadline)
         self.retry_h2 = False  # the retry waiting for its backoff goes over an HTTP/2 stream
         self.reopened = False  # a connection handed over already closed was replaced once
 
     # ---------------------------------------------------------------- setup
     def arm_timeouts(self, timeouts) -> None:
         req, be = timeouts.request, timeouts.backend_request
-        if req:
-            self.timer = self.down.loop.call_later(req, self.on_timeout)
+        if req:  # from the head; a fault-delayed request's from the end of its delay
+            when = self.deadline = (self.started if self.flag != "DI" else _clock()) + req
+            down = self.down
+            if when < down.wake_at:
+                down.wake_for(when)
         if be:
             self.backend_timeout = be
+
+    def arm_try(self) -> None:
+        """A try goes upstream now: its per-try deadline, and the backend-request one unless it
+        runs already (a stale-connection retry fits in the first try's; a policy retry
+        cleared it: backendRequest is per try)."""
+        now = _clock()
+        when = 0.0
+        if self.backend_timeout and not self.bdeadline:
+            when = self.bdeadline = now + self.backend_timeout
+        r = self.retry
+        if r is not None and r.per_try_timeout:
+            t = self.tdeadline = now + r.per_try_timeout
+            if not when or t < when:
+                when = t
+        down = self.down
+        if when and when < down.wake_at:
+            down.wake_for(when)
+
+    def next_deadline(self) -> float:
+        """The earliest deadline still pending (0.0: none)."""
+        d = self.deadline
+        for t in (self.bdeadline, self.tdeadline):
+            if t and (not d or t < d):
+                d = t
+        return d
+
+    def expire(self, now: float) -> None:
+        """The connection's tick at ``now``: a deadline that is due ends the exchange (504 UT,
+        or a reset once the response started) or its try (retried, or 504 UT)."""
+        if (self.deadline and now >= self.deadline) or (self.bdeadline and now >= self.bdeadline):
+            self.on_timeout()
+        elif self.tdeadline and now >= self.tdeadline:
+            self.per_try_timeout()
 
     def dispatch(self, ep, up_head: RequestHead, limits, service: str) -> None:
         self.endpoint = ep
@@ -934,13 +1026,9 @@ class _Exchange:
         self.conn = conn
         if self.balancer is not None:
             self.balancer.on_request_start(self.endpoint)
-        if self.backend_timeout and self.btimer is None:  # a retry stays within the first attempt's
-            self.btimer = self.down.loop.call_later(self.backend_timeout, self.on_timeout)
         r = self.retry
-        if r is not None and r.per_try_timeout:
-            if self.ttimer is not None:
-                self.ttimer.cancel()
-            self.ttimer = self.down.loop.call_later(r.per_try_timeout, self.per_try_timeout)
+        if self.backend_timeout or (r is not None and r.per_try_timeout):
+            self.arm_try()
         codec = conn.codec
         try:
             head = codec.send_request(self.up_head)
@@ -1088,7 +1176,7 @@ class _Exchange:
         """Once, on a new connection, when ``conn`` came from the pool and died before one byte
         of the response (``pool.died_stale``), the method is idempotent (RFC 9112 9.3.1), the
         request was read to its end and kept whole, it is no upgrade and the client was sent
-        nothing for it. The route and backend timers keep running: the retry fits in them."""
+        nothing for it. The route and backend deadlines keep running: the retry fits in them."""
         head = self.up_head
         down = self.down
         if (self.replay is False or self.finished or not self.req_done or not died_stale(conn)
@@ -1115,9 +1203,7 @@ class _Exchange:
         o = self.dest.outlier
         if o is not None and (status >= 500 or o.records):  # a success with no errors on record: nothing to do
             self._observe(status)
-        if self.ttimer is not None:
-            self.ttimer.cancel()
-            self.ttimer = None
+        self.tdeadline = 0.0  # the try is answered
         r = self.retry
         if r is None or (status < 500 and not r.codes) or not r.retriable_status(status):
             return False
@@ -1169,14 +1255,10 @@ class _Exchange:
             return False
         self.retrying = True
         self.tries += 1
-        if self.btimer is not None:  # timeouts.backendRequest is per try (Gateway API GEP-1742)
-            self.btimer.cancel()
-            self.btimer = None
+        self.bdeadline = 0.0  # timeouts.backendRequest is per try (Gateway API GEP-1742)
+        self.tdeadline = 0.0
         dest.count_retry(metric)
         down.inputs.metrics.retry(metric)
-        if self.ttimer is not None:
-            self.ttimer.cancel()
-            self.ttimer = None
         if conn is not None:
             self.conn = None
             if self.balancer is not None:
@@ -1228,7 +1310,7 @@ class _Exchange:
             down._unpause(_R_UPSTREAM)
 
     def per_try_timeout(self) -> None:
-        self.ttimer = None
+        self.tdeadline = 0.0
         if self.finished:
             return
         conn = self.conn
@@ -1324,7 +1406,7 @@ class _Exchange:
         self.finish(status if status is not None else FLAGS[flag].status, flag)
 
     def on_timeout(self) -> None:
-        self.timer = self.btimer = None
+        self.deadline = self.bdeadline = 0.0
         self.local("UT")
 
     def client_gone(self) -> None:
@@ -1336,11 +1418,15 @@ class _Exchange:
         fut, self.fut = self.fut, None
         if fut is not None:
             fut.cancel()
-        for name in ("dtimer", "rtimer", "ttimer"):
-            t = getattr(self, name)
-            if t is not None:
-                t.cancel()
-                setattr(self, name, None)
+        self.tdeadline = 0.0
+        t = self.dtimer
+        if t is not None:
+            t.cancel()
+            self.dtimer = None
+        t = self.rtimer
+        if t is not None:
+            t.cancel()
+            self.rtimer = None
         if self.h2 is not None:
             self.h2.abandon()
             return
@@ -1363,22 +1449,13 @@ class _Exchange:
     def finish(self, status: int, flag: str) -> None:
         if self.finished:
             return
-        self.finished = True
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
-        if self.btimer is not None:
-            self.btimer.cancel()
-            self.btimer = None
+        self.finished = True  # its deadlines are void: the tick skips a finished exchange
         dest = self.dest
         if dest is not None:
             self.dest = None
             dest.request_done()
             if self.retrying:
                 dest.retry_done()
-            if self.ttimer is not None:
-                self.ttimer.cancel()
-                self.ttimer = None
         down = self.down
         labels = self.labels
         memo = down._memo_series
@@ -1388,6 +1465,8 @@ class _Exchange:
             series = down.inputs.metrics.series(labels, status, flag)
             down._memo_series = (labels, status, flag, series)
         HttpMetrics.record(series, _clock() - self.started, self.req_bytes, self.resp_bytes)
+        if down.inputs.access_log is not None:
+            down.inputs.access_log.http1(self, status, flag)
         down._exchange_done(self)
 
 
@@ -1535,13 +1614,9 @@ class _H2Leg:
             self.counted = True
             if ex.balancer is not None:
                 ex.balancer.on_request_start(ex.endpoint)
-            if ex.backend_timeout and ex.btimer is None:  # a retry stays within the first try's
-                ex.btimer = self.down.loop.call_later(ex.backend_timeout, ex.on_timeout)
             r = ex.retry
-            if r is not None and r.per_try_timeout:
-                if ex.ttimer is not None:
-                    ex.ttimer.cancel()
-                ex.ttimer = self.down.loop.call_later(r.per_try_timeout, ex.per_try_timeout)
+            if ex.backend_timeout or (r is not None and r.per_try_timeout):
+                ex.arm_try()
         pending, self.pending = self.pending, None
         if self.retried and self.retry_body:
             pending = self.retry_body + (pending or [])

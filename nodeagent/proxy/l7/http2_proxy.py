@@ -85,12 +85,22 @@ one truth test): after routing, before the endpoint pick, in this order
   the destination. The transparent retries above (refused stream, stale keep-alive) come
   first and stay as they are.
 
-Timers: one periodic tick per connection checks the header timeout (no request within
-``header_timeout`` of the connection start: a client that sends the preface and nothing
-else), the idle timeout (no stream for ``idle_timeout``) and, per stream, the stream idle
-timeout (nothing moved for ``stream_idle_timeout``: 408 SI while the request is
-incomplete, 504 UT while waiting for the upstream). Route timeouts and gRPC deadlines
-are per-stream timers, only when configured.
+Timers: one timer per connection, the tick. Every half of the smallest timeout it checks
+the header timeout (no request within ``header_timeout`` of the connection start: a
+client that sends the preface and nothing else), the idle timeout (no stream for
+``idle_timeout``) and, per stream, the stream idle timeout (nothing moved for
+``stream_idle_timeout``: 408 SI while the request is incomplete, 504 UT while waiting for
+the upstream); each at most one tick late. The streams' deadlines — the route timeout or
+gRPC deadline (from the request head, from the end of a fault delay; covering retries),
+the backend-request timeout and the per-try timeout (both from each try's dispatch),
+only when configured — are entries of a per-connection heap (``schedule``); the tick
+fires at the earliest (``_expire``): a new deadline earlier than its next wake re-arms it,
+any other costs a push and a compare, so no timer is created or cancelled per request in
+the common case. A deadline fires no earlier than due and at most about 1 ms late
+(uvloop's timer resolution) plus event-loop lag. Entries of finished streams are void
+and dropped lazily (from the top at each wake, all at once when the heap outgrows twice
+its live entries: ``_compact``). Fault delays and retry backoffs (rare) are event-loop
+timers; the ``_Resilience`` state of a stream is made only when one happens.
 
 Metrics: as HTTP/1.1 (``inputs.metrics``), ``request_protocol`` ``http2`` or ``grpc``,
 ``response_code`` the HTTP status sent (200 for gRPC, whose status travels in
@@ -106,9 +116,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import random as _random
 import time
-from time import perf_counter as _clock
+from heapq import heapify, heappop, heappush
+from time import perf_counter as _clock  # uvloop's loop.time() counts milliseconds
 
 from nodeagent.proxy.l7 import http1, translate
 from nodeagent.proxy.l7.context import ConnContext, L7Inputs
@@ -135,6 +145,8 @@ log = logging.getLogger(__name__)
 RETRY_BUFFER = 64 * 1024  # request body bytes kept to replay a refused stream
 
 _K_H2, _K_H1 = 1, 2
+_MIN_WAKE = 0.001  # s: the event loop's timer resolution (uvloop counts milliseconds)
+_COMPACT_MIN = 256  # deadline entries a connection keeps before dropping finished streams' ones
 
 
 def serve_http2(transport: asyncio.Transport, first_bytes: bytes, ctx: ConnContext, inputs: L7Inputs,
@@ -178,10 +190,18 @@ class Http2Proxy(DriverLifecycle, asyncio.Protocol):
         self.started = 0.0
         self.idle_since = 0.0
         self.timer: asyncio.TimerHandle | None = None
+        # when the tick fires (``_clock``); 0.0 while no deadline may move it (inside the tick,
+        # closing): a deadline earlier than this re-arms it (``schedule``)
+        self.wake_at = 0.0
         self.tick_every = 1.0
+        # the streams' deadlines: a heap of (when, seq, stream, attribute) — ``attribute``
+        # names the _Stream field holding ``when`` (``deadline``, ``bdeadline``, ``tdeadline``);
+        # an entry whose stream finished or whose field changed since is void
+        self.deadlines: list = []
+        self.seq = 0
+        self.compact_at = _COMPACT_MIN
         self.requests = 0
         self._labels: dict = {}
-        self._draw = None  # see draw()
         self._out: list[bytes] = []
         self._dirty = False
         self.rx = 0  # bytes read from the client (the connection's TCP metrics)
@@ -193,10 +213,11 @@ class Http2Proxy(DriverLifecycle, asyncio.Protocol):
         self.loop = asyncio.get_running_loop()
         lim = self.inputs.limits
         transport.set_write_buffer_limits(lim.write_buffer_high, lim.write_buffer_low)
-        self.started = self.idle_since = self.loop.time()
+        self.started = self.idle_since = _clock()
         self.write(self.codec.data_to_send())  # our SETTINGS and connection WINDOW_UPDATE
         timeouts = [t for t in (lim.header_timeout, lim.idle_timeout, lim.stream_idle_timeout) if t]
         self.tick_every = max(0.05, min(timeouts) / 2)
+        self.wake_at = self.started + self.tick_every
         self.timer = self.loop.call_later(self.tick_every, self._tick)
 
     def data_received(self, data: bytes) -> None:
@@ -242,6 +263,8 @@ class Http2Proxy(DriverLifecycle, asyncio.Protocol):
                     continue
                 self.inputs.metrics.observe(self.ctx.labels._replace(request_protocol="http2"), ev.status,
                                             ev.flag, 0.0, 0, 0)
+                if self.inputs.access_log is not None:
+                    self.inputs.access_log.http_error(self.ctx, ev.status, ev.flag, "HTTP/2")
             elif t is ConnectionTerminated:
                 self._terminated(ev)
             if self.closing:
@@ -258,11 +281,10 @@ class Http2Proxy(DriverLifecycle, asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.lost = True
         self.closing = True
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
+        self._stop_timer()
         for st in list(self.streams.values()):
             st.client_gone()
+        self.deadlines.clear()
         self._maybe_done()
 
     def pause_writing(self) -> None:
@@ -312,9 +334,7 @@ class Http2Proxy(DriverLifecycle, asyncio.Protocol):
         if self.closing:
             return
         self.closing = True
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
+        self._stop_timer()
         self.write(self.codec.close(NO_ERROR, "closing") if not self.codec.closed else self.codec.data_to_send())
         flush(self)
         self.transport.close()
@@ -330,16 +350,84 @@ class Http2Proxy(DriverLifecycle, asyncio.Protocol):
             self._maybe_done()
             return
         if not self.streams:
-            self.idle_since = self.loop.time()
+            self.idle_since = _clock()
             if self.draining:
                 self._close()
 
+    # ---------------------------------------------------------------- the clock: one timer, deadlines on a heap
+    def _stop_timer(self) -> None:
+        self.wake_at = 0.0
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+
+    def schedule(self, when: float, st: "_Stream", attr: str) -> None:
+        """A deadline of ``st`` (``_clock`` seconds, also in its field ``attr``): the tick fires
+        for it, moved earlier only when it is the earliest (one compare otherwise)."""
+        self.seq += 1
+        dl = self.deadlines
+        heappush(dl, (when, self.seq, st, attr))
+        if when < self.wake_at:
+            self.timer.cancel()
+            self.wake_at = when
+            self.timer = self.loop.call_later(max(when - _clock(), _MIN_WAKE), self._tick)
+        if len(dl) > self.compact_at:
+            self._compact()
+
+    def _compact(self) -> None:
+        """Drop the entries of finished streams (most of them: a stream usually ends long
+        before its deadlines): amortized O(1) per entry, the heap stays O(streams open)."""
+        dl = self.deadlines
+        dl[:] = [e for e in dl if not e[2].finished]  # in place: _expire may be iterating it
+        heapify(dl)
+        self.compact_at = 2 * len(dl) + _COMPACT_MIN
+
+    def _expire(self, now: float) -> None:
+        """Every deadline due by ``now``, in order: the route / gRPC deadline and the backend
+        request timeout end the stream (504 UT, DEADLINE_EXCEEDED), the per-try timeout its try."""
+        dl = self.deadlines
+        while dl and dl[0][0] <= now:
+            when, _, st, attr = heappop(dl)
+            if st.finished or getattr(st, attr) != when:
+                continue  # void: answered, retried, or done
+            setattr(st, attr, 0.0)
+            if attr == "tdeadline":
+                st._per_try_timeout()
+            else:
+                st.on_timeout()
+            if self.closing:
+                return
+
+    def _arm_tick(self, now: float) -> None:
+        """The next tick: ``tick_every`` from now, or the earliest pending deadline if sooner
+        (void entries on top are dropped on the way)."""
+        wake = now + self.tick_every
+        dl = self.deadlines
+        while dl:
+            when, _, st, attr = dl[0]
+            if not st.finished and getattr(st, attr) == when:
+                if when < wake:
+                    wake = when
+                break
+            heappop(dl)
+        self.wake_at = wake
+        self.timer = self.loop.call_later(max(wake - now, _MIN_WAKE), self._tick)
+
     def _tick(self) -> None:
-        """The connection's one periodic timer (every half of the smallest timeout)."""
+        """The connection's one timer: every half of the smallest timeout (header, idle, stream
+        idle: each at most one tick late), or sooner for the earliest stream deadline (no
+        earlier than due, at most about 1 ms late — the event loop's timer resolution — plus
+        event-loop lag)."""
         self.timer = None
+        self.wake_at = 0.0  # deadlines scheduled while the tick runs are in _arm_tick's choice
         if self.closing:
             return
-        now = self.loop.time()
+        now = _clock()
+        dl = self.deadlines
+        if dl and dl[0][0] <= now:
+            self._expire(now)
+            if self.closing:
+                return
         lim = self.inputs.limits
         if not self.streams:
             if not self.had_request:
@@ -356,7 +444,7 @@ class Http2Proxy(DriverLifecycle, asyncio.Protocol):
                 elif now - st.since >= lim.stream_idle_timeout:
                     st.local("UT" if st.req_done else "SI")
         if not self.closing:
-            self.timer = self.loop.call_at(now + self.tick_every, self._tick)
+            self._arm_tick(now)
 
     # ---------------------------------------------------------------- a request
     def _request(self, head: RequestHead) -> None:
@@ -407,8 +495,14 @@ class Http2Proxy(DriverLifecycle, asyncio.Protocol):
         ctx = self.ctx
         backend = d.backend
         bal = self.inputs.lb.get(backend)
-        res = st.res
-        ep = bal.pick(head.headers, ctx.src_ip) if res is None else res.pick(bal, head.headers, ctx.src_ip, _clock())
+        dest = st.dest
+        if dest is not None:
+            o = dest.outlier
+            if o is not None and o.next_review:  # ejections that ended are reviewed first
+                now = _clock()
+                if now >= o.next_review:
+                    reinstate(bal, o.review(now))
+        ep = bal.pick(head.headers, ctx.src_ip)
         if ep is None:
             st.labels = labels_for(self._labels, ctx, backend, None, proto)
             st.local("UH")
@@ -417,13 +511,13 @@ class Http2Proxy(DriverLifecycle, asyncio.Protocol):
             st.balancer = bal
         st.labels = labels_for(self._labels, ctx, backend, ep, proto)
         target, new_auth, headers = d.rewrite_request(head.path, head.authority, head.headers)
-        if res is not None:
-            res.pre = (target, new_auth, headers)
         if ctx.gate_for is not None:  # a same-node destination with request checks: as it will see it
             gated = self._gate(st, ep, head.method, target, new_auth, headers)
             if gated is None:
                 return
-            if res is not None:
+            if st.retry is not None:  # a retry's endpoint is gated too
+                res = st.retry_state()
+                res.pre = (target, new_auth, headers)
                 res.gated = gated
             target, headers = gated
         st.arm_deadline(d.timeouts)
@@ -439,38 +533,29 @@ class Http2Proxy(DriverLifecycle, asyncio.Protocol):
                     head.grpc or speaks_h2(backend.port.app_protocol))
 
     # ---------------------------------------------------------------- resilience (TrafficPolicy, FaultInjection)
-    def draw(self) -> float:
-        """A uniform draw in [0, 1) (fault percentages, retry backoff jitter): the proxy's
-        ``inputs.random`` when it has one, else the route tables' ``rand``, else a Random of
-        this connection (made on first use)."""
-        fn = self._draw
-        if fn is None:
-            fn = getattr(self.inputs, "random", None)
-            if fn is None:
-                r = self.inputs.routes.rand
-                fn = (r.random if hasattr(r, "random") else r) if r is not None else _random.Random().random
-            self._draw = fn
-        return fn()
-
     def _resilient(self, st: "_Stream", head: RequestHead, d: RouteDecision, dest, proto: str) -> None:
         """The slow path of a routed request whose destination has a resilience policy
         (``dest``) or whose route/Service may have a FaultInjection: fault (delay, abort),
-        rate limit, circuit breaker, then ``_forward``."""
+        rate limit, circuit breaker, then ``_forward``. The fault's draws (``inputs.random``)
+        are made only when a FaultInjection applies."""
         table = self.ctx.table
         fault = table.fault_for(d) if table.faults else None
         if dest is None and fault is None:
             self._forward(st, head, d, proto)
             return
-        st.res = _Resilience(dest, d.backend)
-        st.labels = labels_for(self._labels, self.ctx, d.backend, None, proto)  # until an endpoint is picked
+        if dest is not None:
+            st.dest = dest
+            st.retry = dest.policy.retry
         if fault is not None:
-            fd = fault.decide(head.headers, self.draw(), self.draw())
+            rnd = self.inputs.random
+            fd = fault.decide(head.headers, rnd(), rnd())
             if fd.delay:
                 if dest is not None:
                     dest.faults_delayed_total += 1
+                st.labels = labels_for(self._labels, self.ctx, d.backend, None, proto)  # until an endpoint is picked
                 st.flag = "DI"  # the flag of the response if nothing else goes wrong
                 st.pending = []  # the body waits (unacknowledged: flow-controlled) for the delay
-                st.res.timer = self.loop.call_later(fd.delay, self._delayed, st, head, d, fd, proto)
+                st.retry_state().timer = self.loop.call_later(fd.delay, self._delayed, st, head, d, fd, proto)
                 return
             if fd.aborts:
                 self._fault_abort(st, fd)
@@ -487,9 +572,10 @@ class Http2Proxy(DriverLifecycle, asyncio.Protocol):
         self._admit(st, head, d, proto)
 
     def _fault_abort(self, st: "_Stream", fd) -> None:
-        dest = st.res.dest
+        dest = st.dest
         if dest is not None:
             dest.faults_aborted_total += 1
+        st.labels = labels_for(self._labels, self.ctx, st.decision.backend, None, "grpc" if st.grpc else "http2")
         if st.grpc:
             code = fd.abort_grpc if fd.abort_grpc >= 0 else grpc_status_for_http(fd.abort_status)
             st.local("FI", None, "fault filter abort", grpc_status=code)
@@ -503,16 +589,19 @@ class Http2Proxy(DriverLifecycle, asyncio.Protocol):
 
     def _admit(self, st: "_Stream", head: RequestHead, d: RouteDecision, proto: str) -> None:
         """The destination's local rate limit (429 RL) and ``maxRequests`` (503 UO)."""
-        dest = st.res.dest
+        dest = st.dest
         if dest is not None:
-            wait = dest.rate_limit(source_key(self.ctx.labels), _clock())
-            if wait > 0:
-                st.local("RL", 429, "local rate limit", ((b"retry-after", retry_after_value(wait)),))
-                return
+            if dest.policy.rate is not None:
+                wait = dest.rate_limit(source_key(self.ctx.labels), _clock())
+                if wait > 0:
+                    st.labels = labels_for(self._labels, self.ctx, d.backend, None, proto)
+                    st.local("RL", 429, "local rate limit", ((b"retry-after", retry_after_value(wait)),))
+                    return
             if not dest.admit():
+                st.labels = labels_for(self._labels, self.ctx, d.backend, None, proto)
                 st.local("UO", 503, f"too many requests to {d.backend.hostname} (connectionPool.maxRequests)")
                 return
-            st.res.admitted = True  # request_done() when the stream finishes, however
+            st.admitted = True  # request_done() when the stream finishes, however
         self._forward(st, head, d, proto)
 
     def _upstream_head(self, head: RequestHead, path: bytes, authority: bytes, headers: list,
@@ -529,32 +618,26 @@ _RETRY_REASONS = {CONNECT_FAILURE: "connect_failure", RESET: "reset", TIMEOUT: "
 
 
 class _Resilience:
-    """The resilience state of one stream whose destination has a policy (``dest``, a
-    ``resilience.DestinationState``; None when only a FaultInjection applies): its timers,
-    its breaker admission, the endpoints tried and the retries made."""
+    """What a stream needs once it is delayed by a fault or retried (made then:
+    ``_Stream.retry_state``; a stream answered at its first try has none): the delay or
+    backoff timer, the endpoints tried, the retries made. ``dest``: the
+    ``resilience.DestinationState`` (None when only a FaultInjection applies)."""
 
-    __slots__ = ("dest", "backend", "bal", "retry", "tried", "retries", "timer", "ptimer", "admitted",
-                 "retry_active", "failed", "pre", "gated")
+    __slots__ = ("dest", "tried", "retries", "timer", "retry_active", "failed", "pre", "gated")
 
-    def __init__(self, dest, backend) -> None:
+    def __init__(self, dest) -> None:
         self.dest = dest
-        self.backend = backend
-        self.bal = None  # the balancer of the last pick (marks ejected endpoints unhealthy)
-        self.retry = dest.policy.retry if dest is not None else None
         self.tried: set = set()  # endpoint keys
         self.retries = 0
         self.timer: asyncio.TimerHandle | None = None  # the fault delay, then a retry's backoff
-        self.ptimer: asyncio.TimerHandle | None = None  # the per-try timeout
-        self.admitted = False  # counted by dest.admit(): request_done() at the end
         self.retry_active = False  # counted by dest.may_retry(): retry_done() when that try ends
         self.failed = False  # the last try failed in a retriable way and got no retry (URX)
         self.pre = None  # (target, authority, headers) before the gate: a retry's endpoint is gated too
         self.gated = None  # what the first endpoint's gate made of them
 
     def pick(self, bal, headers, source_ip: str, now: float):
-        """An endpoint: ejections that ended are reviewed first; one not tried yet when the
-        balancer has one."""
-        self.bal = bal
+        """A retry's endpoint: ejections that ended are reviewed first; one not tried yet when
+        the balancer has one."""
         dest = self.dest
         if dest is not None:
             o = dest.outlier
@@ -573,31 +656,17 @@ class _Resilience:
             tried.add(k)
         return ep
 
-    def observe(self, ep, status: int, now: float) -> None:
-        """Outlier detection: the outcome of a try at ``ep`` (an HTTP status, 0: no answer)."""
-        dest = self.dest
-        if dest is None or dest.outlier is None or ep is None:
-            return
-        if dest.observe(endpoint_key(ep), status, len(self.backend.endpoints), now) and self.bal is not None:
-            self.bal.set_healthy(ep, False)
-
     def try_ended(self) -> None:
-        if self.ptimer is not None:
-            self.ptimer.cancel()
-            self.ptimer = None
         if self.retry_active:
             self.retry_active = False
             self.dest.retry_done()
 
     def close(self, flag: str) -> str:
-        """The stream finished: timers and counts released; the flag for the metrics."""
+        """The stream finished: the timer and the retry count released; the flag for the metrics."""
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
         self.try_ended()
-        if self.admitted:
-            self.admitted = False
-            self.dest.request_done()
         if self.retries and self.failed and flag != "DC":
             return "URX"
         return flag
@@ -608,9 +677,9 @@ class _Stream:
 
     __slots__ = ("down", "sid", "head", "grpc", "decision", "balancer", "endpoint", "labels", "kind", "up",
                  "usid", "fut", "pending", "held_req", "held_resp", "up_paused", "resp_started", "resp_ended",
-                 "status", "flag", "req_bytes", "resp_bytes", "req_done", "finished", "timer", "btimer",
-                 "backend_timeout", "deadline", "retry_body", "retried", "started", "activity", "mark", "since",
-                 "up_head", "limits", "service", "mirrors", "up_ended", "res", "replay")
+                 "status", "flag", "req_bytes", "resp_bytes", "req_done", "finished", "deadline", "bdeadline",
+                 "tdeadline", "backend_timeout", "retry_body", "retried", "started", "activity", "mark", "since",
+                 "up_head", "limits", "service", "mirrors", "up_ended", "dest", "retry", "admitted", "res", "replay")
 
     def __init__(self, down: Http2Proxy, head: RequestHead) -> None:
         self.down = down
@@ -637,10 +706,12 @@ class _Stream:
         self.resp_bytes = 0
         self.req_done = head.end_stream
         self.finished = False
-        self.timer: asyncio.TimerHandle | None = None
-        self.btimer: asyncio.TimerHandle | None = None
+        # deadlines (``_clock`` seconds, 0.0: none) on the connection's heap (``schedule``): the
+        # route timeout or gRPC deadline (the smaller), the backend-request and per-try timeouts
+        self.deadline = 0.0
+        self.bdeadline = 0.0
+        self.tdeadline = 0.0
         self.backend_timeout = 0.0
-        self.deadline: float | None = None  # time.monotonic() of the gRPC deadline
         self.retry_body: list | None = []  # request pieces kept for one replay
         self.retried = False
         self.started = _clock()
@@ -652,24 +723,45 @@ class _Stream:
         self.service = ""
         self.mirrors: list | None = None
         self.up_ended = False  # the request's END_STREAM went upstream with its last DATA frame
-        self.res: _Resilience | None = None  # a destination with a resilience policy or a fault
+        self.dest = None  # resilience.DestinationState of a destination with a policy
+        self.retry = None  # its resilience.RetryPolicy, when it has one
+        self.admitted = False  # counted by dest.admit(): request_done() at the end
+        self.res: _Resilience | None = None  # made when a fault delays or a retry happens: retry_state()
         self.replay: list | None = None  # request pieces to send again on the next upstream (a retry)
 
     # ---------------------------------------------------------------- setup
     def arm_deadline(self, timeouts) -> None:
-        """Route timeouts; for gRPC the smaller of grpc-timeout and the route's request timeout."""
+        """Route timeouts (from the request head; from the end of a fault delay); for gRPC the
+        smaller of grpc-timeout and the route's request timeout."""
         req = timeouts.request if timeouts is not None else None
         if timeouts is not None and timeouts.backend_request:
             self.backend_timeout = timeouts.backend_request
         if self.grpc:
             req = request_timeout(self.head.headers, req or None)
-            if req is not None:
-                if req <= 0:
-                    self.local("UT")
-                    return
-                self.deadline = time.monotonic() + req  # uvloop's loop.time() has ms resolution
+            if req is not None and req <= 0:
+                self.local("UT")
+                return
         if req:
-            self.timer = self.down.loop.call_later(req, self.on_timeout)
+            when = self.deadline = (self.started if self.flag != "DI" else _clock()) + req
+            self.down.schedule(when, self, "deadline")
+
+    def retry_state(self) -> _Resilience:
+        res = self.res
+        if res is None:
+            res = self.res = _Resilience(self.dest)
+        return res
+
+    def _arm_try(self) -> None:
+        """A try is dispatched now: its backend-request and per-try deadlines."""
+        now = _clock()
+        down = self.down
+        if self.backend_timeout:
+            when = self.bdeadline = now + self.backend_timeout
+            down.schedule(when, self, "bdeadline")
+        r = self.retry
+        if r is not None and r.per_try_timeout:
+            when = self.tdeadline = now + r.per_try_timeout
+            down.schedule(when, self, "tdeadline")
 
     def dispatch(self, ep, up_head: RequestHead, limits, service: str, h2: bool) -> None:
         self.endpoint = ep
@@ -677,16 +769,13 @@ class _Stream:
         self.limits = limits
         self.service = service
         self.kind = _K_H2 if h2 else _K_H1
-        res = self.res
-        if not h2 and up_head.method not in IDEMPOTENT and (res is None or res.retry is None
-                                                             or not res.retry.non_idempotent):
+        r = self.retry
+        if not h2 and up_head.method not in IDEMPOTENT and (r is None or not r.non_idempotent):
             self.retry_body = None  # RFC 9112 9.3.1: never replayed over HTTP/1.1 (unless retryNonIdempotent)
         if self.balancer is not None:
             self.balancer.on_request_start(ep)  # in flight from now until _finish
-        if self.backend_timeout:
-            self.btimer = self.down.loop.call_later(self.backend_timeout, self.on_timeout)
-        if res is not None and res.retry is not None and res.retry.per_try_timeout:
-            res.ptimer = self.down.loop.call_later(res.retry.per_try_timeout, self._per_try_timeout)
+        if self.backend_timeout or (r is not None and r.per_try_timeout):
+            self._arm_try()
         self._acquire(None)
 
     def _acquire(self, avoid) -> None:
@@ -725,7 +814,7 @@ class _Stream:
         self.fut = None
         if exc is not None:
             flag = getattr(exc, "flag", "UF")
-            if flag == "UF" and self.res is not None and self._try_failed(CONNECT_FAILURE):
+            if flag == "UF" and self.dest is not None and self._try_failed(CONNECT_FAILURE):
                 return
             self.local(flag, None, str(exc) if isinstance(exc, (ConnectFailed, PoolOverflow)) else None)
             return
@@ -734,7 +823,7 @@ class _Stream:
             if self.kind == _K_H2:
                 conn.unreserve()
             reply = closed_before_sending(conn)
-            if reply[0] == "UC" and self.res is not None and self._try_failed(CONNECT_FAILURE):
+            if reply[0] == "UC" and self.dest is not None and self._try_failed(CONNECT_FAILURE):
                 return
             self.local(*reply)
             return
@@ -750,8 +839,8 @@ class _Stream:
             self._acquire(conn)
             return
         head = self.up_head
-        if self.deadline is not None:
-            remaining = self.deadline - time.monotonic()
+        if self.grpc and self.deadline:
+            remaining = self.deadline - _clock()
             if remaining <= 0:
                 if self.kind == _K_H2:
                     conn.unreserve() if reserved else None
@@ -919,8 +1008,7 @@ class _Stream:
             up.resume_reading()
 
     def _resp_head(self, status: int, headers: list, end_stream: bool) -> None:
-        res = self.res
-        if res is not None and res.dest is not None and self._check_head(status, headers, end_stream):
+        if self.dest is not None and self._check_head(status, headers, end_stream):
             return  # retried: this answer is dropped
         self.retry_body = None  # answered: never retried, the replay copy can go
         down = self.down
@@ -993,7 +1081,7 @@ class _Stream:
             if ev.retryable and self._retry(up):
                 return
             if not self.resp_started:
-                if self.res is not None and self._try_failed(REFUSED_STREAM if ev.retryable else RESET):
+                if self.dest is not None and self._try_failed(REFUSED_STREAM if ev.retryable else RESET):
                     return
                 self.local("UC", 503, f"upstream reset the stream (error code {ev.error_code})")
             elif ev.error_code == NO_ERROR and self.resp_ended:
@@ -1015,7 +1103,7 @@ class _Stream:
         if retryable and self._retry(up):
             return
         if not self.resp_started:
-            if self.res is not None and self._try_failed(REFUSED_STREAM if retryable else RESET):
+            if self.dest is not None and self._try_failed(REFUSED_STREAM if retryable else RESET):
                 return
             self.local("UC", 503, "upstream connection closed before the response")
         else:
@@ -1061,7 +1149,7 @@ class _Stream:
             elif t is http1.ProtocolError or t is http1.Upgrade:
                 if t is http1.ProtocolError and ev.flag == "UC" and (
                         self._retry_stale(conn)
-                        or (self.res is not None and not self.resp_started and self._try_failed(RESET))):
+                        or (self.dest is not None and not self.resp_started and self._try_failed(RESET))):
                     return
                 self.local(getattr(ev, "flag", "UPE"), getattr(ev, "status", 502), getattr(ev, "reason", None))
                 return
@@ -1086,7 +1174,7 @@ class _Stream:
             return
         self.up = None
         if not self.resp_started:
-            if self.res is not None and self._try_failed(RESET):
+            if self.dest is not None and self._try_failed(RESET):
                 return
             self.local("UC", 503, "upstream connection reset before the response" if exc is not None
                        else "upstream closed the connection before responding")
@@ -1130,41 +1218,59 @@ class _Stream:
                     m.end(piece)
 
     def _per_try_timeout(self) -> None:
-        self.res.ptimer = None
+        self.tdeadline = 0.0
         if self.finished or self.resp_started:
             return
         if self._try_failed(TIMEOUT):
             return
         self.local("UT")
 
+    def _try_ended(self) -> None:
+        self.tdeadline = 0.0  # the per-try timeout is over
+        res = self.res
+        if res is not None:
+            res.try_ended()
+
+    def _observe(self, status: int) -> None:
+        """Outlier detection: the outcome of the try at ``endpoint`` (an HTTP status, 0: no
+        answer); an ejected endpoint is marked unhealthy in the balancer."""
+        dest = self.dest
+        o = dest.outlier
+        ep = self.endpoint
+        if o is None or ep is None or (status and status < 500 and not o.records):
+            return  # (a success with no errors on record changes nothing)
+        backend = self.decision.backend
+        if dest.observe(endpoint_key(ep), status, len(backend.endpoints), _clock()):
+            self.down.inputs.lb.get(backend).set_healthy(ep, False)
+            log.info("http2: outlier detection ejected %s:%d of %s", ep.address, ep.port, backend.hostname)
+
     def _try_failed(self, reason: str) -> bool:
         """A try ended without an answer (``reason``: resilience.CONNECT_FAILURE, RESET,
         TIMEOUT, REFUSED_STREAM): outlier detection counts it, and it is retried when the
         policy allows (True: the retry is under way; False: the caller answers the client)."""
-        res = self.res
         if self.finished:
             return False
-        res.try_ended()
-        res.observe(self.endpoint, 0, _clock())
-        r = res.retry
+        self._try_ended()
+        self._observe(0)
+        r = self.retry
         if r is None or not r.retriable_failure(reason):
-            res.failed = False
+            if self.res is not None:
+                self.res.failed = False
             return False
         return self._retry_policy(_RETRY_REASONS[reason], None)
 
     def _check_head(self, status: int, headers: list, end_stream: bool) -> bool:
         """The response head of a try: outlier detection counts it (a gRPC trailers-only
         UNAVAILABLE as a 503), and a retriable one is retried when the policy allows (True)."""
-        res = self.res
-        res.try_ended()
+        self._try_ended()
         grpc_code = -1
         if self.grpc and end_stream and status == 200:  # trailers-only: its grpc-status is the answer
             for n, v in headers:
                 if n == b"grpc-status":
                     grpc_code = int(v) if v.isdigit() and len(v) < 4 else -1
                     break
-        res.observe(self.endpoint, 503 if grpc_code == GRPC_UNAVAILABLE else status, _clock())
-        r = res.retry
+        self._observe(503 if grpc_code == GRPC_UNAVAILABLE else status)
+        r = self.retry
         if r is None:
             return False
         if r.retriable_status(status):
@@ -1172,7 +1278,8 @@ class _Stream:
         elif grpc_code >= 0 and r.retriable_grpc(grpc_code):
             reason = "grpc"
         else:
-            res.failed = False
+            if self.res is not None:
+                self.res.failed = False
             return False
         return self._retry_policy(reason, retry_after_seconds(headers))
 
@@ -1183,24 +1290,28 @@ class _Stream:
         The try is dropped (its upstream stream reset, or its HTTP/1.1 connection closed) and
         the next one goes, after the backoff, to an endpoint not tried yet when there is one."""
         res = self.res
-        r = res.retry
-        res.failed = True
-        if (self.resp_started or not self.req_done or self.retry_body is None or res.retries >= r.attempts
-                or not r.method_ok(self.head.method, self.grpc)):
-            return False
+        r = self.retry
+        retries = res.retries if res is not None else 0
         down = self.down
-        delay = r.backoff(res.retries + 1, down.draw(), retry_after)
-        if delay is None or not res.dest.may_retry():
+        if (self.resp_started or not self.req_done or self.retry_body is None or retries >= r.attempts
+                or not r.method_ok(self.head.method, self.grpc)):
+            delay = None
+        else:
+            delay = r.backoff(retries + 1, down.inputs.random(), retry_after)
+        if delay is None or not self.dest.may_retry():
+            if res is not None:
+                res.failed = True  # URX, as a retry was made
             return False
+        res = self.retry_state()
         res.failed = False
         res.retries += 1
         res.retry_active = True  # until that try ends (try_ended)
-        res.dest.count_retry(reason)
+        if self.endpoint is not None:
+            res.tried.add(endpoint_key(self.endpoint))
+        self.dest.count_retry(reason)
         down.inputs.metrics.retry(reason)
         self._abandon_upstream(CANCEL)
-        if self.btimer is not None:  # the backend timeout is per try
-            self.btimer.cancel()
-            self.btimer = None
+        self.bdeadline = 0.0  # the backend timeout is per try
         self.pending = None  # all of it is in retry_body (the request was read to its end)
         self.up_paused = False
         self.held_resp = 0
@@ -1293,10 +1404,9 @@ class _Stream:
         self._finish(self.status, flag)
 
     def on_timeout(self) -> None:
-        self.timer = self.btimer = None
-        res = self.res
-        if res is not None and not self.resp_started and (self.up is not None or self.fut is not None):
-            res.observe(self.endpoint, 0, _clock())  # the endpoint did not answer in time
+        self.deadline = self.bdeadline = 0.0
+        if self.dest is not None and not self.resp_started and (self.up is not None or self.fut is not None):
+            self._observe(0)  # the endpoint did not answer in time
         self.local("UT")
 
     def client_reset(self, flag: str = "DC") -> None:
@@ -1343,22 +1453,21 @@ class _Stream:
     def _finish(self, status: int, flag: str) -> None:
         if self.finished:
             return
-        self.finished = True
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
-        if self.btimer is not None:
-            self.btimer.cancel()
-            self.btimer = None
+        self.finished = True  # its deadlines are void (the connection's heap drops them lazily)
         if self.balancer is not None and self.kind:
             self.balancer.on_request_end(self.endpoint)
             self.balancer = None
         res = self.res
         if res is not None:
             flag = res.close(flag)
+        if self.admitted:
+            self.admitted = False
+            self.dest.request_done()
         down = self.down
         down.inputs.metrics.observe(self.labels, status, flag, _clock() - self.started, self.req_bytes,
                                     self.resp_bytes)
+        if down.inputs.access_log is not None:
+            down.inputs.access_log.http2(self, status, flag)
         down.stream_done(self)
 
 

@@ -315,10 +315,13 @@ class RateLimitPolicy:
     per_source: bool = False
 
     @classmethod
-    def from_spec(cls, spec: Mapping[str, Any] | None, share: float = 1.0) -> "RateLimitPolicy | None":
+    def from_spec(cls, spec: Mapping[str, Any] | None, share: float = 1.0,
+                  count: str = "requestsPerUnit") -> "RateLimitPolicy | None":
+        """A ``rateLimit`` (``count``: ``connectionsPerUnit`` for a ``connectionRateLimit``);
+        ``share``: this process's part of it."""
         if not spec:
             return None
-        per_unit = float(spec["requestsPerUnit"])
+        per_unit = float(spec[count])
         rate = per_unit / _UNITS.get(spec.get("unit", "second"), 1.0)
         burst = float(spec.get("burst") or per_unit)
         return cls(rate * share, max(1.0, burst * share), bool(spec.get("perSourceWorkload", False)))
@@ -341,6 +344,39 @@ class TokenBucket:
             return 0.0
         self.tokens = tokens
         return (1.0 - tokens) / self.rate
+
+
+class RateLimiter:
+    """The buckets of one ``RateLimitPolicy``: one, or one per source workload (at most
+    ``_MAX_SOURCE_BUCKETS``, the oldest dropped). Shared by ``rateLimit`` (requests) and
+    ``connlimit`` (``connectionRateLimit``, connections)."""
+
+    __slots__ = ("policy", "_bucket", "_by_source")
+
+    def __init__(self, policy: RateLimitPolicy) -> None:
+        self.policy = policy
+        self._bucket: TokenBucket | None = None
+        self._by_source: dict[str, TokenBucket] = {}
+
+    def take(self, source: str, now: float) -> float:
+        """0.0 when a token was taken (``source`` counts only with ``per_source``), else the
+        seconds until one will be there."""
+        p = self.policy
+        if p.per_source:
+            b = self._by_source.get(source)
+            if b is None:
+                if len(self._by_source) >= _MAX_SOURCE_BUCKETS:
+                    del self._by_source[next(iter(self._by_source))]
+                b = self._by_source[source] = TokenBucket(p.rate, p.burst, now)
+        else:
+            b = self._bucket
+            if b is None:
+                b = self._bucket = TokenBucket(p.rate, p.burst, now)
+        return b.take(now)
+
+    def sources(self) -> list[str]:
+        """The source workloads holding a bucket, oldest first."""
+        return list(self._by_source)
 
 
 def source_key(labels: Any) -> str:
@@ -392,7 +428,7 @@ def _shared(limit: Any, share: float) -> int:
 class DestinationState:
     """Live counters of one destination (one proxy process); the drivers update them."""
 
-    __slots__ = ("key", "policy", "active", "retries_active", "outlier", "_bucket", "_source_buckets",
+    __slots__ = ("key", "policy", "active", "retries_active", "outlier", "_limiter",
                  "retries_total", "retry_overflow_total", "rate_limited_total", "overflow_total",
                  "faults_aborted_total", "faults_delayed_total")
 
@@ -402,8 +438,7 @@ class DestinationState:
         self.active = 0
         self.retries_active = 0
         self.outlier: OutlierTracker | None = None
-        self._bucket: TokenBucket | None = None
-        self._source_buckets: dict[str, TokenBucket] = {}
+        self._limiter: RateLimiter | None = None
         self.retries_total: dict[str, int] = {}
         self.retry_overflow_total = 0
         self.rate_limited_total = 0
@@ -424,9 +459,8 @@ class DestinationState:
             if prev is not None:  # keep who is ejected; new thresholds apply from now on
                 self.outlier.records, self.outlier.ejected = prev.records, prev.ejected
                 self.outlier.next_review = prev.next_review
-        if old.rate != policy.rate:
-            self._bucket = None
-            self._source_buckets = {}
+        if old.rate != policy.rate or self._limiter is None:
+            self._limiter = RateLimiter(policy.rate) if policy.rate is not None else None
 
     # -- circuit breaking
     def admit(self) -> bool:
@@ -464,20 +498,10 @@ class DestinationState:
     # -- rate limits
     def rate_limit(self, source: str, now: float) -> float:
         """0.0: the request may go; else the seconds until it could (answer 429)."""
-        rl = self.policy.rate
-        if rl is None:
+        limiter = self._limiter
+        if limiter is None:
             return 0.0
-        if rl.per_source:
-            b = self._source_buckets.get(source)
-            if b is None:
-                if len(self._source_buckets) >= _MAX_SOURCE_BUCKETS:  # bounded: the oldest goes
-                    del self._source_buckets[next(iter(self._source_buckets))]
-                b = self._source_buckets[source] = TokenBucket(rl.rate, rl.burst, now)
-        else:
-            b = self._bucket
-            if b is None:
-                b = self._bucket = TokenBucket(rl.rate, rl.burst, now)
-        wait = b.take(now)
+        wait = limiter.take(source, now)
         if wait:
             self.rate_limited_total += 1
         return wait
