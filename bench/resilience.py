@@ -1,7 +1,7 @@
 """Cost of a typical TrafficPolicy in the HTTP drivers: rps and p99 with and without it, same run.
 
     .venv/bin/python bench/resilience.py [--seconds 5] [--rounds 3] [--connections 50] [--rate 1000]
-                                         [--only h1|h2] [--no-calls] [--json out.json]
+                                         [--only h1|h2] [--no-calls] [--pin] [--json out.json]
 
 Issue 14's goal: the policy costs at most 5 % (``GOAL``). bench/l7.py's topology (loopback,
 nginx with one worker as the backend, the hostmesh driver in its own process under uvloop:
@@ -18,6 +18,11 @@ up first); medians are shown, and the cost is the median of the per-round ratios
 * HTTP/2 (Service ``appProtocol: http2``, h2c upstream): ``h2load -c4 -m100`` rps and CPU
   per request, then p50 / p99 of ``h2load --rps`` at ``--rate`` over 10 connections, one
   stream in flight each.
+
+``--pin``: both proxies on the last CPU, nginx and the load generators on the others. On a
+small shared VM most of the run-to-run spread between the two proxies is where the
+scheduler put each process (a write that wakes a reader on the other CPU costs several
+microseconds of kernel time): pinned, both proxies pay the same.
 
 Python calls per request (unless ``--no-calls``): each proxy once more under cProfile
 (``HOSTMESH_PROFILE``), a fixed-rate run of ``CALLS_SECONDS``; all calls the process made
@@ -65,11 +70,16 @@ def config(mode: str) -> tuple:
 
 
 # ------------------------------------------------------------------ one measurement
+PROXY_CPUS: set[int] | None = None  # --pin: the proxies' CPUs (the rest of the run is on the others)
+
+
 def _start_proxy(backend_port: int, proto: str, mode: str, profile: str | None = None):
     port = l7.free_port()
     env = dict(os.environ, HOSTMESH_PROFILE=profile) if profile else None
+    cpus = PROXY_CPUS
     proc = subprocess.Popen([sys.executable, __file__, "--serve", str(port), str(backend_port), proto, mode],
-                            stdout=subprocess.DEVNULL, env=env)
+                            stdout=subprocess.DEVNULL, env=env,
+                            preexec_fn=(lambda: os.sched_setaffinity(0, cpus)) if cpus else None)
     l7.wait_port(port)
     return port, proc
 
@@ -203,6 +213,8 @@ def main() -> int:
     ap.add_argument("--rate", type=int, default=1000, help="fixed request rate of the latency runs (10-20000)")
     ap.add_argument("--only", choices=tuple(PROTOCOLS), help="one protocol")
     ap.add_argument("--no-calls", action="store_true", help="skip the Python calls per request")
+    ap.add_argument("--pin", action="store_true",
+                    help="proxies on the last CPU, nginx and the load generators on the others")
     ap.add_argument("--json", help="also write the raw results here")
     ap.add_argument("--serve", nargs=4, metavar=("PORT", "BACKEND_PORT", "PROTO", "MODE"), help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -212,6 +224,13 @@ def main() -> int:
     if not 1 <= args.seconds <= 60 or not 1 <= args.rounds <= 9 or not 1 <= args.connections <= 1000 \
             or not 10 <= args.rate <= 20000:
         ap.error("--seconds 1-60, --rounds 1-9, --connections 1-1000, --rate 10-20000")
+    if args.pin:
+        cpus = sorted(os.sched_getaffinity(0))
+        if len(cpus) < 2:
+            ap.error("--pin needs at least 2 CPUs")
+        global PROXY_CPUS
+        PROXY_CPUS = {cpus[-1]}
+        os.sched_setaffinity(0, set(cpus[:-1]))  # inherited by nginx, wrk, h2load and the clients
     results: dict[str, dict] = {}
     for proto in PROTOCOLS:
         if args.only not in (None, proto):

@@ -22,7 +22,7 @@ import pytest
 
 from meshlab import mesh
 from tests.conftest import require_root, unique_lab_name, wait_for
-from tests.test_mesh_l4 import metric_sum
+from tests.test_resilience_lab import clusters, fault, metric, policy
 
 pytestmark = [pytest.mark.lab, pytest.mark.timeout(600)]
 
@@ -99,17 +99,6 @@ def svc(name: str, vip: str, grpc: bool = False) -> dict:
     return mesh.service_document(name, vip, {"app": "testapp"}, [port])
 
 
-def policy(name: str, spec: dict) -> dict:
-    return {"apiVersion": "hostmesh.io/v1alpha1", "kind": "TrafficPolicy", "metadata": {"name": name, "namespace": "default"},
-            "spec": {"targetRef": {"kind": "Service", "name": name}, **spec}}
-
-
-def fault(name: str, spec: dict) -> dict:
-    return {"apiVersion": "hostmesh.io/v1alpha1", "kind": "FaultInjection",
-            "metadata": {"name": name, "namespace": "default"},
-            "spec": {"targetRef": {"kind": "Service", "name": name}, **spec}}
-
-
 OUTLIER_POLICY = {"outlierDetection": {"consecutive5xxErrors": 2, "baseEjectionTime": "3s", "interval": "1s",
                                        "maxEjectionPercent": 50}}
 
@@ -173,17 +162,6 @@ def grpc_calls(lab, vip: str, n: int, **spec) -> list[tuple[str, float]]:
                              json.dumps({"target": f"{vip}:9090", "n": n, **spec})], timeout=240)
     assert r.returncode == 0, r.stderr[-3000:]
     return [tuple(row) for row in json.loads(r.stdout)]
-
-
-def clusters(lab, node: str, name: str) -> dict:
-    for c in json.loads(mesh.admin_get(lab, node, "/clusters").stdout):
-        if c["service"].startswith(name + "."):
-            return c
-    raise AssertionError(f"no cluster {name}")
-
-
-def metric(lab, node: str, name: str, **labels) -> float:
-    return metric_sum(lab, node, name, **labels)
 
 
 def assert_ejected_pod_2(lab, name: str) -> None:
